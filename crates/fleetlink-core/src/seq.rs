@@ -49,20 +49,24 @@ impl SeqWindow {
         self.session_last = None;
     }
 
-    /// Classifies an incoming batch number and records it.
-    pub fn offer(&mut self, seq: u64) -> Result<SeqVerdict, SeqRegression> {
+    /// Classifies an incoming batch number without recording it (see [`SeqWindow::offer`]).
+    pub fn classify(&self, seq: u64) -> Result<SeqVerdict, SeqRegression> {
         if let Some(previous) = self.session_last
             && seq <= previous
         {
             return Err(SeqRegression { seq, previous });
         }
+        Ok(if seq <= self.accepted { SeqVerdict::Duplicate } else { SeqVerdict::Accept })
+    }
+
+    /// Classifies an incoming batch number and records it.
+    pub fn offer(&mut self, seq: u64) -> Result<SeqVerdict, SeqRegression> {
+        let verdict = self.classify(seq)?;
         self.session_last = Some(seq);
-        if seq <= self.accepted {
-            Ok(SeqVerdict::Duplicate)
-        } else {
+        if verdict == SeqVerdict::Accept {
             self.accepted = seq;
-            Ok(SeqVerdict::Accept)
         }
+        Ok(verdict)
     }
 
     /// Storage reports every batch up to `seq` durable.

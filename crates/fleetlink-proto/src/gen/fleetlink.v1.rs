@@ -443,6 +443,10 @@ pub struct Presence {
     /// Remote address of the current (or last) connection.
     #[prost(string, tag = "4")]
     pub remote_addr: ::prost::alloc::string::String,
+    /// Why the device is offline: "closed", "timeout", "error", "server_shutdown"; empty while online
+    /// or when the device has not connected since the server started.
+    #[prost(string, tag = "5")]
+    pub offline_reason: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct MetricValue {

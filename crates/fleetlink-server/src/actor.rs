@@ -1,0 +1,345 @@
+//! `DeviceActor`: one per device, owner of its live state (presence, last values, sequence window).
+//! Sessions talk to it with bounded `send`s; it hands accepted batches to the store.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use fleetlink_core::presence::{OfflineReason, Presence, PresenceChange, SessionId};
+use fleetlink_core::seq::{SeqRegression, SeqVerdict, SeqWindow};
+use fleetlink_core::value::{Batch, MetricTypes, ValueError};
+use fleetlink_core::{DeviceId, MetricName, TimeUs, Value};
+use fleetlink_proto::v1::ErrorCode;
+use fleetlink_store::{AppendBatch, DurabilityListener, MetricValue, Store, StoreError};
+use tokio::sync::{mpsc, watch};
+
+use crate::now_us;
+
+/// Why the actor wants a session closed.
+#[derive(Debug, Clone)]
+pub(crate) struct Kick {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// The live state of one device.
+pub(crate) struct DeviceActor {
+    id: DeviceId,
+    store: Arc<dyn Store>,
+    presence: Presence,
+    seq: SeqWindow,
+    types: MetricTypes,
+    last_values: HashMap<MetricName, (TimeUs, Value)>,
+    durable: Arc<DurableSeq>,
+    session_kick: Option<mpsc::Sender<Kick>>,
+    heartbeat_timeout: Duration,
+}
+
+impl std::fmt::Debug for DeviceActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceActor").field("id", &self.id).field("presence", &self.presence).finish_non_exhaustive()
+    }
+}
+
+/// The device's durable watermark, written by the store writer, read by the actor and sessions.
+#[derive(Debug)]
+pub(crate) struct DurableSeq {
+    seq: watch::Sender<u64>,
+    actor: std::sync::OnceLock<Recipient<StorageFailed>>,
+}
+
+impl DurabilityListener for DurableSeq {
+    fn durable(&self, seq: u64) {
+        self.seq.send_if_modified(|d| {
+            let grew = seq > *d;
+            *d = (*d).max(seq);
+            grew
+        });
+    }
+
+    fn failed(&self, seq: u64, error: &StoreError) {
+        if let Some(actor) = self.actor.get() {
+            // Rare; the actor must learn it even when its mailbox is full.
+            actor.do_send(StorageFailed { seq, error: error.to_string() });
+        }
+    }
+}
+
+impl DeviceActor {
+    pub(crate) fn new(
+        id: DeviceId,
+        store: Arc<dyn Store>,
+        last_seq: u64,
+        last: Vec<MetricValue>,
+        heartbeat_timeout: Duration,
+    ) -> Self {
+        let mut types = MetricTypes::default();
+        let mut last_values = HashMap::new();
+        for v in last {
+            types.insert(v.metric.clone(), v.value.kind());
+            last_values.insert(v.metric, (v.time_us, v.value));
+        }
+        let (seq_tx, _) = watch::channel(last_seq);
+        Self {
+            id,
+            store,
+            presence: Presence::new(),
+            seq: SeqWindow::new(last_seq),
+            types,
+            last_values,
+            durable: Arc::new(DurableSeq { seq: seq_tx, actor: std::sync::OnceLock::new() }),
+            session_kick: None,
+            heartbeat_timeout,
+        }
+    }
+
+    fn sync_durable(&mut self) {
+        let durable = *self.durable.seq.borrow();
+        self.seq.mark_durable(durable);
+    }
+
+    fn kick(&mut self, code: ErrorCode, message: String) {
+        if let Some(kick) = self.session_kick.take() {
+            let _ = kick.try_send(Kick { code, message });
+        }
+    }
+
+    fn went_offline(&mut self, change: Option<PresenceChange>) {
+        if let Some(PresenceChange::Offline { session, reason }) = change {
+            tracing::info!(device = %self.id, session, reason = reason.name(), "device offline");
+        }
+    }
+}
+
+impl Actor for DeviceActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(64);
+        let _ = self.durable.actor.set(ctx.address().recipient());
+        let check = (self.heartbeat_timeout / 4).max(Duration::from_millis(10));
+        ctx.run_interval(check, |actor, _| {
+            let timeout_us = actor.heartbeat_timeout.as_micros() as i64;
+            let change = actor.presence.check_timeout(now_us(), timeout_us);
+            if change.is_some() {
+                actor.kick(
+                    ErrorCode::HeartbeatTimeout,
+                    format!("no heartbeat for {} ms; reconnect", actor.heartbeat_timeout.as_millis()),
+                );
+            }
+            actor.went_offline(change);
+        });
+    }
+}
+
+/// A session authenticated as this device.
+#[derive(Message)]
+#[rtype(result = "Attached")]
+pub(crate) struct Attach {
+    pub session: SessionId,
+    pub remote: SocketAddr,
+    pub kick: mpsc::Sender<Kick>,
+}
+
+/// What a new session needs.
+#[derive(Debug)]
+pub(crate) struct Attached {
+    /// Highest batch handed to storage when the session attached; the Welcome waits until it is durable.
+    pub accepted: u64,
+    /// The durable watermark, for acks.
+    pub durable: watch::Receiver<u64>,
+}
+
+impl Handler<Attach> for DeviceActor {
+    type Result = MessageResult<Attach>;
+
+    fn handle(&mut self, msg: Attach, _: &mut Self::Context) -> Self::Result {
+        self.sync_durable();
+        let change = self.presence.connect(msg.session, msg.remote.to_string(), now_us());
+        if let PresenceChange::Online { replaced: Some(old) } = change {
+            tracing::info!(device = %self.id, old_session = old, session = msg.session, "device reconnected; closing its older connection");
+            self.kick(ErrorCode::Replaced, "another connection authenticated as this device".into());
+        }
+        self.session_kick = Some(msg.kick);
+        self.seq.start_session();
+        tracing::info!(device = %self.id, session = msg.session, remote = %msg.remote, "device online");
+        MessageResult(Attached { accepted: self.seq.accepted(), durable: self.durable.seq.subscribe() })
+    }
+}
+
+/// A session ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Detach {
+    pub session: SessionId,
+    pub reason: OfflineReason,
+}
+
+impl Handler<Detach> for DeviceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Detach, _: &mut Self::Context) {
+        let change = self.presence.disconnect(msg.session, msg.reason, now_us());
+        if change.is_some() {
+            self.session_kick = None;
+        }
+        self.went_offline(change);
+    }
+}
+
+/// Something (a heartbeat) arrived on a session.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub(crate) struct Seen {
+    pub session: SessionId,
+}
+
+impl Handler<Seen> for DeviceActor {
+    type Result = bool;
+
+    fn handle(&mut self, msg: Seen, _: &mut Self::Context) -> bool {
+        self.presence.seen(msg.session, now_us())
+    }
+}
+
+/// Why a batch was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum IngestError {
+    #[error(transparent)]
+    Regression(#[from] SeqRegression),
+    #[error(transparent)]
+    Invalid(#[from] ValueError),
+    #[error("this connection was replaced by a newer one of the same device")]
+    NotCurrent,
+    #[error("storage is unavailable: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl IngestError {
+    pub(crate) fn code(&self) -> ErrorCode {
+        match self {
+            IngestError::Regression(_) => ErrorCode::SequenceRegression,
+            IngestError::Invalid(_) => ErrorCode::InvalidValue,
+            IngestError::NotCurrent => ErrorCode::Replaced,
+            IngestError::Store(_) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// A validated batch from a session.
+#[derive(Message)]
+#[rtype(result = "Result<(), IngestError>")]
+pub(crate) struct Ingest {
+    pub session: SessionId,
+    pub batch: Batch,
+}
+
+impl Handler<Ingest> for DeviceActor {
+    // Atomic: the actor waits for room in the store's queue before the next message, so a full
+    // store slows the device's stream down instead of growing a queue.
+    type Result = AtomicResponse<Self, Result<(), IngestError>>;
+
+    fn handle(&mut self, msg: Ingest, _: &mut Self::Context) -> Self::Result {
+        let now = now_us();
+        let ready = |r| AtomicResponse::new(Box::pin(fut::ready(r)));
+        if !self.presence.seen(msg.session, now) {
+            return ready(Err(IngestError::NotCurrent));
+        }
+        self.sync_durable();
+        let seq = msg.batch.seq;
+        match self.seq.classify(seq) {
+            Err(e) => return ready(Err(e.into())),
+            Ok(SeqVerdict::Duplicate) => {
+                tracing::debug!(device = %self.id, seq, "duplicate batch dropped");
+                let _ = self.seq.offer(seq);
+                return ready(Ok(()));
+            }
+            Ok(SeqVerdict::Accept) => {}
+        }
+        if let Err(e) = self.types.check(&msg.batch) {
+            return ready(Err(e.into()));
+        }
+        let _ = self.seq.offer(seq);
+        for p in &msg.batch.points {
+            let slot = self.last_values.entry(p.metric.clone()).or_insert((i64::MIN, p.value.clone()));
+            if p.time_us >= slot.0 {
+                *slot = (p.time_us, p.value.clone());
+            }
+        }
+        let job = AppendBatch {
+            device: self.id.clone(),
+            batch: msg.batch,
+            received_us: now,
+            listener: self.durable.clone(),
+        };
+        let store = self.store.clone();
+        AtomicResponse::new(Box::pin(
+            async move { store.append(job).await.map_err(IngestError::from) }.into_actor(self),
+        ))
+    }
+}
+
+/// The store could not commit a batch of this device.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct StorageFailed {
+    seq: u64,
+    error: String,
+}
+
+impl Handler<StorageFailed> for DeviceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: StorageFailed, _: &mut Self::Context) {
+        tracing::error!(device = %self.id, seq = msg.seq, error = %msg.error, "batch not stored; asking the device to resend");
+        self.sync_durable();
+        self.seq.rollback_to_durable();
+        self.kick(ErrorCode::Unavailable, format!("storage failed ({}); reconnect and resend", msg.error));
+    }
+}
+
+/// A copy of the live state.
+#[derive(Debug, Clone)]
+pub(crate) struct Snapshot {
+    pub presence: Presence,
+    pub last_values: Vec<MetricValue>,
+    pub durable_seq: u64,
+}
+
+#[derive(Message)]
+#[rtype(result = "Snapshot")]
+pub(crate) struct GetSnapshot;
+
+impl Handler<GetSnapshot> for DeviceActor {
+    type Result = MessageResult<GetSnapshot>;
+
+    fn handle(&mut self, _: GetSnapshot, _: &mut Self::Context) -> Self::Result {
+        self.sync_durable();
+        let mut last_values: Vec<MetricValue> = self
+            .last_values
+            .iter()
+            .map(|(m, (t, v))| MetricValue { metric: m.clone(), time_us: *t, value: v.clone() })
+            .collect();
+        last_values.sort_by(|a, b| a.metric.cmp(&b.metric));
+        MessageResult(Snapshot { presence: self.presence.clone(), last_values, durable_seq: self.seq.durable() })
+    }
+}
+
+/// The server is stopping: every session goes offline with reason `server_shutdown`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Shutdown;
+
+impl Handler<Shutdown> for DeviceActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Shutdown, _: &mut Self::Context) {
+        if let Some(session) = self.presence.session() {
+            let change = self.presence.disconnect(session, OfflineReason::ServerShutdown, now_us());
+            self.went_offline(change);
+        }
+        self.kick(ErrorCode::ShuttingDown, "the server is shutting down; reconnect later".into());
+    }
+}

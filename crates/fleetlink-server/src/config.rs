@@ -1,0 +1,99 @@
+//! Server configuration, from a TOML file or built in code.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::ServerError;
+
+/// Everything the server can be told. Every field has a default; a TOML file sets any subset.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Directory for the database, the development CA and the admin token.
+    pub data_dir: PathBuf,
+    /// TLS certificate chain (PEM). Unset: a development CA and certificate are created in `data_dir/tls`.
+    pub cert: Option<PathBuf>,
+    /// TLS private key (PEM), with `cert`.
+    pub key: Option<PathBuf>,
+    /// Devices send a heartbeat at least this often (milliseconds), announced in the Welcome.
+    pub heartbeat_interval_ms: u32,
+    /// A device that sends nothing for this long (milliseconds) goes offline and is disconnected.
+    pub heartbeat_timeout_ms: u32,
+    /// Largest frame accepted, in bytes.
+    pub max_frame_bytes: u32,
+    /// Most points in one telemetry batch.
+    pub max_batch_points: u32,
+    /// Arbiters (threads) hosting device actors; 0 = one per core.
+    pub arbiters: usize,
+    /// Tokio worker threads for QUIC IO; 0 = one per core.
+    pub io_threads: usize,
+    /// `normal` (survives a process crash) or `full` (also survives power loss, slower).
+    pub synchronous: String,
+    /// Time a client has to complete its handshake (milliseconds).
+    pub handshake_timeout_ms: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7447)),
+            data_dir: PathBuf::from("fleetlink-data"),
+            cert: None,
+            key: None,
+            heartbeat_interval_ms: 10_000,
+            heartbeat_timeout_ms: 30_000,
+            max_frame_bytes: fleetlink_proto::DEFAULT_MAX_FRAME_BYTES,
+            max_batch_points: 10_000,
+            arbiters: 0,
+            io_threads: 0,
+            synchronous: "normal".into(),
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ServerError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ServerError::Config(format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// A configuration for tests and embedding: 127.0.0.1 on a free port, the given data dir.
+    pub fn local(data_dir: impl Into<PathBuf>) -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 0)), data_dir: data_dir.into(), ..Self::default() }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ServerError> {
+        let bad = |m: String| Err(ServerError::Config(m));
+        if self.cert.is_some() != self.key.is_some() {
+            return bad("set both `cert` and `key`, or neither (for a development certificate)".into());
+        }
+        if self.heartbeat_interval_ms == 0 || self.heartbeat_timeout_ms <= self.heartbeat_interval_ms {
+            return bad(format!(
+                "heartbeat_timeout_ms ({}) must be above heartbeat_interval_ms ({}), which must be above 0",
+                self.heartbeat_timeout_ms, self.heartbeat_interval_ms
+            ));
+        }
+        if self.max_frame_bytes < fleetlink_proto::HANDSHAKE_MAX_FRAME_BYTES {
+            return bad(format!("max_frame_bytes must be at least {}", fleetlink_proto::HANDSHAKE_MAX_FRAME_BYTES));
+        }
+        if self.max_batch_points == 0 {
+            return bad("max_batch_points must be above 0".into());
+        }
+        if !matches!(self.synchronous.as_str(), "normal" | "full") {
+            return bad(format!("synchronous = {:?}: use \"normal\" or \"full\"", self.synchronous));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.heartbeat_timeout_ms))
+    }
+}

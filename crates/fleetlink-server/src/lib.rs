@@ -1,0 +1,259 @@
+//! The fleetlink server as a library: a QUIC endpoint (quinn + rustls/ring), a session task per
+//! connection on the tokio pool, and one [`actix`] actor per device spread over one arbiter per
+//! core. The CLI, the tests and (later) the Python bindings embed it through [`Server::start`].
+
+mod actor;
+mod config;
+mod operator;
+mod registry;
+mod session;
+mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use fleetlink_core::TimeUs;
+use fleetlink_store::{SqliteOptions, SqliteStore, Store, Synchronous};
+use tokio::sync::{oneshot, watch};
+
+pub use config::ServerConfig;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The certificate or key could not be loaded or created.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    /// The data directory or database could not be opened.
+    #[error("storage: {0}")]
+    Store(#[from] fleetlink_store::StoreError),
+    /// The socket could not be bound, or another IO failure.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// The server thread stopped unexpectedly.
+    #[error("the server thread stopped: {0}")]
+    Thread(String),
+}
+
+/// The QUIC application error code for an [`ErrorCode`](fleetlink_proto::v1::ErrorCode).
+pub(crate) fn close_code(code: fleetlink_proto::v1::ErrorCode) -> quinn::VarInt {
+    quinn::VarInt::from_u32(code as u32)
+}
+
+/// Microseconds since the Unix epoch, from the system clock.
+pub fn now_us() -> TimeUs {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as TimeUs)
+        .unwrap_or(0)
+}
+
+/// A running server. Dropping it shuts the server down.
+#[derive(Debug)]
+pub struct Server {
+    local_addr: SocketAddr,
+    ca_cert: Option<PathBuf>,
+    admin_token: Option<String>,
+    data_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Started {
+    local_addr: SocketAddr,
+    ca_cert: Option<PathBuf>,
+    admin_token: Option<String>,
+}
+
+impl Server {
+    /// Starts a server on its own threads and returns once it listens.
+    pub fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        config.validate()?;
+        let io = |context: String| move |source| ServerError::Io { context, source };
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(io(format!("cannot create the data dir {}", config.data_dir.display())))?;
+        let data_dir = config.data_dir.clone();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<Started, ServerError>>();
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("fleetlink-server".into())
+            .spawn(move || run(config, started_tx, stop_rx))
+            .map_err(io("cannot start the server thread".into()))?;
+        let started = match started_rx.recv() {
+            Ok(r) => r?,
+            Err(_) => {
+                let _ = thread.join();
+                return Err(ServerError::Thread("it stopped during start-up".into()));
+            }
+        };
+        Ok(Server {
+            local_addr: started.local_addr,
+            ca_cert: started.ca_cert,
+            admin_token: started.admin_token,
+            data_dir,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The UDP address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The development CA clients must trust, if the server made its own certificate.
+    pub fn ca_cert_path(&self) -> Option<&std::path::Path> {
+        self.ca_cert.as_deref()
+    }
+
+    /// The admin token, if this start created it (the first start on a data dir).
+    pub fn created_admin_token(&self) -> Option<&str> {
+        self.admin_token.as_deref()
+    }
+
+    /// The file the first start wrote the admin token to.
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.data_dir.join(ADMIN_TOKEN_FILE)
+    }
+
+    /// Stops accepting, closes every connection and waits for the server's threads.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Name of the file, in the data dir, that holds the admin token created on first start.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+fn run(config: ServerConfig, started: std::sync::mpsc::Sender<Result<Started, ServerError>>, stop: oneshot::Receiver<()>) {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let io_threads = if config.io_threads == 0 { cores } else { config.io_threads };
+    let system = actix::System::with_tokio_rt(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(io_threads)
+            .thread_name("fleetlink-io")
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("cannot build the tokio runtime: {e}"))
+    });
+    system.block_on(async move {
+        match setup(config, cores).await {
+            Err(e) => {
+                let _ = started.send(Err(e));
+            }
+            Ok((endpoint, shared, arbiters, info, shutdown_tx)) => {
+                let _ = started.send(Ok(info));
+                serve(endpoint, shared, stop, shutdown_tx).await;
+                for arbiter in arbiters {
+                    arbiter.stop();
+                }
+            }
+        }
+    });
+}
+
+type Setup = (quinn::Endpoint, Arc<session::Shared>, Vec<actix::Arbiter>, Started, watch::Sender<bool>);
+
+async fn setup(config: ServerConfig, cores: usize) -> Result<Setup, ServerError> {
+    let sync = if config.synchronous == "full" { Synchronous::Full } else { Synchronous::Normal };
+    let store = SqliteStore::open(config.data_dir.join("fleetlink.db"), SqliteOptions { synchronous: sync, ..Default::default() })?;
+    let store: Arc<dyn Store> = Arc::new(store);
+
+    let admin_token = if store.has_admin_token().await? {
+        None
+    } else {
+        let token = operator::new_token();
+        store.add_admin_token(token.hash(), now_us()).await?;
+        let path = config.data_dir.join(ADMIN_TOKEN_FILE);
+        write_secret(&path, token.as_str())
+            .map_err(|source| ServerError::Io { context: format!("cannot write {}", path.display()), source })?;
+        tracing::info!(file = %path.display(), "created the admin token");
+        Some(token.as_str().to_owned())
+    };
+
+    let material = match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => tls::load(cert, key)?,
+        _ => tls::dev_certificate(&config.data_dir.join("tls"))?,
+    };
+    if let Some(ca) = &material.dev_ca {
+        tracing::info!(ca = %ca.display(), "using a development certificate; clients must trust this CA file");
+    }
+    let idle = config.heartbeat_timeout() * 2;
+    let server_config = tls::quinn_server_config(&material, idle)?;
+    let endpoint = quinn::Endpoint::server(server_config, config.listen)
+        .map_err(|source| ServerError::Io { context: format!("cannot listen on {}", config.listen), source })?;
+    let local_addr = endpoint
+        .local_addr()
+        .map_err(|source| ServerError::Io { context: "cannot read the bound address".into(), source })?;
+
+    let n_arbiters = if config.arbiters == 0 { cores } else { config.arbiters };
+    let arbiters: Vec<actix::Arbiter> = (0..n_arbiters).map(|_| actix::Arbiter::new()).collect();
+    let registry = registry::DeviceRegistry::new(&arbiters, store.clone(), config.heartbeat_timeout());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shared = Arc::new(session::Shared {
+        config,
+        store,
+        registry,
+        next_session: AtomicU64::new(1),
+        shutting_down: shutdown_rx,
+    });
+    tracing::info!(%local_addr, arbiters = n_arbiters, "fleetlink server listening");
+    Ok((endpoint, shared, arbiters, Started { local_addr, ca_cert: material.dev_ca, admin_token }, shutdown_tx))
+}
+
+async fn serve(endpoint: quinn::Endpoint, shared: Arc<session::Shared>, mut stop: oneshot::Receiver<()>, shutdown: watch::Sender<bool>) {
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => { tokio::spawn(session::serve_connection(incoming, shared.clone())); }
+                None => break,
+            },
+            _ = &mut stop => break,
+        }
+    }
+    tracing::info!("shutting down");
+    let _ = shutdown.send(true);
+    for actor in shared.registry.all() {
+        let _ = actor.send(actor::Shutdown).await;
+    }
+    endpoint.close(close_code(fleetlink_proto::v1::ErrorCode::ShuttingDown), b"server shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+}
+
+fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}

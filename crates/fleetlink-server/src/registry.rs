@@ -1,0 +1,65 @@
+//! Finds or starts the actor of a device, on the arbiter its id hashes to.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::{Actor, Addr, Arbiter};
+use fleetlink_core::DeviceId;
+use fleetlink_store::{Store, StoreError};
+
+use crate::actor::DeviceActor;
+
+/// Every device actor started so far, by device id.
+#[derive(Debug)]
+pub(crate) struct DeviceRegistry {
+    actors: Mutex<HashMap<DeviceId, Addr<DeviceActor>>>,
+    arbiters: Vec<actix::ArbiterHandle>,
+    store: Arc<dyn Store>,
+    heartbeat_timeout: Duration,
+}
+
+impl DeviceRegistry {
+    pub(crate) fn new(arbiters: &[Arbiter], store: Arc<dyn Store>, heartbeat_timeout: Duration) -> Self {
+        Self {
+            actors: Mutex::new(HashMap::new()),
+            arbiters: arbiters.iter().map(Arbiter::handle).collect(),
+            store,
+            heartbeat_timeout,
+        }
+    }
+
+    /// The actor of `id`, if it was started.
+    pub(crate) fn get(&self, id: &DeviceId) -> Option<Addr<DeviceActor>> {
+        self.actors.lock().ok()?.get(id).cloned()
+    }
+
+    /// Every started actor.
+    pub(crate) fn all(&self) -> Vec<Addr<DeviceActor>> {
+        self.actors.lock().map(|a| a.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The actor of a provisioned device, started (with its stored state) if needed.
+    pub(crate) async fn get_or_start(&self, id: &DeviceId) -> Result<Addr<DeviceActor>, StoreError> {
+        if let Some(addr) = self.get(id) {
+            return Ok(addr);
+        }
+        let record = self.store.device(id).await?.ok_or_else(|| StoreError::UnknownDevice(id.clone()))?;
+        let mut actors = self.actors.lock().map_err(|_| StoreError::Task("device registry poisoned".into()))?;
+        if let Some(addr) = actors.get(id) {
+            return Ok(addr.clone()); // started meanwhile by another session
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut hasher);
+        let arbiter = &self.arbiters[(hasher.finish() % self.arbiters.len() as u64) as usize];
+        let store = self.store.clone();
+        let timeout = self.heartbeat_timeout;
+        let device = id.clone();
+        let addr = DeviceActor::start_in_arbiter(arbiter, move |_| {
+            DeviceActor::new(device, store, record.last_seq, record.last_values, timeout)
+        });
+        actors.insert(id.clone(), addr.clone());
+        Ok(addr)
+    }
+}

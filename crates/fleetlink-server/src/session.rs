@@ -1,0 +1,352 @@
+//! One task per connection: handshake (authentication), then the device or operator session.
+//! Sessions decode and validate frames and forward them to the device's actor; they own no state
+//! of the device themselves.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use fleetlink_core::DeviceId;
+use fleetlink_core::presence::{OfflineReason, SessionId};
+use fleetlink_core::value::Batch;
+use fleetlink_proto::v1::{
+    self, ClientControl, ErrorCode, Hello, RejectReason, Role, ServerControl, StreamHeader, StreamKind, TelemetryBatch,
+    client_control, server_control,
+};
+use fleetlink_proto::{HANDSHAKE_MAX_FRAME_BYTES, PROTOCOL_VERSION, SUPPORTED_VERSIONS};
+use fleetlink_store::{Store, StoreError};
+use fleetlink_transport::{FrameReader, TransportError, write_frame};
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument as _;
+
+use crate::actor::{Attach, Detach, Ingest, Kick, Seen};
+use crate::registry::DeviceRegistry;
+use crate::{ServerConfig, now_us};
+
+/// What every session shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: ServerConfig,
+    pub store: Arc<dyn Store>,
+    pub registry: DeviceRegistry,
+    pub next_session: AtomicU64,
+    pub shutting_down: watch::Receiver<bool>,
+}
+
+/// How a session ended.
+#[derive(Debug)]
+enum End {
+    /// The peer closed, or the connection was lost.
+    Closed(String),
+    /// We close the connection because of this error.
+    Error(ErrorCode, String),
+    /// The device's actor closed it (replaced, heartbeat timeout, storage failure, shutdown).
+    Kicked(Kick),
+}
+
+impl End {
+    fn from_transport(e: TransportError) -> End {
+        use fleetlink_proto::FrameError;
+        match e {
+            TransportError::Frame(f @ FrameError::TooLarge { .. }) => End::Error(ErrorCode::FrameTooLarge, f.to_string()),
+            TransportError::Frame(f) => End::Error(ErrorCode::MalformedFrame, f.to_string()),
+            other => End::Closed(other.to_string()),
+        }
+    }
+}
+
+/// Serves one incoming connection to its end.
+pub(crate) async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let remote = incoming.remote_address();
+    let session: SessionId = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("conn", session, %remote);
+    async move {
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "QUIC handshake failed");
+                return;
+            }
+        };
+        let timeout = Duration::from_millis(u64::from(shared.config.handshake_timeout_ms));
+        let Ok(Ok((send, recv))) = tokio::time::timeout(timeout, conn.accept_bi()).await else {
+            tracing::debug!("no control stream opened in time");
+            conn.close(crate::close_code(ErrorCode::ProtocolViolation), b"open the control stream and send a Hello");
+            return;
+        };
+        let mut control = Control { send, reader: FrameReader::new(recv, HANDSHAKE_MAX_FRAME_BYTES) };
+        let hello = match tokio::time::timeout(timeout, control.reader.read::<ClientControl>()).await {
+            Ok(Ok(Some(ClientControl { msg: Some(client_control::Msg::Hello(h)) }))) => h,
+            Ok(Err(e)) => {
+                return reject(&conn, control, RejectReason::MalformedHello, format!("invalid Hello: {e}"), 0).await;
+            }
+            Ok(Ok(_)) => {
+                let m = "the first frame on the control stream must be a ClientControl with a Hello".to_owned();
+                return reject(&conn, control, RejectReason::MalformedHello, m, 0).await;
+            }
+            Err(_) => {
+                let m = format!("no Hello within {} ms", timeout.as_millis());
+                return reject(&conn, control, RejectReason::MalformedHello, m, 0).await;
+            }
+        };
+        if !SUPPORTED_VERSIONS.contains(&hello.protocol_version) {
+            let m = format!(
+                "protocol version {} is not supported; this server speaks {:?}",
+                hello.protocol_version, SUPPORTED_VERSIONS
+            );
+            return reject(&conn, control, RejectReason::UnsupportedVersion, m, 0).await;
+        }
+        if *shared.shutting_down.borrow() {
+            let m = "the server is shutting down".to_owned();
+            return reject(&conn, control, RejectReason::ShuttingDown, m, 5_000).await;
+        }
+        match Role::try_from(hello.role) {
+            Ok(Role::Device) => match authenticate_device(&shared, &hello).await {
+                Ok(id) => {
+                    let span = tracing::info_span!("device", device = %id);
+                    device_session(conn, control, shared, session, id).instrument(span).await
+                }
+                Err((reason, message, retry)) => reject(&conn, control, reason, message, retry).await,
+            },
+            Ok(Role::Operator) => match shared.store.verify_admin_token(&hello.token).await {
+                Ok(true) => crate::operator::operator_session(conn, control, shared, session).await,
+                Ok(false) => {
+                    let m = "wrong admin token: use the token the server printed (and wrote to admin.token) on first start"
+                        .to_owned();
+                    reject(&conn, control, RejectReason::BadToken, m, 0).await
+                }
+                Err(e) => reject(&conn, control, RejectReason::ServerBusy, format!("storage unavailable: {e}"), 1_000).await,
+            },
+            _ => {
+                let m = format!("Hello.role is {}; use ROLE_DEVICE (1) or ROLE_OPERATOR (2)", hello.role);
+                reject(&conn, control, RejectReason::MalformedHello, m, 0).await
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The control stream of a connection.
+pub(crate) struct Control {
+    pub send: quinn::SendStream,
+    pub reader: FrameReader,
+}
+
+async fn authenticate_device(shared: &Shared, hello: &Hello) -> Result<DeviceId, (RejectReason, String, u32)> {
+    let id = DeviceId::new(hello.device_id.clone())
+        .map_err(|e| (RejectReason::MalformedHello, format!("invalid Hello.device_id: {e}"), 0))?;
+    match shared.store.device_token_hash(&id).await {
+        Ok(None) => Err((
+            RejectReason::UnknownDevice,
+            format!("unknown device \"{id}\": provision it with `fleetlink device add {id}`"),
+            0,
+        )),
+        Ok(Some(_)) if hello.token.is_empty() => {
+            Err((RejectReason::BadToken, format!("no token given for device \"{id}\""), 0))
+        }
+        Ok(Some(hash)) if !hash.verify(&hello.token) => Err((
+            RejectReason::BadToken,
+            format!("wrong token for device \"{id}\": use the token printed by `fleetlink device add`"),
+            0,
+        )),
+        Ok(Some(_)) => Ok(id),
+        Err(e) => Err((RejectReason::ServerBusy, format!("storage unavailable: {e}"), 1_000)),
+    }
+}
+
+/// Sends a Reject, waits (briefly) for the client to read it and close, then closes.
+async fn reject(conn: &quinn::Connection, mut control: Control, reason: RejectReason, message: String, retry_after_ms: u32) {
+    tracing::info!(reason = reason.as_str_name(), %message, "connection rejected");
+    let reject = v1::Reject {
+        reason: reason.into(),
+        message: message.clone(),
+        retry_after_ms,
+        supported_versions: SUPPORTED_VERSIONS.to_vec(),
+    };
+    let frame = ServerControl { msg: Some(server_control::Msg::Reject(reject)) };
+    if write_frame(&mut control.send, &frame).await.is_ok() {
+        let _ = control.send.finish();
+        // The client closes the connection once it has read the Reject.
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    }
+    let code = match reason {
+        RejectReason::ServerBusy => ErrorCode::Unavailable,
+        RejectReason::ShuttingDown => ErrorCode::ShuttingDown,
+        RejectReason::UnsupportedVersion | RejectReason::MalformedHello => ErrorCode::ProtocolViolation,
+        _ => ErrorCode::Unauthenticated,
+    };
+    conn.close(crate::close_code(code), message.as_bytes());
+}
+
+pub(crate) fn welcome(shared: &Shared, session: SessionId, last_stored_seq: u64) -> ServerControl {
+    let c = &shared.config;
+    ServerControl {
+        msg: Some(server_control::Msg::Welcome(v1::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            session_id: session.to_string(),
+            heartbeat_interval_ms: c.heartbeat_interval_ms,
+            heartbeat_timeout_ms: c.heartbeat_timeout_ms,
+            max_frame_bytes: c.max_frame_bytes,
+            max_batch_points: c.max_batch_points,
+            last_stored_seq,
+            server_time_us: now_us(),
+        })),
+    }
+}
+
+fn error_frame(code: ErrorCode, message: &str) -> ServerControl {
+    ServerControl { msg: Some(server_control::Msg::Error(v1::Error { code: code.into(), message: message.to_owned() })) }
+}
+
+/// Writes `err` on the control stream (best effort), then closes the connection with it.
+pub(crate) async fn close_with_error(conn: &quinn::Connection, send: &mut quinn::SendStream, code: ErrorCode, message: &str) {
+    if write_frame(send, &error_frame(code, message)).await.is_ok() {
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+    }
+    conn.close(crate::close_code(code), message.as_bytes());
+}
+
+async fn device_session(conn: quinn::Connection, control: Control, shared: Arc<Shared>, session: SessionId, id: DeviceId) {
+    let Control { mut send, mut reader } = control;
+    let actor = match shared.registry.get_or_start(&id).await {
+        Ok(a) => a,
+        Err(e) => {
+            let reason = if matches!(e, StoreError::UnknownDevice(_)) { RejectReason::UnknownDevice } else { RejectReason::ServerBusy };
+            return reject(&conn, Control { send, reader }, reason, e.to_string(), 1_000).await;
+        }
+    };
+    let (kick_tx, mut kick_rx) = mpsc::channel(1);
+    let attached = match actor.send(Attach { session, remote: conn.remote_address(), kick: kick_tx }).await {
+        Ok(a) => a,
+        Err(e) => return reject(&conn, Control { send, reader }, RejectReason::ServerBusy, e.to_string(), 1_000).await,
+    };
+    let mut durable = attached.durable;
+    // Batches of an earlier connection may still be on their way to disk: announce the watermark
+    // only once they are durable, so the device resends exactly what is missing.
+    let wait = durable.wait_for(|d| *d >= attached.accepted);
+    let settled = matches!(tokio::time::timeout(Duration::from_secs(10), wait).await, Ok(Ok(_)));
+    if !settled {
+        let _ = actor.send(Detach { session, reason: OfflineReason::Error }).await;
+        let m = "earlier telemetry of this device is still being stored".to_owned();
+        return reject(&conn, Control { send, reader }, RejectReason::ServerBusy, m, 1_000).await;
+    }
+    let last_stored = *durable.borrow_and_update();
+    if let Err(e) = write_frame(&mut send, &welcome(&shared, session, last_stored)).await {
+        tracing::debug!(error = %e, "cannot send the Welcome");
+        let _ = actor.send(Detach { session, reason: OfflineReason::Closed }).await;
+        return;
+    }
+    reader.set_max_frame_bytes(shared.config.max_frame_bytes);
+    tracing::debug!(last_stored, "welcome sent");
+
+    let (out_tx, mut out_rx) = mpsc::channel::<ServerControl>(16);
+    // Everything this session sends on the control stream goes through here, acks coalesced.
+    let writer = async move {
+        loop {
+            let frame = tokio::select! {
+                m = out_rx.recv() => match m { Some(m) => m, None => return send },
+                changed = durable.changed() => {
+                    if changed.is_err() { return send; }
+                    let seq = *durable.borrow_and_update();
+                    ServerControl { msg: Some(server_control::Msg::Ack(v1::TelemetryAck { seq })) }
+                }
+            };
+            if write_frame(&mut send, &frame).await.is_err() {
+                return send;
+            }
+        }
+    };
+    let control_reader = async {
+        loop {
+            match reader.read::<ClientControl>().await {
+                Ok(Some(ClientControl { msg: Some(client_control::Msg::Heartbeat(_)) })) => {
+                    if !matches!(actor.send(Seen { session }).await, Ok(true)) {
+                        return End::Closed("replaced".into());
+                    }
+                    let hb = ServerControl { msg: Some(server_control::Msg::Heartbeat(v1::Heartbeat { time_us: now_us() })) };
+                    if out_tx.send(hb).await.is_err() {
+                        return End::Closed("control stream closed".into());
+                    }
+                }
+                Ok(Some(ClientControl { msg: Some(client_control::Msg::Hello(_)) })) => {
+                    return End::Error(ErrorCode::ProtocolViolation, "a second Hello on an established session".into());
+                }
+                Ok(Some(ClientControl { msg: None })) => {
+                    return End::Error(ErrorCode::UnknownMessage, "a ClientControl frame with no known message".into());
+                }
+                Ok(None) => return End::Closed("control stream finished by the device".into()),
+                Err(e) => return End::from_transport(e),
+            }
+        }
+    };
+    let telemetry = async {
+        loop {
+            let stream = match conn.accept_uni().await {
+                Ok(s) => s,
+                Err(e) => return End::Closed(e.to_string()),
+            };
+            let mut stream = FrameReader::new(stream, shared.config.max_frame_bytes);
+            match stream.read::<StreamHeader>().await {
+                Ok(Some(h)) if h.kind == i32::from(StreamKind::Telemetry) => {}
+                Ok(Some(h)) => {
+                    return End::Error(ErrorCode::UnknownMessage, format!("unknown stream kind {} in StreamHeader", h.kind));
+                }
+                Ok(None) => continue,
+                Err(e) => return End::from_transport(e),
+            }
+            let max_points = shared.config.max_batch_points as usize;
+            loop {
+                let batch = match stream.read::<TelemetryBatch>().await {
+                    Ok(Some(b)) => b,
+                    Ok(None) => break,
+                    Err(e) => return End::from_transport(e),
+                };
+                let batch = match Batch::from_proto(batch, max_points) {
+                    Ok(b) => b,
+                    Err(e) => return End::Error(ErrorCode::InvalidValue, e.to_string()),
+                };
+                match actor.send(Ingest { session, batch }).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return End::Error(e.code(), e.to_string()),
+                    Err(e) => return End::Error(ErrorCode::Internal, format!("device actor unavailable: {e}")),
+                }
+            }
+        }
+    };
+    tokio::pin!(writer);
+    let end = tokio::select! {
+        end = control_reader => end,
+        end = telemetry => end,
+        kick = kick_rx.recv() => match kick {
+            Some(k) => End::Kicked(k),
+            None => End::Closed("actor stopped".into()),
+        },
+        _ = &mut writer => End::Closed("control stream closed".into()),
+    };
+    drop(out_tx);
+    let reason = match &end {
+        End::Closed(why) => {
+            tracing::debug!(why, "device connection closed");
+            conn.close(0u32.into(), b"");
+            OfflineReason::Closed
+        }
+        End::Error(code, message) => {
+            tracing::warn!(code = code.as_str_name(), %message, "closing device connection on a protocol error");
+            let mut send = writer.await;
+            close_with_error(&conn, &mut send, *code, message).await;
+            OfflineReason::Error
+        }
+        End::Kicked(k) => {
+            let mut send = writer.await;
+            close_with_error(&conn, &mut send, k.code, &k.message).await;
+            match k.code {
+                ErrorCode::HeartbeatTimeout => OfflineReason::Timeout,
+                ErrorCode::ShuttingDown => OfflineReason::ServerShutdown,
+                _ => OfflineReason::Error,
+            }
+        }
+    };
+    let _ = actor.send(Detach { session, reason }).await;
+}

@@ -1,0 +1,112 @@
+//! TLS for the QUIC endpoint: a configured certificate, or a development CA created on first start.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::ServerError;
+
+/// Where the certificate came from.
+#[derive(Debug, Clone)]
+pub(crate) struct TlsMaterial {
+    pub certs: Vec<CertificateDer<'static>>,
+    pub key: Arc<PrivateKeyDer<'static>>,
+    /// The development CA file clients must trust, if the server made its own certificate.
+    pub dev_ca: Option<PathBuf>,
+}
+
+fn tls_err(what: impl std::fmt::Display) -> ServerError {
+    ServerError::Tls(what.to_string())
+}
+
+pub(crate) fn load(cert: &Path, key: &Path) -> Result<TlsMaterial, ServerError> {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| tls_err(format!("cannot read certificates from {}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(tls_err(format!("{} holds no PEM certificate", cert.display())));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| tls_err(format!("cannot read a private key from {}: {e}", key.display())))?;
+    Ok(TlsMaterial { certs, key: Arc::new(key), dev_ca: None })
+}
+
+/// Loads the development certificate from `dir`, creating the CA and/or the server certificate
+/// when missing. The server certificate is valid for `localhost`, `127.0.0.1` and `::1`.
+pub(crate) fn dev_certificate(dir: &Path) -> Result<TlsMaterial, ServerError> {
+    let ca_pem = dir.join("ca.pem");
+    let ca_key = dir.join("ca.key");
+    let server_pem = dir.join("server.pem");
+    let server_key = dir.join("server.key");
+    if !(server_pem.exists() && server_key.exists() && ca_pem.exists()) {
+        fs::create_dir_all(dir).map_err(|e| tls_err(format!("cannot create {}: {e}", dir.display())))?;
+        let ca_keypair = if ca_pem.exists() && ca_key.exists() {
+            let key_pem = fs::read_to_string(&ca_key).map_err(tls_err)?;
+            KeyPair::from_pem(&key_pem).map_err(tls_err)?
+        } else {
+            let key = KeyPair::generate().map_err(tls_err)?;
+            let cert = ca_params()?.self_signed(&key).map_err(tls_err)?;
+            write_private(&ca_key, &key.serialize_pem())?;
+            fs::write(&ca_pem, cert.pem()).map_err(tls_err)?;
+            key
+        };
+        // The issuer is the CA's name and key; the CA certificate's parameters are fixed below.
+        let issuer = Issuer::new(ca_params()?, ca_keypair);
+        let key = KeyPair::generate().map_err(tls_err)?;
+        let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()])
+            .map_err(tls_err)?;
+        params.distinguished_name.push(DnType::CommonName, "fleetlink server");
+        let cert = params.signed_by(&key, &issuer).map_err(tls_err)?;
+        write_private(&server_key, &key.serialize_pem())?;
+        fs::write(&server_pem, cert.pem()).map_err(tls_err)?;
+    }
+    let mut material = load(&server_pem, &server_key)?;
+    material.dev_ca = Some(ca_pem);
+    Ok(material)
+}
+
+fn ca_params() -> Result<CertificateParams, ServerError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
+    params.distinguished_name.push(DnType::CommonName, "fleetlink development CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(params)
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), ServerError> {
+    use std::io::Write as _;
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path).map_err(|e| tls_err(format!("cannot write {}: {e}", path.display())))?;
+    f.write_all(contents.as_bytes()).map_err(tls_err)
+}
+
+/// The quinn server configuration: TLS 1.3 with the ring provider, our ALPN, transport limits.
+pub(crate) fn quinn_server_config(
+    material: &TlsMaterial,
+    idle_timeout: std::time::Duration,
+) -> Result<quinn::ServerConfig, ServerError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_no_client_auth()
+        .with_single_cert(material.certs.clone(), material.key.clone_key())
+        .map_err(tls_err)?;
+    tls.alpn_protocols = vec![fleetlink_proto::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_err)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(idle_timeout.try_into().map_err(tls_err)?))
+        .max_concurrent_bidi_streams(64u32.into())
+        .max_concurrent_uni_streams(8u32.into());
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}

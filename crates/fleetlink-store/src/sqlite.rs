@@ -1,0 +1,580 @@
+//! The embedded store: SQLite (bundled) in WAL mode. Schema in ARCHITECTURE.md ("Storage").
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fleetlink_core::credentials::TokenHash;
+use fleetlink_core::{DeviceId, GeoPosition, MetricName, TimeUs, Value, ValueKind};
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::mpsc;
+
+use crate::{AppendBatch, DeviceRecord, MetricValue, NewDevice, Store, StoreError, StoredPoint, TelemetryQuery};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS admin_tokens (
+    id          INTEGER PRIMARY KEY,
+    token_hash  BLOB NOT NULL UNIQUE,
+    created_us  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    token_hash  BLOB NOT NULL,
+    tags        TEXT NOT NULL DEFAULT '{}',
+    created_us  INTEGER NOT NULL,
+    last_seq    INTEGER NOT NULL DEFAULT 0,
+    point_count INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    id    INTEGER PRIMARY KEY,
+    name  TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS telemetry (
+    device      INTEGER NOT NULL,
+    metric      INTEGER NOT NULL,
+    time_us     INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    idx         INTEGER NOT NULL,
+    received_us INTEGER NOT NULL,
+    kind        INTEGER NOT NULL,
+    value       ANY,
+    lat REAL, lon REAL, alt REAL, speed REAL, heading REAL, accuracy REAL,
+    PRIMARY KEY (device, metric, time_us, seq, idx)
+) WITHOUT ROWID, STRICT;
+CREATE TABLE IF NOT EXISTS last_values (
+    device   INTEGER NOT NULL,
+    metric   INTEGER NOT NULL,
+    time_us  INTEGER NOT NULL,
+    kind     INTEGER NOT NULL,
+    value    ANY,
+    lat REAL, lon REAL, alt REAL, speed REAL, heading REAL, accuracy REAL,
+    PRIMARY KEY (device, metric)
+) WITHOUT ROWID, STRICT;
+";
+
+/// How hard SQLite works to survive a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// WAL with `synchronous=NORMAL`: every commit survives a process crash (SIGKILL); a power loss
+    /// may roll back the last commits. The default.
+    #[default]
+    Normal,
+    /// `synchronous=FULL`: every commit is fsynced, and also survives a power loss. Slower.
+    Full,
+}
+
+/// Tuning of the embedded store.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Durability level.
+    pub synchronous: Synchronous,
+    /// Batches waiting for the writer before [`Store::append`] waits (backpressure).
+    pub queue_batches: usize,
+    /// The writer commits once this many points are gathered, or the queue is empty.
+    pub max_commit_points: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self { synchronous: Synchronous::Normal, queue_batches: 4096, max_commit_points: 50_000 }
+    }
+}
+
+/// The embedded SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: PathBuf,
+    writes: mpsc::Sender<WriterJob>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+#[derive(Debug)]
+enum WriterJob {
+    Append(AppendBatch),
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and starts its writer thread.
+    pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let mut conn = open_connection(&path, options.synchronous)?;
+        migrate(&mut conn)?;
+        let (tx, rx) = mpsc::channel(options.queue_batches.max(1));
+        let max_points = options.max_commit_points.max(1);
+        std::thread::Builder::new()
+            .name("fleetlink-store-writer".into())
+            .spawn(move || Writer::new(conn).run(rx, max_points))
+            .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self { inner: Arc::new(Inner { path, writes: tx, readers: Mutex::new(Vec::new()) }) })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` on a reader connection on the blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner.readers.lock().map_err(|_| StoreError::Task("reader pool poisoned".into()))?.pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => open_connection(&inner.path, Synchronous::Normal)?,
+            };
+            let result = f(&conn);
+            if let Ok(mut pool) = inner.readers.lock()
+                && pool.len() < 8
+            {
+                pool.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Runs `f` on a short-lived connection that writes registry data (devices, tokens). Telemetry
+    /// goes through the writer thread; these rare writes wait on SQLite's busy timeout instead.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let path = self.inner.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = open_connection(&path, Synchronous::Full)?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+fn open_connection(path: &Path, sync: Synchronous) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Corrupt(format!("cannot switch {} to WAL mode (got {mode})", path.display())));
+    }
+    let sync = match sync {
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "the database has schema version {version}, newer than this fleetlink ({SCHEMA_VERSION}); upgrade fleetlink"
+        )));
+    }
+    let tx = conn.transaction()?;
+    tx.execute_batch(SCHEMA)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Columns `kind, value, lat, lon, alt, speed, heading, accuracy` of a value.
+type ValueColumns = (i64, rusqlite::types::Value, [Option<f64>; 6]);
+
+fn value_columns(v: &Value) -> ValueColumns {
+    use rusqlite::types::Value as Sql;
+    let none = [None; 6];
+    match v {
+        Value::Double(x) => (ValueKind::Double.code(), Sql::Real(*x), none),
+        Value::Int(x) => (ValueKind::Int.code(), Sql::Integer(*x), none),
+        Value::Bool(x) => (ValueKind::Bool.code(), Sql::Integer(i64::from(*x)), none),
+        Value::String(s) => (ValueKind::String.code(), Sql::Text(s.clone()), none),
+        Value::Geo(g) => (
+            ValueKind::Geo.code(),
+            Sql::Null,
+            [Some(g.lat), Some(g.lon), g.alt_m, g.speed_mps, g.heading_deg, g.accuracy_m],
+        ),
+    }
+}
+
+/// Reads a value from `kind` at column `at`, `value` at `at + 1`, then the six geo columns.
+fn read_value(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Value> {
+    let code: i64 = row.get(at)?;
+    let corrupt = |what: String| {
+        rusqlite::Error::FromSqlConversionFailure(at, rusqlite::types::Type::Null, what.into())
+    };
+    let kind = ValueKind::from_code(code).ok_or_else(|| corrupt(format!("unknown value kind {code}")))?;
+    let raw = row.get_ref(at + 1)?;
+    Ok(match (kind, raw) {
+        (ValueKind::Double, ValueRef::Real(x)) => Value::Double(x),
+        (ValueKind::Double, ValueRef::Integer(x)) => Value::Double(x as f64),
+        (ValueKind::Int, ValueRef::Integer(x)) => Value::Int(x),
+        (ValueKind::Bool, ValueRef::Integer(x)) => Value::Bool(x != 0),
+        (ValueKind::String, ValueRef::Text(t)) => Value::String(String::from_utf8_lossy(t).into_owned()),
+        (ValueKind::Geo, _) => {
+            let g = |i: usize| row.get::<_, Option<f64>>(at + 2 + i);
+            Value::Geo(GeoPosition {
+                lat: g(0)?.unwrap_or_default(),
+                lon: g(1)?.unwrap_or_default(),
+                alt_m: g(2)?,
+                speed_mps: g(3)?,
+                heading_deg: g(4)?,
+                accuracy_m: g(5)?,
+            })
+        }
+        (kind, other) => return Err(corrupt(format!("a {kind} value stored as {:?}", other.data_type()))),
+    })
+}
+
+fn metric_name(s: String) -> rusqlite::Result<MetricName> {
+    MetricName::new(s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))
+}
+
+fn device_id(s: String) -> rusqlite::Result<DeviceId> {
+    DeviceId::new(s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))
+}
+
+fn load_last_values(conn: &Connection, device: i64) -> Result<Vec<MetricValue>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT m.name, l.time_us, l.kind, l.value, l.lat, l.lon, l.alt, l.speed, l.heading, l.accuracy
+         FROM last_values l JOIN metrics m ON m.id = l.metric WHERE l.device = ?1 ORDER BY m.name",
+    )?;
+    let rows = stmt.query_map([device], |r| {
+        Ok(MetricValue { metric: metric_name(r.get(0)?)?, time_us: r.get(1)?, value: read_value(r, 2)? })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn load_devices(
+    conn: &Connection,
+    where_clause: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<DeviceRecord>, StoreError> {
+    let sql = format!(
+        "SELECT id, name, tags, created_us, last_seq, point_count FROM devices {where_clause}"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params, |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get::<_, i64>(4)?, r.get::<_, i64>(5)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (rowid, name, tags, created_us, last_seq, point_count) = row?;
+        let tags: BTreeMap<String, String> =
+            serde_json::from_str(&tags).map_err(|e| StoreError::Corrupt(format!("tags of {name}: {e}")))?;
+        out.push(DeviceRecord {
+            id: device_id(name)?,
+            tags,
+            created_us,
+            last_seq: last_seq as u64,
+            point_count: point_count as u64,
+            last_values: load_last_values(conn, rowid)?,
+        });
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn provision_device(&self, device: NewDevice) -> Result<(), StoreError> {
+        let tags = serde_json::to_string(&device.tags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.write(move |conn| {
+            let inserted = conn.execute(
+                "INSERT INTO devices (name, token_hash, tags, created_us) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO NOTHING",
+                params![device.id.as_str(), &device.token_hash.as_bytes()[..], tags, device.created_us],
+            )?;
+            if inserted == 0 {
+                return Err(StoreError::DeviceExists(device.id));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn device_token_hash(&self, id: &DeviceId) -> Result<Option<TokenHash>, StoreError> {
+        let id = id.clone();
+        self.read(move |conn| {
+            let hash: Option<Vec<u8>> = conn
+                .prepare_cached("SELECT token_hash FROM devices WHERE name = ?1")?
+                .query_row([id.as_str()], |r| r.get(0))
+                .optional()?;
+            hash.map(|h| TokenHash::from_slice(&h).ok_or_else(|| StoreError::Corrupt(format!("token hash of {id}"))))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn add_admin_token(&self, hash: TokenHash, created_us: TimeUs) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO admin_tokens (token_hash, created_us) VALUES (?1, ?2)",
+                params![&hash.as_bytes()[..], created_us],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn has_admin_token(&self) -> Result<bool, StoreError> {
+        self.read(|conn| Ok(conn.query_row("SELECT count(*) FROM admin_tokens", [], |r| r.get::<_, i64>(0))? > 0))
+            .await
+    }
+
+    async fn verify_admin_token(&self, token: &str) -> Result<bool, StoreError> {
+        // Look the hash up (constant time in the token's content), then compare in constant time.
+        let presented = TokenHash::of(token);
+        let token = token.to_owned();
+        self.read(move |conn| {
+            let stored: Option<Vec<u8>> = conn
+                .prepare_cached("SELECT token_hash FROM admin_tokens WHERE token_hash = ?1")?
+                .query_row([&presented.as_bytes()[..]], |r| r.get(0))
+                .optional()?;
+            Ok(stored.and_then(|h| TokenHash::from_slice(&h)).is_some_and(|h| h.verify(&token)))
+        })
+        .await
+    }
+
+    async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        let id = id.clone();
+        self.read(move |conn| Ok(load_devices(conn, "WHERE name = ?1", &[&id.as_str()])?.pop())).await
+    }
+
+    async fn list_devices(&self, after: Option<DeviceId>, limit: Option<usize>) -> Result<Vec<DeviceRecord>, StoreError> {
+        let after = after.map(|a| a.as_str().to_owned()).unwrap_or_default();
+        let limit = limit.map_or(-1, |l| l as i64);
+        self.read(move |conn| load_devices(conn, "WHERE name > ?1 ORDER BY name LIMIT ?2", &[&after, &limit])).await
+    }
+
+    async fn query_telemetry(&self, q: TelemetryQuery) -> Result<Vec<StoredPoint>, StoreError> {
+        self.read(move |conn| {
+            let device: i64 = conn
+                .prepare_cached("SELECT id FROM devices WHERE name = ?1")?
+                .query_row([q.device.as_str()], |r| r.get(0))
+                .optional()?
+                .ok_or_else(|| StoreError::UnknownDevice(q.device.clone()))?;
+            let metric: Option<i64> = match &q.metric {
+                None => None,
+                Some(m) => match conn
+                    .prepare_cached("SELECT id FROM metrics WHERE name = ?1")?
+                    .query_row([m.as_str()], |r| r.get(0))
+                    .optional()?
+                {
+                    Some(id) => Some(id),
+                    None => return Ok(Vec::new()), // nobody ever sent this metric
+                },
+            };
+            let mut stmt = conn.prepare_cached(
+                "SELECT m.name, t.time_us, t.received_us, t.seq, t.kind, t.value,
+                        t.lat, t.lon, t.alt, t.speed, t.heading, t.accuracy
+                 FROM telemetry t JOIN metrics m ON m.id = t.metric
+                 WHERE t.device = ?1 AND (?2 IS NULL OR t.metric = ?2)
+                   AND t.time_us >= ?3 AND t.time_us < ?4
+                 ORDER BY t.device, t.metric, t.time_us, t.seq, t.idx
+                 LIMIT ?5",
+            )?;
+            let rows = stmt.query_map(
+                params![
+                    device,
+                    metric,
+                    q.start_us.unwrap_or(i64::MIN),
+                    q.end_us.unwrap_or(i64::MAX),
+                    q.limit.map_or(-1, |l| l as i64)
+                ],
+                |r| {
+                    Ok(StoredPoint {
+                        metric: metric_name(r.get(0)?)?,
+                        time_us: r.get(1)?,
+                        received_us: r.get(2)?,
+                        seq: r.get::<_, i64>(3)? as u64,
+                        value: read_value(r, 4)?,
+                    })
+                },
+            )?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    async fn append(&self, batch: AppendBatch) -> Result<(), StoreError> {
+        self.inner.writes.send(WriterJob::Append(batch)).await.map_err(|_| StoreError::Closed)
+    }
+
+    async fn point_count(&self) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            Ok(conn.query_row("SELECT coalesce(sum(point_count), 0) FROM devices", [], |r| r.get::<_, i64>(0))? as u64)
+        })
+        .await
+    }
+}
+
+/// The one thread that writes telemetry: gathers queued batches from every device and commits
+/// them in one transaction (a group commit), then reports each device's durable sequence.
+struct Writer {
+    conn: Connection,
+    /// device name → (row id, highest stored seq)
+    devices: HashMap<DeviceId, (i64, u64)>,
+    metrics: HashMap<MetricName, i64>,
+}
+
+impl Writer {
+    fn new(conn: Connection) -> Self {
+        Self { conn, devices: HashMap::new(), metrics: HashMap::new() }
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<WriterJob>, max_points: usize) {
+        let mut jobs: Vec<AppendBatch> = Vec::new();
+        while let Some(WriterJob::Append(first)) = rx.blocking_recv() {
+            let mut points = first.batch.points.len();
+            jobs.push(first);
+            while points < max_points {
+                match rx.try_recv() {
+                    Ok(WriterJob::Append(job)) => {
+                        points += job.batch.points.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            match self.commit(&jobs) {
+                Ok(durable) => {
+                    tracing::trace!(batches = jobs.len(), points, "group commit");
+                    for (job, seq) in jobs.iter().zip(durable) {
+                        job.listener.durable(seq);
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, batches = jobs.len(), "group commit failed; the devices will resend");
+                    // The cached watermarks may be ahead of what was rolled back.
+                    self.devices.clear();
+                    for job in &jobs {
+                        job.listener.failed(job.batch.seq, &error);
+                    }
+                }
+            }
+            jobs.clear();
+        }
+        tracing::debug!("store writer stopped");
+    }
+
+    /// Stores every batch above its device's watermark; returns, per job, the device's durable seq.
+    fn commit(&mut self, jobs: &[AppendBatch]) -> Result<Vec<u64>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut durable = Vec::with_capacity(jobs.len());
+        let mut last: HashMap<(i64, i64), (TimeUs, &Value)> = HashMap::new();
+        let mut touched: HashMap<i64, (u64, i64, &DeviceId)> = HashMap::new(); // row id → (seq, points added, id)
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO telemetry (device, metric, time_us, seq, idx, received_us, kind, value,
+                                        lat, lon, alt, speed, heading, accuracy)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )?;
+            for job in jobs {
+                let (dev, stored_seq) = match self.devices.get(&job.device) {
+                    Some(d) => *d,
+                    None => {
+                        let d: (i64, i64) = tx
+                            .prepare_cached("SELECT id, last_seq FROM devices WHERE name = ?1")?
+                            .query_row([job.device.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                            .optional()?
+                            .ok_or_else(|| StoreError::UnknownDevice(job.device.clone()))?;
+                        let d = (d.0, d.1 as u64);
+                        self.devices.insert(job.device.clone(), d);
+                        d
+                    }
+                };
+                let seq = job.batch.seq;
+                let current = touched.get(&dev).map_or(stored_seq, |t| t.0);
+                if seq <= current {
+                    durable.push(current); // a resend: stored already
+                    continue;
+                }
+                for (idx, p) in job.batch.points.iter().enumerate() {
+                    let metric = match self.metrics.get(&p.metric) {
+                        Some(m) => *m,
+                        None => {
+                            let id: i64 = tx
+                                .prepare_cached(
+                                    "INSERT INTO metrics (name) VALUES (?1)
+                                     ON CONFLICT(name) DO UPDATE SET name = excluded.name RETURNING id",
+                                )?
+                                .query_row([p.metric.as_str()], |r| r.get(0))?;
+                            self.metrics.insert(p.metric.clone(), id);
+                            id
+                        }
+                    };
+                    let (kind, value, geo) = value_columns(&p.value);
+                    insert.execute(params![
+                        dev,
+                        metric,
+                        p.time_us,
+                        seq as i64,
+                        idx as i64,
+                        job.received_us,
+                        kind,
+                        value,
+                        geo[0],
+                        geo[1],
+                        geo[2],
+                        geo[3],
+                        geo[4],
+                        geo[5]
+                    ])?;
+                    let slot = last.entry((dev, metric)).or_insert((p.time_us, &p.value));
+                    if p.time_us >= slot.0 {
+                        *slot = (p.time_us, &p.value);
+                    }
+                }
+                let t = touched.entry(dev).or_insert((stored_seq, 0, &job.device));
+                t.0 = seq;
+                t.1 += job.batch.points.len() as i64;
+                durable.push(seq);
+            }
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO last_values (device, metric, time_us, kind, value, lat, lon, alt, speed, heading, accuracy)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT(device, metric) DO UPDATE SET
+                    time_us = excluded.time_us, kind = excluded.kind, value = excluded.value,
+                    lat = excluded.lat, lon = excluded.lon, alt = excluded.alt, speed = excluded.speed,
+                    heading = excluded.heading, accuracy = excluded.accuracy
+                 WHERE excluded.time_us >= last_values.time_us",
+            )?;
+            for ((dev, metric), (time_us, value)) in &last {
+                let (kind, value, geo) = value_columns(value);
+                upsert.execute(params![dev, metric, time_us, kind, value, geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]])?;
+            }
+            let mut mark = tx.prepare_cached(
+                "UPDATE devices SET last_seq = ?2, point_count = point_count + ?3 WHERE id = ?1 AND last_seq < ?2",
+            )?;
+            for (dev, (seq, added, _)) in &touched {
+                mark.execute(params![dev, *seq as i64, added])?;
+            }
+        }
+        tx.commit()?;
+        for (dev, (seq, _, id)) in touched {
+            self.devices.insert(id.clone(), (dev, seq));
+        }
+        Ok(durable)
+    }
+}

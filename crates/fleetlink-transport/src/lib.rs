@@ -1,0 +1,135 @@
+//! The transport layer shared by the server and the SDK: length-prefixed protobuf frames on quinn
+//! streams, and the TLS/QUIC client configuration. Nothing here knows what a device is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetlink_proto::{FrameDecoder, FrameError, encoded_frame};
+use prost::Message;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+/// A failure below the fleetlink protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A frame could not be decoded.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// Reading a stream failed.
+    #[error("reading a stream failed: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// Writing a stream failed.
+    #[error("writing a stream failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// The connection failed or was closed.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Establishing a connection failed.
+    #[error("cannot connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The TLS configuration is unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// Reads frames from a receive stream, never buffering more than one maximum-size frame.
+#[derive(Debug)]
+pub struct FrameReader {
+    stream: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl FrameReader {
+    /// A reader that refuses frames above `max_frame_bytes`.
+    pub fn new(stream: quinn::RecvStream, max_frame_bytes: u32) -> Self {
+        Self { stream, decoder: FrameDecoder::new(max_frame_bytes) }
+    }
+
+    /// Changes the frame size limit.
+    pub fn set_max_frame_bytes(&mut self, max: u32) {
+        self.decoder.set_max_frame_bytes(max);
+    }
+
+    /// The next message, or `None` at a clean end of stream.
+    pub async fn read<M: Message + Default>(&mut self) -> Result<Option<M>, TransportError> {
+        loop {
+            if let Some(m) = self.decoder.next_message::<M>()? {
+                return Ok(Some(m));
+            }
+            match self.stream.read_chunk(64 * 1024, true).await? {
+                Some(chunk) => self.decoder.extend(&chunk.bytes),
+                None => {
+                    self.decoder.finish()?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// The underlying stream (to stop it).
+    pub fn stream_mut(&mut self) -> &mut quinn::RecvStream {
+        &mut self.stream
+    }
+}
+
+/// Writes one frame holding `msg`.
+pub async fn write_frame<M: Message>(stream: &mut quinn::SendStream, msg: &M) -> Result<(), TransportError> {
+    stream.write_chunk(encoded_frame(msg)).await?;
+    Ok(())
+}
+
+/// Client-side QUIC settings.
+#[derive(Debug, Clone)]
+pub struct ClientTransport {
+    /// Send QUIC PINGs this often to keep an otherwise idle connection open (operators); devices
+    /// rely on their protocol heartbeats instead.
+    pub keep_alive: Option<Duration>,
+    /// Close the connection after this much silence from the server.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ClientTransport {
+    fn default() -> Self {
+        Self { keep_alive: None, idle_timeout: Duration::from_secs(60) }
+    }
+}
+
+/// Root certificates from a PEM file's contents (the server's CA).
+pub fn roots_from_pem(pem: &[u8]) -> Result<rustls::RootCertStore, TransportError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| TransportError::Tls(format!("invalid CA certificate PEM: {e}")))?;
+        roots.add(cert).map_err(|e| TransportError::Tls(format!("unusable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(TransportError::Tls("the CA file holds no PEM certificate".into()));
+    }
+    Ok(roots)
+}
+
+/// A quinn client configuration: TLS 1.3 with the ring provider, trusting `roots`, fleetlink's ALPN.
+pub fn client_config(roots: rustls::RootCertStore, transport: &ClientTransport) -> Result<quinn::ClientConfig, TransportError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TransportError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![fleetlink_proto::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(transport.keep_alive);
+    t.max_idle_timeout(Some(
+        transport.idle_timeout.try_into().map_err(|_| TransportError::Tls("idle timeout too large".into()))?,
+    ));
+    config.transport_config(Arc::new(t));
+    Ok(config)
+}
+
+/// A client endpoint on an ephemeral local port, of the address family of `server`.
+pub fn client_endpoint(server: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let bind: std::net::SocketAddr = if server.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }
+        .map_err(std::io::Error::other)?;
+    quinn::Endpoint::client(bind)
+}
