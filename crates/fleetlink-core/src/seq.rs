@@ -56,7 +56,11 @@ impl SeqWindow {
         {
             return Err(SeqRegression { seq, previous });
         }
-        Ok(if seq <= self.accepted { SeqVerdict::Duplicate } else { SeqVerdict::Accept })
+        Ok(if seq <= self.accepted {
+            SeqVerdict::Duplicate
+        } else {
+            SeqVerdict::Accept
+        })
     }
 
     /// Classifies an incoming batch number and records it.

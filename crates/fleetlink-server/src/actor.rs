@@ -39,7 +39,10 @@ pub(crate) struct DeviceActor {
 
 impl std::fmt::Debug for DeviceActor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceActor").field("id", &self.id).field("presence", &self.presence).finish_non_exhaustive()
+        f.debug_struct("DeviceActor")
+            .field("id", &self.id)
+            .field("presence", &self.presence)
+            .finish_non_exhaustive()
     }
 }
 
@@ -62,7 +65,10 @@ impl DurabilityListener for DurableSeq {
     fn failed(&self, seq: u64, error: &StoreError) {
         if let Some(actor) = self.actor.get() {
             // Rare; the actor must learn it even when its mailbox is full.
-            actor.do_send(StorageFailed { seq, error: error.to_string() });
+            actor.do_send(StorageFailed {
+                seq,
+                error: error.to_string(),
+            });
         }
     }
 }
@@ -89,7 +95,10 @@ impl DeviceActor {
             seq: SeqWindow::new(last_seq),
             types,
             last_values,
-            durable: Arc::new(DurableSeq { seq: seq_tx, actor: std::sync::OnceLock::new() }),
+            durable: Arc::new(DurableSeq {
+                seq: seq_tx,
+                actor: std::sync::OnceLock::new(),
+            }),
             session_kick: None,
             heartbeat_timeout,
         }
@@ -126,7 +135,10 @@ impl Actor for DeviceActor {
             if change.is_some() {
                 actor.kick(
                     ErrorCode::HeartbeatTimeout,
-                    format!("no heartbeat for {} ms; reconnect", actor.heartbeat_timeout.as_millis()),
+                    format!(
+                        "no heartbeat for {} ms; reconnect",
+                        actor.heartbeat_timeout.as_millis()
+                    ),
                 );
             }
             actor.went_offline(change);
@@ -157,15 +169,26 @@ impl Handler<Attach> for DeviceActor {
 
     fn handle(&mut self, msg: Attach, _: &mut Self::Context) -> Self::Result {
         self.sync_durable();
-        let change = self.presence.connect(msg.session, msg.remote.to_string(), now_us());
-        if let PresenceChange::Online { replaced: Some(old) } = change {
+        let change = self
+            .presence
+            .connect(msg.session, msg.remote.to_string(), now_us());
+        if let PresenceChange::Online {
+            replaced: Some(old),
+        } = change
+        {
             tracing::info!(device = %self.id, old_session = old, session = msg.session, "device reconnected; closing its older connection");
-            self.kick(ErrorCode::Replaced, "another connection authenticated as this device".into());
+            self.kick(
+                ErrorCode::Replaced,
+                "another connection authenticated as this device".into(),
+            );
         }
         self.session_kick = Some(msg.kick);
         self.seq.start_session();
         tracing::info!(device = %self.id, session = msg.session, remote = %msg.remote, "device online");
-        MessageResult(Attached { accepted: self.seq.accepted(), durable: self.durable.seq.subscribe() })
+        MessageResult(Attached {
+            accepted: self.seq.accepted(),
+            durable: self.durable.seq.subscribe(),
+        })
     }
 }
 
@@ -263,7 +286,10 @@ impl Handler<Ingest> for DeviceActor {
         }
         let _ = self.seq.offer(seq);
         for p in &msg.batch.points {
-            let slot = self.last_values.entry(p.metric.clone()).or_insert((i64::MIN, p.value.clone()));
+            let slot = self
+                .last_values
+                .entry(p.metric.clone())
+                .or_insert((i64::MIN, p.value.clone()));
             if p.time_us >= slot.0 {
                 *slot = (p.time_us, p.value.clone());
             }
@@ -296,7 +322,10 @@ impl Handler<StorageFailed> for DeviceActor {
         tracing::error!(device = %self.id, seq = msg.seq, error = %msg.error, "batch not stored; asking the device to resend");
         self.sync_durable();
         self.seq.rollback_to_durable();
-        self.kick(ErrorCode::Unavailable, format!("storage failed ({}); reconnect and resend", msg.error));
+        self.kick(
+            ErrorCode::Unavailable,
+            format!("storage failed ({}); reconnect and resend", msg.error),
+        );
     }
 }
 
@@ -320,10 +349,18 @@ impl Handler<GetSnapshot> for DeviceActor {
         let mut last_values: Vec<MetricValue> = self
             .last_values
             .iter()
-            .map(|(m, (t, v))| MetricValue { metric: m.clone(), time_us: *t, value: v.clone() })
+            .map(|(m, (t, v))| MetricValue {
+                metric: m.clone(),
+                time_us: *t,
+                value: v.clone(),
+            })
             .collect();
         last_values.sort_by(|a, b| a.metric.cmp(&b.metric));
-        MessageResult(Snapshot { presence: self.presence.clone(), last_values, durable_seq: self.seq.durable() })
+        MessageResult(Snapshot {
+            presence: self.presence.clone(),
+            last_values,
+            durable_seq: self.seq.durable(),
+        })
     }
 }
 
@@ -337,9 +374,14 @@ impl Handler<Shutdown> for DeviceActor {
 
     fn handle(&mut self, _: Shutdown, _: &mut Self::Context) {
         if let Some(session) = self.presence.session() {
-            let change = self.presence.disconnect(session, OfflineReason::ServerShutdown, now_us());
+            let change = self
+                .presence
+                .disconnect(session, OfflineReason::ServerShutdown, now_us());
             self.went_offline(change);
         }
-        self.kick(ErrorCode::ShuttingDown, "the server is shutting down; reconnect later".into());
+        self.kick(
+            ErrorCode::ShuttingDown,
+            "the server is shutting down; reconnect later".into(),
+        );
     }
 }

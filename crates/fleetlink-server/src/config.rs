@@ -67,28 +67,42 @@ impl ServerConfig {
 
     /// A configuration for tests and embedding: 127.0.0.1 on a free port, the given data dir.
     pub fn local(data_dir: impl Into<PathBuf>) -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 0)), data_dir: data_dir.into(), ..Self::default() }
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.into(),
+            ..Self::default()
+        }
     }
 
     pub(crate) fn validate(&self) -> Result<(), ServerError> {
         let bad = |m: String| Err(ServerError::Config(m));
         if self.cert.is_some() != self.key.is_some() {
-            return bad("set both `cert` and `key`, or neither (for a development certificate)".into());
+            return bad(
+                "set both `cert` and `key`, or neither (for a development certificate)".into(),
+            );
         }
-        if self.heartbeat_interval_ms == 0 || self.heartbeat_timeout_ms <= self.heartbeat_interval_ms {
+        if self.heartbeat_interval_ms == 0
+            || self.heartbeat_timeout_ms <= self.heartbeat_interval_ms
+        {
             return bad(format!(
                 "heartbeat_timeout_ms ({}) must be above heartbeat_interval_ms ({}), which must be above 0",
                 self.heartbeat_timeout_ms, self.heartbeat_interval_ms
             ));
         }
         if self.max_frame_bytes < fleetlink_proto::HANDSHAKE_MAX_FRAME_BYTES {
-            return bad(format!("max_frame_bytes must be at least {}", fleetlink_proto::HANDSHAKE_MAX_FRAME_BYTES));
+            return bad(format!(
+                "max_frame_bytes must be at least {}",
+                fleetlink_proto::HANDSHAKE_MAX_FRAME_BYTES
+            ));
         }
         if self.max_batch_points == 0 {
             return bad("max_batch_points must be above 0".into());
         }
         if !matches!(self.synchronous.as_str(), "normal" | "full") {
-            return bad(format!("synchronous = {:?}: use \"normal\" or \"full\"", self.synchronous));
+            return bad(format!(
+                "synchronous = {:?}: use \"normal\" or \"full\"",
+                self.synchronous
+            ));
         }
         Ok(())
     }

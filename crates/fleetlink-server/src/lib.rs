@@ -81,8 +81,10 @@ impl Server {
     pub fn start(config: ServerConfig) -> Result<Server, ServerError> {
         config.validate()?;
         let io = |context: String| move |source| ServerError::Io { context, source };
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(io(format!("cannot create the data dir {}", config.data_dir.display())))?;
+        std::fs::create_dir_all(&config.data_dir).map_err(io(format!(
+            "cannot create the data dir {}",
+            config.data_dir.display()
+        )))?;
         let data_dir = config.data_dir.clone();
         let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<Started, ServerError>>();
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -151,9 +153,17 @@ impl Drop for Server {
 /// Name of the file, in the data dir, that holds the admin token created on first start.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
-fn run(config: ServerConfig, started: std::sync::mpsc::Sender<Result<Started, ServerError>>, stop: oneshot::Receiver<()>) {
+fn run(
+    config: ServerConfig,
+    started: std::sync::mpsc::Sender<Result<Started, ServerError>>,
+    stop: oneshot::Receiver<()>,
+) {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let io_threads = if config.io_threads == 0 { cores } else { config.io_threads };
+    let io_threads = if config.io_threads == 0 {
+        cores
+    } else {
+        config.io_threads
+    };
     let system = actix::System::with_tokio_rt(move || {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(io_threads)
@@ -178,11 +188,27 @@ fn run(config: ServerConfig, started: std::sync::mpsc::Sender<Result<Started, Se
     });
 }
 
-type Setup = (quinn::Endpoint, Arc<session::Shared>, Vec<actix::Arbiter>, Started, watch::Sender<bool>);
+type Setup = (
+    quinn::Endpoint,
+    Arc<session::Shared>,
+    Vec<actix::Arbiter>,
+    Started,
+    watch::Sender<bool>,
+);
 
 async fn setup(config: ServerConfig, cores: usize) -> Result<Setup, ServerError> {
-    let sync = if config.synchronous == "full" { Synchronous::Full } else { Synchronous::Normal };
-    let store = SqliteStore::open(config.data_dir.join("fleetlink.db"), SqliteOptions { synchronous: sync, ..Default::default() })?;
+    let sync = if config.synchronous == "full" {
+        Synchronous::Full
+    } else {
+        Synchronous::Normal
+    };
+    let store = SqliteStore::open(
+        config.data_dir.join("fleetlink.db"),
+        SqliteOptions {
+            synchronous: sync,
+            ..Default::default()
+        },
+    )?;
     let store: Arc<dyn Store> = Arc::new(store);
 
     let admin_token = if store.has_admin_token().await? {
@@ -191,8 +217,10 @@ async fn setup(config: ServerConfig, cores: usize) -> Result<Setup, ServerError>
         let token = operator::new_token();
         store.add_admin_token(token.hash(), now_us()).await?;
         let path = config.data_dir.join(ADMIN_TOKEN_FILE);
-        write_secret(&path, token.as_str())
-            .map_err(|source| ServerError::Io { context: format!("cannot write {}", path.display()), source })?;
+        write_secret(&path, token.as_str()).map_err(|source| ServerError::Io {
+            context: format!("cannot write {}", path.display()),
+            source,
+        })?;
         tracing::info!(file = %path.display(), "created the admin token");
         Some(token.as_str().to_owned())
     };
@@ -206,15 +234,25 @@ async fn setup(config: ServerConfig, cores: usize) -> Result<Setup, ServerError>
     }
     let idle = config.heartbeat_timeout() * 2;
     let server_config = tls::quinn_server_config(&material, idle)?;
-    let endpoint = quinn::Endpoint::server(server_config, config.listen)
-        .map_err(|source| ServerError::Io { context: format!("cannot listen on {}", config.listen), source })?;
-    let local_addr = endpoint
-        .local_addr()
-        .map_err(|source| ServerError::Io { context: "cannot read the bound address".into(), source })?;
+    let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+        ServerError::Io {
+            context: format!("cannot listen on {}", config.listen),
+            source,
+        }
+    })?;
+    let local_addr = endpoint.local_addr().map_err(|source| ServerError::Io {
+        context: "cannot read the bound address".into(),
+        source,
+    })?;
 
-    let n_arbiters = if config.arbiters == 0 { cores } else { config.arbiters };
+    let n_arbiters = if config.arbiters == 0 {
+        cores
+    } else {
+        config.arbiters
+    };
     let arbiters: Vec<actix::Arbiter> = (0..n_arbiters).map(|_| actix::Arbiter::new()).collect();
-    let registry = registry::DeviceRegistry::new(&arbiters, store.clone(), config.heartbeat_timeout());
+    let registry =
+        registry::DeviceRegistry::new(&arbiters, store.clone(), config.heartbeat_timeout());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shared = Arc::new(session::Shared {
         config,
@@ -224,10 +262,25 @@ async fn setup(config: ServerConfig, cores: usize) -> Result<Setup, ServerError>
         shutting_down: shutdown_rx,
     });
     tracing::info!(%local_addr, arbiters = n_arbiters, "fleetlink server listening");
-    Ok((endpoint, shared, arbiters, Started { local_addr, ca_cert: material.dev_ca, admin_token }, shutdown_tx))
+    Ok((
+        endpoint,
+        shared,
+        arbiters,
+        Started {
+            local_addr,
+            ca_cert: material.dev_ca,
+            admin_token,
+        },
+        shutdown_tx,
+    ))
 }
 
-async fn serve(endpoint: quinn::Endpoint, shared: Arc<session::Shared>, mut stop: oneshot::Receiver<()>, shutdown: watch::Sender<bool>) {
+async fn serve(
+    endpoint: quinn::Endpoint,
+    shared: Arc<session::Shared>,
+    mut stop: oneshot::Receiver<()>,
+    shutdown: watch::Sender<bool>,
+) {
     loop {
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
@@ -242,7 +295,10 @@ async fn serve(endpoint: quinn::Endpoint, shared: Arc<session::Shared>, mut stop
     for actor in shared.registry.all() {
         let _ = actor.send(actor::Shutdown).await;
     }
-    endpoint.close(close_code(fleetlink_proto::v1::ErrorCode::ShuttingDown), b"server shutting down");
+    endpoint.close(
+        close_code(fleetlink_proto::v1::ErrorCode::ShuttingDown),
+        b"server shutting down",
+    );
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
 }
 

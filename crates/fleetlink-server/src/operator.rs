@@ -7,25 +7,36 @@ use fleetlink_core::credentials::Token;
 use fleetlink_core::presence::{PresenceState, SessionId};
 use fleetlink_core::{DeviceId, MetricName};
 use fleetlink_proto::v1::{
-    self, ClientControl, ErrorCode, OperatorRequest, OperatorResponse, ServerControl, client_control, operator_request,
-    operator_response, server_control,
+    self, ClientControl, ErrorCode, OperatorRequest, OperatorResponse, ServerControl,
+    client_control, operator_request, operator_response, server_control,
 };
 use fleetlink_store::{DeviceRecord, NewDevice, StoreError, TelemetryQuery};
 use fleetlink_transport::{FrameReader, write_frame};
 use rand::RngCore as _;
 
 use crate::actor::{GetSnapshot, Snapshot};
-use crate::session::{Control, Shared, close_with_error, welcome};
 use crate::now_us;
+use crate::session::{Control, Shared, close_with_error, welcome};
 
 /// Points per TelemetryPage frame (well under the frame size limit).
 const POINTS_PER_PAGE: usize = 2_000;
 /// Devices per DevicePage frame.
 const DEVICES_PER_PAGE: usize = 200;
 
-pub(crate) async fn operator_session(conn: quinn::Connection, control: Control, shared: Arc<Shared>, session: SessionId) {
-    let Control { mut send, mut reader } = control;
-    if write_frame(&mut send, &welcome(&shared, session, 0)).await.is_err() {
+pub(crate) async fn operator_session(
+    conn: quinn::Connection,
+    control: Control,
+    shared: Arc<Shared>,
+    session: SessionId,
+) {
+    let Control {
+        mut send,
+        mut reader,
+    } = control;
+    if write_frame(&mut send, &welcome(&shared, session, 0))
+        .await
+        .is_err()
+    {
         return;
     }
     reader.set_max_frame_bytes(shared.config.max_frame_bytes);
@@ -33,13 +44,24 @@ pub(crate) async fn operator_session(conn: quinn::Connection, control: Control, 
     let control_loop = async {
         loop {
             match reader.read::<ClientControl>().await {
-                Ok(Some(ClientControl { msg: Some(client_control::Msg::Heartbeat(_)) })) => {
-                    let hb = ServerControl { msg: Some(server_control::Msg::Heartbeat(v1::Heartbeat { time_us: now_us() })) };
+                Ok(Some(ClientControl {
+                    msg: Some(client_control::Msg::Heartbeat(_)),
+                })) => {
+                    let hb = ServerControl {
+                        msg: Some(server_control::Msg::Heartbeat(v1::Heartbeat {
+                            time_us: now_us(),
+                        })),
+                    };
                     if write_frame(&mut send, &hb).await.is_err() {
                         return None;
                     }
                 }
-                Ok(Some(_)) => return Some((ErrorCode::ProtocolViolation, "operators send only heartbeats on the control stream")),
+                Ok(Some(_)) => {
+                    return Some((
+                        ErrorCode::ProtocolViolation,
+                        "operators send only heartbeats on the control stream",
+                    ));
+                }
                 Ok(None) | Err(_) => return None,
             }
         }
@@ -61,7 +83,12 @@ pub(crate) async fn operator_session(conn: quinn::Connection, control: Control, 
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> OperatorResponse {
-    OperatorResponse { response: Some(operator_response::Response::Error(v1::Error { code: code.into(), message: message.into() })) }
+    OperatorResponse {
+        response: Some(operator_response::Response::Error(v1::Error {
+            code: code.into(),
+            message: message.into(),
+        })),
+    }
 }
 
 fn store_error(e: StoreError) -> OperatorResponse {
@@ -76,8 +103,14 @@ async fn serve_request(shared: Arc<Shared>, mut send: quinn::SendStream, recv: q
     let mut reader = FrameReader::new(recv, shared.config.max_frame_bytes);
     let responses = match reader.read::<OperatorRequest>().await {
         Ok(Some(OperatorRequest { request: Some(req) })) => handle(&shared, req).await,
-        Ok(Some(OperatorRequest { request: None })) => vec![error(ErrorCode::UnknownMessage, "an OperatorRequest with no known request")],
-        Ok(None) => vec![error(ErrorCode::ProtocolViolation, "the request stream ended before a request")],
+        Ok(Some(OperatorRequest { request: None })) => vec![error(
+            ErrorCode::UnknownMessage,
+            "an OperatorRequest with no known request",
+        )],
+        Ok(None) => vec![error(
+            ErrorCode::ProtocolViolation,
+            "the request stream ended before a request",
+        )],
         Err(e) => vec![error(ErrorCode::MalformedFrame, e.to_string())],
     };
     for r in &responses {
@@ -130,7 +163,11 @@ async fn device_info(shared: &Shared, record: DeviceRecord) -> v1::DeviceInfo {
         presence: Some(presence),
         last_values: last_values
             .into_iter()
-            .map(|v| v1::MetricValue { metric: v.metric.to_string(), time_us: v.time_us, value: Some(v.value.to_proto()) })
+            .map(|v| v1::MetricValue {
+                metric: v.metric.to_string(),
+                time_us: v.time_us,
+                value: Some(v.value.to_proto()),
+            })
             .collect(),
         last_stored_seq: last_seq,
         tags: record.tags.into_iter().collect(),
@@ -138,36 +175,77 @@ async fn device_info(shared: &Shared, record: DeviceRecord) -> v1::DeviceInfo {
     }
 }
 
-async fn list_devices(shared: &Shared, r: v1::ListDevices) -> Result<Vec<OperatorResponse>, OperatorResponse> {
-    let after = if r.after.is_empty() { None } else { Some(device_id(&r.after)?) };
-    let limit = if r.limit == 0 { None } else { Some(r.limit as usize) };
-    let records = shared.store.list_devices(after, limit).await.map_err(store_error)?;
+async fn list_devices(
+    shared: &Shared,
+    r: v1::ListDevices,
+) -> Result<Vec<OperatorResponse>, OperatorResponse> {
+    let after = if r.after.is_empty() {
+        None
+    } else {
+        Some(device_id(&r.after)?)
+    };
+    let limit = if r.limit == 0 {
+        None
+    } else {
+        Some(r.limit as usize)
+    };
+    let records = shared
+        .store
+        .list_devices(after, limit)
+        .await
+        .map_err(store_error)?;
     let mut infos = Vec::with_capacity(records.len());
     for record in records {
         infos.push(device_info(shared, record).await);
     }
     let mut pages: Vec<OperatorResponse> = infos
         .chunks(DEVICES_PER_PAGE)
-        .map(|c| OperatorResponse { response: Some(operator_response::Response::Devices(v1::DevicePage { devices: c.to_vec() })) })
+        .map(|c| OperatorResponse {
+            response: Some(operator_response::Response::Devices(v1::DevicePage {
+                devices: c.to_vec(),
+            })),
+        })
         .collect();
     if pages.is_empty() {
-        pages.push(OperatorResponse { response: Some(operator_response::Response::Devices(v1::DevicePage::default())) });
+        pages.push(OperatorResponse {
+            response: Some(operator_response::Response::Devices(
+                v1::DevicePage::default(),
+            )),
+        });
     }
     Ok(pages)
 }
 
-async fn get_device(shared: &Shared, r: v1::GetDevice) -> Result<Vec<OperatorResponse>, OperatorResponse> {
+async fn get_device(
+    shared: &Shared,
+    r: v1::GetDevice,
+) -> Result<Vec<OperatorResponse>, OperatorResponse> {
     let id = device_id(&r.device_id)?;
-    let record = shared.store.device(&id).await.map_err(store_error)?.ok_or_else(|| store_error(StoreError::UnknownDevice(id)))?;
-    Ok(vec![OperatorResponse { response: Some(operator_response::Response::Device(device_info(shared, record).await)) }])
+    let record = shared
+        .store
+        .device(&id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| store_error(StoreError::UnknownDevice(id)))?;
+    Ok(vec![OperatorResponse {
+        response: Some(operator_response::Response::Device(
+            device_info(shared, record).await,
+        )),
+    }])
 }
 
-async fn query_telemetry(shared: &Shared, r: v1::QueryTelemetry) -> Result<Vec<OperatorResponse>, OperatorResponse> {
+async fn query_telemetry(
+    shared: &Shared,
+    r: v1::QueryTelemetry,
+) -> Result<Vec<OperatorResponse>, OperatorResponse> {
     let device = device_id(&r.device_id)?;
     let metric = if r.metric.is_empty() {
         None
     } else {
-        Some(MetricName::new(r.metric).map_err(|e| error(ErrorCode::InvalidArgument, e.to_string()))?)
+        Some(
+            MetricName::new(r.metric)
+                .map_err(|e| error(ErrorCode::InvalidArgument, e.to_string()))?,
+        )
     };
     let query = TelemetryQuery {
         device: device.clone(),
@@ -176,7 +254,11 @@ async fn query_telemetry(shared: &Shared, r: v1::QueryTelemetry) -> Result<Vec<O
         end_us: (r.end_us != 0).then_some(r.end_us),
         limit: (r.limit != 0).then_some(r.limit as usize),
     };
-    let points = shared.store.query_telemetry(query).await.map_err(store_error)?;
+    let points = shared
+        .store
+        .query_telemetry(query)
+        .await
+        .map_err(store_error)?;
     let page = |chunk: &[fleetlink_store::StoredPoint]| OperatorResponse {
         response: Some(operator_response::Response::Telemetry(v1::TelemetryPage {
             device_id: device.to_string(),
@@ -199,14 +281,29 @@ async fn query_telemetry(shared: &Shared, r: v1::QueryTelemetry) -> Result<Vec<O
     Ok(pages)
 }
 
-async fn provision(shared: &Shared, r: v1::ProvisionDevice) -> Result<Vec<OperatorResponse>, OperatorResponse> {
+async fn provision(
+    shared: &Shared,
+    r: v1::ProvisionDevice,
+) -> Result<Vec<OperatorResponse>, OperatorResponse> {
     let id = device_id(&r.device_id)?;
     let token = new_token();
-    let device = NewDevice { id: id.clone(), token_hash: token.hash(), tags: r.tags.into_iter().collect(), created_us: now_us() };
-    shared.store.provision_device(device).await.map_err(store_error)?;
+    let device = NewDevice {
+        id: id.clone(),
+        token_hash: token.hash(),
+        tags: r.tags.into_iter().collect(),
+        created_us: now_us(),
+    };
+    shared
+        .store
+        .provision_device(device)
+        .await
+        .map_err(store_error)?;
     tracing::info!(device = %id, "device provisioned");
     Ok(vec![OperatorResponse {
-        response: Some(operator_response::Response::Provisioned(v1::Provisioned { device_id: id.to_string(), token: token.as_str().to_owned() })),
+        response: Some(operator_response::Response::Provisioned(v1::Provisioned {
+            device_id: id.to_string(),
+            token: token.as_str().to_owned(),
+        })),
     }])
 }
 

@@ -21,7 +21,11 @@ pub(crate) struct DeviceRegistry {
 }
 
 impl DeviceRegistry {
-    pub(crate) fn new(arbiters: &[Arbiter], store: Arc<dyn Store>, heartbeat_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        arbiters: &[Arbiter],
+        store: Arc<dyn Store>,
+        heartbeat_timeout: Duration,
+    ) -> Self {
         Self {
             actors: Mutex::new(HashMap::new()),
             arbiters: arbiters.iter().map(Arbiter::handle).collect(),
@@ -37,16 +41,29 @@ impl DeviceRegistry {
 
     /// Every started actor.
     pub(crate) fn all(&self) -> Vec<Addr<DeviceActor>> {
-        self.actors.lock().map(|a| a.values().cloned().collect()).unwrap_or_default()
+        self.actors
+            .lock()
+            .map(|a| a.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The actor of a provisioned device, started (with its stored state) if needed.
-    pub(crate) async fn get_or_start(&self, id: &DeviceId) -> Result<Addr<DeviceActor>, StoreError> {
+    pub(crate) async fn get_or_start(
+        &self,
+        id: &DeviceId,
+    ) -> Result<Addr<DeviceActor>, StoreError> {
         if let Some(addr) = self.get(id) {
             return Ok(addr);
         }
-        let record = self.store.device(id).await?.ok_or_else(|| StoreError::UnknownDevice(id.clone()))?;
-        let mut actors = self.actors.lock().map_err(|_| StoreError::Task("device registry poisoned".into()))?;
+        let record = self
+            .store
+            .device(id)
+            .await?
+            .ok_or_else(|| StoreError::UnknownDevice(id.clone()))?;
+        let mut actors = self
+            .actors
+            .lock()
+            .map_err(|_| StoreError::Task("device registry poisoned".into()))?;
         if let Some(addr) = actors.get(id) {
             return Ok(addr.clone()); // started meanwhile by another session
         }

@@ -10,8 +10,8 @@ use fleetlink_core::DeviceId;
 use fleetlink_core::presence::{OfflineReason, SessionId};
 use fleetlink_core::value::Batch;
 use fleetlink_proto::v1::{
-    self, ClientControl, ErrorCode, Hello, RejectReason, Role, ServerControl, StreamHeader, StreamKind, TelemetryBatch,
-    client_control, server_control,
+    self, ClientControl, ErrorCode, Hello, RejectReason, Role, ServerControl, StreamHeader,
+    StreamKind, TelemetryBatch, client_control, server_control,
 };
 use fleetlink_proto::{HANDSHAKE_MAX_FRAME_BYTES, PROTOCOL_VERSION, SUPPORTED_VERSIONS};
 use fleetlink_store::{Store, StoreError};
@@ -48,7 +48,9 @@ impl End {
     fn from_transport(e: TransportError) -> End {
         use fleetlink_proto::FrameError;
         match e {
-            TransportError::Frame(f @ FrameError::TooLarge { .. }) => End::Error(ErrorCode::FrameTooLarge, f.to_string()),
+            TransportError::Frame(f @ FrameError::TooLarge { .. }) => {
+                End::Error(ErrorCode::FrameTooLarge, f.to_string())
+            }
             TransportError::Frame(f) => End::Error(ErrorCode::MalformedFrame, f.to_string()),
             other => End::Closed(other.to_string()),
         }
@@ -133,30 +135,52 @@ pub(crate) struct Control {
     pub reader: FrameReader,
 }
 
-async fn authenticate_device(shared: &Shared, hello: &Hello) -> Result<DeviceId, (RejectReason, String, u32)> {
-    let id = DeviceId::new(hello.device_id.clone())
-        .map_err(|e| (RejectReason::MalformedHello, format!("invalid Hello.device_id: {e}"), 0))?;
+async fn authenticate_device(
+    shared: &Shared,
+    hello: &Hello,
+) -> Result<DeviceId, (RejectReason, String, u32)> {
+    let id = DeviceId::new(hello.device_id.clone()).map_err(|e| {
+        (
+            RejectReason::MalformedHello,
+            format!("invalid Hello.device_id: {e}"),
+            0,
+        )
+    })?;
     match shared.store.device_token_hash(&id).await {
         Ok(None) => Err((
             RejectReason::UnknownDevice,
             format!("unknown device \"{id}\": provision it with `fleetlink device add {id}`"),
             0,
         )),
-        Ok(Some(_)) if hello.token.is_empty() => {
-            Err((RejectReason::BadToken, format!("no token given for device \"{id}\""), 0))
-        }
+        Ok(Some(_)) if hello.token.is_empty() => Err((
+            RejectReason::BadToken,
+            format!("no token given for device \"{id}\""),
+            0,
+        )),
         Ok(Some(hash)) if !hash.verify(&hello.token) => Err((
             RejectReason::BadToken,
-            format!("wrong token for device \"{id}\": use the token printed by `fleetlink device add`"),
+            format!(
+                "wrong token for device \"{id}\": use the token printed by `fleetlink device add`"
+            ),
             0,
         )),
         Ok(Some(_)) => Ok(id),
-        Err(e) => Err((RejectReason::ServerBusy, format!("storage unavailable: {e}"), 1_000)),
+        Err(e) => Err((
+            RejectReason::ServerBusy,
+            format!("storage unavailable: {e}"),
+            1_000,
+        )),
     }
 }
 
 /// Sends a Reject, waits (briefly) for the client to read it and close, then closes.
-async fn reject(conn: &quinn::Connection, mut control: Control, reason: RejectReason, message: String, retry_after_ms: u32) {
+async fn reject(
+    conn: &quinn::Connection,
+    mut control: Control,
+    reason: RejectReason,
+    message: String,
+    retry_after_ms: u32,
+) {
     tracing::info!(reason = reason.as_str_name(), %message, "connection rejected");
     let reject = v1::Reject {
         reason: reason.into(),
@@ -164,7 +188,9 @@ async fn reject(conn: &quinn::Connection, mut control: Control, reason: RejectRe
         retry_after_ms,
         supported_versions: SUPPORTED_VERSIONS.to_vec(),
     };
-    let frame = ServerControl { msg: Some(server_control::Msg::Reject(reject)) };
+    let frame = ServerControl {
+        msg: Some(server_control::Msg::Reject(reject)),
+    };
     if write_frame(&mut control.send, &frame).await.is_ok() {
         let _ = control.send.finish();
         // The client closes the connection once it has read the Reject.
@@ -173,7 +199,9 @@ async fn reject(conn: &quinn::Connection, mut control: Control, reason: RejectRe
     let code = match reason {
         RejectReason::ServerBusy => ErrorCode::Unavailable,
         RejectReason::ShuttingDown => ErrorCode::ShuttingDown,
-        RejectReason::UnsupportedVersion | RejectReason::MalformedHello => ErrorCode::ProtocolViolation,
+        RejectReason::UnsupportedVersion | RejectReason::MalformedHello => {
+            ErrorCode::ProtocolViolation
+        }
         _ => ErrorCode::Unauthenticated,
     };
     conn.close(crate::close_code(code), message.as_bytes());
@@ -196,11 +224,21 @@ pub(crate) fn welcome(shared: &Shared, session: SessionId, last_stored_seq: u64)
 }
 
 fn error_frame(code: ErrorCode, message: &str) -> ServerControl {
-    ServerControl { msg: Some(server_control::Msg::Error(v1::Error { code: code.into(), message: message.to_owned() })) }
+    ServerControl {
+        msg: Some(server_control::Msg::Error(v1::Error {
+            code: code.into(),
+            message: message.to_owned(),
+        })),
+    }
 }
 
 /// Writes `err` on the control stream (best effort), then closes the connection with it.
-pub(crate) async fn close_with_error(conn: &quinn::Connection, send: &mut quinn::SendStream, code: ErrorCode, message: &str) {
+pub(crate) async fn close_with_error(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: ErrorCode,
+    message: &str,
+) {
     if write_frame(send, &error_frame(code, message)).await.is_ok() {
         let _ = send.finish();
         let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
@@ -208,34 +246,90 @@ pub(crate) async fn close_with_error(conn: &quinn::Connection, send: &mut quinn:
     conn.close(crate::close_code(code), message.as_bytes());
 }
 
-async fn device_session(conn: quinn::Connection, control: Control, shared: Arc<Shared>, session: SessionId, id: DeviceId) {
-    let Control { mut send, mut reader } = control;
+async fn device_session(
+    conn: quinn::Connection,
+    control: Control,
+    shared: Arc<Shared>,
+    session: SessionId,
+    id: DeviceId,
+) {
+    let Control {
+        mut send,
+        mut reader,
+    } = control;
     let actor = match shared.registry.get_or_start(&id).await {
         Ok(a) => a,
         Err(e) => {
-            let reason = if matches!(e, StoreError::UnknownDevice(_)) { RejectReason::UnknownDevice } else { RejectReason::ServerBusy };
-            return reject(&conn, Control { send, reader }, reason, e.to_string(), 1_000).await;
+            let reason = if matches!(e, StoreError::UnknownDevice(_)) {
+                RejectReason::UnknownDevice
+            } else {
+                RejectReason::ServerBusy
+            };
+            return reject(
+                &conn,
+                Control { send, reader },
+                reason,
+                e.to_string(),
+                1_000,
+            )
+            .await;
         }
     };
     let (kick_tx, mut kick_rx) = mpsc::channel(1);
-    let attached = match actor.send(Attach { session, remote: conn.remote_address(), kick: kick_tx }).await {
+    let attached = match actor
+        .send(Attach {
+            session,
+            remote: conn.remote_address(),
+            kick: kick_tx,
+        })
+        .await
+    {
         Ok(a) => a,
-        Err(e) => return reject(&conn, Control { send, reader }, RejectReason::ServerBusy, e.to_string(), 1_000).await,
+        Err(e) => {
+            return reject(
+                &conn,
+                Control { send, reader },
+                RejectReason::ServerBusy,
+                e.to_string(),
+                1_000,
+            )
+            .await;
+        }
     };
     let mut durable = attached.durable;
     // Batches of an earlier connection may still be on their way to disk: announce the watermark
     // only once they are durable, so the device resends exactly what is missing.
     let wait = durable.wait_for(|d| *d >= attached.accepted);
-    let settled = matches!(tokio::time::timeout(Duration::from_secs(10), wait).await, Ok(Ok(_)));
+    let settled = matches!(
+        tokio::time::timeout(Duration::from_secs(10), wait).await,
+        Ok(Ok(_))
+    );
     if !settled {
-        let _ = actor.send(Detach { session, reason: OfflineReason::Error }).await;
+        let _ = actor
+            .send(Detach {
+                session,
+                reason: OfflineReason::Error,
+            })
+            .await;
         let m = "earlier telemetry of this device is still being stored".to_owned();
-        return reject(&conn, Control { send, reader }, RejectReason::ServerBusy, m, 1_000).await;
+        return reject(
+            &conn,
+            Control { send, reader },
+            RejectReason::ServerBusy,
+            m,
+            1_000,
+        )
+        .await;
     }
     let last_stored = *durable.borrow_and_update();
     if let Err(e) = write_frame(&mut send, &welcome(&shared, session, last_stored)).await {
         tracing::debug!(error = %e, "cannot send the Welcome");
-        let _ = actor.send(Detach { session, reason: OfflineReason::Closed }).await;
+        let _ = actor
+            .send(Detach {
+                session,
+                reason: OfflineReason::Closed,
+            })
+            .await;
         return;
     }
     reader.set_max_frame_bytes(shared.config.max_frame_bytes);
@@ -261,20 +355,34 @@ async fn device_session(conn: quinn::Connection, control: Control, shared: Arc<S
     let control_reader = async {
         loop {
             match reader.read::<ClientControl>().await {
-                Ok(Some(ClientControl { msg: Some(client_control::Msg::Heartbeat(_)) })) => {
+                Ok(Some(ClientControl {
+                    msg: Some(client_control::Msg::Heartbeat(_)),
+                })) => {
                     if !matches!(actor.send(Seen { session }).await, Ok(true)) {
                         return End::Closed("replaced".into());
                     }
-                    let hb = ServerControl { msg: Some(server_control::Msg::Heartbeat(v1::Heartbeat { time_us: now_us() })) };
+                    let hb = ServerControl {
+                        msg: Some(server_control::Msg::Heartbeat(v1::Heartbeat {
+                            time_us: now_us(),
+                        })),
+                    };
                     if out_tx.send(hb).await.is_err() {
                         return End::Closed("control stream closed".into());
                     }
                 }
-                Ok(Some(ClientControl { msg: Some(client_control::Msg::Hello(_)) })) => {
-                    return End::Error(ErrorCode::ProtocolViolation, "a second Hello on an established session".into());
+                Ok(Some(ClientControl {
+                    msg: Some(client_control::Msg::Hello(_)),
+                })) => {
+                    return End::Error(
+                        ErrorCode::ProtocolViolation,
+                        "a second Hello on an established session".into(),
+                    );
                 }
                 Ok(Some(ClientControl { msg: None })) => {
-                    return End::Error(ErrorCode::UnknownMessage, "a ClientControl frame with no known message".into());
+                    return End::Error(
+                        ErrorCode::UnknownMessage,
+                        "a ClientControl frame with no known message".into(),
+                    );
                 }
                 Ok(None) => return End::Closed("control stream finished by the device".into()),
                 Err(e) => return End::from_transport(e),
@@ -291,7 +399,10 @@ async fn device_session(conn: quinn::Connection, control: Control, shared: Arc<S
             match stream.read::<StreamHeader>().await {
                 Ok(Some(h)) if h.kind == i32::from(StreamKind::Telemetry) => {}
                 Ok(Some(h)) => {
-                    return End::Error(ErrorCode::UnknownMessage, format!("unknown stream kind {} in StreamHeader", h.kind));
+                    return End::Error(
+                        ErrorCode::UnknownMessage,
+                        format!("unknown stream kind {} in StreamHeader", h.kind),
+                    );
                 }
                 Ok(None) => continue,
                 Err(e) => return End::from_transport(e),
@@ -310,7 +421,12 @@ async fn device_session(conn: quinn::Connection, control: Control, shared: Arc<S
                 match actor.send(Ingest { session, batch }).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => return End::Error(e.code(), e.to_string()),
-                    Err(e) => return End::Error(ErrorCode::Internal, format!("device actor unavailable: {e}")),
+                    Err(e) => {
+                        return End::Error(
+                            ErrorCode::Internal,
+                            format!("device actor unavailable: {e}"),
+                        );
+                    }
                 }
             }
         }

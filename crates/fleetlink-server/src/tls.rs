@@ -26,13 +26,29 @@ fn tls_err(what: impl std::fmt::Display) -> ServerError {
 pub(crate) fn load(cert: &Path, key: &Path) -> Result<TlsMaterial, ServerError> {
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| tls_err(format!("cannot read certificates from {}: {e}", cert.display())))?;
+        .map_err(|e| {
+            tls_err(format!(
+                "cannot read certificates from {}: {e}",
+                cert.display()
+            ))
+        })?;
     if certs.is_empty() {
-        return Err(tls_err(format!("{} holds no PEM certificate", cert.display())));
+        return Err(tls_err(format!(
+            "{} holds no PEM certificate",
+            cert.display()
+        )));
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| tls_err(format!("cannot read a private key from {}: {e}", key.display())))?;
-    Ok(TlsMaterial { certs, key: Arc::new(key), dev_ca: None })
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        tls_err(format!(
+            "cannot read a private key from {}: {e}",
+            key.display()
+        ))
+    })?;
+    Ok(TlsMaterial {
+        certs,
+        key: Arc::new(key),
+        dev_ca: None,
+    })
 }
 
 /// Loads the development certificate from `dir`, creating the CA and/or the server certificate
@@ -43,7 +59,8 @@ pub(crate) fn dev_certificate(dir: &Path) -> Result<TlsMaterial, ServerError> {
     let server_pem = dir.join("server.pem");
     let server_key = dir.join("server.key");
     if !(server_pem.exists() && server_key.exists() && ca_pem.exists()) {
-        fs::create_dir_all(dir).map_err(|e| tls_err(format!("cannot create {}: {e}", dir.display())))?;
+        fs::create_dir_all(dir)
+            .map_err(|e| tls_err(format!("cannot create {}: {e}", dir.display())))?;
         let ca_keypair = if ca_pem.exists() && ca_key.exists() {
             let key_pem = fs::read_to_string(&ca_key).map_err(tls_err)?;
             KeyPair::from_pem(&key_pem).map_err(tls_err)?
@@ -57,9 +74,15 @@ pub(crate) fn dev_certificate(dir: &Path) -> Result<TlsMaterial, ServerError> {
         // The issuer is the CA's name and key; the CA certificate's parameters are fixed below.
         let issuer = Issuer::new(ca_params()?, ca_keypair);
         let key = KeyPair::generate().map_err(tls_err)?;
-        let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()])
-            .map_err(tls_err)?;
-        params.distinguished_name.push(DnType::CommonName, "fleetlink server");
+        let mut params = CertificateParams::new(vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ])
+        .map_err(tls_err)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "fleetlink server");
         let cert = params.signed_by(&key, &issuer).map_err(tls_err)?;
         write_private(&server_key, &key.serialize_pem())?;
         fs::write(&server_pem, cert.pem()).map_err(tls_err)?;
@@ -71,7 +94,9 @@ pub(crate) fn dev_certificate(dir: &Path) -> Result<TlsMaterial, ServerError> {
 
 fn ca_params() -> Result<CertificateParams, ServerError> {
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
-    params.distinguished_name.push(DnType::CommonName, "fleetlink development CA");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "fleetlink development CA");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     Ok(params)
@@ -83,7 +108,9 @@ fn write_private(path: &Path, contents: &str) -> Result<(), ServerError> {
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(path).map_err(|e| tls_err(format!("cannot write {}: {e}", path.display())))?;
+    let mut f = opts
+        .open(path)
+        .map_err(|e| tls_err(format!("cannot write {}: {e}", path.display())))?;
     f.write_all(contents.as_bytes()).map_err(tls_err)
 }
 

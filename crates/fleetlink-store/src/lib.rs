@@ -155,7 +155,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
 
     /// Devices in id order, after `after`, at most `limit`.
-    async fn list_devices(&self, after: Option<DeviceId>, limit: Option<usize>) -> Result<Vec<DeviceRecord>, StoreError>;
+    async fn list_devices(
+        &self,
+        after: Option<DeviceId>,
+        limit: Option<usize>,
+    ) -> Result<Vec<DeviceRecord>, StoreError>;
 
     /// Stored points of one device, ordered by metric, then time, then arrival.
     async fn query_telemetry(&self, query: TelemetryQuery) -> Result<Vec<StoredPoint>, StoreError>;

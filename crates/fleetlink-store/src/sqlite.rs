@@ -12,7 +12,10 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::mpsc;
 
-use crate::{AppendBatch, DeviceRecord, MetricValue, NewDevice, Store, StoreError, StoredPoint, TelemetryQuery};
+use crate::{
+    AppendBatch, DeviceRecord, MetricValue, NewDevice, Store, StoreError, StoredPoint,
+    TelemetryQuery,
+};
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -82,7 +85,11 @@ pub struct SqliteOptions {
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        Self { synchronous: Synchronous::Normal, queue_batches: 4096, max_commit_points: 50_000 }
+        Self {
+            synchronous: Synchronous::Normal,
+            queue_batches: 4096,
+            max_commit_points: 50_000,
+        }
     }
 }
 
@@ -116,7 +123,13 @@ impl SqliteStore {
             .name("fleetlink-store-writer".into())
             .spawn(move || Writer::new(conn).run(rx, max_points))
             .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?;
-        Ok(Self { inner: Arc::new(Inner { path, writes: tx, readers: Mutex::new(Vec::new()) }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path,
+                writes: tx,
+                readers: Mutex::new(Vec::new()),
+            }),
+        })
     }
 
     /// The database file.
@@ -132,7 +145,11 @@ impl SqliteStore {
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let pooled = inner.readers.lock().map_err(|_| StoreError::Task("reader pool poisoned".into()))?.pop();
+            let pooled = inner
+                .readers
+                .lock()
+                .map_err(|_| StoreError::Task("reader pool poisoned".into()))?
+                .pop();
             let conn = match pooled {
                 Some(c) => c,
                 None => open_connection(&inner.path, Synchronous::Normal)?,
@@ -169,12 +186,17 @@ impl SqliteStore {
 fn open_connection(path: &Path, sync: Synchronous) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(Duration::from_secs(10))?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::Corrupt(format!("cannot switch {} to WAL mode (got {mode})", path.display())));
+        return Err(StoreError::Corrupt(format!(
+            "cannot switch {} to WAL mode (got {mode})",
+            path.display()
+        )));
     }
     let sync = match sync {
         Synchronous::Normal => "NORMAL",
@@ -213,7 +235,14 @@ fn value_columns(v: &Value) -> ValueColumns {
         Value::Geo(g) => (
             ValueKind::Geo.code(),
             Sql::Null,
-            [Some(g.lat), Some(g.lon), g.alt_m, g.speed_mps, g.heading_deg, g.accuracy_m],
+            [
+                Some(g.lat),
+                Some(g.lon),
+                g.alt_m,
+                g.speed_mps,
+                g.heading_deg,
+                g.accuracy_m,
+            ],
         ),
     }
 }
@@ -224,14 +253,17 @@ fn read_value(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Value> {
     let corrupt = |what: String| {
         rusqlite::Error::FromSqlConversionFailure(at, rusqlite::types::Type::Null, what.into())
     };
-    let kind = ValueKind::from_code(code).ok_or_else(|| corrupt(format!("unknown value kind {code}")))?;
+    let kind =
+        ValueKind::from_code(code).ok_or_else(|| corrupt(format!("unknown value kind {code}")))?;
     let raw = row.get_ref(at + 1)?;
     Ok(match (kind, raw) {
         (ValueKind::Double, ValueRef::Real(x)) => Value::Double(x),
         (ValueKind::Double, ValueRef::Integer(x)) => Value::Double(x as f64),
         (ValueKind::Int, ValueRef::Integer(x)) => Value::Int(x),
         (ValueKind::Bool, ValueRef::Integer(x)) => Value::Bool(x != 0),
-        (ValueKind::String, ValueRef::Text(t)) => Value::String(String::from_utf8_lossy(t).into_owned()),
+        (ValueKind::String, ValueRef::Text(t)) => {
+            Value::String(String::from_utf8_lossy(t).into_owned())
+        }
         (ValueKind::Geo, _) => {
             let g = |i: usize| row.get::<_, Option<f64>>(at + 2 + i);
             Value::Geo(GeoPosition {
@@ -243,16 +275,25 @@ fn read_value(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Value> {
                 accuracy_m: g(5)?,
             })
         }
-        (kind, other) => return Err(corrupt(format!("a {kind} value stored as {:?}", other.data_type()))),
+        (kind, other) => {
+            return Err(corrupt(format!(
+                "a {kind} value stored as {:?}",
+                other.data_type()
+            )));
+        }
     })
 }
 
 fn metric_name(s: String) -> rusqlite::Result<MetricName> {
-    MetricName::new(s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))
+    MetricName::new(s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+    })
 }
 
 fn device_id(s: String) -> rusqlite::Result<DeviceId> {
-    DeviceId::new(s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))
+    DeviceId::new(s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+    })
 }
 
 fn load_last_values(conn: &Connection, device: i64) -> Result<Vec<MetricValue>, StoreError> {
@@ -261,7 +302,11 @@ fn load_last_values(conn: &Connection, device: i64) -> Result<Vec<MetricValue>, 
          FROM last_values l JOIN metrics m ON m.id = l.metric WHERE l.device = ?1 ORDER BY m.name",
     )?;
     let rows = stmt.query_map([device], |r| {
-        Ok(MetricValue { metric: metric_name(r.get(0)?)?, time_us: r.get(1)?, value: read_value(r, 2)? })
+        Ok(MetricValue {
+            metric: metric_name(r.get(0)?)?,
+            time_us: r.get(1)?,
+            value: read_value(r, 2)?,
+        })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -276,13 +321,20 @@ fn load_devices(
     );
     let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map(params, |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get::<_, i64>(4)?, r.get::<_, i64>(5)?))
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, i64>(5)?,
+        ))
     })?;
     let mut out = Vec::new();
     for row in rows {
         let (rowid, name, tags, created_us, last_seq, point_count) = row?;
-        let tags: BTreeMap<String, String> =
-            serde_json::from_str(&tags).map_err(|e| StoreError::Corrupt(format!("tags of {name}: {e}")))?;
+        let tags: BTreeMap<String, String> = serde_json::from_str(&tags)
+            .map_err(|e| StoreError::Corrupt(format!("tags of {name}: {e}")))?;
         out.push(DeviceRecord {
             id: device_id(name)?,
             tags,
@@ -298,12 +350,18 @@ fn load_devices(
 #[async_trait]
 impl Store for SqliteStore {
     async fn provision_device(&self, device: NewDevice) -> Result<(), StoreError> {
-        let tags = serde_json::to_string(&device.tags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let tags =
+            serde_json::to_string(&device.tags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.write(move |conn| {
             let inserted = conn.execute(
                 "INSERT INTO devices (name, token_hash, tags, created_us) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(name) DO NOTHING",
-                params![device.id.as_str(), &device.token_hash.as_bytes()[..], tags, device.created_us],
+                params![
+                    device.id.as_str(),
+                    &device.token_hash.as_bytes()[..],
+                    tags,
+                    device.created_us
+                ],
             )?;
             if inserted == 0 {
                 return Err(StoreError::DeviceExists(device.id));
@@ -320,8 +378,11 @@ impl Store for SqliteStore {
                 .prepare_cached("SELECT token_hash FROM devices WHERE name = ?1")?
                 .query_row([id.as_str()], |r| r.get(0))
                 .optional()?;
-            hash.map(|h| TokenHash::from_slice(&h).ok_or_else(|| StoreError::Corrupt(format!("token hash of {id}"))))
-                .transpose()
+            hash.map(|h| {
+                TokenHash::from_slice(&h)
+                    .ok_or_else(|| StoreError::Corrupt(format!("token hash of {id}")))
+            })
+            .transpose()
         })
         .await
     }
@@ -338,8 +399,14 @@ impl Store for SqliteStore {
     }
 
     async fn has_admin_token(&self) -> Result<bool, StoreError> {
-        self.read(|conn| Ok(conn.query_row("SELECT count(*) FROM admin_tokens", [], |r| r.get::<_, i64>(0))? > 0))
-            .await
+        self.read(|conn| {
+            Ok(
+                conn.query_row("SELECT count(*) FROM admin_tokens", [], |r| {
+                    r.get::<_, i64>(0)
+                })? > 0,
+            )
+        })
+        .await
     }
 
     async fn verify_admin_token(&self, token: &str) -> Result<bool, StoreError> {
@@ -351,20 +418,34 @@ impl Store for SqliteStore {
                 .prepare_cached("SELECT token_hash FROM admin_tokens WHERE token_hash = ?1")?
                 .query_row([&presented.as_bytes()[..]], |r| r.get(0))
                 .optional()?;
-            Ok(stored.and_then(|h| TokenHash::from_slice(&h)).is_some_and(|h| h.verify(&token)))
+            Ok(stored
+                .and_then(|h| TokenHash::from_slice(&h))
+                .is_some_and(|h| h.verify(&token)))
         })
         .await
     }
 
     async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
         let id = id.clone();
-        self.read(move |conn| Ok(load_devices(conn, "WHERE name = ?1", &[&id.as_str()])?.pop())).await
+        self.read(move |conn| Ok(load_devices(conn, "WHERE name = ?1", &[&id.as_str()])?.pop()))
+            .await
     }
 
-    async fn list_devices(&self, after: Option<DeviceId>, limit: Option<usize>) -> Result<Vec<DeviceRecord>, StoreError> {
+    async fn list_devices(
+        &self,
+        after: Option<DeviceId>,
+        limit: Option<usize>,
+    ) -> Result<Vec<DeviceRecord>, StoreError> {
         let after = after.map(|a| a.as_str().to_owned()).unwrap_or_default();
         let limit = limit.map_or(-1, |l| l as i64);
-        self.read(move |conn| load_devices(conn, "WHERE name > ?1 ORDER BY name LIMIT ?2", &[&after, &limit])).await
+        self.read(move |conn| {
+            load_devices(
+                conn,
+                "WHERE name > ?1 ORDER BY name LIMIT ?2",
+                &[&after, &limit],
+            )
+        })
+        .await
     }
 
     async fn query_telemetry(&self, q: TelemetryQuery) -> Result<Vec<StoredPoint>, StoreError> {
@@ -418,12 +499,20 @@ impl Store for SqliteStore {
     }
 
     async fn append(&self, batch: AppendBatch) -> Result<(), StoreError> {
-        self.inner.writes.send(WriterJob::Append(batch)).await.map_err(|_| StoreError::Closed)
+        self.inner
+            .writes
+            .send(WriterJob::Append(batch))
+            .await
+            .map_err(|_| StoreError::Closed)
     }
 
     async fn point_count(&self) -> Result<u64, StoreError> {
         self.read(|conn| {
-            Ok(conn.query_row("SELECT coalesce(sum(point_count), 0) FROM devices", [], |r| r.get::<_, i64>(0))? as u64)
+            Ok(conn.query_row(
+                "SELECT coalesce(sum(point_count), 0) FROM devices",
+                [],
+                |r| r.get::<_, i64>(0),
+            )? as u64)
         })
         .await
     }
@@ -440,7 +529,11 @@ struct Writer {
 
 impl Writer {
     fn new(conn: Connection) -> Self {
-        Self { conn, devices: HashMap::new(), metrics: HashMap::new() }
+        Self {
+            conn,
+            devices: HashMap::new(),
+            metrics: HashMap::new(),
+        }
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<WriterJob>, max_points: usize) {
@@ -562,7 +655,10 @@ impl Writer {
             )?;
             for ((dev, metric), (time_us, value)) in &last {
                 let (kind, value, geo) = value_columns(value);
-                upsert.execute(params![dev, metric, time_us, kind, value, geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]])?;
+                upsert.execute(params![
+                    dev, metric, time_us, kind, value, geo[0], geo[1], geo[2], geo[3], geo[4],
+                    geo[5]
+                ])?;
             }
             let mut mark = tx.prepare_cached(
                 "UPDATE devices SET last_seq = ?2, point_count = point_count + ?3 WHERE id = ?1 AND last_seq < ?2",

@@ -7,7 +7,8 @@ use fleetlink_core::credentials::Token;
 use fleetlink_core::value::Batch;
 use fleetlink_core::{DeviceId, GeoPosition, MetricName, Point, Value};
 use fleetlink_store::{
-    AppendBatch, DurabilityListener, NewDevice, SqliteOptions, SqliteStore, Store, StoreError, TelemetryQuery,
+    AppendBatch, DurabilityListener, NewDevice, SqliteOptions, SqliteStore, Store, StoreError,
+    TelemetryQuery,
 };
 use tokio::sync::watch;
 
@@ -28,7 +29,11 @@ fn id(s: &str) -> DeviceId {
 }
 
 fn point(metric: &str, t: i64, value: Value) -> Point {
-    Point { metric: MetricName::new(metric).unwrap(), time_us: t, value }
+    Point {
+        metric: MetricName::new(metric).unwrap(),
+        time_us: t,
+        value,
+    }
 }
 
 async fn provision(store: &SqliteStore, name: &str) -> Token {
@@ -45,7 +50,13 @@ async fn provision(store: &SqliteStore, name: &str) -> Token {
     token
 }
 
-async fn append(store: &SqliteStore, listener: &Arc<Watch>, device: &str, seq: u64, points: Vec<Point>) {
+async fn append(
+    store: &SqliteStore,
+    listener: &Arc<Watch>,
+    device: &str,
+    seq: u64,
+    points: Vec<Point>,
+) {
     store
         .append(AppendBatch {
             device: id(device),
@@ -63,29 +74,94 @@ async fn telemetry_is_stored_once_and_survives_reopen() {
     let path = dir.path().join("fleet.db");
     let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
     let token = provision(&store, "truck-1").await;
-    assert!(store.device_token_hash(&id("truck-1")).await.unwrap().unwrap().verify(token.as_str()));
+    assert!(
+        store
+            .device_token_hash(&id("truck-1"))
+            .await
+            .unwrap()
+            .unwrap()
+            .verify(token.as_str())
+    );
     assert!(matches!(
         store
-            .provision_device(NewDevice { id: id("truck-1"), token_hash: token.hash(), tags: BTreeMap::new(), created_us: 2 })
+            .provision_device(NewDevice {
+                id: id("truck-1"),
+                token_hash: token.hash(),
+                tags: BTreeMap::new(),
+                created_us: 2
+            })
             .await,
         Err(StoreError::DeviceExists(_))
     ));
 
     let (tx, mut rx) = watch::channel(0);
     let listener = Arc::new(Watch(tx, Mutex::new(Vec::new())));
-    let geo = GeoPosition { lat: 52.5, lon: 13.4, alt_m: None, speed_mps: Some(12.0), heading_deg: Some(90.0), accuracy_m: Some(3.0) };
-    append(&store, &listener, "truck-1", 1, vec![point("fuel", 10, Value::Double(0.9)), point("pos", 10, Value::Geo(geo))]).await;
-    append(&store, &listener, "truck-1", 2, vec![point("fuel", 20, Value::Double(0.8)), point("door", 20, Value::Bool(true))]).await;
+    let geo = GeoPosition {
+        lat: 52.5,
+        lon: 13.4,
+        alt_m: None,
+        speed_mps: Some(12.0),
+        heading_deg: Some(90.0),
+        accuracy_m: Some(3.0),
+    };
+    append(
+        &store,
+        &listener,
+        "truck-1",
+        1,
+        vec![
+            point("fuel", 10, Value::Double(0.9)),
+            point("pos", 10, Value::Geo(geo)),
+        ],
+    )
+    .await;
+    append(
+        &store,
+        &listener,
+        "truck-1",
+        2,
+        vec![
+            point("fuel", 20, Value::Double(0.8)),
+            point("door", 20, Value::Bool(true)),
+        ],
+    )
+    .await;
     // a resend of batch 2 is not stored twice
-    append(&store, &listener, "truck-1", 2, vec![point("fuel", 20, Value::Double(0.8)), point("door", 20, Value::Bool(true))]).await;
-    append(&store, &listener, "truck-1", 3, vec![point("note", 30, Value::String("ok".into())), point("odo", 30, Value::Int(-5))]).await;
+    append(
+        &store,
+        &listener,
+        "truck-1",
+        2,
+        vec![
+            point("fuel", 20, Value::Double(0.8)),
+            point("door", 20, Value::Bool(true)),
+        ],
+    )
+    .await;
+    append(
+        &store,
+        &listener,
+        "truck-1",
+        3,
+        vec![
+            point("note", 30, Value::String("ok".into())),
+            point("odo", 30, Value::Int(-5)),
+        ],
+    )
+    .await;
     rx.wait_for(|d| *d >= 3).await.unwrap();
     assert!(listener.1.lock().unwrap().is_empty());
     drop(store);
 
     let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
     let all = store
-        .query_telemetry(TelemetryQuery { device: id("truck-1"), metric: None, start_us: None, end_us: None, limit: None })
+        .query_telemetry(TelemetryQuery {
+            device: id("truck-1"),
+            metric: None,
+            start_us: None,
+            end_us: None,
+            limit: None,
+        })
         .await
         .unwrap();
     assert_eq!(all.len(), 6);
@@ -107,7 +183,11 @@ async fn telemetry_is_stored_once_and_survives_reopen() {
     let dev = store.device(&id("truck-1")).await.unwrap().unwrap();
     assert_eq!(dev.last_seq, 3);
     assert_eq!(dev.tags.get("region").map(String::as_str), Some("north"));
-    let last: BTreeMap<_, _> = dev.last_values.iter().map(|v| (v.metric.as_str().to_owned(), v.value.clone())).collect();
+    let last: BTreeMap<_, _> = dev
+        .last_values
+        .iter()
+        .map(|v| (v.metric.as_str().to_owned(), v.value.clone()))
+        .collect();
     assert_eq!(last["fuel"], Value::Double(0.8));
     assert_eq!(last["pos"], Value::Geo(geo));
     assert_eq!(last["note"], Value::String("ok".into()));
@@ -117,7 +197,14 @@ async fn telemetry_is_stored_once_and_survives_reopen() {
     // after a reopen the watermark still refuses old batches
     let (tx, mut rx) = watch::channel(0);
     let listener = Arc::new(Watch(tx, Mutex::new(Vec::new())));
-    append(&store, &listener, "truck-1", 3, vec![point("fuel", 99, Value::Double(0.1))]).await;
+    append(
+        &store,
+        &listener,
+        "truck-1",
+        3,
+        vec![point("fuel", 99, Value::Double(0.1))],
+    )
+    .await;
     rx.wait_for(|d| *d >= 3).await.unwrap();
     assert_eq!(store.point_count().await.unwrap(), 6);
 }
@@ -133,13 +220,25 @@ async fn admin_tokens_verify_and_unknown_devices_are_reported() {
     assert!(store.verify_admin_token(admin.as_str()).await.unwrap());
     assert!(!store.verify_admin_token("guess").await.unwrap());
     let err = store
-        .query_telemetry(TelemetryQuery { device: id("ghost"), metric: None, start_us: None, end_us: None, limit: None })
+        .query_telemetry(TelemetryQuery {
+            device: id("ghost"),
+            metric: None,
+            start_us: None,
+            end_us: None,
+            limit: None,
+        })
         .await
         .unwrap_err();
-    assert_eq!(err.to_string(), "unknown device \"ghost\": provision it with `fleetlink device add ghost`");
+    assert_eq!(
+        err.to_string(),
+        "unknown device \"ghost\": provision it with `fleetlink device add ghost`"
+    );
     provision(&store, "a").await;
     provision(&store, "b").await;
     provision(&store, "c").await;
     let page = store.list_devices(Some(id("a")), Some(1)).await.unwrap();
-    assert_eq!(page.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["b"]);
+    assert_eq!(
+        page.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        ["b"]
+    );
 }

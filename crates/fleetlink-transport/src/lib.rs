@@ -42,7 +42,10 @@ pub struct FrameReader {
 impl FrameReader {
     /// A reader that refuses frames above `max_frame_bytes`.
     pub fn new(stream: quinn::RecvStream, max_frame_bytes: u32) -> Self {
-        Self { stream, decoder: FrameDecoder::new(max_frame_bytes) }
+        Self {
+            stream,
+            decoder: FrameDecoder::new(max_frame_bytes),
+        }
     }
 
     /// Changes the frame size limit.
@@ -73,7 +76,10 @@ impl FrameReader {
 }
 
 /// Writes one frame holding `msg`.
-pub async fn write_frame<M: Message>(stream: &mut quinn::SendStream, msg: &M) -> Result<(), TransportError> {
+pub async fn write_frame<M: Message>(
+    stream: &mut quinn::SendStream,
+    msg: &M,
+) -> Result<(), TransportError> {
     stream.write_chunk(encoded_frame(msg)).await?;
     Ok(())
 }
@@ -90,7 +96,10 @@ pub struct ClientTransport {
 
 impl Default for ClientTransport {
     fn default() -> Self {
-        Self { keep_alive: None, idle_timeout: Duration::from_secs(60) }
+        Self {
+            keep_alive: None,
+            idle_timeout: Duration::from_secs(60),
+        }
     }
 }
 
@@ -98,17 +107,25 @@ impl Default for ClientTransport {
 pub fn roots_from_pem(pem: &[u8]) -> Result<rustls::RootCertStore, TransportError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| TransportError::Tls(format!("invalid CA certificate PEM: {e}")))?;
-        roots.add(cert).map_err(|e| TransportError::Tls(format!("unusable CA certificate: {e}")))?;
+        let cert =
+            cert.map_err(|e| TransportError::Tls(format!("invalid CA certificate PEM: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| TransportError::Tls(format!("unusable CA certificate: {e}")))?;
     }
     if roots.is_empty() {
-        return Err(TransportError::Tls("the CA file holds no PEM certificate".into()));
+        return Err(TransportError::Tls(
+            "the CA file holds no PEM certificate".into(),
+        ));
     }
     Ok(roots)
 }
 
 /// A quinn client configuration: TLS 1.3 with the ring provider, trusting `roots`, fleetlink's ALPN.
-pub fn client_config(roots: rustls::RootCertStore, transport: &ClientTransport) -> Result<quinn::ClientConfig, TransportError> {
+pub fn client_config(
+    roots: rustls::RootCertStore,
+    transport: &ClientTransport,
+) -> Result<quinn::ClientConfig, TransportError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -116,12 +133,16 @@ pub fn client_config(roots: rustls::RootCertStore, transport: &ClientTransport) 
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![fleetlink_proto::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(transport.keep_alive);
     t.max_idle_timeout(Some(
-        transport.idle_timeout.try_into().map_err(|_| TransportError::Tls("idle timeout too large".into()))?,
+        transport
+            .idle_timeout
+            .try_into()
+            .map_err(|_| TransportError::Tls("idle timeout too large".into()))?,
     ));
     config.transport_config(Arc::new(t));
     Ok(config)
@@ -129,7 +150,11 @@ pub fn client_config(roots: rustls::RootCertStore, transport: &ClientTransport) 
 
 /// A client endpoint on an ephemeral local port, of the address family of `server`.
 pub fn client_endpoint(server: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
-    let bind: std::net::SocketAddr = if server.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }
-        .map_err(std::io::Error::other)?;
+    let bind: std::net::SocketAddr = if server.is_ipv6() {
+        "[::]:0".parse()
+    } else {
+        "0.0.0.0:0".parse()
+    }
+    .map_err(std::io::Error::other)?;
     quinn::Endpoint::client(bind)
 }

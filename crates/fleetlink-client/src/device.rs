@@ -1,0 +1,559 @@
+//! `DeviceClient`: a machine's connection to the fleet.
+//!
+//! Points go into a bounded buffer (`max_buffered_points`); `send` waits while it is full (the
+//! documented overflow policy: block the caller, never drop). A background task seals points into
+//! batches (by count, size, or after `linger`), numbers them, writes them on the telemetry stream,
+//! and frees them only when the server acks them as durable. After a reconnect it resends every
+//! batch above the `last_stored_seq` of the new Welcome.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetlink_core::backoff::Backoff;
+use fleetlink_core::{DeviceId, Point};
+use fleetlink_proto::v1::{
+    self, ClientControl, RejectReason, ServerControl, StreamHeader, StreamKind, client_control,
+    server_control,
+};
+use fleetlink_transport::{ClientTransport, TransportError, write_frame};
+use prost::Message as _;
+use rand::Rng as _;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::connect::{Endpoint, Session, hello, open_session};
+use crate::{ClientError, ServerAddress};
+
+/// A sealed batch, encoded once and resent as is.
+#[derive(Debug, Clone)]
+struct Frame {
+    seq: u64,
+    points: usize,
+    bytes: bytes::Bytes,
+}
+
+/// How a device connects and buffers.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    /// The server.
+    pub server: ServerAddress,
+    /// This device's id.
+    pub device_id: DeviceId,
+    /// This device's token (from `fleetlink device add`).
+    pub token: String,
+    /// Points kept until the server acks them; `send` waits while the buffer is full.
+    pub max_buffered_points: usize,
+    /// Most points per batch (the server's limit applies too).
+    pub max_batch_points: usize,
+    /// A batch is sent at the latest this long after its first point.
+    pub linger: Duration,
+    /// Reconnect delays.
+    pub backoff: Backoff,
+    /// A shared client endpoint (UDP socket); `None` = one of its own.
+    pub endpoint: Option<Endpoint>,
+}
+
+impl DeviceConfig {
+    /// Defaults for everything but where and who.
+    pub fn new(server: ServerAddress, device_id: DeviceId, token: impl Into<String>) -> Self {
+        Self {
+            server,
+            device_id,
+            token: token.into(),
+            max_buffered_points: 100_000,
+            max_batch_points: 1_000,
+            linger: Duration::from_millis(20),
+            backoff: Backoff::default(),
+            endpoint: None,
+        }
+    }
+}
+
+/// Counters of a device client.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Points handed to `send`.
+    pub points_sent: u64,
+    /// Points the server acked as durably stored.
+    pub points_acked: u64,
+    /// Highest batch sequence acked.
+    pub acked_seq: u64,
+    /// Successful connections (the first one included).
+    pub connects: u64,
+    /// Whether a session is established now.
+    pub connected: bool,
+    /// Why the last connection ended or failed.
+    pub last_error: Option<String>,
+}
+
+enum Cmd {
+    Points(Vec<Point>),
+    Flush(oneshot::Sender<u64>),
+    Close(oneshot::Sender<()>),
+}
+
+/// A device connected to a fleetlink server. Cheap to share by reference; dropping it closes it.
+#[derive(Debug)]
+pub struct DeviceClient {
+    cmds: mpsc::Sender<Cmd>,
+    room: Arc<Semaphore>,
+    max_buffered: usize,
+    stats: Arc<Mutex<DeviceStats>>,
+    acked: watch::Receiver<u64>,
+    id: DeviceId,
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Cmd::Points(_) => "Points",
+            Cmd::Flush(_) => "Flush",
+            Cmd::Close(_) => "Close",
+        })
+    }
+}
+
+impl DeviceClient {
+    /// Connects and authenticates. Fails if this first attempt fails (wrong token, unknown device,
+    /// unreachable server); once connected, the client reconnects by itself.
+    pub async fn connect(config: DeviceConfig) -> Result<Self, ClientError> {
+        if config.max_buffered_points == 0 || config.max_batch_points == 0 {
+            return Err(ClientError::InvalidArgument(
+                "max_buffered_points and max_batch_points must be above 0".into(),
+            ));
+        }
+        let endpoint = match &config.endpoint {
+            Some(e) => e.clone(),
+            None => Endpoint::for_server(config.server.addr)?,
+        };
+        let session = connect_once(&endpoint, &config).await?;
+        let last_stored = session.welcome.last_stored_seq;
+        let (cmds_tx, cmds_rx) = mpsc::channel(64);
+        let room = Arc::new(Semaphore::new(
+            config.max_buffered_points.min(Semaphore::MAX_PERMITS),
+        ));
+        let stats = Arc::new(Mutex::new(DeviceStats {
+            acked_seq: last_stored,
+            ..Default::default()
+        }));
+        let (acked_tx, acked_rx) = watch::channel(last_stored);
+        let id = config.device_id.clone();
+        let engine = Engine {
+            config,
+            endpoint,
+            cmds: cmds_rx,
+            room: room.clone(),
+            stats: stats.clone(),
+            acked: acked_tx,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            pending_since: None,
+            unacked: VecDeque::new(),
+            next_seq: last_stored + 1,
+        };
+        tokio::spawn(engine.run(session));
+        Ok(Self {
+            max_buffered: room.available_permits(),
+            cmds: cmds_tx,
+            room,
+            stats,
+            acked: acked_rx,
+            id,
+        })
+    }
+
+    /// This device's id.
+    pub fn id(&self) -> &DeviceId {
+        &self.id
+    }
+
+    /// Queues points for sending; waits while the buffer of unacknowledged points is full.
+    pub async fn send(&self, points: Vec<Point>) -> Result<(), ClientError> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        let n = self.permits(points.len())?;
+        let permit = self.room.acquire_many(n).await.map_err(|_| self.closed())?;
+        permit.forget(); // returned when the server acks these points
+        self.cmds
+            .send(Cmd::Points(points))
+            .await
+            .map_err(|_| self.closed())
+    }
+
+    /// Like [`DeviceClient::send`], but fails at once if the buffer has no room.
+    pub fn try_send(&self, points: Vec<Point>) -> Result<(), ClientError> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        let n = self.permits(points.len())?;
+        let permit = self.room.try_acquire_many(n).map_err(|e| match e {
+            tokio::sync::TryAcquireError::Closed => self.closed(),
+            tokio::sync::TryAcquireError::NoPermits => ClientError::InvalidArgument(format!(
+                "the send buffer is full ({} points await acknowledgement); wait or use send()",
+                self.max_buffered
+            )),
+        })?;
+        permit.forget();
+        self.cmds
+            .try_send(Cmd::Points(points))
+            .map_err(|_| self.closed())
+    }
+
+    fn permits(&self, n: usize) -> Result<u32, ClientError> {
+        if n > self.max_buffered {
+            return Err(ClientError::InvalidArgument(format!(
+                "{n} points exceed the send buffer of {} points; send fewer at a time",
+                self.max_buffered
+            )));
+        }
+        Ok(n as u32)
+    }
+
+    fn closed(&self) -> ClientError {
+        ClientError::Closed(self.stats.lock().ok().and_then(|s| s.last_error.clone()))
+    }
+
+    /// Sends whatever is buffered and waits until the server acked everything sent so far.
+    pub async fn flush(&self, timeout: Duration) -> Result<(), ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Flush(tx))
+            .await
+            .map_err(|_| self.closed())?;
+        let target = rx.await.map_err(|_| self.closed())?;
+        let mut acked = self.acked.clone();
+        match tokio::time::timeout(timeout, acked.wait_for(|a| *a >= target)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(self.closed()),
+            Err(_) => Err(ClientError::Timeout(timeout)),
+        }
+    }
+
+    /// A copy of the counters.
+    pub fn stats(&self) -> DeviceStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Closes the connection. Points not yet acked are discarded; call [`DeviceClient::flush`] first.
+    pub async fn close(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmds.send(Cmd::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+async fn connect_once(endpoint: &Endpoint, config: &DeviceConfig) -> Result<Session, ClientError> {
+    let hello = hello(v1::Role::Device, config.device_id.as_str(), &config.token);
+    open_session(endpoint, &config.server, &ClientTransport::default(), hello).await
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    /// The user closed the client.
+    Closed(Option<oneshot::Sender<()>>),
+    /// The connection was lost; reconnect.
+    Lost(ClientError),
+}
+
+enum Event {
+    Ack(u64),
+    Lost(ClientError),
+}
+
+struct Engine {
+    config: DeviceConfig,
+    endpoint: Endpoint,
+    cmds: mpsc::Receiver<Cmd>,
+    room: Arc<Semaphore>,
+    stats: Arc<Mutex<DeviceStats>>,
+    acked: watch::Sender<u64>,
+    pending: Vec<Point>,
+    pending_bytes: usize,
+    pending_since: Option<Instant>,
+    unacked: VecDeque<Frame>,
+    next_seq: u64,
+}
+
+impl Engine {
+    async fn run(mut self, first: Session) {
+        let mut session = Some(first);
+        let mut attempt = 0u32;
+        loop {
+            let s = match session.take() {
+                Some(s) => s,
+                None => match self.reconnect(&mut attempt).await {
+                    Ok(s) => s,
+                    Err(done) => {
+                        if let Some(done) = done {
+                            let _ = done.send(());
+                        }
+                        break;
+                    }
+                },
+            };
+            attempt = 0;
+            self.update_stats(|st| {
+                st.connects += 1;
+                st.connected = true;
+            });
+            match self.run_session(s).await {
+                SessionEnd::Closed(done) => {
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                    break;
+                }
+                SessionEnd::Lost(e) => {
+                    tracing::info!(device = %self.config.device_id, error = %e, "connection lost; reconnecting");
+                    self.update_stats(|st| {
+                        st.connected = false;
+                        st.last_error = Some(e.to_string());
+                    });
+                }
+            }
+        }
+        self.update_stats(|st| st.connected = false);
+        self.room.close();
+    }
+
+    fn update_stats(&self, f: impl FnOnce(&mut DeviceStats)) {
+        if let Ok(mut s) = self.stats.lock() {
+            f(&mut s);
+        }
+    }
+
+    /// Reconnects with backoff, buffering commands meanwhile. `Err` = stop (closed or permanently rejected).
+    async fn reconnect(
+        &mut self,
+        attempt: &mut u32,
+    ) -> Result<Session, Option<oneshot::Sender<()>>> {
+        let mut min_delay = Duration::ZERO;
+        loop {
+            let jitter: f64 = rand::rng().random();
+            let delay = self.config.backoff.delay(*attempt, jitter).max(min_delay);
+            *attempt = attempt.saturating_add(1);
+            let wake = Instant::now() + delay;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => break,
+                    cmd = self.cmds.recv() => match cmd {
+                        Some(Cmd::Points(p)) => self.add_points(p),
+                        Some(Cmd::Flush(tx)) => { self.seal(); let _ = tx.send(self.next_seq - 1); }
+                        Some(Cmd::Close(tx)) => return Err(Some(tx)),
+                        None => return Err(None),
+                    },
+                }
+            }
+            match connect_once(&self.endpoint, &self.config).await {
+                Ok(s) => return Ok(s),
+                Err(ClientError::Rejected {
+                    reason,
+                    message,
+                    retry_after_ms,
+                }) => {
+                    let permanent = matches!(
+                        reason,
+                        RejectReason::BadToken
+                            | RejectReason::UnknownDevice
+                            | RejectReason::UnsupportedVersion
+                            | RejectReason::MalformedHello
+                    );
+                    let e = format!("rejected ({}): {message}", reason.as_str_name());
+                    self.update_stats(|st| st.last_error = Some(e.clone()));
+                    if permanent {
+                        tracing::error!(device = %self.config.device_id, error = %e, "giving up");
+                        return Err(None);
+                    }
+                    min_delay = Duration::from_millis(u64::from(retry_after_ms));
+                }
+                Err(e) => {
+                    tracing::debug!(device = %self.config.device_id, error = %e, "reconnect failed");
+                    self.update_stats(|st| st.last_error = Some(e.to_string()));
+                    min_delay = Duration::ZERO;
+                }
+            }
+        }
+    }
+
+    fn add_points(&mut self, points: Vec<Point>) {
+        if self.pending_since.is_none() {
+            self.pending_since = Some(Instant::now());
+        }
+        for p in points {
+            self.pending_bytes += p.to_proto().encoded_len() + 4;
+            self.pending.push(p);
+            if self.pending.len() >= self.config.max_batch_points
+                || self.pending_bytes >= MAX_BATCH_BYTES
+            {
+                self.seal();
+            }
+        }
+    }
+
+    /// Turns the pending points into one numbered, encoded batch.
+    fn seal(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let points = std::mem::take(&mut self.pending);
+        let batch = v1::TelemetryBatch {
+            seq: self.next_seq,
+            points: points.iter().map(Point::to_proto).collect(),
+        };
+        self.unacked.push_back(Frame {
+            seq: self.next_seq,
+            points: points.len(),
+            bytes: fleetlink_proto::encoded_frame(&batch),
+        });
+        self.next_seq += 1;
+        self.pending_bytes = 0;
+        self.pending_since = None;
+    }
+
+    fn on_ack(&mut self, seq: u64) {
+        let mut freed = 0usize;
+        while self.unacked.front().is_some_and(|f| f.seq <= seq) {
+            if let Some(f) = self.unacked.pop_front() {
+                freed += f.points;
+            }
+        }
+        self.room.add_permits(freed);
+        self.acked.send_if_modified(|a| {
+            let grew = seq > *a;
+            *a = (*a).max(seq);
+            grew
+        });
+        self.update_stats(|st| {
+            st.points_acked += freed as u64;
+            st.acked_seq = st.acked_seq.max(seq);
+        });
+    }
+
+    async fn run_session(&mut self, s: Session) -> SessionEnd {
+        let Session {
+            conn,
+            mut send,
+            mut reader,
+            welcome,
+        } = s;
+        // Everything at or below the watermark is stored: forget it; resend the rest.
+        self.on_ack(welcome.last_stored_seq);
+        if self.next_seq <= welcome.last_stored_seq {
+            self.next_seq = welcome.last_stored_seq + 1;
+        }
+        let max_batch = (welcome.max_batch_points as usize).max(1);
+        self.config.max_batch_points = self.config.max_batch_points.min(max_batch);
+        let mut tele = match conn.open_uni().await {
+            Ok(t) => t,
+            Err(e) => return SessionEnd::Lost(e.into()),
+        };
+        if let Err(e) = write_frame(
+            &mut tele,
+            &StreamHeader {
+                kind: StreamKind::Telemetry.into(),
+            },
+        )
+        .await
+        {
+            return SessionEnd::Lost(e.into());
+        }
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+        let reader_task = tokio::spawn(async move {
+            loop {
+                let ev = match reader.read::<ServerControl>().await {
+                    Ok(Some(ServerControl {
+                        msg: Some(server_control::Msg::Ack(a)),
+                    })) => Event::Ack(a.seq),
+                    Ok(Some(ServerControl {
+                        msg: Some(server_control::Msg::Error(e)),
+                    })) => Event::Lost(ClientError::Server {
+                        code: v1::ErrorCode::try_from(e.code).unwrap_or(v1::ErrorCode::Unspecified),
+                        message: e.message,
+                    }),
+                    Ok(Some(_)) => continue, // heartbeats; future messages
+                    Ok(None) => Event::Lost(ClientError::Connection(
+                        "the server finished the control stream".into(),
+                    )),
+                    Err(e) => Event::Lost(e.into()),
+                };
+                let lost = matches!(ev, Event::Lost(_));
+                if ev_tx.send(ev).is_err() || lost {
+                    return;
+                }
+            }
+        });
+        let hb_every = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + hb_every, hb_every);
+        let mut sent = 0usize; // frames of `unacked` written on this connection
+        let end = loop {
+            // Write every sealed batch not yet written on this connection.
+            let mut write_error = None;
+            while sent < self.unacked.len() {
+                match tele.write_chunk(self.unacked[sent].bytes.clone()).await {
+                    Ok(()) => sent += 1,
+                    Err(e) => {
+                        write_error = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = write_error {
+                break SessionEnd::Lost(self.close_reason(&conn, TransportError::from(e).into()));
+            }
+            let linger_at = self.pending_since.map(|t| t + self.config.linger);
+            tokio::select! {
+                cmd = self.cmds.recv() => match cmd {
+                    Some(Cmd::Points(p)) => self.add_points(p),
+                    Some(Cmd::Flush(tx)) => { self.seal(); let _ = tx.send(self.next_seq - 1); }
+                    Some(Cmd::Close(tx)) => break SessionEnd::Closed(Some(tx)),
+                    None => break SessionEnd::Closed(None),
+                },
+                ev = ev_rx.recv() => match ev {
+                    Some(Event::Ack(seq)) => {
+                        let before = self.unacked.len();
+                        self.on_ack(seq);
+                        sent = sent.saturating_sub(before - self.unacked.len());
+                    }
+                    Some(Event::Lost(e)) => break SessionEnd::Lost(self.close_reason(&conn, e)),
+                    None => break SessionEnd::Lost(ClientError::Connection("control stream reader stopped".into())),
+                },
+                _ = heartbeat.tick() => {
+                    let hb = ClientControl { msg: Some(client_control::Msg::Heartbeat(v1::Heartbeat { time_us: crate::now_us() })) };
+                    if let Err(e) = write_frame(&mut send, &hb).await {
+                        break SessionEnd::Lost(e.into());
+                    }
+                }
+                _ = sleep_until_opt(linger_at) => self.seal(),
+                closed = conn.closed() => break SessionEnd::Lost(closed.into()),
+            }
+        };
+        reader_task.abort();
+        if let SessionEnd::Closed(_) = &end {
+            let _ = tele.finish();
+            let _ = send.finish();
+            conn.close(0u32.into(), b"device closing");
+        }
+        end
+    }
+
+    /// Prefers the connection's close reason (which carries the server's error code) when known.
+    fn close_reason(&self, conn: &quinn::Connection, fallback: ClientError) -> ClientError {
+        match conn.close_reason() {
+            Some(reason) => reason.into(),
+            None => fallback,
+        }
+    }
+}
+
+/// Largest encoded batch the SDK builds; well below the default 1 MiB frame limit.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

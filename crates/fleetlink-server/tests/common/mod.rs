@@ -1,0 +1,169 @@
+//! A real server on 127.0.0.1:0 with a temporary data dir, and clients for it.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fleetlink_client::{
+    ClientError, DeviceClient, DeviceConfig, DeviceId, OperatorClient, OperatorConfig,
+    ServerAddress,
+};
+use fleetlink_proto::v1::{self, ClientControl, ServerControl, client_control};
+use fleetlink_server::{Server, ServerConfig};
+use fleetlink_transport::{
+    ClientTransport, FrameReader, client_config, client_endpoint, roots_from_pem, write_frame,
+};
+
+pub struct TestServer {
+    pub server: Server,
+    pub address: ServerAddress,
+    pub admin_token: String,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn start(tune: impl FnOnce(&mut ServerConfig)) -> TestServer {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::local(dir.path());
+    config.arbiters = 2;
+    config.io_threads = 2;
+    tune(&mut config);
+    let server = Server::start(config).unwrap();
+    let address =
+        ServerAddress::local(server.local_addr(), server.ca_cert_path().unwrap()).unwrap();
+    let admin_token = server.created_admin_token().unwrap().to_owned();
+    TestServer {
+        server,
+        address,
+        admin_token,
+        dir,
+    }
+}
+
+impl TestServer {
+    pub async fn operator(&self) -> OperatorClient {
+        OperatorClient::connect(OperatorConfig {
+            server: self.address.clone(),
+            token: self.admin_token.clone(),
+        })
+        .await
+        .unwrap()
+    }
+
+    pub fn device_config(&self, id: &str, token: &str) -> DeviceConfig {
+        DeviceConfig::new(self.address.clone(), DeviceId::new(id).unwrap(), token)
+    }
+}
+
+pub async fn provision(op: &OperatorClient, id: &str) -> String {
+    op.provision_device(&DeviceId::new(id).unwrap(), BTreeMap::new())
+        .await
+        .unwrap()
+}
+
+pub async fn connect_device(ts: &TestServer, op: &OperatorClient, id: &str) -> DeviceClient {
+    let token = provision(op, id).await;
+    DeviceClient::connect(ts.device_config(id, &token))
+        .await
+        .unwrap()
+}
+
+/// Waits until `check` holds, polling the server's view; fails after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// A hand-written client that speaks the protocol frame by frame, to send what the SDK never would.
+pub struct RawClient {
+    pub conn: quinn::Connection,
+    pub control: quinn::SendStream,
+    pub reader: FrameReader,
+    pub first: Option<ServerControl>,
+    _endpoint: quinn::Endpoint,
+}
+
+pub async fn raw_connect(ts: &TestServer, hello: v1::Hello) -> RawClient {
+    let endpoint = client_endpoint(ts.address.addr).unwrap();
+    // QUIC keep-alives keep the connection open without any protocol heartbeat.
+    let transport = ClientTransport {
+        keep_alive: Some(Duration::from_millis(50)),
+        idle_timeout: Duration::from_secs(30),
+    };
+    let config = client_config(roots_from_pem(&ts.address.ca_pem).unwrap(), &transport).unwrap();
+    let conn = endpoint
+        .connect_with(config, ts.address.addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut control, recv) = conn.open_bi().await.unwrap();
+    write_frame(
+        &mut control,
+        &ClientControl {
+            msg: Some(client_control::Msg::Hello(hello)),
+        },
+    )
+    .await
+    .unwrap();
+    let mut reader = FrameReader::new(recv, 1 << 20);
+    let first = reader.read::<ServerControl>().await.unwrap();
+    RawClient {
+        conn,
+        control,
+        reader,
+        first,
+        _endpoint: endpoint,
+    }
+}
+
+pub fn device_hello(id: &str, token: &str) -> v1::Hello {
+    v1::Hello {
+        protocol_version: fleetlink_proto::PROTOCOL_VERSION,
+        role: v1::Role::Device.into(),
+        device_id: id.into(),
+        token: token.into(),
+        client_name: "raw-test".into(),
+    }
+}
+
+/// The error code and message the server closed `conn` with.
+pub async fn close_code(conn: &quinn::Connection) -> (v1::ErrorCode, String) {
+    match tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("the server did not close the connection")
+    {
+        quinn::ConnectionError::ApplicationClosed(c) => (
+            v1::ErrorCode::try_from(c.error_code.into_inner() as i32).unwrap(),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        ),
+        other => panic!("closed otherwise: {other}"),
+    }
+}
+
+pub fn rejected(e: ClientError) -> (v1::RejectReason, String) {
+    match e {
+        ClientError::Rejected {
+            reason, message, ..
+        } => (reason, message),
+        other => panic!("expected a rejection, got {other}"),
+    }
+}

@@ -1,0 +1,339 @@
+//! The server end to end: real QUIC on 127.0.0.1, real SQLite in a temporary directory.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use fleetlink_client::{
+    DeviceClient, DeviceConfig, DeviceId, Endpoint, MetricName, Point, TelemetryQuery, Value,
+};
+use fleetlink_proto::v1::{
+    self, ErrorCode, RejectReason, StreamHeader, StreamKind, server_control,
+};
+use fleetlink_transport::write_frame;
+
+fn point(metric: &str, time_us: i64, value: Value) -> Point {
+    Point {
+        metric: MetricName::new(metric).unwrap(),
+        time_us,
+        value,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_devices_every_point_is_stored_exactly_once() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let endpoint = Endpoint::for_server(ts.address.addr).unwrap();
+    const DEVICES: usize = 200;
+    const POINTS: i64 = 60;
+    let mut devices = Vec::new();
+    for i in 0..DEVICES {
+        let id = format!("dev-{i:03}");
+        let token = provision(&op, &id).await;
+        let mut config = ts.device_config(&id, &token);
+        config.endpoint = Some(endpoint.clone());
+        config.max_batch_points = 7; // many batches per device
+        devices.push(DeviceClient::connect(config).await.unwrap());
+    }
+    let tasks: Vec<_> = devices
+        .into_iter()
+        .enumerate()
+        .map(|(d, dev)| {
+            tokio::spawn(async move {
+                for chunk in 0..(POINTS / 6) {
+                    let points = (0..6)
+                        .map(|k| {
+                            let t = chunk * 6 + k;
+                            point("reading", 1_000 + t, Value::Int(d as i64 * 1_000_000 + t))
+                        })
+                        .collect();
+                    dev.send(points).await.unwrap();
+                }
+                dev.flush(Duration::from_secs(30)).await.unwrap();
+                dev
+            })
+        })
+        .collect();
+    let mut devices = Vec::new();
+    for t in tasks {
+        devices.push(t.await.unwrap());
+    }
+
+    for (d, dev) in devices.iter().enumerate() {
+        assert_eq!(dev.stats().points_acked, POINTS as u64);
+        let stored = op
+            .query_telemetry(TelemetryQuery::all(dev.id().clone()))
+            .await
+            .unwrap();
+        let got: Vec<(i64, Value)> = stored
+            .iter()
+            .map(|p| (p.time_us, p.value.clone()))
+            .collect();
+        let want: Vec<(i64, Value)> = (0..POINTS)
+            .map(|t| (1_000 + t, Value::Int(d as i64 * 1_000_000 + t)))
+            .collect();
+        assert_eq!(got, want, "device {}", dev.id());
+    }
+    let listed = op.list_devices(None, None).await.unwrap();
+    assert_eq!(listed.len(), DEVICES);
+    assert!(
+        listed
+            .iter()
+            .all(|d| d.presence.online && d.last_values.len() == 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_goes_offline_on_disconnect_and_on_heartbeat_timeout() {
+    let ts = start(|c| {
+        c.heartbeat_interval_ms = 100;
+        c.heartbeat_timeout_ms = 600;
+    });
+    let op = ts.operator().await;
+    let a = connect_device(&ts, &op, "truck-a").await;
+    a.send(vec![point("fuel", 1, Value::Double(0.5))])
+        .await
+        .unwrap();
+    a.flush(Duration::from_secs(10)).await.unwrap();
+    let id_a = DeviceId::new("truck-a").unwrap();
+    let info = op.device(&id_a).await.unwrap();
+    assert!(info.presence.online);
+    assert!(info.presence.remote_addr.starts_with("127.0.0.1:"));
+    assert_eq!(
+        info.last_values,
+        vec![(MetricName::new("fuel").unwrap(), 1, Value::Double(0.5))]
+    );
+
+    a.close().await;
+    eventually(
+        Duration::from_secs(10),
+        "truck-a offline after close",
+        || async {
+            let p = op.device(&id_a).await.unwrap().presence;
+            !p.online && p.offline_reason == "closed"
+        },
+    )
+    .await;
+
+    // A device that authenticates, then never sends a heartbeat (QUIC keep-alives keep the link up).
+    let token = provision(&op, "silent").await;
+    let raw = raw_connect(&ts, device_hello("silent", &token)).await;
+    assert!(matches!(
+        raw.first,
+        Some(v1::ServerControl {
+            msg: Some(server_control::Msg::Welcome(_))
+        })
+    ));
+    let id_s = DeviceId::new("silent").unwrap();
+    assert!(op.device(&id_s).await.unwrap().presence.online);
+    let (code, message) = close_code(&raw.conn).await;
+    assert_eq!(code, ErrorCode::HeartbeatTimeout, "{message}");
+    let p = op.device(&id_s).await.unwrap().presence;
+    assert!(!p.online);
+    assert_eq!(p.offline_reason, "timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_token_unknown_device_and_wrong_version_are_rejected_each_with_its_reason() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    provision(&op, "gate-1").await;
+
+    let err = DeviceClient::connect(ts.device_config("gate-1", "not-the-token"))
+        .await
+        .unwrap_err();
+    let (reason, message) = rejected(err);
+    assert_eq!(reason, RejectReason::BadToken);
+    assert!(
+        message.contains("wrong token for device \"gate-1\""),
+        "{message}"
+    );
+
+    let err = DeviceClient::connect(ts.device_config("gate-9", "whatever"))
+        .await
+        .unwrap_err();
+    let (reason, message) = rejected(err);
+    assert_eq!(reason, RejectReason::UnknownDevice);
+    assert!(message.contains("fleetlink device add gate-9"), "{message}");
+
+    let mut hello = device_hello("gate-1", "whatever");
+    hello.protocol_version = 99;
+    let raw = raw_connect(&ts, hello).await;
+    match raw.first.and_then(|f| f.msg) {
+        Some(server_control::Msg::Reject(r)) => {
+            assert_eq!(r.reason(), RejectReason::UnsupportedVersion);
+            assert_eq!(r.supported_versions, vec![1]);
+            assert!(r.message.contains("protocol version 99"), "{}", r.message);
+        }
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+
+    let err = fleetlink_client::OperatorClient::connect(fleetlink_client::OperatorConfig {
+        server: ts.address.clone(),
+        token: "guess".into(),
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(rejected(err).0, RejectReason::BadToken);
+}
+
+/// Opens a telemetry stream on a raw connection and writes `bytes` on it.
+async fn raw_telemetry(raw: &common::RawClient, bytes: &[u8]) -> quinn::SendStream {
+    let mut s = raw.conn.open_uni().await.unwrap();
+    write_frame(
+        &mut s,
+        &StreamHeader {
+            kind: StreamKind::Telemetry.into(),
+        },
+    )
+    .await
+    .unwrap();
+    s.write_all(bytes).await.unwrap();
+    s
+}
+
+fn batch_frame(seq: u64, points: Vec<Point>) -> Vec<u8> {
+    let b = v1::TelemetryBatch {
+        seq,
+        points: points.iter().map(Point::to_proto).collect(),
+    };
+    fleetlink_proto::encoded_frame(&b).to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_close_only_the_offending_connection() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let good = connect_device(&ts, &op, "good").await;
+    good.send(vec![point("t", 1, Value::Double(1.0))])
+        .await
+        .unwrap();
+    good.flush(Duration::from_secs(10)).await.unwrap();
+
+    let mut cases: Vec<(&str, Vec<u8>, ErrorCode, &str)> = vec![
+        (
+            "garbage",
+            vec![0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff],
+            ErrorCode::MalformedFrame,
+            "malformed TelemetryBatch",
+        ),
+        (
+            "oversize",
+            (2u32 << 20).to_be_bytes().to_vec(),
+            ErrorCode::FrameTooLarge,
+            "exceeds the maximum",
+        ),
+        (
+            "nan",
+            batch_frame(1, vec![point("t", 1, Value::Double(f64::NAN))]),
+            ErrorCode::InvalidValue,
+            "not a finite number",
+        ),
+    ];
+    let mut typed = batch_frame(1, vec![point("t", 1, Value::Double(1.0))]);
+    typed.extend(batch_frame(
+        2,
+        vec![point("t", 2, Value::String("hot".into()))],
+    ));
+    cases.push((
+        "wrongtype",
+        typed,
+        ErrorCode::InvalidValue,
+        "metric t holds double values, got string",
+    ));
+    let mut backwards = batch_frame(5, vec![point("t", 1, Value::Double(1.0))]);
+    backwards.extend(batch_frame(4, vec![point("t", 2, Value::Double(2.0))]));
+    cases.push((
+        "backwards",
+        backwards,
+        ErrorCode::SequenceRegression,
+        "not above the previous batch 5",
+    ));
+
+    for (name, bytes, want_code, want_message) in cases {
+        let token = provision(&op, name).await;
+        let raw = raw_connect(&ts, device_hello(name, &token)).await;
+        let _stream = raw_telemetry(&raw, &bytes).await;
+        let (code, message) = close_code(&raw.conn).await;
+        assert_eq!(code, want_code, "{name}: {message}");
+        assert!(message.contains(want_message), "{name}: {message}");
+        // the good device keeps streaming, and everything it sends is stored
+        good.send(vec![point(
+            "t",
+            100 + name.len() as i64,
+            Value::Double(2.0),
+        )])
+        .await
+        .unwrap();
+        good.flush(Duration::from_secs(10)).await.unwrap();
+    }
+    assert!(good.stats().connected);
+    assert_eq!(good.stats().connects, 1);
+    let stored = op
+        .query_telemetry(TelemetryQuery::all(DeviceId::new("good").unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 6);
+    // the "wrongtype" device's first, valid batch was stored before its second was refused
+    let wt = op
+        .query_telemetry(TelemetryQuery::all(DeviceId::new("wrongtype").unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(wt.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_device_resends_only_what_was_not_stored() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "resender").await;
+    // batches 1 and 2 by hand, then a new connection (like a device that restarted)
+    let raw = raw_connect(&ts, device_hello("resender", &token)).await;
+    let mut bytes = batch_frame(1, vec![point("x", 1, Value::Int(1))]);
+    bytes.extend(batch_frame(2, vec![point("x", 2, Value::Int(2))]));
+    let mut s = raw_telemetry(&raw, &bytes).await;
+    s.finish().unwrap();
+    let mut raw = raw;
+    // wait for the cumulative ack of batch 2
+    loop {
+        match raw
+            .reader
+            .read::<v1::ServerControl>()
+            .await
+            .unwrap()
+            .and_then(|f| f.msg)
+        {
+            Some(server_control::Msg::Ack(a)) if a.seq >= 2 => break,
+            Some(_) => continue,
+            None => panic!("control stream ended before the ack"),
+        }
+    }
+    let sdk = DeviceClient::connect(DeviceConfig::new(
+        ts.address.clone(),
+        DeviceId::new("resender").unwrap(),
+        token,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        sdk.stats().acked_seq,
+        2,
+        "the Welcome announces the stored watermark"
+    );
+    sdk.send(vec![point("x", 3, Value::Int(3))]).await.unwrap();
+    sdk.flush(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(sdk.stats().acked_seq, 3);
+    let stored = op
+        .query_telemetry(TelemetryQuery::all(DeviceId::new("resender").unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.iter().map(|p| p.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    // the older raw connection was replaced by the SDK's
+    let (code, _) = close_code(&raw.conn).await;
+    assert_eq!(code, ErrorCode::Replaced);
+}
