@@ -51,6 +51,8 @@ pub struct DeviceInfo {
     pub tags: BTreeMap<String, String>,
     /// When it was provisioned (µs since the epoch).
     pub created_us: i64,
+    /// Points durably stored.
+    pub point_count: u64,
 }
 
 /// A stored point.
@@ -294,5 +296,6 @@ fn device_info(d: v1::DeviceInfo) -> Result<DeviceInfo, ClientError> {
         last_stored_seq: d.last_stored_seq,
         tags: d.tags.into_iter().collect(),
         created_us: d.created_us,
+        point_count: d.point_count,
     })
 }

@@ -172,6 +172,7 @@ async fn device_info(shared: &Shared, record: DeviceRecord) -> v1::DeviceInfo {
         last_stored_seq: last_seq,
         tags: record.tags.into_iter().collect(),
         created_us: record.created_us,
+        point_count: record.point_count,
     }
 }
 

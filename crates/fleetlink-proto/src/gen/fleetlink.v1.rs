@@ -475,6 +475,9 @@ pub struct DeviceInfo {
     >,
     #[prost(int64, tag = "6")]
     pub created_us: i64,
+    /// Points durably stored for this device in all.
+    #[prost(uint64, tag = "7")]
+    pub point_count: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct DevicePage {
