@@ -82,16 +82,33 @@ pub(crate) async fn operator_session(
     tracing::info!("operator disconnected");
 }
 
-fn error(code: ErrorCode, message: impl Into<String>) -> OperatorResponse {
-    OperatorResponse {
-        response: Some(operator_response::Response::Error(v1::Error {
-            code: code.into(),
-            message: message.into(),
-        })),
+/// A request that failed; answered with a single `OperatorResponse.error`.
+#[derive(Debug)]
+struct RequestError {
+    code: ErrorCode,
+    message: String,
+}
+
+impl RequestError {
+    fn into_response(self) -> OperatorResponse {
+        let e = v1::Error {
+            code: self.code.into(),
+            message: self.message,
+        };
+        OperatorResponse {
+            response: Some(operator_response::Response::Error(e)),
+        }
     }
 }
 
-fn store_error(e: StoreError) -> OperatorResponse {
+fn error(code: ErrorCode, message: impl Into<String>) -> RequestError {
+    RequestError {
+        code,
+        message: message.into(),
+    }
+}
+
+fn store_error(e: StoreError) -> RequestError {
     match e {
         StoreError::UnknownDevice(_) => error(ErrorCode::NotFound, e.to_string()),
         StoreError::DeviceExists(_) => error(ErrorCode::AlreadyExists, e.to_string()),
@@ -103,15 +120,23 @@ async fn serve_request(shared: Arc<Shared>, mut send: quinn::SendStream, recv: q
     let mut reader = FrameReader::new(recv, shared.config.max_frame_bytes);
     let responses = match reader.read::<OperatorRequest>().await {
         Ok(Some(OperatorRequest { request: Some(req) })) => handle(&shared, req).await,
-        Ok(Some(OperatorRequest { request: None })) => vec![error(
-            ErrorCode::UnknownMessage,
-            "an OperatorRequest with no known request",
-        )],
-        Ok(None) => vec![error(
-            ErrorCode::ProtocolViolation,
-            "the request stream ended before a request",
-        )],
-        Err(e) => vec![error(ErrorCode::MalformedFrame, e.to_string())],
+        Ok(Some(OperatorRequest { request: None })) => {
+            vec![
+                error(
+                    ErrorCode::UnknownMessage,
+                    "an OperatorRequest with no known request",
+                )
+                .into_response(),
+            ]
+        }
+        Ok(None) => vec![
+            error(
+                ErrorCode::ProtocolViolation,
+                "the request stream ended early",
+            )
+            .into_response(),
+        ],
+        Err(e) => vec![error(ErrorCode::MalformedFrame, e.to_string()).into_response()],
     };
     for r in &responses {
         if write_frame(&mut send, r).await.is_err() {
@@ -121,7 +146,7 @@ async fn serve_request(shared: Arc<Shared>, mut send: quinn::SendStream, recv: q
     let _ = send.finish();
 }
 
-fn device_id(s: &str) -> Result<DeviceId, OperatorResponse> {
+fn device_id(s: &str) -> Result<DeviceId, RequestError> {
     DeviceId::new(s).map_err(|e| error(ErrorCode::InvalidArgument, e.to_string()))
 }
 
@@ -133,7 +158,7 @@ async fn handle(shared: &Shared, req: operator_request::Request) -> Vec<Operator
         Request::QueryTelemetry(r) => query_telemetry(shared, r).await,
         Request::ProvisionDevice(r) => provision(shared, r).await,
     };
-    result.unwrap_or_else(|e| vec![e])
+    result.unwrap_or_else(|e| vec![e.into_response()])
 }
 
 async fn device_info(shared: &Shared, record: DeviceRecord) -> v1::DeviceInfo {
@@ -179,7 +204,7 @@ async fn device_info(shared: &Shared, record: DeviceRecord) -> v1::DeviceInfo {
 async fn list_devices(
     shared: &Shared,
     r: v1::ListDevices,
-) -> Result<Vec<OperatorResponse>, OperatorResponse> {
+) -> Result<Vec<OperatorResponse>, RequestError> {
     let after = if r.after.is_empty() {
         None
     } else {
@@ -220,7 +245,7 @@ async fn list_devices(
 async fn get_device(
     shared: &Shared,
     r: v1::GetDevice,
-) -> Result<Vec<OperatorResponse>, OperatorResponse> {
+) -> Result<Vec<OperatorResponse>, RequestError> {
     let id = device_id(&r.device_id)?;
     let record = shared
         .store
@@ -238,7 +263,7 @@ async fn get_device(
 async fn query_telemetry(
     shared: &Shared,
     r: v1::QueryTelemetry,
-) -> Result<Vec<OperatorResponse>, OperatorResponse> {
+) -> Result<Vec<OperatorResponse>, RequestError> {
     let device = device_id(&r.device_id)?;
     let metric = if r.metric.is_empty() {
         None
@@ -285,7 +310,7 @@ async fn query_telemetry(
 async fn provision(
     shared: &Shared,
     r: v1::ProvisionDevice,
-) -> Result<Vec<OperatorResponse>, OperatorResponse> {
+) -> Result<Vec<OperatorResponse>, RequestError> {
     let id = device_id(&r.device_id)?;
     let token = new_token();
     let device = NewDevice {

@@ -1,5 +1,7 @@
 //! The server end to end: real QUIC on 127.0.0.1, real SQLite in a temporary directory.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns; a panic is the test failing
+
 mod common;
 
 use std::time::Duration;

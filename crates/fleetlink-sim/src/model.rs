@@ -150,7 +150,10 @@ impl Machine {
     pub fn step(&mut self, dt_s: f64, now_us: i64, rng: &mut impl Rng) -> Vec<Point> {
         self.phase_s = (self.phase_s + dt_s) % self.cycle_s;
         let load = if self.phase_s < self.cycle_s * 0.7 {
-            0.6 + 0.4 * (self.phase_s / self.cycle_s * 6.28).sin().abs()
+            0.6 + 0.4
+                * (self.phase_s / self.cycle_s * std::f64::consts::TAU)
+                    .sin()
+                    .abs()
         } else {
             0.05
         };

@@ -1,5 +1,7 @@
 //! The embedded store against a real SQLite file in a temporary directory.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns; a panic is the test failing
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 

@@ -1,6 +1,7 @@
 //! A real server on 127.0.0.1:0 with a temporary data dir, and clients for it.
 
 #![allow(dead_code)] // each test binary uses a different part
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the test failing
 
 use std::collections::BTreeMap;
 use std::time::Duration;
