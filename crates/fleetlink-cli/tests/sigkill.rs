@@ -20,9 +20,18 @@ use fleetlink_core::backoff::Backoff;
 
 /// Starts `fleetlink serve` and returns it with the address it listens on.
 fn serve(data_dir: &Path, listen: &str) -> (Child, SocketAddr) {
+    // Short heartbeats, so the devices notice the dead server quickly.
+    let config = data_dir.join("test.toml");
+    std::fs::write(
+        &config,
+        "heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 1000\n",
+    )
+    .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_fleetlink"))
         .args(["serve", "--listen", listen, "--data-dir"])
         .arg(data_dir)
+        .arg("--config")
+        .arg(&config)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -260,6 +260,8 @@ enum SessionEnd {
 
 enum Event {
     Ack(u64),
+    /// Any other frame from the server (a heartbeat): the server is alive.
+    Heard,
     Lost(ClientError),
 }
 
@@ -473,7 +475,7 @@ impl Engine {
                         code: v1::ErrorCode::try_from(e.code).unwrap_or(v1::ErrorCode::Unspecified),
                         message: e.message,
                     }),
-                    Ok(Some(_)) => continue, // heartbeats; future messages
+                    Ok(Some(_)) => Event::Heard, // heartbeats; future messages
                     Ok(None) => Event::Lost(ClientError::Connection(
                         "the server finished the control stream".into(),
                     )),
@@ -487,6 +489,10 @@ impl Engine {
         });
         let hb_every = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
         let mut heartbeat = tokio::time::interval_at(Instant::now() + hb_every, hb_every);
+        // A server that vanished (killed, network gone) sends no close: declare it dead after the
+        // heartbeat timeout without any frame from it.
+        let silence = Duration::from_millis(u64::from(welcome.heartbeat_timeout_ms.max(200)));
+        let mut last_heard = Instant::now();
         let mut sent = 0usize; // frames of `unacked` written on this connection
         let end = loop {
             // Write every sealed batch not yet written on this connection.
@@ -512,7 +518,9 @@ impl Engine {
                     None => break SessionEnd::Closed(None),
                 },
                 ev = ev_rx.recv() => match ev {
+                    Some(Event::Heard) => last_heard = Instant::now(),
                     Some(Event::Ack(seq)) => {
+                        last_heard = Instant::now();
                         let before = self.unacked.len();
                         self.on_ack(seq);
                         sent = sent.saturating_sub(before - self.unacked.len());
@@ -527,6 +535,11 @@ impl Engine {
                     }
                 }
                 _ = sleep_until_opt(linger_at) => self.seal(),
+                _ = tokio::time::sleep_until(last_heard + silence) => {
+                    let e = ClientError::Connection(format!("no frame from the server for {} ms", silence.as_millis()));
+                    conn.close(0u32.into(), b"server silent");
+                    break SessionEnd::Lost(e);
+                }
                 closed = conn.closed() => break SessionEnd::Lost(closed.into()),
             }
         };
