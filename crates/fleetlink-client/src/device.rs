@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleetlink_core::backoff::Backoff;
+use fleetlink_core::value::MetricTypes;
 use fleetlink_core::{DeviceId, Point};
 use fleetlink_proto::v1::{
     self, ClientControl, RejectReason, ServerControl, StreamHeader, StreamKind, client_control,
@@ -85,6 +86,9 @@ pub struct DeviceStats {
     pub connected: bool,
     /// Why the last connection ended or failed.
     pub last_error: Option<String>,
+    /// Points the server refused (a batch it closed the connection over, such as a metric that
+    /// changed type); they are dropped after the reconnect so the device does not loop on them.
+    pub points_rejected: u64,
 }
 
 enum Cmd {
@@ -102,6 +106,7 @@ pub struct DeviceClient {
     stats: Arc<Mutex<DeviceStats>>,
     acked: watch::Receiver<u64>,
     id: DeviceId,
+    types: Arc<Mutex<MetricTypes>>,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -138,6 +143,7 @@ impl DeviceClient {
             ..Default::default()
         }));
         let (acked_tx, acked_rx) = watch::channel(last_stored);
+        let types = Arc::new(Mutex::new(MetricTypes::default()));
         let id = config.device_id.clone();
         let engine = Engine {
             config,
@@ -151,6 +157,9 @@ impl DeviceClient {
             pending_since: None,
             unacked: VecDeque::new(),
             next_seq: last_stored + 1,
+            max_batch_bytes: MAX_BATCH_BYTES,
+            drop_refused_batch: false,
+            types: types.clone(),
         };
         tokio::spawn(engine.run(session));
         Ok(Self {
@@ -160,6 +169,7 @@ impl DeviceClient {
             stats,
             acked: acked_rx,
             id,
+            types,
         })
     }
 
@@ -173,6 +183,7 @@ impl DeviceClient {
         if points.is_empty() {
             return Ok(());
         }
+        self.validate(&points)?;
         let n = self.permits(points.len())?;
         let permit = self.room.acquire_many(n).await.map_err(|_| self.closed())?;
         permit.forget(); // returned when the server acks these points
@@ -187,6 +198,7 @@ impl DeviceClient {
         if points.is_empty() {
             return Ok(());
         }
+        self.validate(&points)?;
         let n = self.permits(points.len())?;
         let permit = self.room.try_acquire_many(n).map_err(|e| match e {
             tokio::sync::TryAcquireError::Closed => self.closed(),
@@ -199,6 +211,21 @@ impl DeviceClient {
         self.cmds
             .try_send(Cmd::Points(points))
             .map_err(|_| self.closed())
+    }
+
+    /// Refuses, before anything is buffered, what the server would refuse: non-finite numbers,
+    /// positions out of range, over-long strings, and a metric that changes type in this client.
+    fn validate(&self, points: &[Point]) -> Result<(), ClientError> {
+        let invalid = |e: fleetlink_core::ValueError| ClientError::InvalidArgument(e.to_string());
+        for (i, p) in points.iter().enumerate() {
+            fleetlink_core::Value::from_proto(Some(p.value.to_proto()), i, p.metric.as_str())
+                .map_err(invalid)?;
+        }
+        let mut types = self
+            .types
+            .lock()
+            .map_err(|_| ClientError::Closed(Some("poisoned".into())))?;
+        types.check_points(points).map_err(invalid)
     }
 
     fn permits(&self, n: usize) -> Result<u32, ClientError> {
@@ -215,7 +242,8 @@ impl DeviceClient {
         ClientError::Closed(self.stats.lock().ok().and_then(|s| s.last_error.clone()))
     }
 
-    /// Sends whatever is buffered and waits until the server acked everything sent so far.
+    /// Sends whatever is buffered and waits until the server acked everything sent so far (or
+    /// refused it: see [`DeviceStats::points_rejected`]).
     pub async fn flush(&self, timeout: Duration) -> Result<(), ClientError> {
         let (tx, rx) = oneshot::channel();
         self.cmds
@@ -277,6 +305,11 @@ struct Engine {
     pending_since: Option<Instant>,
     unacked: VecDeque<Frame>,
     next_seq: u64,
+    max_batch_bytes: usize,
+    /// The server refused the first batch it had not stored; drop it after the next Welcome.
+    drop_refused_batch: bool,
+    /// The metric types `send` checks against; the server's view wins after a refusal.
+    types: Arc<Mutex<MetricTypes>>,
 }
 
 impl Engine {
@@ -296,12 +329,17 @@ impl Engine {
                     }
                 },
             };
-            attempt = 0;
+            let started = Instant::now();
             self.update_stats(|st| {
                 st.connects += 1;
                 st.connected = true;
             });
-            match self.run_session(s).await {
+            let end = self.run_session(s).await;
+            // A session that dies at once (a server refusing us, a twin device) keeps backing off.
+            if started.elapsed() > Duration::from_secs(2) {
+                attempt = 0;
+            }
+            match end {
                 SessionEnd::Closed(done) => {
                     if let Some(done) = done {
                         let _ = done.send(());
@@ -309,6 +347,11 @@ impl Engine {
                     break;
                 }
                 SessionEnd::Lost(e) => {
+                    if let ClientError::Server { code, .. } = &e
+                        && refuses_batch(*code)
+                    {
+                        self.drop_refused_batch = true;
+                    }
                     tracing::info!(device = %self.config.device_id, error = %e, "connection lost; reconnecting");
                     self.update_stats(|st| {
                         st.connected = false;
@@ -388,7 +431,7 @@ impl Engine {
             self.pending_bytes += p.to_proto().encoded_len() + 4;
             self.pending.push(p);
             if self.pending.len() >= self.config.max_batch_points
-                || self.pending_bytes >= MAX_BATCH_BYTES
+                || self.pending_bytes >= self.max_batch_bytes
             {
                 self.seal();
             }
@@ -423,14 +466,35 @@ impl Engine {
             }
         }
         self.room.add_permits(freed);
+        // Counters first: a flush() woken by the watch must see them.
+        self.update_stats(|st| {
+            st.points_acked += freed as u64;
+            st.acked_seq = st.acked_seq.max(seq);
+        });
         self.acked.send_if_modified(|a| {
             let grew = seq > *a;
             *a = (*a).max(seq);
             grew
         });
-        self.update_stats(|st| {
-            st.points_acked += freed as u64;
-            st.acked_seq = st.acked_seq.max(seq);
+    }
+
+    /// Everything before the refused batch is stored (the Welcome waits for it), so the refused
+    /// one is the first kept batch: count it as rejected and forget it.
+    fn drop_refused(&mut self) {
+        let Some(f) = self.unacked.pop_front() else {
+            return;
+        };
+        tracing::error!(device = %self.config.device_id, seq = f.seq, points = f.points, "the server refused this batch; dropping it");
+        self.room.add_permits(f.points);
+        self.update_stats(|st| st.points_rejected += f.points as u64);
+        if let Ok(mut types) = self.types.lock() {
+            *types = MetricTypes::default(); // it learnt a type the server does not have
+        }
+        // flush() waits for every batch to be settled: acked or, like this one, rejected.
+        self.acked.send_if_modified(|a| {
+            let grew = f.seq > *a;
+            *a = (*a).max(f.seq);
+            grew
         });
     }
 
@@ -443,6 +507,12 @@ impl Engine {
         } = s;
         // Everything at or below the watermark is stored: forget it; resend the rest.
         self.on_ack(welcome.last_stored_seq);
+        if std::mem::take(&mut self.drop_refused_batch) {
+            self.drop_refused();
+        }
+        self.max_batch_bytes = MAX_BATCH_BYTES
+            .min(welcome.max_frame_bytes as usize / 2)
+            .max(1);
         if self.next_seq <= welcome.last_stored_seq {
             self.next_seq = welcome.last_stored_seq + 1;
         }
@@ -559,6 +629,19 @@ impl Engine {
             None => fallback,
         }
     }
+}
+
+/// Errors with which the server refuses a batch's content; resending it would fail again.
+fn refuses_batch(code: v1::ErrorCode) -> bool {
+    use v1::ErrorCode as C;
+    matches!(
+        code,
+        C::InvalidValue
+            | C::MalformedFrame
+            | C::FrameTooLarge
+            | C::SequenceRegression
+            | C::UnknownMessage
+    )
 }
 
 /// Largest encoded batch the SDK builds; well below the default 1 MiB frame limit.

@@ -201,7 +201,7 @@ impl OperatorClient {
         }
     }
 
-    /// Stored points, ordered by metric, then time.
+    /// Stored points: grouped by metric (in the order the server first stored each), then by time.
     pub async fn query_telemetry(
         &self,
         q: TelemetryQuery,

@@ -387,8 +387,13 @@ impl MetricTypes {
     /// Checks every point of `batch` against the known types (and against earlier points of the same
     /// batch); records the new metrics only if the whole batch is valid.
     pub fn check(&mut self, batch: &Batch) -> Result<(), ValueError> {
+        self.check_points(&batch.points)
+    }
+
+    /// [`MetricTypes::check`] for a slice of points.
+    pub fn check_points(&mut self, points: &[Point]) -> Result<(), ValueError> {
         let mut new: Vec<(&MetricName, ValueKind)> = Vec::new();
-        for (index, p) in batch.points.iter().enumerate() {
+        for (index, p) in points.iter().enumerate() {
             let got = p.value.kind();
             let expected = self
                 .kinds

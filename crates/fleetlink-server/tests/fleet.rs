@@ -339,3 +339,62 @@ async fn a_reconnecting_device_resends_only_what_was_not_stored() {
     let (code, _) = close_code(&raw.conn).await;
     assert_eq!(code, ErrorCode::Replaced);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_refuses_bad_points_and_drops_a_batch_the_server_refused() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "typed").await;
+    let first = DeviceClient::connect(ts.device_config("typed", &token))
+        .await
+        .unwrap();
+    first
+        .send(vec![point("level", 1, Value::Double(0.5))])
+        .await
+        .unwrap();
+    first.flush(Duration::from_secs(10)).await.unwrap();
+    // caught in the SDK, before anything is buffered
+    let e = first
+        .send(vec![point("level", 2, Value::String("high".into()))])
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("metric level holds double values, got string"),
+        "{e}"
+    );
+    let e = first
+        .send(vec![point("temp", 2, Value::Double(f64::INFINITY))])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not a finite number"), "{e}");
+    first.close().await;
+
+    // A restarted device does not know the stored types: the server refuses the batch, the SDK
+    // drops it (counted), reconnects and goes on instead of resending it forever.
+    let second = DeviceClient::connect(ts.device_config("typed", &token))
+        .await
+        .unwrap();
+    second
+        .send(vec![point("level", 3, Value::String("high".into()))])
+        .await
+        .unwrap();
+    second.flush(Duration::from_secs(10)).await.unwrap();
+    second
+        .send(vec![point("level", 4, Value::Double(0.7))])
+        .await
+        .unwrap();
+    second.flush(Duration::from_secs(10)).await.unwrap();
+    let stats = second.stats();
+    assert_eq!(stats.points_rejected, 1);
+    assert_eq!(stats.connects, 2);
+    assert!(stats.last_error.unwrap().contains("INVALID_VALUE"));
+    let stored = op
+        .query_telemetry(TelemetryQuery::all(DeviceId::new("typed").unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.iter().map(|p| p.value.clone()).collect::<Vec<_>>(),
+        vec![Value::Double(0.5), Value::Double(0.7)]
+    );
+}

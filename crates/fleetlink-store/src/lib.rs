@@ -161,7 +161,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         limit: Option<usize>,
     ) -> Result<Vec<DeviceRecord>, StoreError>;
 
-    /// Stored points of one device, ordered by metric, then time, then arrival.
+    /// Stored points of one device: grouped by metric (in the order each was first stored), then
+    /// ordered by time, then arrival.
     async fn query_telemetry(&self, query: TelemetryQuery) -> Result<Vec<StoredPoint>, StoreError>;
 
     /// Queues a batch for the next group commit. Returns once it is queued; waits while the queue is

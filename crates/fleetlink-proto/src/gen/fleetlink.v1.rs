@@ -394,7 +394,8 @@ pub struct GetDevice {
     #[prost(string, tag = "1")]
     pub device_id: ::prost::alloc::string::String,
 }
-/// Read stored points of one device, in (metric, time) order.
+/// Read stored points of one device: grouped by metric (in the order the server first stored each
+/// metric), then ordered by time.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct QueryTelemetry {
     #[prost(string, tag = "1")]
