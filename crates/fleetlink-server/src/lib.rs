@@ -217,9 +217,11 @@ async fn setup(config: ServerConfig, cores: usize) -> Result<Setup, ServerError>
         let token = operator::new_token();
         store.add_admin_token(token.hash(), now_us()).await?;
         let path = config.data_dir.join(ADMIN_TOKEN_FILE);
-        write_secret(&path, token.as_str()).map_err(|source| ServerError::Io {
-            context: format!("cannot write {}", path.display()),
-            source,
+        write_secret(&path, &format!("{}\n", token.as_str())).map_err(|source| {
+            ServerError::Io {
+                context: format!("cannot write {}", path.display()),
+                source,
+            }
         })?;
         tracing::info!(file = %path.display(), "created the admin token");
         Some(token.as_str().to_owned())
@@ -302,7 +304,8 @@ async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
 }
 
-fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+/// Writes a file only its owner can read (tokens, private keys).
+pub(crate) fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -310,6 +313,5 @@ fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     let mut f = opts.open(path)?;
     f.write_all(secret.as_bytes())?;
-    f.write_all(b"\n")?;
     f.sync_all()
 }

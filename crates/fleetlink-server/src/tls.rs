@@ -103,15 +103,8 @@ fn ca_params() -> Result<CertificateParams, ServerError> {
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<(), ServerError> {
-    use std::io::Write as _;
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts
-        .open(path)
-        .map_err(|e| tls_err(format!("cannot write {}: {e}", path.display())))?;
-    f.write_all(contents.as_bytes()).map_err(tls_err)
+    crate::write_secret(path, contents)
+        .map_err(|e| tls_err(format!("cannot write {}: {e}", path.display())))
 }
 
 /// The quinn server configuration: TLS 1.3 with the ring provider, our ALPN, transport limits.

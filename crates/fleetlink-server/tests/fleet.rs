@@ -398,3 +398,43 @@ async fn the_sdk_refuses_bad_points_and_drops_a_batch_the_server_refused() {
         vec![Value::Double(0.5), Value::Double(0.7)]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_control_message_closes_only_that_connection() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "odd").await;
+    let mut raw = raw_connect(&ts, device_hello("odd", &token)).await;
+    // a ClientControl whose oneof is empty: what an unknown (newer) message looks like to this server
+    write_frame(&mut raw.control, &v1::ClientControl { msg: None })
+        .await
+        .unwrap();
+    let (code, message) = close_code(&raw.conn).await;
+    assert_eq!(code, ErrorCode::UnknownMessage, "{message}");
+    // the server still serves everyone else
+    let other = connect_device(&ts, &op, "other").await;
+    other
+        .send(vec![point("t", 1, Value::Int(1))])
+        .await
+        .unwrap();
+    other.flush(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_certificate_is_used_instead_of_a_development_one() {
+    // A first server makes a CA and a certificate; a second one is configured with them.
+    let issuer = start(|_| {});
+    let tls = issuer.dir.path().join("tls");
+    let ts = start_trusting(Some(&tls.join("ca.pem")), |c| {
+        c.cert = Some(tls.join("server.pem"));
+        c.key = Some(tls.join("server.key"));
+    });
+    assert!(
+        ts.server.ca_cert_path().is_none(),
+        "no development CA when a certificate is configured"
+    );
+    assert!(!ts.dir.path().join("tls").exists());
+    let op = ts.operator().await; // trusts the first server's CA
+    provision(&op, "cert-ok").await;
+    assert_eq!(op.list_devices(None, None).await.unwrap().len(), 1);
+}

@@ -24,6 +24,14 @@ pub struct TestServer {
 }
 
 pub fn start(tune: impl FnOnce(&mut ServerConfig)) -> TestServer {
+    start_trusting(None, tune)
+}
+
+/// A server whose clients trust `ca` (default: the server's development CA).
+pub fn start_trusting(
+    ca: Option<&std::path::Path>,
+    tune: impl FnOnce(&mut ServerConfig),
+) -> TestServer {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -35,7 +43,7 @@ pub fn start(tune: impl FnOnce(&mut ServerConfig)) -> TestServer {
     tune(&mut config);
     let server = Server::start(config).unwrap();
     let address =
-        ServerAddress::local(server.local_addr(), server.ca_cert_path().unwrap()).unwrap();
+        ServerAddress::local(server.local_addr(), ca.or(server.ca_cert_path()).unwrap()).unwrap();
     let admin_token = server.created_admin_token().unwrap().to_owned();
     TestServer {
         server,
