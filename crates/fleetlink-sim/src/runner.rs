@@ -148,6 +148,7 @@ impl Fleet {
         let stats = Arc::new(FleetStats::default());
         let total = devices.len();
         let mut connecting = JoinSet::new();
+        let mut connected = Vec::with_capacity(total);
         for (i, d) in devices.iter().enumerate() {
             let token = credentials
                 .tokens
@@ -166,7 +167,7 @@ impl Fleet {
             if connecting.len() >= 64
                 && let Some(res) = connecting.join_next().await
             {
-                Self::collect(res, &stats, total, &progress)?;
+                connected.push(Self::collect(res, &stats, total, &progress)?);
             }
         }
         let (stop, stop_rx) = watch::channel(false);
@@ -176,7 +177,6 @@ impl Fleet {
             tasks: JoinSet::new(),
             stats,
         };
-        let mut connected = Vec::new();
         while let Some(res) = connecting.join_next().await {
             connected.push(Self::collect(res, &fleet.stats, total, &progress)?);
         }
