@@ -102,7 +102,7 @@ macro_rules! name_type {
 
         impl fmt::Display for $ty {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
+                f.pad(&self.0) // honours width and alignment in tables
             }
         }
 
@@ -144,6 +144,7 @@ mod tests {
         );
         assert!(DeviceId::new("").unwrap_err().to_string().contains("empty"));
         assert!(MetricName::new("engine/temp").is_ok());
+        assert_eq!(format!("[{:<6}]", DeviceId::new("ab").unwrap()), "[ab    ]");
         assert!(DeviceId::new("engine/temp").is_err());
     }
 

@@ -161,9 +161,23 @@ async fn handle(shared: &Shared, req: operator_request::Request) -> Vec<Operator
     result.unwrap_or_else(|e| vec![e.into_response()])
 }
 
-async fn device_info(shared: &Shared, record: DeviceRecord) -> v1::DeviceInfo {
-    let snapshot: Option<Snapshot> = match shared.registry.get(&record.id) {
-        Some(actor) => actor.send(GetSnapshot).await.ok(),
+/// Asks the device's actor (if it runs) for its live state, without waiting for the answer yet.
+fn request_snapshot(
+    shared: &Shared,
+    id: &DeviceId,
+) -> Option<tokio::task::JoinHandle<Option<Snapshot>>> {
+    let actor = shared.registry.get(id)?;
+    Some(tokio::spawn(
+        async move { actor.send(GetSnapshot).await.ok() },
+    ))
+}
+
+async fn device_info(
+    record: DeviceRecord,
+    snapshot: Option<tokio::task::JoinHandle<Option<Snapshot>>>,
+) -> v1::DeviceInfo {
+    let snapshot = match snapshot {
+        Some(pending) => pending.await.ok().flatten(),
         None => None,
     };
     let (presence, last_values, last_seq) = match snapshot {
@@ -220,9 +234,14 @@ async fn list_devices(
         .list_devices(after, limit)
         .await
         .map_err(store_error)?;
+    // Ask every actor at once: a busy device delays the answer by its own wait, not the sum.
+    let pending: Vec<_> = records
+        .iter()
+        .map(|r| request_snapshot(shared, &r.id))
+        .collect();
     let mut infos = Vec::with_capacity(records.len());
-    for record in records {
-        infos.push(device_info(shared, record).await);
+    for (record, snapshot) in records.into_iter().zip(pending) {
+        infos.push(device_info(record, snapshot).await);
     }
     let mut pages: Vec<OperatorResponse> = infos
         .chunks(DEVICES_PER_PAGE)
@@ -255,7 +274,7 @@ async fn get_device(
         .ok_or_else(|| store_error(StoreError::UnknownDevice(id)))?;
     Ok(vec![OperatorResponse {
         response: Some(operator_response::Response::Device(
-            device_info(shared, record).await,
+            device_info(record.clone(), request_snapshot(shared, &record.id)).await,
         )),
     }])
 }

@@ -223,12 +223,16 @@ impl Fleet {
         self.devices.iter().filter(|d| d.stats().connected).count()
     }
 
-    /// Stops sending, flushes every device (up to `timeout`) and disconnects.
+    /// Stops sending, flushes every device (up to `timeout`) and disconnects it, so the server
+    /// sees the devices go offline at once.
     pub async fn stop(mut self, timeout: Duration) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
-        for d in &self.devices {
+        for d in std::mem::take(&mut self.devices) {
             let _ = d.flush(timeout).await;
+            if let Ok(d) = Arc::try_unwrap(d) {
+                d.close().await;
+            }
         }
     }
 }

@@ -69,4 +69,20 @@ async fn every_simulated_device_connects_and_streams() {
         ]
     );
     assert!(devices.iter().all(|d| d.point_count > 0));
+    // stopping the fleet disconnects it: the server sees every device go offline, reason "closed"
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let devices = op.list_devices(None, None).await.unwrap();
+        if devices
+            .iter()
+            .all(|d| !d.presence.online && d.presence.offline_reason == "closed")
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still online after stop: {devices:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
