@@ -180,7 +180,7 @@ impl Fleet {
         while let Some(res) = connecting.join_next().await {
             connected.push(Self::collect(res, &fleet.stats, total, &progress)?);
         }
-        for (vehicle, i, client) in connected.into_iter().flatten() {
+        for (vehicle, i, client) in connected {
             let client = Arc::new(client);
             fleet.devices.push(client.clone());
             fleet.tasks.spawn(drive(
@@ -200,12 +200,12 @@ impl Fleet {
         stats: &FleetStats,
         total: usize,
         progress: &impl Fn(usize, usize),
-    ) -> Result<Option<(bool, usize, DeviceClient)>, ClientError> {
+    ) -> Result<(bool, usize, DeviceClient), ClientError> {
         let (vehicle, i, client) = res.map_err(|e| ClientError::Connection(e.to_string()))?;
         let client = client?;
         let n = stats.connected.fetch_add(1, Ordering::Relaxed) + 1;
         progress(n as usize, total);
-        Ok(Some((vehicle, i, client)))
+        Ok((vehicle, i, client))
     }
 
     /// The device clients.
