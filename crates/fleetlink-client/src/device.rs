@@ -23,6 +23,7 @@ use rand::Rng as _;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::command::{CommandHandlers, CommandOutput, CommandRunner};
 use crate::connect::{Endpoint, Session, hello, open_session};
 use crate::{ClientError, ServerAddress};
 
@@ -53,6 +54,9 @@ pub struct DeviceConfig {
     pub backoff: Backoff,
     /// A shared client endpoint (UDP socket); `None` = one of its own.
     pub endpoint: Option<Endpoint>,
+    /// What the device does when it receives a command, by name. Register handlers before
+    /// connecting: commands queued while the device was offline arrive right after the Welcome.
+    pub commands: CommandHandlers,
 }
 
 impl DeviceConfig {
@@ -67,8 +71,30 @@ impl DeviceConfig {
             linger: Duration::from_millis(20),
             backoff: Backoff::default(),
             endpoint: None,
+            commands: CommandHandlers::default(),
         }
     }
+
+    /// Registers the handler of command `name` (see [`CommandHandlers::on`]).
+    pub fn on_command<F, Fut>(mut self, name: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(crate::CommandCall) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = CommandOutput> + Send + 'static,
+    {
+        self.commands.on(name, handler);
+        self
+    }
+}
+
+/// The desired state of the device's twin, as the server last sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredState {
+    /// Version of the desired document.
+    pub version: u64,
+    /// Desired fields whose value differs from the reported one (a JSON object; empty = in sync).
+    pub delta: serde_json::Value,
+    /// The whole desired document.
+    pub desired: serde_json::Value,
 }
 
 /// Counters of a device client.
@@ -89,12 +115,20 @@ pub struct DeviceStats {
     /// Points the server refused (a batch it closed the connection over, such as a metric that
     /// changed type); they are dropped after the reconnect so the device does not loop on them.
     pub points_rejected: u64,
+    /// Commands whose handler ran.
+    pub commands_handled: u64,
+    /// Deliveries of a command already received, answered without running the handler again.
+    pub command_redeliveries: u64,
 }
+
+type ReportReply = oneshot::Sender<Result<u64, ClientError>>;
 
 enum Cmd {
     Points(Vec<Point>),
     Flush(oneshot::Sender<u64>),
     Close(oneshot::Sender<()>),
+    Report(String, ReportReply),
+    Reconnect,
 }
 
 /// A device connected to a fleetlink server. Cheap to share by reference; dropping it closes it.
@@ -107,6 +141,8 @@ pub struct DeviceClient {
     acked: watch::Receiver<u64>,
     id: DeviceId,
     types: Arc<Mutex<MetricTypes>>,
+    desired: watch::Receiver<Option<DesiredState>>,
+    runner: Arc<CommandRunner>,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -115,6 +151,8 @@ impl std::fmt::Debug for Cmd {
             Cmd::Points(_) => "Points",
             Cmd::Flush(_) => "Flush",
             Cmd::Close(_) => "Close",
+            Cmd::Report(..) => "Report",
+            Cmd::Reconnect => "Reconnect",
         })
     }
 }
@@ -145,7 +183,13 @@ impl DeviceClient {
         let (acked_tx, acked_rx) = watch::channel(last_stored);
         let types = Arc::new(Mutex::new(MetricTypes::default()));
         let id = config.device_id.clone();
+        let (desired_tx, desired_rx) = watch::channel(None);
+        let runner = CommandRunner::new(config.commands.clone());
         let engine = Engine {
+            desired: desired_tx,
+            runner: runner.clone(),
+            reports: std::collections::BTreeMap::new(),
+            next_report: 1,
             config,
             endpoint,
             cmds: cmds_rx,
@@ -170,7 +214,39 @@ impl DeviceClient {
             acked: acked_rx,
             id,
             types,
+            desired: desired_rx,
+            runner,
         })
+    }
+
+    /// Merges `patch` (an RFC 7386 JSON merge patch: `null` deletes a field) into the reported
+    /// document of this device's twin and returns its new version once the server stored it.
+    /// While the device is offline the report waits and is sent after the reconnect.
+    pub async fn report(&self, patch: serde_json::Value) -> Result<u64, ClientError> {
+        let patch = fleetlink_core::twin::TwinPatch::from_json(patch)
+            .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Report(patch.into_json().to_string(), tx))
+            .await
+            .map_err(|_| self.closed())?;
+        rx.await.map_err(|_| self.closed())?
+    }
+
+    /// The desired state as the server last sent it (`None` until the first Welcome's delta).
+    /// The server sends it after every connect and on every change: watch it with
+    /// [`watch::Receiver::changed`].
+    pub fn desired(&self) -> watch::Receiver<Option<DesiredState>> {
+        self.desired.clone()
+    }
+
+    /// Drops the current connection and reconnects at once (after a network change, say).
+    /// Unacked telemetry, pending reports and commands carry over to the new connection.
+    pub async fn reconnect(&self) -> Result<(), ClientError> {
+        self.cmds
+            .send(Cmd::Reconnect)
+            .await
+            .map_err(|_| self.closed())
     }
 
     /// This device's id.
@@ -261,7 +337,12 @@ impl DeviceClient {
 
     /// A copy of the counters.
     pub fn stats(&self) -> DeviceStats {
-        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+        let mut stats = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
+        if let Ok(c) = self.runner.counters.lock() {
+            stats.commands_handled = c.handled;
+            stats.command_redeliveries = c.redeliveries;
+        }
+        stats
     }
 
     /// Closes the connection. Points not yet acked are discarded; call [`DeviceClient::flush`] first.
@@ -288,6 +369,8 @@ enum SessionEnd {
 
 enum Event {
     Ack(u64),
+    ReportAck(v1::TwinReportAck),
+    Delta(v1::TwinDelta),
     /// Any other frame from the server (a heartbeat): the server is alive.
     Heard,
     Lost(ClientError),
@@ -310,6 +393,11 @@ struct Engine {
     drop_refused_batch: bool,
     /// The metric types `send` checks against; the server's view wins after a refusal.
     types: Arc<Mutex<MetricTypes>>,
+    desired: watch::Sender<Option<DesiredState>>,
+    runner: Arc<CommandRunner>,
+    /// Twin reports not yet acknowledged, by request id; resent after a reconnect.
+    reports: std::collections::BTreeMap<u64, (String, ReportReply)>,
+    next_report: u64,
 }
 
 impl Engine {
@@ -387,6 +475,8 @@ impl Engine {
                     cmd = self.cmds.recv() => match cmd {
                         Some(Cmd::Points(p)) => self.add_points(p),
                         Some(Cmd::Flush(tx)) => { self.seal(); let _ = tx.send(self.next_seq - 1); }
+                        Some(Cmd::Report(patch, tx)) => { self.queue_report(patch, tx); }
+                        Some(Cmd::Reconnect) => {}
                         Some(Cmd::Close(tx)) => return Err(Some(tx)),
                         None => return Err(None),
                     },
@@ -421,6 +511,36 @@ impl Engine {
                 }
             }
         }
+    }
+
+    fn queue_report(&mut self, patch: String, reply: ReportReply) -> u64 {
+        let id = self.next_report;
+        self.next_report += 1;
+        self.reports.insert(id, (patch, reply));
+        id
+    }
+
+    fn on_report_ack(&mut self, ack: v1::TwinReportAck) {
+        let Some((_, reply)) = self.reports.remove(&ack.request_id) else {
+            return;
+        };
+        let outcome = match ack.error {
+            None => Ok(ack.reported_version),
+            Some(e) => Err(ClientError::Server {
+                code: v1::ErrorCode::try_from(e.code).unwrap_or(v1::ErrorCode::Unspecified),
+                message: e.message,
+            }),
+        };
+        let _ = reply.send(outcome);
+    }
+
+    fn on_delta(&mut self, delta: v1::TwinDelta) {
+        let parse = |s: &str| serde_json::from_str(s).unwrap_or(serde_json::Value::Null);
+        self.desired.send_replace(Some(DesiredState {
+            version: delta.desired_version,
+            delta: parse(&delta.delta_json),
+            desired: parse(&delta.desired_json),
+        }));
     }
 
     fn add_points(&mut self, points: Vec<Point>) {
@@ -540,6 +660,12 @@ impl Engine {
                         msg: Some(server_control::Msg::Ack(a)),
                     })) => Event::Ack(a.seq),
                     Ok(Some(ServerControl {
+                        msg: Some(server_control::Msg::TwinReportAck(a)),
+                    })) => Event::ReportAck(a),
+                    Ok(Some(ServerControl {
+                        msg: Some(server_control::Msg::TwinDelta(d)),
+                    })) => Event::Delta(d),
+                    Ok(Some(ServerControl {
                         msg: Some(server_control::Msg::Error(e)),
                     })) => Event::Lost(ClientError::Server {
                         code: v1::ErrorCode::try_from(e.code).unwrap_or(v1::ErrorCode::Unspecified),
@@ -564,6 +690,18 @@ impl Engine {
         let silence = Duration::from_millis(u64::from(welcome.heartbeat_timeout_ms.max(200)));
         let mut last_heard = Instant::now();
         let mut sent = 0usize; // frames of `unacked` written on this connection
+        // Reports of earlier connections go again: merge patches are idempotent.
+        let resend: Vec<(u64, String)> = self
+            .reports
+            .iter()
+            .map(|(id, (p, _))| (*id, p.clone()))
+            .collect();
+        for (request_id, patch_json) in resend {
+            if let Err(e) = write_frame(&mut send, &report_frame(request_id, patch_json)).await {
+                return SessionEnd::Lost(e.into());
+            }
+        }
+        let device = self.config.device_id.to_string();
         let end = loop {
             // Write every sealed batch not yet written on this connection.
             let mut write_error = None;
@@ -584,11 +722,43 @@ impl Engine {
                 cmd = self.cmds.recv() => match cmd {
                     Some(Cmd::Points(p)) => self.add_points(p),
                     Some(Cmd::Flush(tx)) => { self.seal(); let _ = tx.send(self.next_seq - 1); }
+                    Some(Cmd::Report(patch, tx)) => {
+                        let request_id = self.queue_report(patch.clone(), tx);
+                        if let Err(e) = write_frame(&mut send, &report_frame(request_id, patch)).await {
+                            break SessionEnd::Lost(e.into());
+                        }
+                    }
+                    Some(Cmd::Reconnect) => {
+                        conn.close(0u32.into(), b"device reconnecting");
+                        break SessionEnd::Lost(ClientError::Connection("reconnect requested".into()));
+                    }
                     Some(Cmd::Close(tx)) => break SessionEnd::Closed(Some(tx)),
                     None => break SessionEnd::Closed(None),
                 },
+                stream = conn.accept_bi() => match stream {
+                    Ok((send, recv)) => {
+                        last_heard = Instant::now();
+                        let runner = self.runner.clone();
+                        let device = device.clone();
+                        let max_frame = welcome.max_frame_bytes;
+                        tokio::spawn(async move {
+                            let mut reader = fleetlink_transport::FrameReader::new(recv, max_frame);
+                            match reader.read::<StreamHeader>().await {
+                                Ok(Some(h)) if h.kind == i32::from(StreamKind::Command) => {
+                                    runner.serve(send, reader, device).await;
+                                }
+                                Ok(Some(h)) => tracing::warn!(%device, kind = h.kind, "ignoring a server stream of an unknown kind"),
+                                Ok(None) => {}
+                                Err(e) => tracing::warn!(%device, error = %e, "unreadable server stream header"),
+                            }
+                        });
+                    }
+                    Err(e) => break SessionEnd::Lost(self.close_reason(&conn, e.into())),
+                },
                 ev = ev_rx.recv() => match ev {
                     Some(Event::Heard) => last_heard = Instant::now(),
+                    Some(Event::ReportAck(a)) => { last_heard = Instant::now(); self.on_report_ack(a); }
+                    Some(Event::Delta(d)) => { last_heard = Instant::now(); self.on_delta(d); }
                     Some(Event::Ack(seq)) => {
                         last_heard = Instant::now();
                         let before = self.unacked.len();
@@ -628,6 +798,15 @@ impl Engine {
             Some(reason) => reason.into(),
             None => fallback,
         }
+    }
+}
+
+fn report_frame(request_id: u64, patch_json: String) -> ClientControl {
+    ClientControl {
+        msg: Some(client_control::Msg::TwinReport(v1::TwinReport {
+            request_id,
+            patch_json,
+        })),
     }
 }
 

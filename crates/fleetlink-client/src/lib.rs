@@ -6,6 +6,7 @@
 //! - [`OperatorClient`]: a person or a tool. Lists devices with presence and last values, reads
 //!   telemetry, provisions devices.
 
+mod command;
 mod connect;
 mod device;
 mod operator;
@@ -14,11 +15,14 @@ use std::net::SocketAddr;
 
 use fleetlink_proto::v1::{ErrorCode, RejectReason};
 
+pub use command::{CommandCall, CommandFailure, CommandHandlers, CommandOutput};
 pub use connect::Endpoint;
-pub use device::{DeviceClient, DeviceConfig, DeviceStats};
+pub use device::{DesiredState, DeviceClient, DeviceConfig, DeviceStats};
+pub use fleetlink_core::command::CommandState;
 pub use fleetlink_core::{DeviceId, GeoPosition, MetricName, Point, Value};
 pub use operator::{
-    DeviceInfo, OperatorClient, OperatorConfig, PresenceInfo, StoredPoint, TelemetryQuery,
+    CommandInfo, CommandRequest, DeviceInfo, OperatorClient, OperatorConfig, PresenceEvent,
+    PresenceInfo, StoredPoint, TelemetryQuery, Twin,
 };
 
 /// Where the server is and how to trust it.
@@ -82,6 +86,16 @@ pub enum ClientError {
     /// A wait ran out of time.
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// A command did not succeed.
+    #[error("command {id} {}: {error}", state.name())]
+    Command {
+        /// Its id.
+        id: u64,
+        /// The terminal state it reached (failed, rejected, expired, cancelled).
+        state: CommandState,
+        /// Why.
+        error: String,
+    },
     /// The client was closed, or stopped after a permanent rejection.
     #[error("the client is closed{}", .0.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
     Closed(Option<String>),

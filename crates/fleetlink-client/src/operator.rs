@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use fleetlink_core::command::CommandState;
 use fleetlink_core::{DeviceId, MetricName, Value};
 use fleetlink_proto::v1::{
     self, ErrorCode, OperatorRequest, OperatorResponse, operator_request, operator_response,
@@ -96,6 +97,127 @@ impl TelemetryQuery {
             limit: None,
         }
     }
+}
+
+/// A device's twin as the server holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Twin {
+    /// What the device reported (a JSON object).
+    pub reported: serde_json::Value,
+    /// Version of the reported document.
+    pub reported_version: u64,
+    /// What operators want (a JSON object).
+    pub desired: serde_json::Value,
+    /// Version of the desired document: pass it to [`OperatorClient::set_desired`] to update
+    /// only if nobody changed it meanwhile.
+    pub desired_version: u64,
+    /// Desired fields whose value differs from the reported one.
+    pub delta: serde_json::Value,
+    /// When each reported field last changed (µs), in the shape of the document.
+    pub reported_metadata: serde_json::Value,
+    /// When each desired field last changed (µs), in the shape of the document.
+    pub desired_metadata: serde_json::Value,
+}
+
+/// A command to send.
+#[derive(Debug, Clone)]
+pub struct CommandRequest {
+    /// Whose.
+    pub device: DeviceId,
+    /// Handler name on the device.
+    pub name: String,
+    /// Arguments.
+    pub args: serde_json::Value,
+    /// Expires this long after it is queued (`None` = the server's default).
+    pub timeout: Option<Duration>,
+    /// Sending again with the same key returns the first command instead of a second one.
+    pub idempotency_key: Option<String>,
+    /// Runs beside other commands instead of one at a time in order.
+    pub concurrent: bool,
+}
+
+impl CommandRequest {
+    /// A command with no arguments and the server's default deadline.
+    pub fn new(device: DeviceId, name: impl Into<String>) -> Self {
+        Self {
+            device,
+            name: name.into(),
+            args: serde_json::Value::Null,
+            timeout: None,
+            idempotency_key: None,
+            concurrent: false,
+        }
+    }
+
+    /// With these arguments.
+    pub fn args(mut self, args: serde_json::Value) -> Self {
+        self.args = args;
+        self
+    }
+
+    /// Expiring this long after it is queued.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// With an idempotency key.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Run beside other commands.
+    pub fn concurrent(mut self) -> Self {
+        self.concurrent = true;
+        self
+    }
+}
+
+/// A command as the server holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandInfo {
+    /// Unique id.
+    pub id: u64,
+    /// Whose.
+    pub device: DeviceId,
+    /// Handler name.
+    pub name: String,
+    /// Arguments.
+    pub args: serde_json::Value,
+    /// Where it stands.
+    pub state: CommandState,
+    /// When it was queued (µs since the epoch).
+    pub created_us: i64,
+    /// When it expires (µs since the epoch).
+    pub deadline_us: i64,
+    /// The operator's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Runs beside other commands.
+    pub concurrent: bool,
+    /// The handler's result (or failure details).
+    pub result: Option<serde_json::Value>,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// Every state change, oldest first.
+    pub history: Vec<(CommandState, i64)>,
+    /// Deliveries so far.
+    pub attempts: u32,
+}
+
+/// One entry of a device's connection history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceEvent {
+    /// Went online (true) or offline.
+    pub online: bool,
+    /// When (µs since the epoch).
+    pub at_us: i64,
+    /// Why it went offline: "closed", "timeout", "kicked", "error", "server_shutdown".
+    pub reason: String,
+    /// Remote address of the connection.
+    pub remote_addr: String,
+    /// Server session id of the connection.
+    pub session: u64,
 }
 
 /// An operator session.
@@ -259,6 +381,188 @@ impl OperatorClient {
         }
     }
 
+    async fn single(
+        &self,
+        request: operator_request::Request,
+    ) -> Result<operator_response::Response, ClientError> {
+        self.request(request)
+            .await?
+            .pop()
+            .ok_or_else(|| ClientError::Protocol("an empty answer".into()))
+    }
+
+    async fn twin_request(&self, request: operator_request::Request) -> Result<Twin, ClientError> {
+        match self.single(request).await? {
+            operator_response::Response::Twin(t) => twin(t),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn command_request(
+        &self,
+        request: operator_request::Request,
+    ) -> Result<CommandInfo, ClientError> {
+        match self.single(request).await? {
+            operator_response::Response::Command(c) => command_info(c),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A device's twin (online or not).
+    pub async fn twin(&self, device: &DeviceId) -> Result<Twin, ClientError> {
+        self.twin_request(operator_request::Request::GetTwin(v1::GetTwin {
+            device_id: device.to_string(),
+        }))
+        .await
+    }
+
+    /// Merges `patch` (RFC 7386 JSON merge patch: `null` deletes a field) into the desired
+    /// document. With `expected_version`, fails with [`ErrorCode::Conflict`] if the desired
+    /// document is at another version.
+    pub async fn set_desired(
+        &self,
+        device: &DeviceId,
+        patch: serde_json::Value,
+        expected_version: Option<u64>,
+    ) -> Result<Twin, ClientError> {
+        self.twin_request(operator_request::Request::UpdateDesired(
+            v1::UpdateDesired {
+                device_id: device.to_string(),
+                patch_json: patch.to_string(),
+                expected_version,
+            },
+        ))
+        .await
+    }
+
+    /// Queues a command; returns once it is durably stored (state queued, or delivered already).
+    pub async fn send_command(&self, request: CommandRequest) -> Result<CommandInfo, ClientError> {
+        let deadline_us = match request.timeout {
+            None => 0,
+            Some(t) => {
+                crate::now_us().saturating_add(i64::try_from(t.as_micros()).unwrap_or(i64::MAX))
+            }
+        };
+        self.command_request(operator_request::Request::SendCommand(v1::SendCommand {
+            device_id: request.device.to_string(),
+            name: request.name,
+            args_json: request.args.to_string(),
+            deadline_us,
+            idempotency_key: request.idempotency_key.unwrap_or_default(),
+            concurrent: request.concurrent,
+        }))
+        .await
+    }
+
+    /// One command.
+    pub async fn command(&self, id: u64) -> Result<CommandInfo, ClientError> {
+        self.command_request(operator_request::Request::GetCommand(v1::GetCommand {
+            command_id: id,
+        }))
+        .await
+    }
+
+    /// Commands of a device, newest first: only those in `state` if given, only ids below
+    /// `before` (paging), at most `limit` (0 = 100).
+    pub async fn list_commands(
+        &self,
+        device: &DeviceId,
+        state: Option<CommandState>,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<CommandInfo>, ClientError> {
+        let req = v1::ListCommands {
+            device_id: device.to_string(),
+            state: state
+                .map_or(v1::CommandState::Unspecified, state_to_proto)
+                .into(),
+            before_id: before.unwrap_or(0),
+            limit,
+        };
+        match self
+            .single(operator_request::Request::ListCommands(req))
+            .await?
+        {
+            operator_response::Response::Commands(page) => {
+                page.commands.into_iter().map(command_info).collect()
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Cancels an unfinished command; fails with [`ErrorCode::Conflict`] if it finished already.
+    pub async fn cancel_command(&self, id: u64) -> Result<CommandInfo, ClientError> {
+        self.command_request(operator_request::Request::CancelCommand(
+            v1::CancelCommand { command_id: id },
+        ))
+        .await
+    }
+
+    /// Waits until the command finishes or `timeout` passes (at most 10 minutes), and returns
+    /// it either way: check [`CommandState::is_terminal`].
+    pub async fn wait_command(
+        &self,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<CommandInfo, ClientError> {
+        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        self.command_request(operator_request::Request::WaitCommand(v1::WaitCommand {
+            command_id: id,
+            timeout_ms,
+        }))
+        .await
+    }
+
+    /// Sends a command and waits for its result: the handler's JSON result if it succeeded,
+    /// [`ClientError::Command`] if it failed, was rejected, expired or was cancelled, and
+    /// [`ClientError::Timeout`] if it is still running after `timeout`.
+    pub async fn run_command(
+        &self,
+        request: CommandRequest,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, ClientError> {
+        let sent = self.send_command(request).await?;
+        let done = self.wait_command(sent.id, timeout).await?;
+        match done.state {
+            CommandState::Succeeded => Ok(done.result.unwrap_or(serde_json::Value::Null)),
+            s if s.is_terminal() => Err(ClientError::Command {
+                id: done.id,
+                state: s,
+                error: done.error.unwrap_or_default(),
+            }),
+            _ => Err(ClientError::Timeout(timeout)),
+        }
+    }
+
+    /// A device's connection history, newest first (at most `limit`; 0 = 100).
+    pub async fn presence_history(
+        &self,
+        device: &DeviceId,
+        limit: u32,
+    ) -> Result<Vec<PresenceEvent>, ClientError> {
+        let req = v1::PresenceHistory {
+            device_id: device.to_string(),
+            limit,
+        };
+        match self
+            .single(operator_request::Request::PresenceHistory(req))
+            .await?
+        {
+            operator_response::Response::PresenceHistory(page) => Ok(page
+                .events
+                .into_iter()
+                .map(|e| PresenceEvent {
+                    online: e.online,
+                    at_us: e.at_us,
+                    reason: e.reason,
+                    remote_addr: e.remote_addr,
+                    session: e.session_id,
+                })
+                .collect()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Closes the session.
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"operator closing");
@@ -275,6 +579,77 @@ fn metric(s: String) -> Result<MetricName, ClientError> {
 
 fn value(v: Option<v1::Value>) -> Result<Value, ClientError> {
     Value::from_proto(v, 0, "").map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+fn json(text: &str, what: &str) -> Result<serde_json::Value, ClientError> {
+    if text.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_str(text)
+        .map_err(|e| ClientError::Protocol(format!("{what} is not valid JSON: {e}")))
+}
+
+fn twin(t: v1::Twin) -> Result<Twin, ClientError> {
+    Ok(Twin {
+        reported: json(&t.reported_json, "the reported twin")?,
+        reported_version: t.reported_version,
+        desired: json(&t.desired_json, "the desired twin")?,
+        desired_version: t.desired_version,
+        delta: json(&t.delta_json, "the twin delta")?,
+        reported_metadata: json(&t.reported_metadata_json, "twin metadata")?,
+        desired_metadata: json(&t.desired_metadata_json, "twin metadata")?,
+    })
+}
+
+fn state_to_proto(s: CommandState) -> v1::CommandState {
+    match s {
+        CommandState::Queued => v1::CommandState::Queued,
+        CommandState::Delivered => v1::CommandState::Delivered,
+        CommandState::Succeeded => v1::CommandState::Succeeded,
+        CommandState::Failed => v1::CommandState::Failed,
+        CommandState::Expired => v1::CommandState::Expired,
+        CommandState::Rejected => v1::CommandState::Rejected,
+        CommandState::Cancelled => v1::CommandState::Cancelled,
+    }
+}
+
+fn state_from_proto(s: i32) -> Result<CommandState, ClientError> {
+    Ok(match v1::CommandState::try_from(s) {
+        Ok(v1::CommandState::Queued) => CommandState::Queued,
+        Ok(v1::CommandState::Delivered) => CommandState::Delivered,
+        Ok(v1::CommandState::Succeeded) => CommandState::Succeeded,
+        Ok(v1::CommandState::Failed) => CommandState::Failed,
+        Ok(v1::CommandState::Expired) => CommandState::Expired,
+        Ok(v1::CommandState::Rejected) => CommandState::Rejected,
+        Ok(v1::CommandState::Cancelled) => CommandState::Cancelled,
+        _ => return Err(ClientError::Protocol(format!("unknown command state {s}"))),
+    })
+}
+
+fn command_info(c: v1::CommandInfo) -> Result<CommandInfo, ClientError> {
+    Ok(CommandInfo {
+        id: c.command_id,
+        device: DeviceId::new(c.device_id).map_err(|e| ClientError::Protocol(e.to_string()))?,
+        args: json(&c.args_json, "command arguments")?,
+        name: c.name,
+        state: state_from_proto(c.state)?,
+        created_us: c.created_us,
+        deadline_us: c.deadline_us,
+        idempotency_key: (!c.idempotency_key.is_empty()).then_some(c.idempotency_key),
+        concurrent: c.concurrent,
+        result: if c.result_json.is_empty() {
+            None
+        } else {
+            Some(json(&c.result_json, "the command result")?)
+        },
+        error: (!c.error.is_empty()).then_some(c.error),
+        history: c
+            .history
+            .into_iter()
+            .map(|h| Ok((state_from_proto(h.state)?, h.at_us)))
+            .collect::<Result<_, ClientError>>()?,
+        attempts: c.attempts,
+    })
 }
 
 fn device_info(d: v1::DeviceInfo) -> Result<DeviceInfo, ClientError> {

@@ -3,10 +3,12 @@
 //! deterministic and property-tested.
 
 pub mod backoff;
+pub mod command;
 pub mod credentials;
 pub mod id;
 pub mod presence;
 pub mod seq;
+pub mod twin;
 pub mod value;
 
 pub use id::{DeviceId, IdError, MetricName};

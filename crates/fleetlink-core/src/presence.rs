@@ -13,6 +13,8 @@ pub enum OfflineReason {
     Error,
     /// The server is shutting down.
     ServerShutdown,
+    /// Another connection authenticated as the same device and replaced this one.
+    Kicked,
 }
 
 impl OfflineReason {
@@ -23,6 +25,7 @@ impl OfflineReason {
             OfflineReason::Timeout => "timeout",
             OfflineReason::Error => "error",
             OfflineReason::ServerShutdown => "server_shutdown",
+            OfflineReason::Kicked => "kicked",
         }
     }
 }

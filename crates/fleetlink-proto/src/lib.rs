@@ -28,3 +28,7 @@ pub const DEFAULT_MAX_FRAME_BYTES: u32 = 1024 * 1024;
 
 /// Frame size limit for the handshake, before the server announced its own.
 pub const HANDSHAKE_MAX_FRAME_BYTES: u32 = 16 * 1024;
+
+/// QUIC application error code with which the server resets both directions of a command's stream
+/// when it cancels or expires the command; the device stops the command's handler.
+pub const COMMAND_CANCELLED_CODE: u32 = 1;

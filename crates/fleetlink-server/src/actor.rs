@@ -7,12 +7,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use fleetlink_core::command::{CommandId, CommandOutbox, OutboxLimits};
 use fleetlink_core::presence::{OfflineReason, Presence, PresenceChange, SessionId};
 use fleetlink_core::seq::{SeqRegression, SeqVerdict, SeqWindow};
+use fleetlink_core::twin::TwinDoc;
 use fleetlink_core::value::{Batch, MetricTypes, ValueError};
 use fleetlink_core::{DeviceId, MetricName, TimeUs, Value};
 use fleetlink_proto::v1::ErrorCode;
-use fleetlink_store::{AppendBatch, DurabilityListener, MetricValue, Store, StoreError};
+use fleetlink_store::{
+    AppendBatch, CommandRecord, DurabilityListener, MetricValue, PresenceRecord, Store, StoreError,
+    StoredTwin,
+};
 use tokio::sync::{mpsc, watch};
 
 use crate::now_us;
@@ -24,17 +29,59 @@ pub(crate) struct Kick {
     pub message: String,
 }
 
+/// What every device actor is configured with.
+#[derive(Debug, Clone)]
+pub(crate) struct ActorSettings {
+    pub heartbeat_timeout: Duration,
+    pub outbox_limits: OutboxLimits,
+    pub max_frame_bytes: u32,
+    /// The QUIC IO runtime: command streams are served there.
+    pub io: tokio::runtime::Handle,
+}
+
+/// What an actor loads from the store when it starts.
+#[derive(Debug)]
+pub(crate) struct StoredState {
+    pub last_seq: u64,
+    pub last_values: Vec<MetricValue>,
+    pub twin: StoredTwin,
+    pub open_commands: Vec<CommandRecord>,
+}
+
+/// The session a device is reachable through once its Welcome is sent.
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub session: SessionId,
+    pub conn: quinn::Connection,
+    /// The latest twin delta; the session writes every change of it to the control stream.
+    pub delta: watch::Sender<Option<fleetlink_proto::v1::TwinDelta>>,
+}
+
 /// The live state of one device.
 pub(crate) struct DeviceActor {
-    id: DeviceId,
-    store: Arc<dyn Store>,
+    pub(crate) id: DeviceId,
+    pub(crate) store: Arc<dyn Store>,
     presence: Presence,
     seq: SeqWindow,
     types: MetricTypes,
     last_values: HashMap<MetricName, (TimeUs, Value)>,
     durable: Arc<DurableSeq>,
     session_kick: Option<mpsc::Sender<Kick>>,
-    heartbeat_timeout: Duration,
+    pub(crate) settings: ActorSettings,
+    pub(crate) reported: TwinDoc,
+    pub(crate) desired: TwinDoc,
+    pub(crate) link: Option<Link>,
+    pub(crate) outbox: CommandOutbox,
+    /// Unfinished commands, by id.
+    pub(crate) open: HashMap<CommandId, CommandRecord>,
+    /// Commands written to the device now: dropping the sender cancels the delivery.
+    pub(crate) in_flight: HashMap<CommandId, tokio::sync::oneshot::Sender<()>>,
+    /// Finished commands whose final state is not durable yet, and who waits for them.
+    pub(crate) settling: HashMap<CommandId, Vec<tokio::sync::oneshot::Sender<CommandRecord>>>,
+    /// Operators waiting for an unfinished command.
+    pub(crate) waiters: HashMap<CommandId, Vec<tokio::sync::oneshot::Sender<CommandRecord>>>,
+    /// The pending expiry timer: (deadline it fires for, handle).
+    pub(crate) expiry: Option<(TimeUs, SpawnHandle)>,
 }
 
 impl std::fmt::Debug for DeviceActor {
@@ -77,10 +124,21 @@ impl DeviceActor {
     pub(crate) fn new(
         id: DeviceId,
         store: Arc<dyn Store>,
-        last_seq: u64,
-        last: Vec<MetricValue>,
-        heartbeat_timeout: Duration,
+        stored: StoredState,
+        settings: ActorSettings,
     ) -> Self {
+        let StoredState {
+            last_seq,
+            last_values: last,
+            twin,
+            open_commands,
+        } = stored;
+        let mut outbox = CommandOutbox::new();
+        let mut open = HashMap::new();
+        for c in open_commands {
+            outbox.push(c.id, c.concurrent, c.deadline_us);
+            open.insert(c.id, c);
+        }
         let mut types = MetricTypes::default();
         let mut last_values = HashMap::new();
         for v in last {
@@ -100,8 +158,22 @@ impl DeviceActor {
                 actor: std::sync::OnceLock::new(),
             }),
             session_kick: None,
-            heartbeat_timeout,
+            settings,
+            reported: twin.reported,
+            desired: twin.desired,
+            link: None,
+            outbox,
+            open,
+            in_flight: HashMap::new(),
+            settling: HashMap::new(),
+            waiters: HashMap::new(),
+            expiry: None,
         }
+    }
+
+    /// The session the device is online with.
+    pub(crate) fn presence_session(&self) -> Option<SessionId> {
+        self.presence.session()
     }
 
     fn sync_durable(&mut self) {
@@ -118,6 +190,38 @@ impl DeviceActor {
     fn went_offline(&mut self, change: Option<PresenceChange>) {
         if let Some(PresenceChange::Offline { session, reason }) = change {
             tracing::info!(device = %self.id, session, reason = reason.name(), "device offline");
+            let remote = self.presence.remote_addr().unwrap_or_default().to_owned();
+            self.record_presence(false, session, reason.name(), remote);
+            self.unlink(session);
+        }
+    }
+
+    /// Appends to the stored connection history (queued in order; failures are logged).
+    fn record_presence(&self, online: bool, session: SessionId, reason: &str, remote: String) {
+        let write = self.store.record_presence(
+            &self.id,
+            PresenceRecord {
+                online,
+                at_us: now_us(),
+                reason: reason.to_owned(),
+                remote_addr: remote,
+                session,
+            },
+        );
+        let device = self.id.clone();
+        actix::spawn(async move {
+            if let Err(error) = write.await {
+                tracing::error!(%device, %error, "cannot store a presence event");
+            }
+        });
+    }
+
+    /// The session is gone: commands written on it will be written again on the next one.
+    fn unlink(&mut self, session: SessionId) {
+        if self.link.as_ref().is_some_and(|l| l.session == session) {
+            self.link = None;
+            self.outbox.connection_lost();
+            self.in_flight.clear(); // their streams die with the connection
         }
     }
 }
@@ -128,16 +232,17 @@ impl Actor for DeviceActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(64);
         let _ = self.durable.actor.set(ctx.address().recipient());
-        let check = (self.heartbeat_timeout / 4).max(Duration::from_millis(10));
+        self.schedule_expiry(ctx);
+        let check = (self.settings.heartbeat_timeout / 4).max(Duration::from_millis(10));
         ctx.run_interval(check, |actor, _| {
-            let timeout_us = actor.heartbeat_timeout.as_micros() as i64;
+            let timeout_us = actor.settings.heartbeat_timeout.as_micros() as i64;
             let change = actor.presence.check_timeout(now_us(), timeout_us);
             if change.is_some() {
                 actor.kick(
                     ErrorCode::HeartbeatTimeout,
                     format!(
                         "no heartbeat for {} ms; reconnect",
-                        actor.heartbeat_timeout.as_millis()
+                        actor.settings.heartbeat_timeout.as_millis()
                     ),
                 );
             }
@@ -181,7 +286,10 @@ impl Handler<Attach> for DeviceActor {
                 ErrorCode::Replaced,
                 "another connection authenticated as this device".into(),
             );
+            self.record_presence(false, old, OfflineReason::Kicked.name(), String::new());
+            self.unlink(old);
         }
+        self.record_presence(true, msg.session, "", msg.remote.to_string());
         self.session_kick = Some(msg.kick);
         self.seq.start_session();
         tracing::info!(device = %self.id, session = msg.session, remote = %msg.remote, "device online");

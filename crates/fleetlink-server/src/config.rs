@@ -36,6 +36,30 @@ pub struct ServerConfig {
     pub synchronous: String,
     /// Time a client has to complete its handshake (milliseconds).
     pub handshake_timeout_ms: u32,
+    /// The command outbox (`[commands]` in the TOML file).
+    pub commands: CommandsConfig,
+}
+
+/// Limits of the command outbox.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommandsConfig {
+    /// Deadline of a command sent without one (seconds from now).
+    pub default_timeout_s: u64,
+    /// Latest deadline an operator may ask for (seconds from now).
+    pub max_deadline_s: u64,
+    /// Unfinished (queued or delivered) commands a device may have; more are refused.
+    pub max_pending_per_device: usize,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        Self {
+            default_timeout_s: 3_600,
+            max_deadline_s: 7 * 24 * 3_600,
+            max_pending_per_device: 1_000,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -53,6 +77,7 @@ impl Default for ServerConfig {
             io_threads: 0,
             synchronous: "normal".into(),
             handshake_timeout_ms: 10_000,
+            commands: CommandsConfig::default(),
         }
     }
 }
@@ -104,7 +129,24 @@ impl ServerConfig {
                 self.synchronous
             ));
         }
+        let c = &self.commands;
+        if c.default_timeout_s == 0
+            || c.max_deadline_s < c.default_timeout_s
+            || c.max_pending_per_device == 0
+        {
+            return bad(format!(
+                "[commands]: default_timeout_s ({}) must be above 0 and at most max_deadline_s ({}); max_pending_per_device ({}) must be above 0",
+                c.default_timeout_s, c.max_deadline_s, c.max_pending_per_device
+            ));
+        }
         Ok(())
+    }
+
+    pub(crate) fn outbox_limits(&self) -> fleetlink_core::command::OutboxLimits {
+        fleetlink_core::command::OutboxLimits {
+            max_pending: self.commands.max_pending_per_device,
+            max_deadline_us: (self.commands.max_deadline_s as i64).saturating_mul(1_000_000),
+        }
     }
 
     pub(crate) fn heartbeat_timeout(&self) -> Duration {

@@ -3,11 +3,13 @@
 //! core. The CLI, the tests and (later) the Python bindings embed it through [`Server::start`].
 
 mod actor;
+mod command;
 mod config;
 mod operator;
 mod registry;
 mod session;
 mod tls;
+mod twin;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,7 +21,7 @@ use fleetlink_core::TimeUs;
 use fleetlink_store::{SqliteOptions, SqliteStore, Store, Synchronous};
 use tokio::sync::{oneshot, watch};
 
-pub use config::ServerConfig;
+pub use config::{CommandsConfig, ServerConfig};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -253,8 +255,13 @@ async fn setup(config: ServerConfig, cores: usize) -> Result<Setup, ServerError>
         config.arbiters
     };
     let arbiters: Vec<actix::Arbiter> = (0..n_arbiters).map(|_| actix::Arbiter::new()).collect();
-    let registry =
-        registry::DeviceRegistry::new(&arbiters, store.clone(), config.heartbeat_timeout());
+    let settings = actor::ActorSettings {
+        heartbeat_timeout: config.heartbeat_timeout(),
+        outbox_limits: config.outbox_limits(),
+        max_frame_bytes: config.max_frame_bytes,
+        io: tokio::runtime::Handle::current(),
+    };
+    let registry = registry::DeviceRegistry::new(&arbiters, store.clone(), settings);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shared = Arc::new(session::Shared {
         config,
@@ -283,6 +290,21 @@ async fn serve(
     mut stop: oneshot::Receiver<()>,
     shutdown: watch::Sender<bool>,
 ) {
+    // Devices with unfinished commands get their actor now, so deadlines pass even for devices
+    // that never come back.
+    let waking = shared.clone();
+    tokio::spawn(async move {
+        match waking.store.devices_with_open_commands().await {
+            Ok(devices) => {
+                for id in devices {
+                    if let Err(error) = waking.registry.get_or_start(&id).await {
+                        tracing::error!(device = %id, %error, "cannot start the actor of a device with unfinished commands");
+                    }
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot list devices with unfinished commands"),
+        }
+    });
     loop {
         tokio::select! {
             incoming = endpoint.accept() => match incoming {

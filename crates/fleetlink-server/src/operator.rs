@@ -15,8 +15,13 @@ use fleetlink_transport::{FrameReader, write_frame};
 use rand::RngCore as _;
 
 use crate::actor::{GetSnapshot, Snapshot};
+use crate::command::{CancelCommand, CommandError, SubmitCommand, WatchCommand};
 use crate::now_us;
 use crate::session::{Control, Shared, close_with_error, welcome};
+use crate::twin::{GetTwin, TwinRequestError, UpdateDesired};
+use fleetlink_core::command::CommandState;
+use fleetlink_core::twin::TwinPatch;
+use fleetlink_store::{CommandFilter, CommandRecord, NewCommand};
 
 /// Points per TelemetryPage frame (well under the frame size limit).
 const POINTS_PER_PAGE: usize = 2_000;
@@ -110,7 +115,9 @@ fn error(code: ErrorCode, message: impl Into<String>) -> RequestError {
 
 fn store_error(e: StoreError) -> RequestError {
     match e {
-        StoreError::UnknownDevice(_) => error(ErrorCode::NotFound, e.to_string()),
+        StoreError::UnknownDevice(_) | StoreError::UnknownCommand(_) => {
+            error(ErrorCode::NotFound, e.to_string())
+        }
         StoreError::DeviceExists(_) => error(ErrorCode::AlreadyExists, e.to_string()),
         other => error(ErrorCode::Unavailable, other.to_string()),
     }
@@ -157,6 +164,14 @@ async fn handle(shared: &Shared, req: operator_request::Request) -> Vec<Operator
         Request::GetDevice(r) => get_device(shared, r).await,
         Request::QueryTelemetry(r) => query_telemetry(shared, r).await,
         Request::ProvisionDevice(r) => provision(shared, r).await,
+        Request::GetTwin(r) => get_twin(shared, r).await,
+        Request::UpdateDesired(r) => update_desired(shared, r).await,
+        Request::SendCommand(r) => send_command(shared, r).await,
+        Request::GetCommand(r) => get_command(shared, r).await,
+        Request::ListCommands(r) => list_commands(shared, r).await,
+        Request::CancelCommand(r) => cancel_command(shared, r).await,
+        Request::WaitCommand(r) => wait_command(shared, r).await,
+        Request::PresenceHistory(r) => presence_history(shared, r).await,
     };
     result.unwrap_or_else(|e| vec![e.into_response()])
 }
@@ -357,4 +372,330 @@ pub(crate) fn new_token() -> Token {
     let mut bytes = [0u8; Token::BYTES];
     rand::rng().fill_bytes(&mut bytes); // ThreadRng: a CSPRNG seeded from the OS
     Token::from_random_bytes(bytes)
+}
+
+fn respond(response: operator_response::Response) -> Result<Vec<OperatorResponse>, RequestError> {
+    Ok(vec![OperatorResponse {
+        response: Some(response),
+    }])
+}
+
+fn mailbox_error(e: actix::MailboxError) -> RequestError {
+    error(
+        ErrorCode::Unavailable,
+        format!("device actor unavailable: {e}"),
+    )
+}
+
+/// The actor of a provisioned device, started if needed (twins and commands of offline devices
+/// are served by their actor too).
+async fn actor_of(
+    shared: &Shared,
+    device: &str,
+) -> Result<(DeviceId, actix::Addr<crate::actor::DeviceActor>), RequestError> {
+    let id = device_id(device)?;
+    let actor = shared
+        .registry
+        .get_or_start(&id)
+        .await
+        .map_err(store_error)?;
+    Ok((id, actor))
+}
+
+fn twin_error(e: TwinRequestError) -> RequestError {
+    error(crate::session::twin_error_code(&e), e.to_string())
+}
+
+async fn get_twin(shared: &Shared, r: v1::GetTwin) -> Result<Vec<OperatorResponse>, RequestError> {
+    let (id, actor) = actor_of(shared, &r.device_id).await?;
+    let view = actor.send(GetTwin).await.map_err(mailbox_error)?;
+    respond(operator_response::Response::Twin(
+        view.to_proto(id.as_str()),
+    ))
+}
+
+async fn update_desired(
+    shared: &Shared,
+    r: v1::UpdateDesired,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    let patch = TwinPatch::parse(&r.patch_json)
+        .map_err(|e| error(ErrorCode::InvalidArgument, e.to_string()))?;
+    let (id, actor) = actor_of(shared, &r.device_id).await?;
+    let view = actor
+        .send(UpdateDesired {
+            patch,
+            expected_version: r.expected_version,
+        })
+        .await
+        .map_err(mailbox_error)?
+        .map_err(twin_error)?;
+    respond(operator_response::Response::Twin(
+        view.to_proto(id.as_str()),
+    ))
+}
+
+fn command_error(e: CommandError) -> RequestError {
+    let code = match &e {
+        CommandError::Limit(_) => ErrorCode::LimitExceeded,
+        CommandError::Store(StoreError::UnknownCommand(_) | StoreError::UnknownDevice(_)) => {
+            ErrorCode::NotFound
+        }
+        CommandError::Store(_) => ErrorCode::Unavailable,
+        CommandError::Finished { .. } => ErrorCode::Conflict,
+    };
+    error(code, e.to_string())
+}
+
+/// Longest command name accepted.
+const MAX_COMMAND_NAME: usize = 128;
+/// Longest idempotency key accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+async fn send_command(
+    shared: &Shared,
+    r: v1::SendCommand,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    if r.name.is_empty() || r.name.len() > MAX_COMMAND_NAME || r.name.chars().any(char::is_control)
+    {
+        return Err(error(
+            ErrorCode::InvalidArgument,
+            format!(
+                "command name {:?} must be 1 to {MAX_COMMAND_NAME} characters without control characters",
+                r.name
+            ),
+        ));
+    }
+    if r.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(error(
+            ErrorCode::InvalidArgument,
+            format!("the idempotency key is longer than {MAX_IDEMPOTENCY_KEY} bytes"),
+        ));
+    }
+    let args_json = if r.args_json.trim().is_empty() {
+        "null".to_owned()
+    } else {
+        let args: serde_json::Value = serde_json::from_str(&r.args_json).map_err(|e| {
+            error(
+                ErrorCode::InvalidArgument,
+                format!("command arguments are not valid JSON: {e}"),
+            )
+        })?;
+        args.to_string()
+    };
+    let (id, actor) = actor_of(shared, &r.device_id).await?;
+    let now = now_us();
+    let default_timeout = i64::try_from(shared.config.commands.default_timeout_s)
+        .unwrap_or(i64::MAX / 2_000_000)
+        .saturating_mul(1_000_000);
+    let deadline_us = if r.deadline_us == 0 {
+        now.saturating_add(default_timeout)
+    } else {
+        r.deadline_us
+    };
+    let new = NewCommand {
+        device: id,
+        name: r.name,
+        args_json,
+        idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
+        concurrent: r.concurrent,
+        created_us: now,
+        deadline_us,
+    };
+    let record = actor
+        .send(SubmitCommand(new))
+        .await
+        .map_err(mailbox_error)?
+        .map_err(command_error)?;
+    respond(operator_response::Response::Command(command_info(&record)))
+}
+
+async fn stored_command(shared: &Shared, id: u64) -> Result<CommandRecord, RequestError> {
+    shared
+        .store
+        .command(id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| store_error(StoreError::UnknownCommand(id)))
+}
+
+async fn get_command(
+    shared: &Shared,
+    r: v1::GetCommand,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    let record = stored_command(shared, r.command_id).await?;
+    respond(operator_response::Response::Command(command_info(&record)))
+}
+
+/// Commands per CommandPage when none is asked for.
+const DEFAULT_COMMAND_PAGE: usize = 100;
+
+async fn list_commands(
+    shared: &Shared,
+    r: v1::ListCommands,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    let device = device_id(&r.device_id)?;
+    let state = match v1::CommandState::try_from(r.state) {
+        Ok(v1::CommandState::Unspecified) => None,
+        Ok(s) => Some(command_state_from_proto(s)),
+        Err(_) => {
+            return Err(error(
+                ErrorCode::InvalidArgument,
+                format!("unknown command state {}", r.state),
+            ));
+        }
+    };
+    let records = shared
+        .store
+        .list_commands(CommandFilter {
+            device,
+            state,
+            before_id: (r.before_id != 0).then_some(r.before_id),
+            limit: if r.limit == 0 {
+                DEFAULT_COMMAND_PAGE
+            } else {
+                r.limit as usize
+            },
+        })
+        .await
+        .map_err(store_error)?;
+    respond(operator_response::Response::Commands(v1::CommandPage {
+        commands: records.iter().map(command_info).collect(),
+    }))
+}
+
+async fn cancel_command(
+    shared: &Shared,
+    r: v1::CancelCommand,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    let record = stored_command(shared, r.command_id).await?;
+    let actor = shared
+        .registry
+        .get_or_start(&record.device)
+        .await
+        .map_err(store_error)?;
+    let record = actor
+        .send(CancelCommand(r.command_id))
+        .await
+        .map_err(mailbox_error)?
+        .map_err(command_error)?;
+    respond(operator_response::Response::Command(command_info(&record)))
+}
+
+/// Longest wait a WaitCommand may ask for.
+const MAX_WAIT_MS: u32 = 600_000;
+
+async fn wait_command(
+    shared: &Shared,
+    r: v1::WaitCommand,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    if r.timeout_ms > MAX_WAIT_MS {
+        return Err(error(
+            ErrorCode::InvalidArgument,
+            format!(
+                "timeout_ms {} is above the maximum of {MAX_WAIT_MS}; wait again instead",
+                r.timeout_ms
+            ),
+        ));
+    }
+    let record = stored_command(shared, r.command_id).await?;
+    if record.state.is_terminal() {
+        return respond(operator_response::Response::Command(command_info(&record)));
+    }
+    let actor = shared
+        .registry
+        .get_or_start(&record.device)
+        .await
+        .map_err(store_error)?;
+    let watch = actor
+        .send(WatchCommand(r.command_id))
+        .await
+        .map_err(mailbox_error)?;
+    let timeout = std::time::Duration::from_millis(u64::from(r.timeout_ms));
+    let record = match watch {
+        Some(done) => match tokio::time::timeout(timeout, done).await {
+            Ok(Ok(record)) => record,
+            // Timed out, or the actor stopped: answer with what is stored.
+            _ => stored_command(shared, r.command_id).await?,
+        },
+        // Finished between the two reads: the store has its final state now.
+        None => stored_command(shared, r.command_id).await?,
+    };
+    respond(operator_response::Response::Command(command_info(&record)))
+}
+
+async fn presence_history(
+    shared: &Shared,
+    r: v1::PresenceHistory,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    let device = device_id(&r.device_id)?;
+    let limit = if r.limit == 0 { 100 } else { r.limit as usize };
+    let events = shared
+        .store
+        .presence_history(&device, limit)
+        .await
+        .map_err(store_error)?;
+    respond(operator_response::Response::PresenceHistory(
+        v1::PresencePage {
+            device_id: device.to_string(),
+            events: events
+                .into_iter()
+                .map(|e| v1::PresenceEvent {
+                    online: e.online,
+                    at_us: e.at_us,
+                    reason: e.reason,
+                    remote_addr: e.remote_addr,
+                    session_id: e.session,
+                })
+                .collect(),
+        },
+    ))
+}
+
+pub(crate) fn command_state_to_proto(s: CommandState) -> v1::CommandState {
+    match s {
+        CommandState::Queued => v1::CommandState::Queued,
+        CommandState::Delivered => v1::CommandState::Delivered,
+        CommandState::Succeeded => v1::CommandState::Succeeded,
+        CommandState::Failed => v1::CommandState::Failed,
+        CommandState::Expired => v1::CommandState::Expired,
+        CommandState::Rejected => v1::CommandState::Rejected,
+        CommandState::Cancelled => v1::CommandState::Cancelled,
+    }
+}
+
+fn command_state_from_proto(s: v1::CommandState) -> CommandState {
+    match s {
+        v1::CommandState::Unspecified | v1::CommandState::Queued => CommandState::Queued,
+        v1::CommandState::Delivered => CommandState::Delivered,
+        v1::CommandState::Succeeded => CommandState::Succeeded,
+        v1::CommandState::Failed => CommandState::Failed,
+        v1::CommandState::Expired => CommandState::Expired,
+        v1::CommandState::Rejected => CommandState::Rejected,
+        v1::CommandState::Cancelled => CommandState::Cancelled,
+    }
+}
+
+fn command_info(r: &CommandRecord) -> v1::CommandInfo {
+    v1::CommandInfo {
+        command_id: r.id,
+        device_id: r.device.to_string(),
+        name: r.name.clone(),
+        args_json: r.args_json.clone(),
+        state: command_state_to_proto(r.state).into(),
+        created_us: r.created_us,
+        deadline_us: r.deadline_us,
+        idempotency_key: r.idempotency_key.clone().unwrap_or_default(),
+        concurrent: r.concurrent,
+        result_json: r.result_json.clone().unwrap_or_default(),
+        error: r.error.clone().unwrap_or_default(),
+        history: r
+            .history
+            .iter()
+            .map(|(s, at)| v1::CommandTransition {
+                state: command_state_to_proto(*s).into(),
+                at_us: *at,
+            })
+            .collect(),
+        attempts: r.attempts,
+    }
 }

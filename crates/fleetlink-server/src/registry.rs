@@ -3,13 +3,12 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use actix::{Actor, Addr, Arbiter};
 use fleetlink_core::DeviceId;
 use fleetlink_store::{Store, StoreError};
 
-use crate::actor::DeviceActor;
+use crate::actor::{ActorSettings, DeviceActor, StoredState};
 
 /// Every device actor started so far, by device id.
 #[derive(Debug)]
@@ -17,20 +16,20 @@ pub(crate) struct DeviceRegistry {
     actors: Mutex<HashMap<DeviceId, Addr<DeviceActor>>>,
     arbiters: Vec<actix::ArbiterHandle>,
     store: Arc<dyn Store>,
-    heartbeat_timeout: Duration,
+    settings: ActorSettings,
 }
 
 impl DeviceRegistry {
     pub(crate) fn new(
         arbiters: &[Arbiter],
         store: Arc<dyn Store>,
-        heartbeat_timeout: Duration,
+        settings: ActorSettings,
     ) -> Self {
         Self {
             actors: Mutex::new(HashMap::new()),
             arbiters: arbiters.iter().map(Arbiter::handle).collect(),
             store,
-            heartbeat_timeout,
+            settings,
         }
     }
 
@@ -60,6 +59,8 @@ impl DeviceRegistry {
             .device(id)
             .await?
             .ok_or_else(|| StoreError::UnknownDevice(id.clone()))?;
+        let twin = self.store.twin(id).await?;
+        let open_commands = self.store.open_commands(id).await?;
         let mut actors = self
             .actors
             .lock()
@@ -71,10 +72,16 @@ impl DeviceRegistry {
         id.hash(&mut hasher);
         let arbiter = &self.arbiters[(hasher.finish() % self.arbiters.len() as u64) as usize];
         let store = self.store.clone();
-        let timeout = self.heartbeat_timeout;
+        let settings = self.settings.clone();
         let device = id.clone();
+        let stored = StoredState {
+            last_seq: record.last_seq,
+            last_values: record.last_values,
+            twin,
+            open_commands,
+        };
         let addr = DeviceActor::start_in_arbiter(arbiter, move |_| {
-            DeviceActor::new(device, store, record.last_seq, record.last_values, timeout)
+            DeviceActor::new(device, store, stored, settings)
         });
         actors.insert(id.clone(), addr.clone());
         Ok(addr)

@@ -19,8 +19,9 @@ use fleetlink_transport::{FrameReader, TransportError, write_frame};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
 
-use crate::actor::{Attach, Detach, Ingest, Kick, Seen};
+use crate::actor::{Attach, Detach, Ingest, Kick, Link, Seen};
 use crate::registry::DeviceRegistry;
+use crate::twin::{Ready, ReportTwin, TwinRequestError};
 use crate::{ServerConfig, now_us};
 
 /// What every session shares.
@@ -334,10 +335,22 @@ async fn device_session(
     }
     reader.set_max_frame_bytes(shared.config.max_frame_bytes);
     tracing::debug!(last_stored, "welcome sent");
+    let (delta_tx, mut delta_rx) = watch::channel(None);
+    let link = Link {
+        session,
+        conn: conn.clone(),
+        delta: delta_tx,
+    };
+    if actor.send(Ready(link)).await.is_err() {
+        return;
+    }
 
     let (out_tx, mut out_rx) = mpsc::channel::<ServerControl>(16);
-    // Everything this session sends on the control stream goes through here, acks coalesced.
+    // Everything this session sends on the control stream goes through here: acks coalesced,
+    // and of twin deltas only the latest.
     let writer = async move {
+        // The actor drops its end when the session is replaced or ends: not a reason to stop.
+        let mut deltas_open = true;
         loop {
             let frame = tokio::select! {
                 m = out_rx.recv() => match m { Some(m) => m, None => return send },
@@ -345,6 +358,11 @@ async fn device_session(
                     if changed.is_err() { return send; }
                     let seq = *durable.borrow_and_update();
                     ServerControl { msg: Some(server_control::Msg::Ack(v1::TelemetryAck { seq })) }
+                }
+                changed = delta_rx.changed(), if deltas_open => {
+                    if changed.is_err() { deltas_open = false; continue; }
+                    let Some(delta) = delta_rx.borrow_and_update().clone() else { continue };
+                    ServerControl { msg: Some(server_control::Msg::TwinDelta(delta)) }
                 }
             };
             if write_frame(&mut send, &frame).await.is_err() {
@@ -367,6 +385,34 @@ async fn device_session(
                         })),
                     };
                     if out_tx.send(hb).await.is_err() {
+                        return End::Closed("control stream closed".into());
+                    }
+                }
+                Ok(Some(ClientControl {
+                    msg: Some(client_control::Msg::TwinReport(report)),
+                })) => {
+                    let ack = match report_twin(&actor, session, &report).await {
+                        Ok(version) => v1::TwinReportAck {
+                            request_id: report.request_id,
+                            reported_version: version,
+                            error: None,
+                        },
+                        Err(TwinRequestError::NotCurrent) => {
+                            return End::Closed("replaced".into());
+                        }
+                        Err(e) => v1::TwinReportAck {
+                            request_id: report.request_id,
+                            reported_version: 0,
+                            error: Some(v1::Error {
+                                code: twin_error_code(&e).into(),
+                                message: e.to_string(),
+                            }),
+                        },
+                    };
+                    let ack = ServerControl {
+                        msg: Some(server_control::Msg::TwinReportAck(ack)),
+                    };
+                    if out_tx.send(ack).await.is_err() {
                         return End::Closed("control stream closed".into());
                     }
                 }
@@ -465,4 +511,27 @@ async fn device_session(
         }
     };
     let _ = actor.send(Detach { session, reason }).await;
+}
+
+async fn report_twin(
+    actor: &actix::Addr<crate::actor::DeviceActor>,
+    session: SessionId,
+    report: &v1::TwinReport,
+) -> Result<u64, TwinRequestError> {
+    let patch = fleetlink_core::twin::TwinPatch::parse(&report.patch_json)?;
+    actor
+        .send(ReportTwin { session, patch })
+        .await
+        .map_err(|_| TwinRequestError::NotCurrent)?
+}
+
+/// The wire code of a failed twin request.
+pub(crate) fn twin_error_code(e: &TwinRequestError) -> ErrorCode {
+    use fleetlink_core::twin::TwinError;
+    match e {
+        TwinRequestError::Twin(TwinError::Conflict { .. }) => ErrorCode::Conflict,
+        TwinRequestError::Twin(_) => ErrorCode::InvalidArgument,
+        TwinRequestError::Store(_) => ErrorCode::Unavailable,
+        TwinRequestError::NotCurrent => ErrorCode::Replaced,
+    }
 }

@@ -8,10 +8,14 @@
 mod sqlite;
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use fleetlink_core::command::{CommandId, CommandState};
 use fleetlink_core::credentials::TokenHash;
+use fleetlink_core::twin::TwinDoc;
 use fleetlink_core::value::Batch;
 use fleetlink_core::{DeviceId, MetricName, TimeUs, Value};
 
@@ -38,6 +42,130 @@ pub enum StoreError {
     /// A blocking storage task panicked or was cancelled.
     #[error("storage task failed: {0}")]
     Task(String),
+    /// The group commit that carried this write failed; nothing of it was stored.
+    #[error("commit failed: {0}")]
+    CommitFailed(String),
+    /// No command has this id.
+    #[error("unknown command {0}")]
+    UnknownCommand(CommandId),
+}
+
+/// A write queued for the writer's next group commit. Writes are applied in the order they were
+/// queued (the call, not the first poll, queues them); the future resolves once the write is
+/// durable (or failed).
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+/// Which of a twin's two documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TwinSide {
+    /// Written by the device.
+    Reported,
+    /// Written by operators.
+    Desired,
+}
+
+/// Both documents of a device's twin.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoredTwin {
+    /// What the device last reported.
+    pub reported: TwinDoc,
+    /// What operators want.
+    pub desired: TwinDoc,
+}
+
+/// A command to queue.
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    /// Whose.
+    pub device: DeviceId,
+    /// Handler name on the device.
+    pub name: String,
+    /// Arguments as JSON text.
+    pub args_json: String,
+    /// A second command with the same key for the same device returns the first one.
+    pub idempotency_key: Option<String>,
+    /// Runs beside other commands instead of one at a time.
+    pub concurrent: bool,
+    /// When it was queued.
+    pub created_us: TimeUs,
+    /// When it expires.
+    pub deadline_us: TimeUs,
+}
+
+/// A command as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandRecord {
+    /// Unique id (grows with time).
+    pub id: CommandId,
+    /// Whose.
+    pub device: DeviceId,
+    /// Handler name.
+    pub name: String,
+    /// Arguments as JSON text.
+    pub args_json: String,
+    /// The operator's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Runs beside other commands.
+    pub concurrent: bool,
+    /// When it was queued.
+    pub created_us: TimeUs,
+    /// When it expires.
+    pub deadline_us: TimeUs,
+    /// Current state.
+    pub state: CommandState,
+    /// Deliveries so far.
+    pub attempts: u32,
+    /// The handler's result (JSON text).
+    pub result_json: Option<String>,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// Every state change, oldest first.
+    pub history: Vec<(CommandState, TimeUs)>,
+}
+
+/// A state change of a command, written with its result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandUpdate {
+    /// Which command.
+    pub id: CommandId,
+    /// The new state.
+    pub state: CommandState,
+    /// When it changed.
+    pub at_us: TimeUs,
+    /// Deliveries so far.
+    pub attempts: u32,
+    /// The handler's result (JSON text).
+    pub result_json: Option<String>,
+    /// What went wrong.
+    pub error: Option<String>,
+}
+
+/// Which commands to list.
+#[derive(Debug, Clone)]
+pub struct CommandFilter {
+    /// Whose.
+    pub device: DeviceId,
+    /// Only this state.
+    pub state: Option<CommandState>,
+    /// Only ids below this one (paging).
+    pub before_id: Option<CommandId>,
+    /// At most this many, newest first.
+    pub limit: usize,
+}
+
+/// One online or offline event of a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceRecord {
+    /// Online (true) or offline.
+    pub online: bool,
+    /// When.
+    pub at_us: TimeUs,
+    /// Why it went offline ("closed", "timeout", ...); empty for online events.
+    pub reason: String,
+    /// The connection's remote address.
+    pub remote_addr: String,
+    /// The server's session id of the connection.
+    pub session: u64,
 }
 
 /// A device to create.
@@ -172,4 +300,40 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Points stored in all, over every device.
     async fn point_count(&self) -> Result<u64, StoreError>;
+
+    /// Both twin documents of a device (empty documents if it never had any).
+    async fn twin(&self, device: &DeviceId) -> Result<StoredTwin, StoreError>;
+
+    /// Replaces one twin document of a device (queued write).
+    fn save_twin(&self, device: &DeviceId, side: TwinSide, doc: &TwinDoc) -> StoreFuture<()>;
+
+    /// Stores a new command in state queued (queued write). If the device already has a command
+    /// with the same idempotency key, stores nothing and returns that one; the flag says whether
+    /// the returned command is new.
+    fn insert_command(&self, command: NewCommand) -> StoreFuture<(CommandRecord, bool)>;
+
+    /// Records a state change of a command (queued write).
+    fn update_command(&self, update: CommandUpdate) -> StoreFuture<()>;
+
+    /// One command.
+    async fn command(&self, id: CommandId) -> Result<Option<CommandRecord>, StoreError>;
+
+    /// Commands of a device, newest first.
+    async fn list_commands(&self, filter: CommandFilter) -> Result<Vec<CommandRecord>, StoreError>;
+
+    /// Commands of a device not yet in a terminal state, oldest first.
+    async fn open_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError>;
+
+    /// Devices with commands not yet in a terminal state.
+    async fn devices_with_open_commands(&self) -> Result<Vec<DeviceId>, StoreError>;
+
+    /// Appends to a device's connection history (queued write).
+    fn record_presence(&self, device: &DeviceId, event: PresenceRecord) -> StoreFuture<()>;
+
+    /// A device's connection history, newest first.
+    async fn presence_history(
+        &self,
+        device: &DeviceId,
+        limit: usize,
+    ) -> Result<Vec<PresenceRecord>, StoreError>;
 }

@@ -10,14 +10,17 @@ use fleetlink_core::credentials::TokenHash;
 use fleetlink_core::{DeviceId, GeoPosition, MetricName, TimeUs, Value, ValueKind};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::{
-    AppendBatch, DeviceRecord, MetricValue, NewDevice, Store, StoreError, StoredPoint,
-    TelemetryQuery,
+    AppendBatch, CommandFilter, CommandRecord, CommandUpdate, DeviceRecord, MetricValue,
+    NewCommand, NewDevice, PresenceRecord, Store, StoreError, StoreFuture, StoredPoint, StoredTwin,
+    TelemetryQuery, TwinSide,
 };
+use fleetlink_core::command::{CommandId, CommandState};
+use fleetlink_core::twin::TwinDoc;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS admin_tokens (
@@ -59,6 +62,45 @@ CREATE TABLE IF NOT EXISTS last_values (
     lat REAL, lon REAL, alt REAL, speed REAL, heading REAL, accuracy REAL,
     PRIMARY KEY (device, metric)
 ) WITHOUT ROWID, STRICT;
+CREATE TABLE IF NOT EXISTS twins (
+    device            INTEGER PRIMARY KEY REFERENCES devices(id),
+    reported          TEXT NOT NULL DEFAULT '{}',
+    reported_meta     TEXT NOT NULL DEFAULT '{}',
+    reported_version  INTEGER NOT NULL DEFAULT 0,
+    desired           TEXT NOT NULL DEFAULT '{}',
+    desired_meta      TEXT NOT NULL DEFAULT '{}',
+    desired_version   INTEGER NOT NULL DEFAULT 0
+) STRICT;
+CREATE TABLE IF NOT EXISTS commands (
+    id               INTEGER PRIMARY KEY,
+    device           INTEGER NOT NULL REFERENCES devices(id),
+    name             TEXT NOT NULL,
+    args             TEXT NOT NULL,
+    idempotency_key  TEXT,
+    concurrent       INTEGER NOT NULL,
+    created_us       INTEGER NOT NULL,
+    deadline_us      INTEGER NOT NULL,
+    state            TEXT NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    result           TEXT,
+    error            TEXT,
+    history          TEXT NOT NULL
+) STRICT;
+CREATE UNIQUE INDEX IF NOT EXISTS commands_idempotency ON commands (device, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS commands_by_device ON commands (device, id);
+CREATE INDEX IF NOT EXISTS commands_open ON commands (device, id)
+    WHERE state IN ('queued', 'delivered');
+CREATE TABLE IF NOT EXISTS presence_events (
+    id       INTEGER PRIMARY KEY,
+    device   INTEGER NOT NULL REFERENCES devices(id),
+    online   INTEGER NOT NULL,
+    at_us    INTEGER NOT NULL,
+    reason   TEXT NOT NULL,
+    remote   TEXT NOT NULL,
+    session  INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS presence_by_device ON presence_events (device, id);
 ";
 
 /// How hard SQLite works to survive a crash.
@@ -102,13 +144,29 @@ pub struct SqliteStore {
 #[derive(Debug)]
 struct Inner {
     path: PathBuf,
-    writes: mpsc::Sender<WriterJob>,
+    writes: mpsc::UnboundedSender<WriterJob>,
+    /// Room in the writer's queue for telemetry batches (backpressure for [`Store::append`]).
+    append_room: Arc<Semaphore>,
     readers: Mutex<Vec<Connection>>,
 }
 
-#[derive(Debug)]
+/// Runs inside the writer's transaction (under a savepoint); returns what to do once the
+/// transaction committed (`None`) or failed (`Some(error)`).
+type ControlJob = Box<dyn FnOnce(&Connection) -> Finisher + Send>;
+type Finisher = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
 enum WriterJob {
-    Append(AppendBatch),
+    Append(AppendBatch, OwnedSemaphorePermit),
+    Control(ControlJob),
+}
+
+impl std::fmt::Debug for WriterJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriterJob::Append(b, _) => f.debug_tuple("Append").field(&b.batch.seq).finish(),
+            WriterJob::Control(_) => f.write_str("Control"),
+        }
+    }
 }
 
 impl SqliteStore {
@@ -117,7 +175,7 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let mut conn = open_connection(&path, options.synchronous)?;
         migrate(&mut conn)?;
-        let (tx, rx) = mpsc::channel(options.queue_batches.max(1));
+        let (tx, rx) = mpsc::unbounded_channel();
         let max_points = options.max_commit_points.max(1);
         std::thread::Builder::new()
             .name("fleetlink-store-writer".into())
@@ -127,6 +185,7 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 path,
                 writes: tx,
+                append_room: Arc::new(Semaphore::new(options.queue_batches.max(1))),
                 readers: Mutex::new(Vec::new()),
             }),
         })
@@ -164,6 +223,31 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Queues `f` for the writer's next group commit, where it runs under its own savepoint: an
+    /// error of `f` undoes only its own changes. The future resolves once the commit is durable.
+    fn control<T, F>(&self, f: F) -> StoreFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
+        let job: ControlJob = Box::new(move |conn: &Connection| -> Finisher {
+            let result = in_savepoint(conn, f);
+            Box::new(move |commit_error: Option<&StoreError>| {
+                let outcome = match (commit_error, result) {
+                    (Some(e), _) => Err(StoreError::CommitFailed(e.to_string())),
+                    (None, r) => r,
+                };
+                let _ = tx.send(outcome);
+            })
+        });
+        let queued = self.inner.writes.send(WriterJob::Control(job));
+        Box::pin(async move {
+            queued.map_err(|_| StoreError::Closed)?;
+            rx.await.map_err(|_| StoreError::Closed)?
+        })
     }
 
     /// Runs `f` on a short-lived connection that writes registry data (devices, tokens). Telemetry
@@ -219,6 +303,31 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
     Ok(())
+}
+
+fn job_points(job: &WriterJob) -> usize {
+    match job {
+        WriterJob::Append(b, _) => b.batch.points.len(),
+        WriterJob::Control(_) => 1,
+    }
+}
+
+/// Runs `f` under a savepoint: its changes are kept if it succeeds, undone if it fails.
+fn in_savepoint<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.execute_batch("SAVEPOINT control")?;
+    match f(conn) {
+        Ok(v) => {
+            conn.execute_batch("RELEASE control")?;
+            Ok(v)
+        }
+        Err(e) => {
+            conn.execute_batch("ROLLBACK TO control; RELEASE control")?;
+            Err(e)
+        }
+    }
 }
 
 /// Columns `kind, value, lat, lon, alt, speed, heading, accuracy` of a value.
@@ -342,6 +451,131 @@ fn load_devices(
             last_seq: last_seq as u64,
             point_count: point_count as u64,
             last_values: load_last_values(conn, rowid)?,
+        });
+    }
+    Ok(out)
+}
+
+fn device_rowid(conn: &Connection, id: &DeviceId) -> Result<i64, StoreError> {
+    conn.prepare_cached("SELECT id FROM devices WHERE name = ?1")?
+        .query_row([id.as_str()], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| StoreError::UnknownDevice(id.clone()))
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn parse_json(text: &str, what: &str) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(text).map_err(|e| corrupt(format!("{what}: {e}")))
+}
+
+fn load_twin_doc(doc: &str, meta: &str, version: i64, what: &str) -> Result<TwinDoc, StoreError> {
+    TwinDoc::from_parts(
+        &parse_json(doc, what)?,
+        &parse_json(meta, what)?,
+        version as u64,
+    )
+    .map_err(|e| corrupt(format!("{what}: {e}")))
+}
+
+const COMMAND_COLUMNS: &str = "c.id, d.name, c.name, c.args, c.idempotency_key, c.concurrent,
+    c.created_us, c.deadline_us, c.state, c.attempts, c.result, c.error, c.history";
+
+fn command_state(s: &str) -> Result<CommandState, StoreError> {
+    CommandState::parse(s).ok_or_else(|| corrupt(format!("unknown command state {s:?}")))
+}
+
+fn history_json(history: &[(CommandState, TimeUs)]) -> String {
+    let items: Vec<serde_json::Value> = history
+        .iter()
+        .map(|(s, t)| serde_json::json!([s.name(), t]))
+        .collect();
+    serde_json::Value::Array(items).to_string()
+}
+
+fn parse_history(text: &str) -> Result<Vec<(CommandState, TimeUs)>, StoreError> {
+    let items: Vec<(String, TimeUs)> =
+        serde_json::from_str(text).map_err(|e| corrupt(format!("command history: {e}")))?;
+    items
+        .into_iter()
+        .map(|(s, t)| Ok((command_state(&s)?, t)))
+        .collect()
+}
+
+fn load_commands(
+    conn: &Connection,
+    where_clause: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<CommandRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {COMMAND_COLUMNS} FROM commands c JOIN devices d ON d.id = c.device {where_clause}"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    type Row = (
+        i64,
+        String,
+        String,
+        String,
+        Option<String>,
+        bool,
+        i64,
+        i64,
+        String,
+        i64,
+        Option<String>,
+        Option<String>,
+        String,
+    );
+    let rows = stmt.query_map(params, |r| {
+        Ok::<Row, rusqlite::Error>((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+            r.get(6)?,
+            r.get(7)?,
+            r.get(8)?,
+            r.get(9)?,
+            r.get(10)?,
+            r.get(11)?,
+            r.get(12)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (
+            id,
+            device,
+            name,
+            args,
+            key,
+            concurrent,
+            created,
+            deadline,
+            state,
+            attempts,
+            result,
+            error,
+            history,
+        ) = row?;
+        out.push(CommandRecord {
+            id: id as CommandId,
+            device: device_id(device)?,
+            name,
+            args_json: args,
+            idempotency_key: key,
+            concurrent,
+            created_us: created,
+            deadline_us: deadline,
+            state: command_state(&state)?,
+            attempts: attempts as u32,
+            result_json: result,
+            error,
+            history: parse_history(&history)?,
         });
     }
     Ok(out)
@@ -499,10 +733,16 @@ impl Store for SqliteStore {
     }
 
     async fn append(&self, batch: AppendBatch) -> Result<(), StoreError> {
+        let permit = self
+            .inner
+            .append_room
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
         self.inner
             .writes
-            .send(WriterJob::Append(batch))
-            .await
+            .send(WriterJob::Append(batch, permit))
             .map_err(|_| StoreError::Closed)
     }
 
@@ -513,6 +753,225 @@ impl Store for SqliteStore {
                 [],
                 |r| r.get::<_, i64>(0),
             )? as u64)
+        })
+        .await
+    }
+
+    async fn twin(&self, device: &DeviceId) -> Result<StoredTwin, StoreError> {
+        let device = device.clone();
+        self.read(move |conn| {
+            let rowid = device_rowid(conn, &device)?;
+            let row: Option<(String, String, i64, String, String, i64)> = conn
+                .prepare_cached(
+                    "SELECT reported, reported_meta, reported_version, desired, desired_meta, desired_version
+                     FROM twins WHERE device = ?1",
+                )?
+                .query_row([rowid], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                })
+                .optional()?;
+            let Some((rep, rep_meta, rep_v, des, des_meta, des_v)) = row else {
+                return Ok(StoredTwin::default());
+            };
+            Ok(StoredTwin {
+                reported: load_twin_doc(&rep, &rep_meta, rep_v, &format!("reported twin of {device}"))?,
+                desired: load_twin_doc(&des, &des_meta, des_v, &format!("desired twin of {device}"))?,
+            })
+        })
+        .await
+    }
+
+    fn save_twin(&self, device: &DeviceId, side: TwinSide, doc: &TwinDoc) -> StoreFuture<()> {
+        let device = device.clone();
+        let text = doc.to_json().to_string();
+        let meta = doc.metadata_json().to_string();
+        let version = doc.version() as i64;
+        self.control(move |conn| {
+            let rowid = device_rowid(conn, &device)?;
+            let sql = match side {
+                TwinSide::Reported => {
+                    "INSERT INTO twins (device, reported, reported_meta, reported_version) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(device) DO UPDATE SET reported = excluded.reported,
+                        reported_meta = excluded.reported_meta, reported_version = excluded.reported_version"
+                }
+                TwinSide::Desired => {
+                    "INSERT INTO twins (device, desired, desired_meta, desired_version) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(device) DO UPDATE SET desired = excluded.desired,
+                        desired_meta = excluded.desired_meta, desired_version = excluded.desired_version"
+                }
+            };
+            conn.prepare_cached(sql)?
+                .execute(params![rowid, text, meta, version])?;
+            Ok(())
+        })
+    }
+
+    fn insert_command(&self, c: NewCommand) -> StoreFuture<(CommandRecord, bool)> {
+        self.control(move |conn| {
+            let rowid = device_rowid(conn, &c.device)?;
+            if let Some(key) = &c.idempotency_key {
+                let existing = load_commands(
+                    conn,
+                    "WHERE c.device = ?1 AND c.idempotency_key = ?2",
+                    &[&rowid, key],
+                )?;
+                if let Some(first) = existing.into_iter().next() {
+                    return Ok((first, false));
+                }
+            }
+            let history = vec![(CommandState::Queued, c.created_us)];
+            conn.prepare_cached(
+                "INSERT INTO commands (device, name, args, idempotency_key, concurrent, created_us,
+                                       deadline_us, state, attempts, history)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9)",
+            )?
+            .execute(params![
+                rowid,
+                c.name,
+                c.args_json,
+                c.idempotency_key,
+                c.concurrent,
+                c.created_us,
+                c.deadline_us,
+                CommandState::Queued.name(),
+                history_json(&history)
+            ])?;
+            let id = conn.last_insert_rowid() as CommandId;
+            Ok((
+                CommandRecord {
+                    id,
+                    device: c.device,
+                    name: c.name,
+                    args_json: c.args_json,
+                    idempotency_key: c.idempotency_key,
+                    concurrent: c.concurrent,
+                    created_us: c.created_us,
+                    deadline_us: c.deadline_us,
+                    state: CommandState::Queued,
+                    attempts: 0,
+                    result_json: None,
+                    error: None,
+                    history,
+                },
+                true,
+            ))
+        })
+    }
+
+    fn update_command(&self, u: CommandUpdate) -> StoreFuture<()> {
+        self.control(move |conn| {
+            let history: String = conn
+                .prepare_cached("SELECT history FROM commands WHERE id = ?1")?
+                .query_row([u.id as i64], |r| r.get(0))
+                .optional()?
+                .ok_or(StoreError::UnknownCommand(u.id))?;
+            let mut history = parse_history(&history)?;
+            if history.last().map(|h| h.0) != Some(u.state) {
+                history.push((u.state, u.at_us));
+            }
+            conn.prepare_cached(
+                "UPDATE commands SET state = ?2, attempts = ?3, result = ?4, error = ?5, history = ?6
+                 WHERE id = ?1",
+            )?
+            .execute(params![
+                u.id as i64,
+                u.state.name(),
+                u.attempts,
+                u.result_json,
+                u.error,
+                history_json(&history)
+            ])?;
+            Ok(())
+        })
+    }
+
+    async fn command(&self, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
+        self.read(move |conn| Ok(load_commands(conn, "WHERE c.id = ?1", &[&(id as i64)])?.pop()))
+            .await
+    }
+
+    async fn list_commands(&self, f: CommandFilter) -> Result<Vec<CommandRecord>, StoreError> {
+        self.read(move |conn| {
+            let rowid = device_rowid(conn, &f.device)?;
+            let state = f.state.map(CommandState::name);
+            let before = f.before_id.map_or(i64::MAX, |b| b as i64);
+            load_commands(
+                conn,
+                "WHERE c.device = ?1 AND (?2 IS NULL OR c.state = ?2) AND c.id < ?3
+                 ORDER BY c.id DESC LIMIT ?4",
+                &[&rowid, &state, &before, &(f.limit as i64)],
+            )
+        })
+        .await
+    }
+
+    async fn open_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
+        let device = device.clone();
+        self.read(move |conn| {
+            let rowid = device_rowid(conn, &device)?;
+            load_commands(
+                conn,
+                "WHERE c.device = ?1 AND c.state IN ('queued', 'delivered') ORDER BY c.id",
+                &[&rowid],
+            )
+        })
+        .await
+    }
+
+    async fn devices_with_open_commands(&self) -> Result<Vec<DeviceId>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT DISTINCT d.name FROM commands c JOIN devices d ON d.id = c.device
+                 WHERE c.state IN ('queued', 'delivered') ORDER BY d.name",
+            )?;
+            let rows = stmt.query_map([], |r| device_id(r.get(0)?))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    fn record_presence(&self, device: &DeviceId, e: PresenceRecord) -> StoreFuture<()> {
+        let device = device.clone();
+        self.control(move |conn| {
+            let rowid = device_rowid(conn, &device)?;
+            conn.prepare_cached(
+                "INSERT INTO presence_events (device, online, at_us, reason, remote, session)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                rowid,
+                e.online,
+                e.at_us,
+                e.reason,
+                e.remote_addr,
+                e.session as i64
+            ])?;
+            Ok(())
+        })
+    }
+
+    async fn presence_history(
+        &self,
+        device: &DeviceId,
+        limit: usize,
+    ) -> Result<Vec<PresenceRecord>, StoreError> {
+        let device = device.clone();
+        self.read(move |conn| {
+            let rowid = device_rowid(conn, &device)?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT online, at_us, reason, remote, session FROM presence_events
+                 WHERE device = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![rowid, limit as i64], |r| {
+                Ok(PresenceRecord {
+                    online: r.get(0)?,
+                    at_us: r.get(1)?,
+                    reason: r.get(2)?,
+                    remote_addr: r.get(3)?,
+                    session: r.get::<_, i64>(4)? as u64,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
         .await
     }
@@ -536,44 +995,76 @@ impl Writer {
         }
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<WriterJob>, max_points: usize) {
-        let mut jobs: Vec<AppendBatch> = Vec::new();
-        while let Some(WriterJob::Append(first)) = rx.blocking_recv() {
-            let mut points = first.batch.points.len();
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<WriterJob>, max_points: usize) {
+        let mut jobs: Vec<WriterJob> = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut points = job_points(&first);
             jobs.push(first);
             while points < max_points {
                 match rx.try_recv() {
-                    Ok(WriterJob::Append(job)) => {
-                        points += job.batch.points.len();
+                    Ok(job) => {
+                        points += job_points(&job);
                         jobs.push(job);
                     }
                     Err(_) => break,
                 }
             }
-            match self.commit(&jobs) {
+            let (appends, controls): (Vec<_>, Vec<_>) = std::mem::take(&mut jobs)
+                .into_iter()
+                .partition(|j| matches!(j, WriterJob::Append(..)));
+            let appends: Vec<AppendBatch> = appends
+                .into_iter()
+                .filter_map(|j| match j {
+                    WriterJob::Append(b, _permit) => Some(b), // the permit frees queue room
+                    WriterJob::Control(_) => None,
+                })
+                .collect();
+            let controls: Vec<ControlJob> = controls
+                .into_iter()
+                .filter_map(|j| match j {
+                    WriterJob::Control(c) => Some(c),
+                    WriterJob::Append(..) => None,
+                })
+                .collect();
+            let mut finishers = Vec::with_capacity(controls.len());
+            match self.commit(&appends, controls, &mut finishers) {
                 Ok(durable) => {
-                    tracing::trace!(batches = jobs.len(), points, "group commit");
-                    for (job, seq) in jobs.iter().zip(durable) {
+                    tracing::trace!(batches = appends.len(), points, "group commit");
+                    for finish in finishers {
+                        finish(None);
+                    }
+                    for (job, seq) in appends.iter().zip(durable) {
                         job.listener.durable(seq);
                     }
                 }
                 Err(error) => {
-                    tracing::error!(%error, batches = jobs.len(), "group commit failed; the devices will resend");
+                    tracing::error!(%error, batches = appends.len(), "group commit failed; the devices will resend");
                     // The cached watermarks may be ahead of what was rolled back.
                     self.devices.clear();
-                    for job in &jobs {
+                    for finish in finishers {
+                        finish(Some(&error));
+                    }
+                    for job in &appends {
                         job.listener.failed(job.batch.seq, &error);
                     }
                 }
             }
-            jobs.clear();
         }
         tracing::debug!("store writer stopped");
     }
 
     /// Stores every batch above its device's watermark; returns, per job, the device's durable seq.
-    fn commit(&mut self, jobs: &[AppendBatch]) -> Result<Vec<u64>, StoreError> {
+    fn commit(
+        &mut self,
+        jobs: &[AppendBatch],
+        controls: Vec<ControlJob>,
+        finishers: &mut Vec<Finisher>,
+    ) -> Result<Vec<u64>, StoreError> {
         let tx = self.conn.transaction()?;
+        // Control writes (twins, commands, presence) first, in the order they were queued.
+        for job in controls {
+            finishers.push(job(&tx));
+        }
         let mut durable = Vec::with_capacity(jobs.len());
         let mut last: HashMap<(i64, i64), (TimeUs, &Value)> = HashMap::new();
         let mut touched: HashMap<i64, (u64, i64, &DeviceId)> = HashMap::new(); // row id → (seq, points added, id)

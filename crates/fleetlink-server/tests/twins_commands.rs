@@ -1,0 +1,684 @@
+//! Twins, commands and presence history end to end: real QUIC on 127.0.0.1, real SQLite in a
+//! temporary directory, server restarts on the same data dir.
+
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns; a panic is the test failing
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use fleetlink_client::{
+    ClientError, CommandFailure, CommandRequest, CommandState, DesiredState, DeviceClient,
+    DeviceConfig, DeviceId, OperatorClient,
+};
+use fleetlink_proto::v1::ErrorCode;
+use fleetlink_server::{Server, ServerConfig};
+use serde_json::json;
+use tokio::sync::{Notify, watch};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn id(s: &str) -> DeviceId {
+    DeviceId::new(s).unwrap()
+}
+
+/// Waits until the device's desired state satisfies `check`.
+async fn desired_where(
+    rx: &mut watch::Receiver<Option<DesiredState>>,
+    check: impl Fn(&DesiredState) -> bool,
+) -> DesiredState {
+    let state = tokio::time::timeout(WAIT, rx.wait_for(|d| d.as_ref().is_some_and(&check)))
+        .await
+        .expect("the desired state never arrived")
+        .unwrap();
+    state.clone().unwrap()
+}
+
+async fn state_of(op: &OperatorClient, command: u64) -> CommandState {
+    op.command(command).await.unwrap().state
+}
+
+async fn wait_state(op: &OperatorClient, command: u64, want: CommandState) {
+    eventually(
+        WAIT,
+        &format!("command {command} {}", want.name()),
+        || async { state_of(op, command).await == want },
+    )
+    .await;
+}
+
+fn server_error(e: ClientError) -> (ErrorCode, String) {
+    match e {
+        ClientError::Server { code, message } => (code, message),
+        other => panic!("expected a server error, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twin_round_trip_and_delta_on_reconnect() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "truck-1").await;
+    let truck = id("truck-1");
+
+    let dev = DeviceClient::connect(ts.device_config("truck-1", &token))
+        .await
+        .unwrap();
+    let mut desired = dev.desired();
+    let first = desired_where(&mut desired, |_| true).await;
+    assert_eq!(first.delta, json!({}), "a new twin is in sync");
+
+    let twin = op
+        .set_desired(
+            &truck,
+            json!({"mode": "eco", "limits": {"speed": 80, "rpm": 3000}}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(twin.desired_version, 1);
+    let got = desired_where(&mut desired, |d| d.version == 1).await;
+    assert_eq!(
+        got.delta,
+        json!({"mode": "eco", "limits": {"speed": 80, "rpm": 3000}})
+    );
+
+    let version = dev
+        .report(json!({"mode": "eco", "limits": {"speed": 80}, "fw": "1.2"}))
+        .await
+        .unwrap();
+    assert_eq!(version, 1);
+    let twin = op.twin(&truck).await.unwrap();
+    assert_eq!(
+        twin.reported,
+        json!({"mode": "eco", "limits": {"speed": 80}, "fw": "1.2"})
+    );
+    assert_eq!(twin.delta, json!({"limits": {"rpm": 3000}}));
+    assert!(twin.reported_metadata["limits"]["speed"].as_i64().unwrap() > 0);
+    // null deletes a reported field
+    assert_eq!(dev.report(json!({"fw": null})).await.unwrap(), 2);
+
+    // offline: the operator still reads and writes the twin; the device gets the delta on connect
+    dev.close().await;
+    let twin = op
+        .set_desired(&truck, json!({"fan": true}), Some(1))
+        .await
+        .unwrap();
+    assert_eq!(twin.desired_version, 2);
+    assert_eq!(
+        twin.reported,
+        json!({"mode": "eco", "limits": {"speed": 80}})
+    );
+    let dev = DeviceClient::connect(ts.device_config("truck-1", &token))
+        .await
+        .unwrap();
+    let mut desired = dev.desired();
+    let got = desired_where(&mut desired, |_| true).await;
+    assert_eq!(got.version, 2);
+    assert_eq!(got.delta, json!({"limits": {"rpm": 3000}, "fan": true}));
+
+    // and the twin survives a restart
+    let dir = ts.dir;
+    let addr = ts.server.local_addr();
+    dev.close().await;
+    op.close();
+    ts.server.shutdown();
+    let restarted = restart(&dir, addr);
+    let op = operator_for(&restarted, &dir).await;
+    let twin = op.twin(&truck).await.unwrap();
+    assert_eq!(twin.desired_version, 2);
+    assert_eq!(twin.reported_version, 2);
+    assert_eq!(twin.delta, json!({"limits": {"rpm": 3000}, "fan": true}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_desired_version_is_a_conflict_naming_both_versions() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    provision(&op, "gate-1").await;
+    let gate = id("gate-1");
+    op.set_desired(&gate, json!({"open": false}), Some(0))
+        .await
+        .unwrap();
+    op.set_desired(&gate, json!({"open": true}), Some(1))
+        .await
+        .unwrap();
+    let (code, message) = server_error(
+        op.set_desired(&gate, json!({"open": false}), Some(1))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, ErrorCode::Conflict);
+    assert!(message.contains("expected version 1"), "{message}");
+    assert!(message.contains("current version is 2"), "{message}");
+    assert_eq!(op.twin(&gate).await.unwrap().desired, json!({"open": true}));
+
+    // bad patches are refused with the reason
+    let (code, message) = server_error(
+        op.set_desired(&gate, json!([1, 2]), None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, ErrorCode::InvalidArgument);
+    assert!(message.contains("JSON object"), "{message}");
+    let (code, _) = server_error(op.twin(&id("nobody")).await.unwrap_err());
+    assert_eq!(code, ErrorCode::NotFound);
+}
+
+fn echo_device(config: DeviceConfig, runs: Arc<AtomicUsize>) -> DeviceConfig {
+    config
+        .on_command("echo", move |call| {
+            let runs = runs.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(json!({"echo": call.args}))
+            }
+        })
+        .on_command("fail", |_| async {
+            Err(CommandFailure::Failed {
+                error: "motor jammed".into(),
+                details: Some(json!({"amps": 12})),
+            })
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_to_an_offline_device_is_delivered_when_it_connects() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "pump-1").await;
+    let pump = id("pump-1");
+
+    let sent = op
+        .send_command(CommandRequest::new(pump.clone(), "echo").args(json!({"n": 7})))
+        .await
+        .unwrap();
+    assert_eq!(sent.state, CommandState::Queued);
+    let failing = op
+        .send_command(CommandRequest::new(pump.clone(), "fail"))
+        .await
+        .unwrap();
+    let unknown = op
+        .send_command(CommandRequest::new(pump.clone(), "self-destruct"))
+        .await
+        .unwrap();
+    let still = op
+        .wait_command(sent.id, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert_eq!(still.state, CommandState::Queued, "nobody to deliver it to");
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let dev = DeviceClient::connect(echo_device(
+        ts.device_config("pump-1", &token),
+        runs.clone(),
+    ))
+    .await
+    .unwrap();
+    let done = op.wait_command(sent.id, WAIT).await.unwrap();
+    assert_eq!(done.state, CommandState::Succeeded);
+    assert_eq!(done.result, Some(json!({"echo": {"n": 7}})));
+    assert_eq!(
+        done.history.iter().map(|h| h.0).collect::<Vec<_>>(),
+        vec![
+            CommandState::Queued,
+            CommandState::Delivered,
+            CommandState::Succeeded
+        ]
+    );
+    assert_eq!(done.attempts, 1);
+
+    let failed = op.wait_command(failing.id, WAIT).await.unwrap();
+    assert_eq!(failed.state, CommandState::Failed);
+    assert_eq!(failed.error.as_deref(), Some("motor jammed"));
+    assert_eq!(failed.result, Some(json!({"amps": 12})));
+    let rejected = op.wait_command(unknown.id, WAIT).await.unwrap();
+    assert_eq!(rejected.state, CommandState::Rejected);
+    assert!(rejected.error.unwrap().contains("no handler"));
+
+    // run_command: the result, or a typed error
+    let result = op
+        .run_command(
+            CommandRequest::new(pump.clone(), "echo").args(json!("hi")),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(result, json!({"echo": "hi"}));
+    match op
+        .run_command(CommandRequest::new(pump.clone(), "fail"), WAIT)
+        .await
+    {
+        Err(ClientError::Command { state, error, .. }) => {
+            assert_eq!(state, CommandState::Failed);
+            assert_eq!(error, "motor jammed");
+        }
+        other => panic!("expected a failed command, got {other:?}"),
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+
+    // listing, newest first, by state
+    let all = op.list_commands(&pump, None, None, 0).await.unwrap();
+    assert_eq!(all.len(), 5);
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id));
+    let failed = op
+        .list_commands(&pump, Some(CommandState::Failed), None, 0)
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 2);
+    let page = op
+        .list_commands(&pump, None, Some(all[1].id), 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![all[2].id, all[3].id]
+    );
+    dev.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_expires_while_its_device_is_offline() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "lamp-1").await;
+    let sent = op
+        .send_command(CommandRequest::new(id("lamp-1"), "echo").timeout(Duration::from_millis(300)))
+        .await
+        .unwrap();
+    let done = op.wait_command(sent.id, WAIT).await.unwrap();
+    assert_eq!(done.state, CommandState::Expired);
+    assert!(done.error.unwrap().contains("deadline"));
+
+    // connecting later does not run it
+    let runs = Arc::new(AtomicUsize::new(0));
+    let dev = DeviceClient::connect(echo_device(
+        ts.device_config("lamp-1", &token),
+        runs.clone(),
+    ))
+    .await
+    .unwrap();
+    let probe = op
+        .run_command(CommandRequest::new(id("lamp-1"), "echo"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(probe, json!({"echo": null}));
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "only the probe ran");
+    dev.close().await;
+}
+
+/// Counts, on drop, the handler runs that were stopped before they finished.
+struct StopWatch(Arc<AtomicUsize>, bool);
+
+impl Drop for StopWatch {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A handler that counts its runs and finishes only when released.
+fn blocking_device(
+    config: DeviceConfig,
+    runs: Arc<AtomicUsize>,
+    release: Arc<Notify>,
+) -> DeviceConfig {
+    stoppable_device(config, runs, release, Arc::new(AtomicUsize::new(0)))
+}
+
+/// Like `blocking_device`, also counting the runs stopped before they finished.
+fn stoppable_device(
+    config: DeviceConfig,
+    runs: Arc<AtomicUsize>,
+    release: Arc<Notify>,
+    stopped: Arc<AtomicUsize>,
+) -> DeviceConfig {
+    config.on_command("slow", move |call| {
+        let runs = runs.clone();
+        let release = release.clone();
+        let stopped = stopped.clone();
+        async move {
+            let mut watch = StopWatch(stopped, false);
+            runs.fetch_add(1, Ordering::SeqCst);
+            release.notified().await;
+            watch.1 = true;
+            Ok(json!({"done": call.id}))
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_runs_once_despite_a_redelivery() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "crane-1").await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(Notify::new());
+    let dev = DeviceClient::connect(blocking_device(
+        ts.device_config("crane-1", &token),
+        runs.clone(),
+        release.clone(),
+    ))
+    .await
+    .unwrap();
+    let sent = op
+        .send_command(CommandRequest::new(id("crane-1"), "slow"))
+        .await
+        .unwrap();
+    wait_state(&op, sent.id, CommandState::Delivered).await;
+    // the connection drops while the handler runs: the server delivers the command again
+    dev.reconnect().await.unwrap();
+    eventually(WAIT, "a second delivery", || async {
+        op.command(sent.id).await.unwrap().attempts >= 2
+    })
+    .await;
+    eventually(WAIT, "the SDK saw the redelivery", || async {
+        dev.stats().command_redeliveries >= 1
+    })
+    .await;
+    release.notify_one();
+    let done = op.wait_command(sent.id, WAIT).await.unwrap();
+    assert_eq!(done.state, CommandState::Succeeded);
+    assert_eq!(done.result, Some(json!({"done": sent.id})));
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!(dev.stats().commands_handled, 1);
+    dev.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_commands_run_in_order_concurrent_ones_beside_them() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "arm-1").await;
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let release = Arc::new(Notify::new());
+    let (o, r) = (order.clone(), release.clone());
+    let config = ts
+        .device_config("arm-1", &token)
+        .on_command("step", move |call| {
+            let order = o.clone();
+            let release = r.clone();
+            async move {
+                let n = call.args["n"].as_i64().unwrap();
+                order.lock().unwrap().push(n);
+                if n == 0 {
+                    release.notified().await; // the first step blocks the serial queue
+                }
+                Ok(json!(n))
+            }
+        })
+        .on_command("ping", |_| async { Ok(json!("pong")) });
+    let arm = id("arm-1");
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        let c = op
+            .send_command(CommandRequest::new(arm.clone(), "step").args(json!({"n": n})))
+            .await
+            .unwrap();
+        ids.push(c.id);
+    }
+    let dev = DeviceClient::connect(config).await.unwrap();
+    wait_state(&op, ids[0], CommandState::Delivered).await;
+    // a concurrent command overtakes the blocked serial queue
+    let pong = op
+        .run_command(CommandRequest::new(arm.clone(), "ping").concurrent(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(pong, json!("pong"));
+    assert_eq!(state_of(&op, ids[1]).await, CommandState::Queued);
+    release.notify_one();
+    for c in &ids {
+        assert_eq!(
+            op.wait_command(*c, WAIT).await.unwrap().state,
+            CommandState::Succeeded
+        );
+    }
+    assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
+    dev.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_idempotency_keys_and_limits() {
+    let ts = start(|c| {
+        c.commands.max_pending_per_device = 3;
+        c.commands.max_deadline_s = 60;
+        c.commands.default_timeout_s = 30;
+    });
+    let op = ts.operator().await;
+    let token = provision(&op, "door-1").await;
+    let door = id("door-1");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(Notify::new());
+    let stopped = Arc::new(AtomicUsize::new(0));
+    let dev = DeviceClient::connect(stoppable_device(
+        ts.device_config("door-1", &token),
+        runs.clone(),
+        release.clone(),
+        stopped.clone(),
+    ))
+    .await
+    .unwrap();
+
+    // the same idempotency key returns the same command
+    let a = op
+        .send_command(CommandRequest::new(door.clone(), "slow").idempotency_key("k-1"))
+        .await
+        .unwrap();
+    let b = op
+        .send_command(CommandRequest::new(door.clone(), "slow").idempotency_key("k-1"))
+        .await
+        .unwrap();
+    assert_eq!(a.id, b.id);
+
+    // cancel a delivered command; its handler is told through the reset stream
+    wait_state(&op, a.id, CommandState::Delivered).await;
+    let cancelled = op.cancel_command(a.id).await.unwrap();
+    assert_eq!(cancelled.state, CommandState::Cancelled);
+    assert_eq!(state_of(&op, a.id).await, CommandState::Cancelled);
+    eventually(WAIT, "the device stopped the cancelled handler", || async {
+        stopped.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let (code, message) = server_error(op.cancel_command(a.id).await.unwrap_err());
+    assert_eq!(code, ErrorCode::Conflict);
+    assert!(message.contains("cancelled already"), "{message}");
+    let (code, _) = server_error(op.cancel_command(999_999).await.unwrap_err());
+    assert_eq!(code, ErrorCode::NotFound);
+
+    // limits: three unfinished commands at most, deadlines at most 60 s away
+    let (code, message) = server_error(
+        op.send_command(
+            CommandRequest::new(door.clone(), "slow").timeout(Duration::from_secs(120)),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(code, ErrorCode::LimitExceeded);
+    assert!(message.contains("max_deadline_s"), "{message}");
+    for _ in 0..3 {
+        op.send_command(CommandRequest::new(door.clone(), "slow"))
+            .await
+            .unwrap();
+    }
+    let (code, message) = server_error(
+        op.send_command(CommandRequest::new(door.clone(), "slow"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, ErrorCode::LimitExceeded);
+    assert!(message.contains("max_pending_per_device"), "{message}");
+    let (code, _) = server_error(
+        op.send_command(CommandRequest::new(id("ghost"), "slow"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, ErrorCode::NotFound);
+    dev.close().await;
+}
+
+fn restart(dir: &tempfile::TempDir, addr: std::net::SocketAddr) -> Server {
+    let mut config = ServerConfig::local(dir.path());
+    config.listen = addr;
+    config.arbiters = 2;
+    config.io_threads = 2;
+    Server::start(config).unwrap()
+}
+
+async fn operator_for(server: &Server, dir: &tempfile::TempDir) -> OperatorClient {
+    let token = std::fs::read_to_string(server.admin_token_file()).unwrap();
+    let address =
+        fleetlink_client::ServerAddress::local(server.local_addr(), &dir.path().join("tls/ca.pem"))
+            .unwrap();
+    OperatorClient::connect(fleetlink_client::OperatorConfig {
+        server: address,
+        token: token.trim().to_owned(),
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_reaches_a_terminal_state_across_a_server_restart() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let offline_token = provision(&op, "offline").await;
+    let busy_token = provision(&op, "busy").await;
+    provision(&op, "gone").await;
+
+    // busy: delivered, its handler still running when the server stops
+    let runs = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(Notify::new());
+    let busy = DeviceClient::connect(blocking_device(
+        ts.device_config("busy", &busy_token),
+        runs.clone(),
+        release.clone(),
+    ))
+    .await
+    .unwrap();
+    let delivered = op
+        .send_command(CommandRequest::new(id("busy"), "slow"))
+        .await
+        .unwrap();
+    wait_state(&op, delivered.id, CommandState::Delivered).await;
+    // queued behind it on the same device
+    let queued_behind = op
+        .send_command(CommandRequest::new(id("busy"), "slow"))
+        .await
+        .unwrap();
+    // offline: queued, delivered after the restart when the device connects
+    let queued = op
+        .send_command(CommandRequest::new(id("offline"), "echo"))
+        .await
+        .unwrap();
+    // gone: queued for a device that never comes back; it expires, server down or not
+    let expiring = op
+        .send_command(CommandRequest::new(id("gone"), "echo").timeout(Duration::from_millis(1500)))
+        .await
+        .unwrap();
+    assert_eq!(state_of(&op, queued_behind.id).await, CommandState::Queued);
+
+    let dir = ts.dir;
+    let addr = ts.server.local_addr();
+    op.close();
+    ts.server.shutdown();
+    let restarted = restart(&dir, addr);
+    let op = operator_for(&restarted, &dir).await;
+
+    // the busy device reconnects by itself; the redelivery waits for the running handler
+    eventually(WAIT, "the redelivery", || async {
+        op.command(delivered.id).await.unwrap().attempts >= 2
+    })
+    .await;
+    release.notify_one();
+    let done = op.wait_command(delivered.id, WAIT).await.unwrap();
+    assert_eq!(done.state, CommandState::Succeeded);
+    release.notify_one();
+    assert_eq!(
+        op.wait_command(queued_behind.id, WAIT).await.unwrap().state,
+        CommandState::Succeeded
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "each handler ran once");
+
+    let address =
+        fleetlink_client::ServerAddress::local(addr, &dir.path().join("tls/ca.pem")).unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let offline = DeviceClient::connect(echo_device(
+        DeviceConfig::new(address, id("offline"), offline_token),
+        runs,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        op.wait_command(queued.id, WAIT).await.unwrap().state,
+        CommandState::Succeeded
+    );
+    assert_eq!(
+        op.wait_command(expiring.id, WAIT).await.unwrap().state,
+        CommandState::Expired
+    );
+    busy.close().await;
+    offline.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_history_records_why_each_connection_ended() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "van-1").await;
+    let van = id("van-1");
+    let first = DeviceClient::connect(ts.device_config("van-1", &token))
+        .await
+        .unwrap();
+    first.close().await;
+    eventually(WAIT, "the offline event", || async {
+        op.presence_history(&van, 0).await.unwrap().len() == 2
+    })
+    .await;
+    // a second connection of the same device replaces (kicks) the first
+    let a = raw_connect(&ts, device_hello("van-1", &token)).await;
+    let b = raw_connect(&ts, device_hello("van-1", &token)).await;
+    assert_eq!(close_code(&a.conn).await.0, ErrorCode::Replaced);
+    eventually(WAIT, "the kicked event", || async {
+        op.presence_history(&van, 0)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.reason == "kicked")
+    })
+    .await;
+    let history = op.presence_history(&van, 0).await.unwrap();
+    let summary: Vec<(bool, &str)> = history
+        .iter()
+        .rev()
+        .take(5)
+        .map(|e| (e.online, e.reason.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (true, ""),
+            (false, "closed"),
+            (true, ""),
+            (false, "kicked"),
+            (true, "")
+        ]
+    );
+    assert!(
+        history.windows(2).all(|w| w[0].at_us >= w[1].at_us),
+        "newest first"
+    );
+    assert!(
+        history
+            .iter()
+            .all(|e| e.remote_addr.starts_with("127.0.0.1") || !e.online)
+    );
+    assert!(history[0].online, "the newest connection is online");
+    let limited = op.presence_history(&van, 1).await.unwrap();
+    assert_eq!(limited.len(), 1);
+    b.conn.close(0u32.into(), b"");
+}
