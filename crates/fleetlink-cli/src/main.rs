@@ -2,6 +2,8 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a CLI talks to a person
 
+mod ops;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -99,6 +101,27 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: u32,
     },
+    /// Read or change a device's twin.
+    Twin {
+        #[command(subcommand)]
+        command: ops::TwinCommand,
+    },
+    /// Send, wait for, inspect, list and cancel commands.
+    #[command(name = "command")]
+    Cmd {
+        #[command(subcommand)]
+        command: ops::CommandCommand,
+    },
+    /// A device's connection history (online/offline events with reasons), newest first.
+    Presence {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The device.
+        device: String,
+        /// At most this many events.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,7 +139,7 @@ enum DeviceCommand {
 }
 
 #[derive(Args, Debug, Clone)]
-struct ConnArgs {
+pub(crate) struct ConnArgs {
     /// Server address.
     #[arg(long, env = "FLEETLINK_SERVER", default_value = "127.0.0.1:7447")]
     server: SocketAddr,
@@ -193,7 +216,7 @@ impl ConnArgs {
         Ok(t.trim().to_owned())
     }
 
-    async fn operator(&self) -> Result<OperatorClient> {
+    pub(crate) async fn operator(&self) -> Result<OperatorClient> {
         let config = OperatorConfig {
             server: self.address()?,
             token: self.token()?,
@@ -262,6 +285,13 @@ async fn run(command: Command) -> Result<()> {
             since,
             limit,
         } => telemetry(conn, device, metric, since, limit).await,
+        Command::Twin { command } => ops::twin(command).await,
+        Command::Cmd { command } => ops::command(command).await,
+        Command::Presence {
+            conn,
+            device,
+            limit,
+        } => ops::presence(conn, device, limit).await,
     }
 }
 
@@ -437,7 +467,7 @@ fn format_value(v: &Value) -> String {
     }
 }
 
-fn format_time(us: i64) -> String {
+pub(crate) fn format_time(us: i64) -> String {
     if us <= 0 {
         return "-".into();
     }
