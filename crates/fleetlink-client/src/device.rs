@@ -127,8 +127,151 @@ enum Cmd {
     Points(Vec<Point>),
     Flush(oneshot::Sender<u64>),
     Close(oneshot::Sender<()>),
-    Report(String, ReportReply),
+    Request(
+        RequestKind,
+        ReportReply,
+        Option<oneshot::Sender<v1::DeviceCommandResult>>,
+    ),
     Reconnect,
+}
+
+/// A control-stream request that the server answers with an ack.
+#[derive(Debug, Clone)]
+enum RequestKind {
+    Report(String),
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    },
+    Subscribe(String),
+    Unsubscribe(String),
+    Direct {
+        to: String,
+        payload: Vec<u8>,
+        ttl_ms: u32,
+    },
+    DeviceCommand {
+        to: String,
+        name: String,
+        args_json: String,
+        timeout_ms: u32,
+    },
+}
+
+impl RequestKind {
+    fn frame(&self, request_id: u64) -> ClientControl {
+        use client_control::Msg;
+        let msg = match self.clone() {
+            RequestKind::Report(patch_json) => Msg::TwinReport(v1::TwinReport {
+                request_id,
+                patch_json,
+            }),
+            RequestKind::Publish {
+                topic,
+                payload,
+                retain,
+            } => Msg::Publish(v1::Publish {
+                request_id,
+                topic,
+                payload,
+                retain,
+            }),
+            RequestKind::Subscribe(filter) => {
+                Msg::Subscribe(v1::TopicSubscribe { request_id, filter })
+            }
+            RequestKind::Unsubscribe(filter) => {
+                Msg::Unsubscribe(v1::TopicUnsubscribe { request_id, filter })
+            }
+            RequestKind::Direct {
+                to,
+                payload,
+                ttl_ms,
+            } => Msg::SendDirect(v1::SendDirect {
+                request_id,
+                to_device: to,
+                payload,
+                ttl_ms,
+            }),
+            RequestKind::DeviceCommand {
+                to,
+                name,
+                args_json,
+                timeout_ms,
+            } => Msg::DeviceCommand(v1::DeviceCommand {
+                request_id,
+                to_device: to,
+                name,
+                args_json,
+                timeout_ms,
+            }),
+        };
+        ClientControl { msg: Some(msg) }
+    }
+
+    /// Whether sending it again after a reconnect is harmless (the server may have done it).
+    fn idempotent(&self) -> bool {
+        matches!(
+            self,
+            RequestKind::Report(_) | RequestKind::Subscribe(_) | RequestKind::Unsubscribe(_)
+        )
+    }
+}
+
+/// A request waiting for its ack.
+struct Pending {
+    kind: RequestKind,
+    reply: Option<ReportReply>,
+    result: Option<oneshot::Sender<v1::DeviceCommandResult>>,
+}
+
+/// Something the bridge delivered to this device.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// A message published to a topic this device subscribed to.
+    Topic {
+        /// The topic.
+        topic: String,
+        /// The payload.
+        payload: Vec<u8>,
+        /// The publishing device (`None` when an operator published it).
+        from: Option<String>,
+        /// Delivered from the retained store when subscribing.
+        retained: bool,
+        /// When it was published (µs since the epoch, server clock).
+        published_us: i64,
+    },
+    /// A direct message from another device.
+    Direct {
+        /// Its id.
+        id: u64,
+        /// The sender.
+        from: String,
+        /// The payload.
+        payload: Vec<u8>,
+        /// When it was sent (µs since the epoch, server clock).
+        sent_us: i64,
+    },
+    /// A direct message this device sent expired before its target took it.
+    Expired {
+        /// The message's id (as returned by [`DeviceClient::send_direct`]).
+        id: u64,
+        /// Its target.
+        to: String,
+    },
+}
+
+/// How a command this device ran on another device ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceCommandOutcome {
+    /// The command's id.
+    pub id: u64,
+    /// Its terminal state.
+    pub state: crate::CommandState,
+    /// The handler's result.
+    pub result: Option<serde_json::Value>,
+    /// What went wrong.
+    pub error: Option<String>,
 }
 
 /// A device connected to a fleetlink server. Cheap to share by reference; dropping it closes it.
@@ -143,6 +286,7 @@ pub struct DeviceClient {
     types: Arc<Mutex<MetricTypes>>,
     desired: watch::Receiver<Option<DesiredState>>,
     runner: Arc<CommandRunner>,
+    incoming: tokio::sync::broadcast::Sender<Incoming>,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -151,7 +295,7 @@ impl std::fmt::Debug for Cmd {
             Cmd::Points(_) => "Points",
             Cmd::Flush(_) => "Flush",
             Cmd::Close(_) => "Close",
-            Cmd::Report(..) => "Report",
+            Cmd::Request(..) => "Request",
             Cmd::Reconnect => "Reconnect",
         })
     }
@@ -185,11 +329,15 @@ impl DeviceClient {
         let id = config.device_id.clone();
         let (desired_tx, desired_rx) = watch::channel(None);
         let runner = CommandRunner::new(config.commands.clone());
+        let (incoming, _) = tokio::sync::broadcast::channel(INCOMING_BUFFER);
         let engine = Engine {
             desired: desired_tx,
             runner: runner.clone(),
-            reports: std::collections::BTreeMap::new(),
-            next_report: 1,
+            requests: std::collections::BTreeMap::new(),
+            next_request: 1,
+            subscriptions: std::collections::BTreeSet::new(),
+            device_commands: std::collections::HashMap::new(),
+            incoming: incoming.clone(),
             config,
             endpoint,
             cmds: cmds_rx,
@@ -216,7 +364,131 @@ impl DeviceClient {
             types,
             desired: desired_rx,
             runner,
+            incoming,
         })
+    }
+
+    async fn request(
+        &self,
+        kind: RequestKind,
+        result: Option<oneshot::Sender<v1::DeviceCommandResult>>,
+    ) -> Result<u64, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Request(kind, tx, result))
+            .await
+            .map_err(|_| self.closed())?;
+        rx.await.map_err(|_| self.closed())?
+    }
+
+    /// Publishes `payload` to `topic` (no wildcards); with `retain` the server keeps it for later
+    /// subscribers (an empty retained payload clears the topic). Returns how many subscribers it
+    /// was handed to. Fails with `PERMISSION_DENIED` if the policy forbids it.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        retain: bool,
+    ) -> Result<u64, ClientError> {
+        self.request(
+            RequestKind::Publish {
+                topic: topic.to_owned(),
+                payload: payload.into(),
+                retain,
+            },
+            None,
+        )
+        .await
+    }
+
+    /// Subscribes to `filter` (`+` = one level, `#` = the rest); messages arrive on
+    /// [`DeviceClient::incoming`]. The subscription is renewed after every reconnect.
+    pub async fn subscribe(&self, filter: &str) -> Result<(), ClientError> {
+        self.request(RequestKind::Subscribe(filter.to_owned()), None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Ends a subscription.
+    pub async fn unsubscribe(&self, filter: &str) -> Result<(), ClientError> {
+        self.request(RequestKind::Unsubscribe(filter.to_owned()), None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Sends a message to another device; it waits up to `ttl` for an offline target (`None` =
+    /// the server's default), after which this device gets [`Incoming::Expired`]. Returns the
+    /// message's id.
+    pub async fn send_direct(
+        &self,
+        to: &str,
+        payload: impl Into<Vec<u8>>,
+        ttl: Option<Duration>,
+    ) -> Result<u64, ClientError> {
+        let ttl_ms = ttl.map_or(0, |t| {
+            u32::try_from(t.as_millis()).unwrap_or(u32::MAX).max(1)
+        });
+        self.request(
+            RequestKind::Direct {
+                to: to.to_owned(),
+                payload: payload.into(),
+                ttl_ms,
+            },
+            None,
+        )
+        .await
+    }
+
+    /// Runs command `name` on another device and waits for its end (at most `timeout`, which is
+    /// also the command's deadline on the server).
+    pub async fn command_device(
+        &self,
+        to: &str,
+        name: &str,
+        args: serde_json::Value,
+        timeout: Duration,
+    ) -> Result<DeviceCommandOutcome, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        let timeout_ms = u32::try_from(timeout.as_millis())
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let id = self
+            .request(
+                RequestKind::DeviceCommand {
+                    to: to.to_owned(),
+                    name: name.to_owned(),
+                    args_json: args.to_string(),
+                    timeout_ms,
+                },
+                Some(tx),
+            )
+            .await?;
+        // The server expires the command at the deadline and then sends its end; a little slack
+        // covers the trip back.
+        let r = match tokio::time::timeout(timeout + Duration::from_secs(5), rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => {
+                return Err(ClientError::Connection(format!(
+                    "the connection was lost before command {id} on {to} ended; its result is lost to this device"
+                )));
+            }
+            Err(_) => return Err(ClientError::Timeout(timeout)),
+        };
+        let state = crate::operator::state_from_proto(r.state)?;
+        Ok(DeviceCommandOutcome {
+            id,
+            state,
+            result: (!r.result_json.is_empty())
+                .then(|| serde_json::from_str(&r.result_json).ok())
+                .flatten(),
+            error: (!r.error.is_empty()).then_some(r.error),
+        })
+    }
+
+    /// Topic messages, direct messages and expiry notices for this device, from now on. A
+    /// receiver that falls more than 1024 messages behind is told how many it missed.
+    pub fn incoming(&self) -> tokio::sync::broadcast::Receiver<Incoming> {
+        self.incoming.subscribe()
     }
 
     /// Merges `patch` (an RFC 7386 JSON merge patch: `null` deletes a field) into the reported
@@ -225,12 +497,8 @@ impl DeviceClient {
     pub async fn report(&self, patch: serde_json::Value) -> Result<u64, ClientError> {
         let patch = fleetlink_core::twin::TwinPatch::from_json(patch)
             .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
-        let (tx, rx) = oneshot::channel();
-        self.cmds
-            .send(Cmd::Report(patch.into_json().to_string(), tx))
+        self.request(RequestKind::Report(patch.into_json().to_string()), None)
             .await
-            .map_err(|_| self.closed())?;
-        rx.await.map_err(|_| self.closed())?
     }
 
     /// The desired state as the server last sent it (`None` until the first Welcome's delta).
@@ -371,6 +639,9 @@ enum Event {
     Ack(u64),
     ReportAck(v1::TwinReportAck),
     Delta(v1::TwinDelta),
+    BridgeAck(v1::BridgeAck),
+    DeviceCommandResult(v1::DeviceCommandResult),
+    Incoming(Incoming),
     /// Any other frame from the server (a heartbeat): the server is alive.
     Heard,
     Lost(ClientError),
@@ -395,9 +666,14 @@ struct Engine {
     types: Arc<Mutex<MetricTypes>>,
     desired: watch::Sender<Option<DesiredState>>,
     runner: Arc<CommandRunner>,
-    /// Twin reports not yet acknowledged, by request id; resent after a reconnect.
-    reports: std::collections::BTreeMap<u64, (String, ReportReply)>,
-    next_report: u64,
+    /// Requests not yet acknowledged, by request id.
+    requests: std::collections::BTreeMap<u64, Pending>,
+    next_request: u64,
+    /// Topic filters to subscribe again after a reconnect.
+    subscriptions: std::collections::BTreeSet<String>,
+    /// Device commands this device sent, waiting for their end, by request id.
+    device_commands: std::collections::HashMap<u64, oneshot::Sender<v1::DeviceCommandResult>>,
+    incoming: tokio::sync::broadcast::Sender<Incoming>,
 }
 
 impl Engine {
@@ -475,7 +751,7 @@ impl Engine {
                     cmd = self.cmds.recv() => match cmd {
                         Some(Cmd::Points(p)) => self.add_points(p),
                         Some(Cmd::Flush(tx)) => { self.seal(); let _ = tx.send(self.next_seq - 1); }
-                        Some(Cmd::Report(patch, tx)) => { self.queue_report(patch, tx); }
+                        Some(Cmd::Request(kind, tx, result)) => { self.queue_request(kind, Some(tx), result); }
                         Some(Cmd::Reconnect) => {}
                         Some(Cmd::Close(tx)) => return Err(Some(tx)),
                         None => return Err(None),
@@ -513,25 +789,123 @@ impl Engine {
         }
     }
 
-    fn queue_report(&mut self, patch: String, reply: ReportReply) -> u64 {
-        let id = self.next_report;
-        self.next_report += 1;
-        self.reports.insert(id, (patch, reply));
+    fn queue_request(
+        &mut self,
+        kind: RequestKind,
+        reply: Option<ReportReply>,
+        result: Option<oneshot::Sender<v1::DeviceCommandResult>>,
+    ) -> u64 {
+        match &kind {
+            RequestKind::Subscribe(f) => {
+                self.subscriptions.insert(f.clone());
+            }
+            RequestKind::Unsubscribe(f) => {
+                self.subscriptions.remove(f);
+            }
+            _ => {}
+        }
+        let id = self.next_request;
+        self.next_request += 1;
+        self.requests.insert(
+            id,
+            Pending {
+                kind,
+                reply,
+                result,
+            },
+        );
         id
     }
 
-    fn on_report_ack(&mut self, ack: v1::TwinReportAck) {
-        let Some((_, reply)) = self.reports.remove(&ack.request_id) else {
+    fn on_request_ack(&mut self, request_id: u64, outcome: Result<u64, v1::Error>) {
+        let Some(pending) = self.requests.remove(&request_id) else {
             return;
         };
+        let outcome = outcome.map_err(|e| ClientError::Server {
+            code: v1::ErrorCode::try_from(e.code).unwrap_or(v1::ErrorCode::Unspecified),
+            message: e.message,
+        });
+        if outcome.is_err()
+            && let RequestKind::Subscribe(f) = &pending.kind
+        {
+            self.subscriptions.remove(f); // refused: do not renew it after reconnects
+        }
+        if outcome.is_ok()
+            && let Some(result) = pending.result
+        {
+            self.device_commands.insert(request_id, result);
+        }
+        if let Some(reply) = pending.reply {
+            let _ = reply.send(outcome);
+        }
+    }
+
+    fn on_report_ack(&mut self, ack: v1::TwinReportAck) {
         let outcome = match ack.error {
             None => Ok(ack.reported_version),
-            Some(e) => Err(ClientError::Server {
-                code: v1::ErrorCode::try_from(e.code).unwrap_or(v1::ErrorCode::Unspecified),
-                message: e.message,
-            }),
+            Some(e) => Err(e),
         };
-        let _ = reply.send(outcome);
+        self.on_request_ack(ack.request_id, outcome);
+    }
+
+    fn on_bridge_ack(&mut self, ack: v1::BridgeAck) {
+        let outcome = match ack.error {
+            None => Ok(ack.id),
+            Some(e) => Err(e),
+        };
+        self.on_request_ack(ack.request_id, outcome);
+    }
+
+    /// A new connection: requests the server may not have seen go again if that is harmless,
+    /// the others fail; subscriptions are renewed. Returns the frames to write.
+    fn requests_after_reconnect(&mut self) -> Vec<ClientControl> {
+        let mut frames = Vec::new();
+        let ids: Vec<u64> = self.requests.keys().copied().collect();
+        for id in ids {
+            let idempotent = self.requests.get(&id).is_some_and(|p| p.kind.idempotent());
+            if idempotent {
+                if let Some(p) = self.requests.get(&id) {
+                    frames.push(p.kind.frame(id));
+                }
+            } else if let Some(p) = self.requests.remove(&id)
+                && let Some(reply) = p.reply
+            {
+                let _ = reply.send(Err(ClientError::Connection(
+                    "the connection was lost before the server answered; it may or may not have been done".into(),
+                )));
+            }
+        }
+        // Results of device commands sent on the old connection will not come.
+        self.device_commands.clear();
+        let pending_subscribes: std::collections::BTreeSet<String> = self
+            .requests
+            .values()
+            .filter_map(|p| match &p.kind {
+                RequestKind::Subscribe(f) => Some(f.clone()),
+                _ => None,
+            })
+            .collect();
+        let renew: Vec<String> = self
+            .subscriptions
+            .iter()
+            .filter(|f| !pending_subscribes.contains(*f))
+            .cloned()
+            .collect();
+        for filter in renew {
+            let id = self.next_request;
+            self.next_request += 1;
+            let kind = RequestKind::Subscribe(filter);
+            frames.push(kind.frame(id));
+            self.requests.insert(
+                id,
+                Pending {
+                    kind,
+                    reply: None,
+                    result: None,
+                },
+            );
+        }
+        frames
     }
 
     fn on_delta(&mut self, delta: v1::TwinDelta) {
@@ -666,6 +1040,35 @@ impl Engine {
                         msg: Some(server_control::Msg::TwinDelta(d)),
                     })) => Event::Delta(d),
                     Ok(Some(ServerControl {
+                        msg: Some(server_control::Msg::BridgeAck(a)),
+                    })) => Event::BridgeAck(a),
+                    Ok(Some(ServerControl {
+                        msg: Some(server_control::Msg::DeviceCommandResult(r)),
+                    })) => Event::DeviceCommandResult(r),
+                    Ok(Some(ServerControl {
+                        msg: Some(server_control::Msg::TopicMessage(m)),
+                    })) => Event::Incoming(Incoming::Topic {
+                        topic: m.topic,
+                        payload: m.payload,
+                        from: (!m.from_device.is_empty()).then_some(m.from_device),
+                        retained: m.retained,
+                        published_us: m.published_us,
+                    }),
+                    Ok(Some(ServerControl {
+                        msg: Some(server_control::Msg::DirectMessage(m)),
+                    })) => Event::Incoming(Incoming::Direct {
+                        id: m.message_id,
+                        from: m.from_device,
+                        payload: m.payload,
+                        sent_us: m.sent_us,
+                    }),
+                    Ok(Some(ServerControl {
+                        msg: Some(server_control::Msg::MessageExpired(m)),
+                    })) => Event::Incoming(Incoming::Expired {
+                        id: m.message_id,
+                        to: m.to_device,
+                    }),
+                    Ok(Some(ServerControl {
                         msg: Some(server_control::Msg::Error(e)),
                     })) => Event::Lost(ClientError::Server {
                         code: v1::ErrorCode::try_from(e.code).unwrap_or(v1::ErrorCode::Unspecified),
@@ -690,14 +1093,9 @@ impl Engine {
         let silence = Duration::from_millis(u64::from(welcome.heartbeat_timeout_ms.max(200)));
         let mut last_heard = Instant::now();
         let mut sent = 0usize; // frames of `unacked` written on this connection
-        // Reports of earlier connections go again: merge patches are idempotent.
-        let resend: Vec<(u64, String)> = self
-            .reports
-            .iter()
-            .map(|(id, (p, _))| (*id, p.clone()))
-            .collect();
-        for (request_id, patch_json) in resend {
-            if let Err(e) = write_frame(&mut send, &report_frame(request_id, patch_json)).await {
+        // Reports and subscriptions of earlier connections go again (both are idempotent).
+        for frame in self.requests_after_reconnect() {
+            if let Err(e) = write_frame(&mut send, &frame).await {
                 return SessionEnd::Lost(e.into());
             }
         }
@@ -722,9 +1120,10 @@ impl Engine {
                 cmd = self.cmds.recv() => match cmd {
                     Some(Cmd::Points(p)) => self.add_points(p),
                     Some(Cmd::Flush(tx)) => { self.seal(); let _ = tx.send(self.next_seq - 1); }
-                    Some(Cmd::Report(patch, tx)) => {
-                        let request_id = self.queue_report(patch.clone(), tx);
-                        if let Err(e) = write_frame(&mut send, &report_frame(request_id, patch)).await {
+                    Some(Cmd::Request(kind, tx, result)) => {
+                        let frame_kind = kind.clone();
+                        let request_id = self.queue_request(kind, Some(tx), result);
+                        if let Err(e) = write_frame(&mut send, &frame_kind.frame(request_id)).await {
                             break SessionEnd::Lost(e.into());
                         }
                     }
@@ -759,6 +1158,14 @@ impl Engine {
                     Some(Event::Heard) => last_heard = Instant::now(),
                     Some(Event::ReportAck(a)) => { last_heard = Instant::now(); self.on_report_ack(a); }
                     Some(Event::Delta(d)) => { last_heard = Instant::now(); self.on_delta(d); }
+                    Some(Event::BridgeAck(a)) => { last_heard = Instant::now(); self.on_bridge_ack(a); }
+                    Some(Event::DeviceCommandResult(r)) => {
+                        last_heard = Instant::now();
+                        if let Some(tx) = self.device_commands.remove(&r.request_id) {
+                            let _ = tx.send(r);
+                        }
+                    }
+                    Some(Event::Incoming(m)) => { last_heard = Instant::now(); let _ = self.incoming.send(m); }
                     Some(Event::Ack(seq)) => {
                         last_heard = Instant::now();
                         let before = self.unacked.len();
@@ -801,15 +1208,6 @@ impl Engine {
     }
 }
 
-fn report_frame(request_id: u64, patch_json: String) -> ClientControl {
-    ClientControl {
-        msg: Some(client_control::Msg::TwinReport(v1::TwinReport {
-            request_id,
-            patch_json,
-        })),
-    }
-}
-
 /// Errors with which the server refuses a batch's content; resending it would fail again.
 fn refuses_batch(code: v1::ErrorCode) -> bool {
     use v1::ErrorCode as C;
@@ -822,6 +1220,9 @@ fn refuses_batch(code: v1::ErrorCode) -> bool {
             | C::UnknownMessage
     )
 }
+
+/// Incoming bridge messages a slow reader of [`DeviceClient::incoming`] may fall behind by.
+const INCOMING_BUFFER: usize = 1_024;
 
 /// Largest encoded batch the SDK builds; well below the default 1 MiB frame limit.
 const MAX_BATCH_BYTES: usize = 256 * 1024;

@@ -17,12 +17,14 @@ use fleetlink_proto::v1::{ErrorCode, RejectReason};
 
 pub use command::{CommandCall, CommandFailure, CommandHandlers, CommandOutput};
 pub use connect::Endpoint;
-pub use device::{DesiredState, DeviceClient, DeviceConfig, DeviceStats};
+pub use device::{
+    DesiredState, DeviceClient, DeviceCommandOutcome, DeviceConfig, DeviceStats, Incoming,
+};
 pub use fleetlink_core::command::CommandState;
 pub use fleetlink_core::{DeviceId, GeoPosition, MetricName, Point, Value};
 pub use operator::{
-    CommandInfo, CommandRequest, DeviceInfo, OperatorClient, OperatorConfig, PresenceEvent,
-    PresenceInfo, StoredPoint, TelemetryQuery, Twin,
+    CommandInfo, CommandRequest, DeviceInfo, EventStream, FleetEvent, Group, OperatorClient,
+    OperatorConfig, PresenceEvent, PresenceInfo, StoredPoint, Subscription, TelemetryQuery, Twin,
 };
 
 /// Where the server is and how to trust it.

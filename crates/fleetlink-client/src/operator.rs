@@ -50,6 +50,10 @@ pub struct DeviceInfo {
     pub last_stored_seq: u64,
     /// Tags.
     pub tags: BTreeMap<String, String>,
+    /// Attributes (a JSON object).
+    pub attributes: serde_json::Value,
+    /// Groups it belongs to (static and dynamic).
+    pub groups: Vec<String>,
     /// When it was provisioned (µs since the epoch).
     pub created_us: i64,
     /// Points durably stored.
@@ -220,6 +224,210 @@ pub struct PresenceEvent {
     pub session: u64,
 }
 
+/// A group of devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// Its name.
+    pub name: String,
+    /// Static: the members. Dynamic: the devices matching now.
+    pub members: Vec<String>,
+    /// Dynamic groups: the query.
+    pub query: Option<String>,
+}
+
+/// Which live stream to open.
+#[derive(Debug, Clone)]
+pub enum Subscription {
+    /// Telemetry of devices matching `query` (empty = all), only `metrics` (empty = all).
+    Telemetry {
+        /// Which devices.
+        query: String,
+        /// Which metrics.
+        metrics: Vec<String>,
+    },
+    /// Online/offline events.
+    Presence {
+        /// Which devices (empty = all).
+        query: String,
+    },
+    /// Twin changes.
+    Twin {
+        /// Which devices (empty = all).
+        query: String,
+    },
+    /// Command state changes.
+    Commands {
+        /// Which devices (empty = all).
+        query: String,
+    },
+    /// Job progress (`job_id` 0 = every job).
+    Jobs {
+        /// Which job.
+        job_id: u64,
+    },
+    /// A standing query: the initial set, then devices entering and leaving it.
+    Query {
+        /// The query.
+        query: String,
+    },
+}
+
+/// One event of a live stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FleetEvent {
+    /// The stream is set up; for standing queries, how many `Match` events with `initial` follow.
+    Subscribed {
+        /// Devices matching when it started.
+        initial_matches: u32,
+    },
+    /// This reader was too slow: `dropped` events were skipped.
+    Overflow {
+        /// How many.
+        dropped: u64,
+    },
+    /// Points a device sent.
+    Telemetry {
+        /// Whose.
+        device: String,
+        /// The points.
+        points: Vec<fleetlink_core::Point>,
+    },
+    /// A device went online or offline.
+    Presence {
+        /// Whose.
+        device: String,
+        /// What happened.
+        event: PresenceEvent,
+    },
+    /// A twin document changed.
+    Twin {
+        /// Whose.
+        device: String,
+        /// "reported" or "desired".
+        side: String,
+        /// Its version now.
+        version: u64,
+        /// The document now.
+        doc: serde_json::Value,
+        /// The delta now.
+        delta: serde_json::Value,
+    },
+    /// A command changed state.
+    Command(CommandInfo),
+    /// A job made progress (the proto message; see `fleetlink_proto::v1::JobInfo`).
+    Job(Box<v1::JobInfo>),
+    /// A device started (`matches`) or stopped matching a standing query.
+    Match {
+        /// Which device.
+        device: String,
+        /// Matches now.
+        matches: bool,
+        /// Part of the initial set.
+        initial: bool,
+    },
+}
+
+/// A live stream; dropping it ends the subscription.
+#[derive(Debug)]
+pub struct EventStream {
+    _send: quinn::SendStream,
+    reader: FrameReader,
+    pushed_back: Option<FleetEvent>,
+}
+
+impl EventStream {
+    /// The next event; `None` when the server ended the stream.
+    pub async fn next(&mut self) -> Result<Option<FleetEvent>, ClientError> {
+        if let Some(e) = self.pushed_back.take() {
+            return Ok(Some(e));
+        }
+        loop {
+            let Some(OperatorResponse { response }) =
+                self.reader.read::<OperatorResponse>().await?
+            else {
+                return Ok(None);
+            };
+            match response {
+                Some(operator_response::Response::Event(e)) => {
+                    if let Some(event) = fleet_event(e)? {
+                        return Ok(Some(event));
+                    }
+                }
+                Some(operator_response::Response::Error(e)) => {
+                    return Err(ClientError::Server {
+                        code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
+                        message: e.message,
+                    });
+                }
+                Some(other) => return Err(unexpected(&other)),
+                None => return Err(ClientError::Protocol("an empty OperatorResponse".into())),
+            }
+        }
+    }
+
+    /// Like [`EventStream::next`], failing with [`ClientError::Timeout`] after `timeout`.
+    pub async fn next_within(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<FleetEvent>, ClientError> {
+        tokio::time::timeout(timeout, self.next())
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))?
+    }
+}
+
+fn fleet_event(e: v1::Event) -> Result<Option<FleetEvent>, ClientError> {
+    use v1::event::Event as E;
+    Ok(Some(match e.event {
+        None => return Ok(None), // a newer kind of event: skip it
+        Some(E::Subscribed(s)) => FleetEvent::Subscribed {
+            initial_matches: s.initial_matches,
+        },
+        Some(E::Overflow(o)) => FleetEvent::Overflow { dropped: o.dropped },
+        Some(E::Telemetry(t)) => FleetEvent::Telemetry {
+            device: t.device_id,
+            points: t
+                .points
+                .into_iter()
+                .map(|p| {
+                    Ok(fleetlink_core::Point {
+                        metric: metric(p.metric)?,
+                        time_us: p.time_us,
+                        value: value(p.value)?,
+                    })
+                })
+                .collect::<Result<_, ClientError>>()?,
+        },
+        Some(E::Presence(p)) => {
+            let e = p.event.unwrap_or_default();
+            FleetEvent::Presence {
+                device: p.device_id,
+                event: PresenceEvent {
+                    online: e.online,
+                    at_us: e.at_us,
+                    reason: e.reason,
+                    remote_addr: e.remote_addr,
+                    session: e.session_id,
+                },
+            }
+        }
+        Some(E::Twin(t)) => FleetEvent::Twin {
+            device: t.device_id,
+            side: t.side,
+            version: t.version,
+            doc: json(&t.doc_json, "twin document")?,
+            delta: json(&t.delta_json, "twin delta")?,
+        },
+        Some(E::Command(c)) => FleetEvent::Command(command_info(c)?),
+        Some(E::Job(j)) => FleetEvent::Job(Box::new(j)),
+        Some(E::Match(m)) => FleetEvent::Match {
+            device: m.device_id,
+            matches: m.matches,
+            initial: m.initial,
+        },
+    }))
+}
+
 /// An operator session.
 #[derive(Debug)]
 pub struct OperatorClient {
@@ -364,9 +572,21 @@ impl OperatorClient {
         id: &DeviceId,
         tags: BTreeMap<String, String>,
     ) -> Result<String, ClientError> {
+        self.provision_device_with(id, tags, serde_json::Map::new())
+            .await
+    }
+
+    /// Creates a device with tags and attributes (a JSON object); returns its token.
+    pub async fn provision_device_with(
+        &self,
+        id: &DeviceId,
+        tags: BTreeMap<String, String>,
+        attributes: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, ClientError> {
         let req = v1::ProvisionDevice {
             device_id: id.to_string(),
             tags: tags.into_iter().collect(),
+            attributes_json: serde_json::Value::Object(attributes).to_string(),
         };
         match self
             .request(operator_request::Request::ProvisionDevice(req))
@@ -563,6 +783,216 @@ impl OperatorClient {
         }
     }
 
+    /// Changes a device's tags (set, then remove) and merges `attributes_patch` (RFC 7386)
+    /// into its attributes. Returns the device.
+    pub async fn update_device(
+        &self,
+        id: &DeviceId,
+        set_tags: BTreeMap<String, String>,
+        remove_tags: Vec<String>,
+        attributes_patch: Option<serde_json::Value>,
+    ) -> Result<DeviceInfo, ClientError> {
+        let req = v1::UpdateDevice {
+            device_id: id.to_string(),
+            set_tags: set_tags.into_iter().collect(),
+            remove_tags,
+            attributes_patch_json: attributes_patch.map(|p| p.to_string()).unwrap_or_default(),
+        };
+        match self
+            .single(operator_request::Request::UpdateDevice(req))
+            .await?
+        {
+            operator_response::Response::Device(d) => device_info(d),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Devices matching `query` (see docs/queries.md) in id order, evaluated on the devices'
+    /// live state: one page of at most `limit` (0 = 1000) after `after`. Returns the page and the
+    /// cursor for the next one (`None` = last page).
+    pub async fn query_devices(
+        &self,
+        query: &str,
+        after: Option<&DeviceId>,
+        limit: u32,
+    ) -> Result<(Vec<DeviceInfo>, Option<DeviceId>), ClientError> {
+        let req = v1::QueryDevices {
+            query: query.to_owned(),
+            after: after.map(|a| a.to_string()).unwrap_or_default(),
+            limit,
+        };
+        let mut out = Vec::new();
+        let mut next = None;
+        for r in self
+            .request(operator_request::Request::QueryDevices(req))
+            .await?
+        {
+            match r {
+                operator_response::Response::Devices(page) => {
+                    for d in page.devices {
+                        out.push(device_info(d)?);
+                    }
+                    if !page.next_after.is_empty() {
+                        next = Some(
+                            DeviceId::new(page.next_after)
+                                .map_err(|e| ClientError::Protocol(e.to_string()))?,
+                        );
+                    }
+                }
+                other => return Err(unexpected(&other)),
+            }
+        }
+        Ok((out, next))
+    }
+
+    /// Creates or replaces a static group (`members`) or a dynamic one (`query`). Returns every group.
+    pub async fn put_group(
+        &self,
+        name: &str,
+        members: Vec<DeviceId>,
+        query: Option<&str>,
+    ) -> Result<Vec<Group>, ClientError> {
+        let req = v1::PutGroup {
+            name: name.to_owned(),
+            members: members.iter().map(ToString::to_string).collect(),
+            query: query.unwrap_or_default().to_owned(),
+        };
+        self.groups_request(operator_request::Request::PutGroup(req))
+            .await
+    }
+
+    /// Deletes a group.
+    pub async fn delete_group(&self, name: &str) -> Result<(), ClientError> {
+        let req = v1::DeleteGroup {
+            name: name.to_owned(),
+        };
+        match self
+            .single(operator_request::Request::DeleteGroup(req))
+            .await?
+        {
+            operator_response::Response::Done(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Every group with its members (for dynamic groups: the devices matching now).
+    pub async fn groups(&self) -> Result<Vec<Group>, ClientError> {
+        self.groups_request(operator_request::Request::ListGroups(v1::ListGroups {}))
+            .await
+    }
+
+    async fn groups_request(
+        &self,
+        request: operator_request::Request,
+    ) -> Result<Vec<Group>, ClientError> {
+        match self.single(request).await? {
+            operator_response::Response::Groups(list) => Ok(list
+                .groups
+                .into_iter()
+                .map(|g| Group {
+                    name: g.name,
+                    members: g.members,
+                    query: (!g.query.is_empty()).then_some(g.query),
+                })
+                .collect()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Publishes to a topic as an operator (no policy check). Returns how many subscribers got it.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        retain: bool,
+    ) -> Result<String, ClientError> {
+        let req = v1::OperatorPublish {
+            topic: topic.to_owned(),
+            payload: payload.into(),
+            retain,
+        };
+        match self.single(operator_request::Request::Publish(req)).await? {
+            operator_response::Response::Done(d) => Ok(d.message),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Would the policy let `from` do `action` ("publish", "subscribe", "message", "command") to
+    /// `target` (a topic, a filter or a device id)? Returns the decision and the reason.
+    pub async fn check_policy(
+        &self,
+        from: &DeviceId,
+        action: &str,
+        target: &str,
+    ) -> Result<(bool, String), ClientError> {
+        let req = v1::CheckPolicy {
+            from_device: from.to_string(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+        };
+        match self
+            .single(operator_request::Request::CheckPolicy(req))
+            .await?
+        {
+            operator_response::Response::PolicyDecision(d) => Ok((d.allowed, d.reason)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Makes the server reread its policy from its config file.
+    pub async fn reload_policy(&self) -> Result<String, ClientError> {
+        match self
+            .single(operator_request::Request::ReloadPolicy(v1::ReloadPolicy {}))
+            .await?
+        {
+            operator_response::Response::Done(d) => Ok(d.message),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Opens a live stream. Read it with [`EventStream::next`]; drop it to stop.
+    pub async fn subscribe(&self, subscription: Subscription) -> Result<EventStream, ClientError> {
+        use v1::subscribe::Stream;
+        let stream = match subscription {
+            Subscription::Telemetry { query, metrics } => {
+                Stream::Telemetry(v1::TelemetryStream { query, metrics })
+            }
+            Subscription::Presence { query } => Stream::Presence(v1::QueryScope { query }),
+            Subscription::Twin { query } => Stream::Twin(v1::QueryScope { query }),
+            Subscription::Commands { query } => Stream::Commands(v1::QueryScope { query }),
+            Subscription::Jobs { job_id } => Stream::Jobs(v1::JobScope { job_id }),
+            Subscription::Query { query } => Stream::Query(v1::QueryScope { query }),
+        };
+        let (mut send, recv) = self.conn.open_bi().await?;
+        write_frame(
+            &mut send,
+            &OperatorRequest {
+                request: Some(operator_request::Request::Subscribe(v1::Subscribe {
+                    stream: Some(stream),
+                })),
+            },
+        )
+        .await?;
+        let mut events = EventStream {
+            _send: send,
+            reader: FrameReader::new(recv, u32::MAX >> 4),
+            pushed_back: None,
+        };
+        // The first event says the subscription is set up (or the request was refused).
+        match events.next().await? {
+            Some(first @ FleetEvent::Subscribed { .. }) => {
+                events.pushed_back = Some(first);
+                Ok(events)
+            }
+            Some(other) => Err(ClientError::Protocol(format!(
+                "expected Subscribed first, got {other:?}"
+            ))),
+            None => Err(ClientError::Protocol(
+                "the server ended the subscription at once".into(),
+            )),
+        }
+    }
+
     /// Closes the session.
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"operator closing");
@@ -613,7 +1043,7 @@ fn state_to_proto(s: CommandState) -> v1::CommandState {
     }
 }
 
-fn state_from_proto(s: i32) -> Result<CommandState, ClientError> {
+pub(crate) fn state_from_proto(s: i32) -> Result<CommandState, ClientError> {
     Ok(match v1::CommandState::try_from(s) {
         Ok(v1::CommandState::Queued) => CommandState::Queued,
         Ok(v1::CommandState::Delivered) => CommandState::Delivered,
@@ -669,6 +1099,8 @@ fn device_info(d: v1::DeviceInfo) -> Result<DeviceInfo, ClientError> {
             .map(|v| Ok((metric(v.metric)?, v.time_us, value(v.value)?)))
             .collect::<Result<_, ClientError>>()?,
         last_stored_seq: d.last_stored_seq,
+        attributes: json(&d.attributes_json, "device attributes")?,
+        groups: d.groups,
         tags: d.tags.into_iter().collect(),
         created_us: d.created_us,
         point_count: d.point_count,

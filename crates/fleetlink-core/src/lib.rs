@@ -6,8 +6,11 @@ pub mod backoff;
 pub mod command;
 pub mod credentials;
 pub mod id;
+pub mod policy;
 pub mod presence;
+pub mod query;
 pub mod seq;
+pub mod topic;
 pub mod twin;
 pub mod value;
 

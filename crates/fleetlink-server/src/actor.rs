@@ -32,6 +32,8 @@ pub(crate) struct Kick {
 /// What every device actor is configured with.
 #[derive(Debug, Clone)]
 pub(crate) struct ActorSettings {
+    /// Groups, standing queries and the event bus, shared by every actor.
+    pub fleet: Arc<crate::fleet::Fleet>,
     pub heartbeat_timeout: Duration,
     pub outbox_limits: OutboxLimits,
     pub max_frame_bytes: u32,
@@ -42,6 +44,9 @@ pub(crate) struct ActorSettings {
 /// What an actor loads from the store when it starts.
 #[derive(Debug)]
 pub(crate) struct StoredState {
+    pub pending_direct: Vec<fleetlink_store::DirectRecord>,
+    pub tags: std::collections::BTreeMap<String, String>,
+    pub attributes: serde_json::Map<String, serde_json::Value>,
     pub last_seq: u64,
     pub last_values: Vec<MetricValue>,
     pub twin: StoredTwin,
@@ -82,6 +87,12 @@ pub(crate) struct DeviceActor {
     pub(crate) waiters: HashMap<CommandId, Vec<tokio::sync::oneshot::Sender<CommandRecord>>>,
     /// The pending expiry timer: (deadline it fires for, handle).
     pub(crate) expiry: Option<(TimeUs, SpawnHandle)>,
+    pub(crate) tags: std::collections::BTreeMap<String, String>,
+    pub(crate) attributes: serde_json::Map<String, serde_json::Value>,
+    /// Standing queries this device matches now.
+    pub(crate) matching: std::collections::HashSet<u64>,
+    /// Direct messages waiting for this device, oldest first.
+    pub(crate) pending_direct: Vec<fleetlink_store::DirectRecord>,
 }
 
 impl std::fmt::Debug for DeviceActor {
@@ -128,6 +139,9 @@ impl DeviceActor {
         settings: ActorSettings,
     ) -> Self {
         let StoredState {
+            pending_direct,
+            tags,
+            attributes,
             last_seq,
             last_values: last,
             twin,
@@ -168,6 +182,10 @@ impl DeviceActor {
             settling: HashMap::new(),
             waiters: HashMap::new(),
             expiry: None,
+            tags,
+            attributes,
+            matching: std::collections::HashSet::new(),
+            pending_direct,
         }
     }
 
@@ -196,18 +214,27 @@ impl DeviceActor {
         }
     }
 
-    /// Appends to the stored connection history (queued in order; failures are logged).
-    fn record_presence(&self, online: bool, session: SessionId, reason: &str, remote: String) {
-        let write = self.store.record_presence(
-            &self.id,
-            PresenceRecord {
-                online,
-                at_us: now_us(),
-                reason: reason.to_owned(),
-                remote_addr: remote,
-                session,
-            },
-        );
+    /// Appends to the stored connection history (queued in order; failures are logged), tells
+    /// presence subscribers and re-evaluates the standing queries that read presence.
+    fn record_presence(&mut self, online: bool, session: SessionId, reason: &str, remote: String) {
+        let record = PresenceRecord {
+            online,
+            at_us: now_us(),
+            reason: reason.to_owned(),
+            remote_addr: remote,
+            session,
+        };
+        crate::fleet::publish(&self.settings.fleet.bus.presence, Some(&self.id), || {
+            fleetlink_proto::v1::event::Event::Presence(fleetlink_proto::v1::PresenceChange {
+                device_id: self.id.to_string(),
+                event: Some(crate::operator::presence_event(&record)),
+            })
+        });
+        let write = self.store.record_presence(&self.id, record);
+        self.facts_changed(fleetlink_core::query::Reads {
+            presence: true,
+            ..Default::default()
+        });
         let device = self.id.clone();
         actix::spawn(async move {
             if let Err(error) = write.await {
@@ -233,6 +260,14 @@ impl Actor for DeviceActor {
         ctx.set_mailbox_capacity(64);
         let _ = self.durable.actor.set(ctx.address().recipient());
         self.schedule_expiry(ctx);
+        let waiting: Vec<(u64, i64)> = self
+            .pending_direct
+            .iter()
+            .map(|m| (m.id, m.expires_us))
+            .collect();
+        for (id, expires_us) in waiting {
+            self.expire_direct_later(id, expires_us, ctx);
+        }
         let check = (self.settings.heartbeat_timeout / 4).max(Duration::from_millis(10));
         ctx.run_interval(check, |actor, _| {
             let timeout_us = actor.settings.heartbeat_timeout.as_micros() as i64;
@@ -402,6 +437,21 @@ impl Handler<Ingest> for DeviceActor {
                 *slot = (p.time_us, p.value.clone());
             }
         }
+        crate::fleet::publish(&self.settings.fleet.bus.telemetry, Some(&self.id), || {
+            fleetlink_proto::v1::event::Event::Telemetry(fleetlink_proto::v1::TelemetryEvent {
+                device_id: self.id.to_string(),
+                points: msg
+                    .batch
+                    .points
+                    .iter()
+                    .map(fleetlink_core::Point::to_proto)
+                    .collect(),
+            })
+        });
+        self.facts_changed(fleetlink_core::query::Reads {
+            metrics: true,
+            ..Default::default()
+        });
         let job = AppendBatch {
             device: self.id.clone(),
             batch: msg.batch,
@@ -443,6 +493,9 @@ pub(crate) struct Snapshot {
     pub presence: Presence,
     pub last_values: Vec<MetricValue>,
     pub durable_seq: u64,
+    pub tags: std::collections::BTreeMap<String, String>,
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+    pub groups: Vec<String>,
 }
 
 #[derive(Message)]
@@ -453,6 +506,12 @@ impl Handler<GetSnapshot> for DeviceActor {
     type Result = MessageResult<GetSnapshot>;
 
     fn handle(&mut self, _: GetSnapshot, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.snapshot())
+    }
+}
+
+impl DeviceActor {
+    pub(crate) fn snapshot(&mut self) -> Snapshot {
         self.sync_durable();
         let mut last_values: Vec<MetricValue> = self
             .last_values
@@ -464,11 +523,32 @@ impl Handler<GetSnapshot> for DeviceActor {
             })
             .collect();
         last_values.sort_by(|a, b| a.metric.cmp(&b.metric));
-        MessageResult(Snapshot {
+        Snapshot {
             presence: self.presence.clone(),
             last_values,
             durable_seq: self.seq.durable(),
-        })
+            tags: self.tags.clone(),
+            attributes: self.attributes.clone(),
+            groups: self.groups(),
+        }
+    }
+
+    pub(crate) fn is_online(&self) -> bool {
+        self.presence.is_online()
+    }
+
+    /// The latest value of every metric, by name.
+    pub(crate) fn metric_map(&self) -> HashMap<String, Value> {
+        self.last_values
+            .iter()
+            .map(|(m, (_, v))| (m.to_string(), v.clone()))
+            .collect()
+    }
+
+    /// The latest value of a metric.
+    pub(crate) fn last_value(&self, name: &str) -> Option<Value> {
+        let name = MetricName::new(name).ok()?;
+        self.last_values.get(&name).map(|(_, v)| v.clone())
     }
 }
 

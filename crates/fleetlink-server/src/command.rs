@@ -62,7 +62,9 @@ impl DeviceActor {
                 attempt: record.attempts,
             };
             let update = update_of(record, now);
+            let record = record.clone();
             self.persist(update);
+            self.command_changed(&record);
             let (cancel_tx, cancel_rx) = oneshot::channel();
             self.in_flight.insert(id, cancel_tx);
             tracing::debug!(device = %self.id, command = id, attempt = request.attempt, "delivering command");
@@ -80,6 +82,13 @@ impl DeviceActor {
                     .await;
             });
         }
+    }
+
+    /// Tells command subscribers about a state change.
+    fn command_changed(&self, record: &CommandRecord) {
+        crate::fleet::publish(&self.settings.fleet.bus.commands, Some(&self.id), || {
+            v1::event::Event::Command(crate::operator::command_info(record))
+        });
     }
 
     /// Queues a state change for the store; failures are logged (the command is then redelivered
@@ -122,6 +131,7 @@ impl DeviceActor {
         let update = update_of(record, now);
         let record = record.clone();
         tracing::info!(device = %self.id, command = id, state = state.name(), "command state changed");
+        self.command_changed(&record);
         if !state.is_terminal() {
             self.persist(update);
             return Ok(record);
@@ -350,6 +360,7 @@ impl Handler<SubmitCommand> for DeviceActor {
                     .outbox
                     .push(record.id, record.concurrent, record.deadline_us);
                 actor.open.insert(record.id, record.clone());
+                actor.command_changed(&record);
                 actor.dispatch_commands(ctx);
                 actor.schedule_expiry(ctx);
             }

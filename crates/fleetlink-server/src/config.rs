@@ -38,6 +38,71 @@ pub struct ServerConfig {
     pub handshake_timeout_ms: u32,
     /// The command outbox (`[commands]` in the TOML file).
     pub commands: CommandsConfig,
+    /// Events an operator live stream may fall behind by before it gets an overflow signal.
+    pub event_buffer: usize,
+    /// Who may do what on the device-to-device bridge (`[policy]`; reloadable).
+    pub policy: PolicyConfig,
+    /// The file this configuration was read from (for reloading the policy).
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
+}
+
+/// The bridge policy as written in the TOML file (see `fleetlink_core::policy`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// `same-group` (devices talk within their own groups), `allow` or `deny`.
+    pub default: String,
+    /// Checked in order; the first that matches decides.
+    pub rules: Vec<PolicyRuleConfig>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            default: "same-group".into(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// One `[[policy.rules]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRuleConfig {
+    /// `allow` or `deny`.
+    pub effect: String,
+    /// `publish`, `subscribe`, `message`, `command`; none = all.
+    #[serde(default)]
+    pub actions: Vec<String>,
+    /// A query over the sending device.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// A query over the target device (message, command).
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Topic filters (publish, subscribe).
+    #[serde(default)]
+    pub topics: Vec<String>,
+}
+
+impl PolicyConfig {
+    /// The policy these settings describe.
+    pub fn build(&self) -> Result<fleetlink_core::policy::Policy, ServerError> {
+        let rules: Vec<fleetlink_core::policy::RuleSpec> = self
+            .rules
+            .iter()
+            .map(|r| fleetlink_core::policy::RuleSpec {
+                effect: r.effect.clone(),
+                actions: r.actions.clone(),
+                from: r.from.clone(),
+                to: r.to.clone(),
+                topics: r.topics.clone(),
+            })
+            .collect();
+        fleetlink_core::policy::Policy::new(&rules, &self.default)
+            .map_err(|e| ServerError::Config(format!("[policy]: {e}")))
+    }
 }
 
 /// Limits of the command outbox.
@@ -78,6 +143,9 @@ impl Default for ServerConfig {
             synchronous: "normal".into(),
             handshake_timeout_ms: 10_000,
             commands: CommandsConfig::default(),
+            event_buffer: 4096,
+            policy: PolicyConfig::default(),
+            config_file: None,
         }
     }
 }
@@ -87,7 +155,10 @@ impl ServerConfig {
     pub fn from_file(path: &Path) -> Result<Self, ServerError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ServerError::Config(format!("cannot read {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))
+        let mut config: ServerConfig = toml::from_str(&text)
+            .map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?;
+        config.config_file = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// A configuration for tests and embedding: 127.0.0.1 on a free port, the given data dir.
@@ -129,6 +200,7 @@ impl ServerConfig {
                 self.synchronous
             ));
         }
+        self.policy.build()?;
         let c = &self.commands;
         if c.default_timeout_s == 0
             || c.max_deadline_s < c.default_timeout_s

@@ -3,11 +3,16 @@
 //! core. The CLI, the tests and (later) the Python bindings embed it through [`Server::start`].
 
 mod actor;
+mod bridge;
 mod command;
 mod config;
+mod direct;
+mod facts;
+mod fleet;
 mod operator;
 mod registry;
 mod session;
+mod streams;
 mod tls;
 mod twin;
 
@@ -21,7 +26,7 @@ use fleetlink_core::TimeUs;
 use fleetlink_store::{SqliteOptions, SqliteStore, Store, Synchronous};
 use tokio::sync::{oneshot, watch};
 
-pub use config::{CommandsConfig, ServerConfig};
+pub use config::{CommandsConfig, PolicyConfig, PolicyRuleConfig, ServerConfig};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -255,7 +260,24 @@ async fn setup(config: ServerConfig, cores: usize) -> Result<Setup, ServerError>
         config.arbiters
     };
     let arbiters: Vec<actix::Arbiter> = (0..n_arbiters).map(|_| actix::Arbiter::new()).collect();
+    let fleet = fleet::Fleet::new(config.event_buffer);
+    fleet.bridge.set_policy(config.policy.build()?);
+    fleet.bridge.load_retained(store.retained().await?);
+    for group in store.groups().await? {
+        match &group.query {
+            Some(q) => match fleetlink_core::query::Query::parse(q) {
+                Ok(q) => fleet.groups.set_dynamic(&group.name, q),
+                Err(e) => {
+                    tracing::error!(group = %group.name, error = %e, "stored group query does not parse; the group is empty")
+                }
+            },
+            None => fleet
+                .groups
+                .set_static(&group.name, group.members.into_iter().collect()),
+        }
+    }
     let settings = actor::ActorSettings {
+        fleet: fleet.clone(),
         heartbeat_timeout: config.heartbeat_timeout(),
         outbox_limits: config.outbox_limits(),
         max_frame_bytes: config.max_frame_bytes,
@@ -263,12 +285,16 @@ async fn setup(config: ServerConfig, cores: usize) -> Result<Setup, ServerError>
     };
     let registry = registry::DeviceRegistry::new(&arbiters, store.clone(), settings);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (all_started_tx, all_started) = watch::channel(false);
     let shared = Arc::new(session::Shared {
         config,
         store,
         registry,
+        fleet,
         next_session: AtomicU64::new(1),
         shutting_down: shutdown_rx,
+        all_started,
+        all_started_tx,
     });
     tracing::info!(%local_addr, arbiters = n_arbiters, "fleetlink server listening");
     Ok((
@@ -290,20 +316,15 @@ async fn serve(
     mut stop: oneshot::Receiver<()>,
     shutdown: watch::Sender<bool>,
 ) {
-    // Devices with unfinished commands get their actor now, so deadlines pass even for devices
-    // that never come back.
+    // Every device gets its actor now: queries run on the actors' live state, and command
+    // deadlines pass even for devices that never come back.
     let waking = shared.clone();
     tokio::spawn(async move {
-        match waking.store.devices_with_open_commands().await {
-            Ok(devices) => {
-                for id in devices {
-                    if let Err(error) = waking.registry.get_or_start(&id).await {
-                        tracing::error!(device = %id, %error, "cannot start the actor of a device with unfinished commands");
-                    }
-                }
-            }
-            Err(error) => tracing::error!(%error, "cannot list devices with unfinished commands"),
+        match waking.registry.start_all().await {
+            Ok(n) => tracing::info!(devices = n, "device actors started"),
+            Err(error) => tracing::error!(%error, "cannot start every device actor"),
         }
+        waking.all_started_tx.send_replace(true);
     });
     loop {
         tokio::select! {

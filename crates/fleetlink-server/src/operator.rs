@@ -126,6 +126,11 @@ fn store_error(e: StoreError) -> RequestError {
 async fn serve_request(shared: Arc<Shared>, mut send: quinn::SendStream, recv: quinn::RecvStream) {
     let mut reader = FrameReader::new(recv, shared.config.max_frame_bytes);
     let responses = match reader.read::<OperatorRequest>().await {
+        Ok(Some(OperatorRequest {
+            request: Some(operator_request::Request::Subscribe(sub)),
+        })) => {
+            return crate::streams::serve(shared, sub, send).await;
+        }
         Ok(Some(OperatorRequest { request: Some(req) })) => handle(&shared, req).await,
         Ok(Some(OperatorRequest { request: None })) => {
             vec![
@@ -172,6 +177,25 @@ async fn handle(shared: &Shared, req: operator_request::Request) -> Vec<Operator
         Request::CancelCommand(r) => cancel_command(shared, r).await,
         Request::WaitCommand(r) => wait_command(shared, r).await,
         Request::PresenceHistory(r) => presence_history(shared, r).await,
+        Request::UpdateDevice(r) => update_device(shared, r).await,
+        Request::QueryDevices(r) => query_devices(shared, r).await,
+        Request::PutGroup(r) => put_group(shared, r).await,
+        Request::DeleteGroup(r) => delete_group(shared, r).await,
+        Request::ListGroups(_) => list_groups(shared).await,
+        Request::Subscribe(_) => Err(error(
+            ErrorCode::Internal,
+            "subscriptions are served on their own stream",
+        )),
+        Request::CheckPolicy(r) => check_policy(shared, r).await,
+        Request::ReloadPolicy(_) => reload_policy(shared).await,
+        Request::Publish(r) => operator_publish(shared, r).await,
+        Request::CreateJob(_)
+        | Request::GetJob(_)
+        | Request::CancelJob(_)
+        | Request::ListJobs(_) => Err(error(
+            ErrorCode::UnknownMessage,
+            "this server does not serve this request yet",
+        )),
     };
     result.unwrap_or_else(|e| vec![e.into_response()])
 }
@@ -194,6 +218,10 @@ async fn device_info(
     let snapshot = match snapshot {
         Some(pending) => pending.await.ok().flatten(),
         None => None,
+    };
+    let (tags, attributes, groups) = match &snapshot {
+        Some(s) => (s.tags.clone(), s.attributes.clone(), s.groups.clone()),
+        None => (record.tags.clone(), record.attributes.clone(), Vec::new()),
     };
     let (presence, last_values, last_seq) = match snapshot {
         Some(s) => {
@@ -224,9 +252,11 @@ async fn device_info(
             })
             .collect(),
         last_stored_seq: last_seq,
-        tags: record.tags.into_iter().collect(),
+        tags: tags.into_iter().collect(),
         created_us: record.created_us,
         point_count: record.point_count,
+        attributes_json: serde_json::Value::Object(attributes).to_string(),
+        groups,
     }
 }
 
@@ -263,6 +293,7 @@ async fn list_devices(
         .map(|c| OperatorResponse {
             response: Some(operator_response::Response::Devices(v1::DevicePage {
                 devices: c.to_vec(),
+                next_after: String::new(),
             })),
         })
         .collect();
@@ -347,10 +378,24 @@ async fn provision(
 ) -> Result<Vec<OperatorResponse>, RequestError> {
     let id = device_id(&r.device_id)?;
     let token = new_token();
+    let attributes = if r.attributes_json.trim().is_empty() {
+        serde_json::Map::new()
+    } else {
+        match serde_json::from_str(&r.attributes_json) {
+            Ok(serde_json::Value::Object(m)) => m,
+            Ok(_) | Err(_) => {
+                return Err(error(
+                    ErrorCode::InvalidArgument,
+                    "attributes must be a JSON object",
+                ));
+            }
+        }
+    };
     let device = NewDevice {
         id: id.clone(),
         token_hash: token.hash(),
         tags: r.tags.into_iter().collect(),
+        attributes,
         created_us: now_us(),
     };
     shared
@@ -359,6 +404,11 @@ async fn provision(
         .await
         .map_err(store_error)?;
     tracing::info!(device = %id, "device provisioned");
+    shared
+        .registry
+        .get_or_start(&id)
+        .await
+        .map_err(store_error)?;
     Ok(vec![OperatorResponse {
         response: Some(operator_response::Response::Provisioned(v1::Provisioned {
             device_id: id.to_string(),
@@ -434,16 +484,19 @@ async fn update_desired(
     ))
 }
 
-fn command_error(e: CommandError) -> RequestError {
-    let code = match &e {
+pub(crate) fn command_error_code(e: &CommandError) -> ErrorCode {
+    match e {
         CommandError::Limit(_) => ErrorCode::LimitExceeded,
         CommandError::Store(StoreError::UnknownCommand(_) | StoreError::UnknownDevice(_)) => {
             ErrorCode::NotFound
         }
         CommandError::Store(_) => ErrorCode::Unavailable,
         CommandError::Finished { .. } => ErrorCode::Conflict,
-    };
-    error(code, e.to_string())
+    }
+}
+
+fn command_error(e: CommandError) -> RequestError {
+    error(command_error_code(&e), e.to_string())
 }
 
 /// Longest command name accepted.
@@ -637,18 +690,19 @@ async fn presence_history(
     respond(operator_response::Response::PresenceHistory(
         v1::PresencePage {
             device_id: device.to_string(),
-            events: events
-                .into_iter()
-                .map(|e| v1::PresenceEvent {
-                    online: e.online,
-                    at_us: e.at_us,
-                    reason: e.reason,
-                    remote_addr: e.remote_addr,
-                    session_id: e.session,
-                })
-                .collect(),
+            events: events.iter().map(presence_event).collect(),
         },
     ))
+}
+
+pub(crate) fn presence_event(e: &fleetlink_store::PresenceRecord) -> v1::PresenceEvent {
+    v1::PresenceEvent {
+        online: e.online,
+        at_us: e.at_us,
+        reason: e.reason.clone(),
+        remote_addr: e.remote_addr.clone(),
+        session_id: e.session,
+    }
 }
 
 pub(crate) fn command_state_to_proto(s: CommandState) -> v1::CommandState {
@@ -675,7 +729,7 @@ fn command_state_from_proto(s: v1::CommandState) -> CommandState {
     }
 }
 
-fn command_info(r: &CommandRecord) -> v1::CommandInfo {
+pub(crate) fn command_info(r: &CommandRecord) -> v1::CommandInfo {
     v1::CommandInfo {
         command_id: r.id,
         device_id: r.device.to_string(),
@@ -698,4 +752,336 @@ fn command_info(r: &CommandRecord) -> v1::CommandInfo {
             .collect(),
         attempts: r.attempts,
     }
+}
+
+async fn update_device(
+    shared: &Shared,
+    r: v1::UpdateDevice,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    let attributes_patch = if r.attributes_patch_json.trim().is_empty() {
+        None
+    } else {
+        Some(
+            TwinPatch::parse(&r.attributes_patch_json)
+                .map_err(|e| error(ErrorCode::InvalidArgument, format!("attributes: {e}")))?,
+        )
+    };
+    let (id, actor) = actor_of(shared, &r.device_id).await?;
+    actor
+        .send(crate::facts::UpdateMeta {
+            set_tags: r.set_tags.into_iter().collect(),
+            remove_tags: r.remove_tags,
+            attributes_patch,
+        })
+        .await
+        .map_err(mailbox_error)?
+        .map_err(store_error)?;
+    get_device(
+        shared,
+        v1::GetDevice {
+            device_id: id.to_string(),
+        },
+    )
+    .await
+}
+
+fn parse_query(q: &str) -> Result<fleetlink_core::query::Query, RequestError> {
+    fleetlink_core::query::Query::parse(q)
+        .map_err(|e| error(ErrorCode::InvalidArgument, e.to_string()))
+}
+
+/// Devices per QueryDevices answer when none is asked for.
+const DEFAULT_QUERY_PAGE: usize = 1_000;
+
+async fn query_devices(
+    shared: &Shared,
+    r: v1::QueryDevices,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    let query = if r.query.trim().is_empty() {
+        fleetlink_core::query::Query::all()
+    } else {
+        parse_query(&r.query)?
+    };
+    let after = if r.after.is_empty() {
+        None
+    } else {
+        Some(device_id(&r.after)?)
+    };
+    let limit = if r.limit == 0 {
+        DEFAULT_QUERY_PAGE
+    } else {
+        r.limit as usize
+    };
+    shared.actors_ready().await;
+    // Every actor evaluates the query on its own state, all at once.
+    let mut asks = tokio::task::JoinSet::new();
+    for (id, actor) in shared.registry.all_by_id() {
+        if after.as_ref().is_some_and(|a| &id <= a) {
+            continue;
+        }
+        let q = query.clone();
+        asks.spawn(async move { (id, actor.send(crate::facts::Evaluate(q)).await) });
+    }
+    let mut matched = Vec::new();
+    while let Some(answer) = asks.join_next().await {
+        if let Ok((id, Ok(Some(snapshot)))) = answer {
+            matched.push((id, snapshot));
+        }
+    }
+    matched.sort_by(|a, b| a.0.cmp(&b.0));
+    let more = matched.len() > limit;
+    matched.truncate(limit);
+    let next_after = if more {
+        matched.last().map(|m| m.0.to_string()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let mut infos = Vec::with_capacity(matched.len());
+    for (id, snapshot) in matched {
+        let Some(record) = shared.store.device(&id).await.map_err(store_error)? else {
+            continue;
+        };
+        let snapshot = tokio::spawn(async move { Some(snapshot) });
+        infos.push(device_info(record, Some(snapshot)).await);
+    }
+    let mut pages: Vec<OperatorResponse> = infos
+        .chunks(DEVICES_PER_PAGE)
+        .map(|c| v1::DevicePage {
+            devices: c.to_vec(),
+            next_after: String::new(),
+        })
+        .map(|p| OperatorResponse {
+            response: Some(operator_response::Response::Devices(p)),
+        })
+        .collect();
+    if pages.is_empty() {
+        pages.push(OperatorResponse {
+            response: Some(operator_response::Response::Devices(
+                v1::DevicePage::default(),
+            )),
+        });
+    }
+    if let Some(OperatorResponse {
+        response: Some(operator_response::Response::Devices(last)),
+    }) = pages.last_mut()
+    {
+        last.next_after = next_after;
+    }
+    Ok(pages)
+}
+
+/// Longest group name accepted.
+const MAX_GROUP_NAME: usize = 128;
+
+async fn put_group(
+    shared: &Shared,
+    r: v1::PutGroup,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    if r.name.is_empty() || r.name.len() > MAX_GROUP_NAME || r.name.chars().any(char::is_control) {
+        return Err(error(
+            ErrorCode::InvalidArgument,
+            format!(
+                "group name {:?} must be 1 to {MAX_GROUP_NAME} characters without control characters",
+                r.name
+            ),
+        ));
+    }
+    let dynamic = !r.query.trim().is_empty();
+    if dynamic && !r.members.is_empty() {
+        return Err(error(
+            ErrorCode::InvalidArgument,
+            "a group has either members (static) or a query (dynamic), not both",
+        ));
+    }
+    let members: Vec<DeviceId> = r
+        .members
+        .iter()
+        .map(|m| device_id(m))
+        .collect::<Result<_, _>>()?;
+    for m in &members {
+        if shared.store.device(m).await.map_err(store_error)?.is_none() {
+            return Err(store_error(StoreError::UnknownDevice(m.clone())));
+        }
+    }
+    let query = if dynamic {
+        Some(parse_query(&r.query)?)
+    } else {
+        None
+    };
+    shared
+        .store
+        .put_group(fleetlink_store::GroupRecord {
+            name: r.name.clone(),
+            members: members.clone(),
+            query: query.as_ref().map(|_| r.query.clone()),
+        })
+        .await
+        .map_err(store_error)?;
+    match query {
+        Some(q) => shared.fleet.groups.set_dynamic(&r.name, q),
+        None => shared
+            .fleet
+            .groups
+            .set_static(&r.name, members.into_iter().collect()),
+    }
+    tracing::info!(group = %r.name, dynamic, "group saved");
+    groups_changed(shared);
+    list_groups(shared).await
+}
+
+async fn delete_group(
+    shared: &Shared,
+    r: v1::DeleteGroup,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    let existed = shared
+        .store
+        .delete_group(&r.name)
+        .await
+        .map_err(store_error)?;
+    if !existed {
+        return Err(error(
+            ErrorCode::NotFound,
+            format!("no group named {:?}", r.name),
+        ));
+    }
+    shared.fleet.groups.remove(&r.name);
+    groups_changed(shared);
+    respond(operator_response::Response::Done(v1::Done {
+        message: format!("group {:?} deleted", r.name),
+    }))
+}
+
+/// Every actor re-evaluates its standing queries that read groups.
+fn groups_changed(shared: &Shared) {
+    let what = fleetlink_core::query::Reads {
+        groups: true,
+        ..Default::default()
+    };
+    for actor in shared.registry.all() {
+        actor.do_send(crate::facts::FactsChanged(what));
+    }
+}
+
+async fn list_groups(shared: &Shared) -> Result<Vec<OperatorResponse>, RequestError> {
+    shared.actors_ready().await;
+    let records = shared.store.groups().await.map_err(store_error)?;
+    // Members of dynamic groups are whoever matches now; ask every actor once.
+    let mut asks = tokio::task::JoinSet::new();
+    for (id, actor) in shared.registry.all_by_id() {
+        asks.spawn(async move { (id, actor.send(GetSnapshot).await) });
+    }
+    let mut in_groups: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    while let Some(answer) = asks.join_next().await {
+        if let Ok((id, Ok(snapshot))) = answer {
+            for g in snapshot.groups {
+                in_groups.entry(g).or_default().push(id.to_string());
+            }
+        }
+    }
+    let groups = records
+        .into_iter()
+        .map(|g| {
+            let members = match &g.query {
+                Some(_) => {
+                    let mut m = in_groups.remove(&g.name).unwrap_or_default();
+                    m.sort();
+                    m
+                }
+                None => g.members.iter().map(ToString::to_string).collect(),
+            };
+            v1::Group {
+                name: g.name,
+                members,
+                query: g.query.unwrap_or_default(),
+            }
+        })
+        .collect();
+    respond(operator_response::Response::Groups(v1::GroupList {
+        groups,
+    }))
+}
+
+async fn check_policy(
+    shared: &Shared,
+    r: v1::CheckPolicy,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    use fleetlink_core::policy::{Action, Target};
+    let action = Action::parse(&r.action).ok_or_else(|| {
+        error(
+            ErrorCode::InvalidArgument,
+            format!(
+                "unknown action {:?}; use publish, subscribe, message or command",
+                r.action
+            ),
+        )
+    })?;
+    let (_, from) = actor_of(shared, &r.from_device).await?;
+    let me = from
+        .send(crate::facts::GetFacts)
+        .await
+        .map_err(mailbox_error)?;
+    let policy = shared.fleet.bridge.policy();
+    let decision = match action {
+        Action::Publish => {
+            let t = fleetlink_core::topic::Topic::new(r.target.clone())
+                .map_err(|e| error(ErrorCode::InvalidArgument, e.to_string()))?;
+            policy.decide(action, &me, &me.groups, Target::Topic(&t))
+        }
+        Action::Subscribe => {
+            let f = fleetlink_core::topic::TopicFilter::new(r.target.clone())
+                .map_err(|e| error(ErrorCode::InvalidArgument, e.to_string()))?;
+            policy.decide(action, &me, &me.groups, Target::Filter(&f))
+        }
+        Action::Message | Action::Command => {
+            let (_, to) = actor_of(shared, &r.target).await?;
+            let them = to
+                .send(crate::facts::GetFacts)
+                .await
+                .map_err(mailbox_error)?;
+            policy.decide(action, &me, &me.groups, Target::Device(&them, &them.groups))
+        }
+    };
+    respond(operator_response::Response::PolicyDecision(
+        v1::PolicyDecision {
+            allowed: decision.allowed,
+            reason: decision.reason,
+        },
+    ))
+}
+
+async fn reload_policy(shared: &Shared) -> Result<Vec<OperatorResponse>, RequestError> {
+    let Some(path) = &shared.config.config_file else {
+        return Err(error(
+            ErrorCode::InvalidArgument,
+            "the server was not started with --config: there is no file to reload the policy from",
+        ));
+    };
+    let config = crate::ServerConfig::from_file(path)
+        .map_err(|e| error(ErrorCode::InvalidArgument, e.to_string()))?;
+    let policy = config
+        .policy
+        .build()
+        .map_err(|e| error(ErrorCode::InvalidArgument, e.to_string()))?;
+    let rules = policy.len();
+    shared.fleet.bridge.set_policy(policy);
+    tracing::info!(file = %path.display(), rules, "policy reloaded");
+    respond(operator_response::Response::Done(v1::Done {
+        message: format!(
+            "policy reloaded from {}: {rules} rules, default {:?}",
+            path.display(),
+            config.policy.default
+        ),
+    }))
+}
+
+async fn operator_publish(
+    shared: &Shared,
+    r: v1::OperatorPublish,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    let delivered = crate::bridge::publish(shared, None, &r.topic, r.payload, r.retain)
+        .await
+        .map_err(|e| error(e.code, e.message))?;
+    respond(operator_response::Response::Done(v1::Done {
+        message: format!("delivered to {delivered} subscribers"),
+    }))
 }

@@ -46,6 +46,35 @@ impl DeviceRegistry {
             .unwrap_or_default()
     }
 
+    /// Every started actor with its device id, in id order.
+    pub(crate) fn all_by_id(&self) -> Vec<(DeviceId, Addr<DeviceActor>)> {
+        let mut all: Vec<_> = self
+            .actors
+            .lock()
+            .map(|a| a.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Starts the actor of every provisioned device: fleet queries, standing queries and command
+    /// deadlines are served by the actors' live state, so every device needs one.
+    pub(crate) async fn start_all(&self) -> Result<usize, StoreError> {
+        let mut after = None;
+        let mut started = 0;
+        loop {
+            let page = self.store.list_devices(after.clone(), Some(1_000)).await?;
+            let Some(last) = page.last() else {
+                return Ok(started);
+            };
+            after = Some(last.id.clone());
+            for record in page {
+                self.get_or_start(&record.id).await?;
+                started += 1;
+            }
+        }
+    }
+
     /// The actor of a provisioned device, started (with its stored state) if needed.
     pub(crate) async fn get_or_start(
         &self,
@@ -61,6 +90,7 @@ impl DeviceRegistry {
             .ok_or_else(|| StoreError::UnknownDevice(id.clone()))?;
         let twin = self.store.twin(id).await?;
         let open_commands = self.store.open_commands(id).await?;
+        let pending_direct = self.store.pending_direct(id).await?;
         let mut actors = self
             .actors
             .lock()
@@ -75,6 +105,9 @@ impl DeviceRegistry {
         let settings = self.settings.clone();
         let device = id.clone();
         let stored = StoredState {
+            pending_direct,
+            tags: record.tags,
+            attributes: record.attributes,
             last_seq: record.last_seq,
             last_values: record.last_values,
             twin,

@@ -30,8 +30,20 @@ pub(crate) struct Shared {
     pub config: ServerConfig,
     pub store: Arc<dyn Store>,
     pub registry: DeviceRegistry,
+    pub fleet: Arc<crate::fleet::Fleet>,
     pub next_session: AtomicU64,
     pub shutting_down: watch::Receiver<bool>,
+    /// Becomes true once every provisioned device has its actor (after start-up).
+    pub all_started: watch::Receiver<bool>,
+    pub all_started_tx: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// Waits until every provisioned device has its actor.
+    pub(crate) async fn actors_ready(&self) {
+        let mut ready = self.all_started.clone();
+        let _ = ready.wait_for(|r| *r).await;
+    }
 }
 
 /// How a session ended.
@@ -341,7 +353,10 @@ async fn device_session(
         conn: conn.clone(),
         delta: delta_tx,
     };
+    let (bridge_tx, mut bridge_rx) = mpsc::channel::<ServerControl>(crate::bridge::BRIDGE_QUEUE);
+    shared.fleet.bridge.link(&id, session, bridge_tx);
     if actor.send(Ready(link)).await.is_err() {
+        shared.fleet.bridge.unlink(&id, session);
         return;
     }
 
@@ -354,6 +369,7 @@ async fn device_session(
         loop {
             let frame = tokio::select! {
                 m = out_rx.recv() => match m { Some(m) => m, None => return send },
+                m = bridge_rx.recv() => match m { Some(m) => m, None => return send },
                 changed = durable.changed() => {
                     if changed.is_err() { return send; }
                     let seq = *durable.borrow_and_update();
@@ -413,6 +429,70 @@ async fn device_session(
                         msg: Some(server_control::Msg::TwinReportAck(ack)),
                     };
                     if out_tx.send(ack).await.is_err() {
+                        return End::Closed("control stream closed".into());
+                    }
+                }
+                Ok(Some(ClientControl {
+                    msg: Some(client_control::Msg::Publish(p)),
+                })) => {
+                    let r = crate::bridge::publish(
+                        &shared,
+                        Some((&id, &actor)),
+                        &p.topic,
+                        p.payload,
+                        p.retain,
+                    )
+                    .await;
+                    if out_tx.send(bridge_ack(p.request_id, r)).await.is_err() {
+                        return End::Closed("control stream closed".into());
+                    }
+                }
+                Ok(Some(ClientControl {
+                    msg: Some(client_control::Msg::Subscribe(sub)),
+                })) => {
+                    let r = crate::bridge::subscribe(&shared, &id, &actor, &sub.filter).await;
+                    let (ack, retained) = match r {
+                        Ok(retained) => (
+                            bridge_ack(sub.request_id, Ok(retained.len() as u64)),
+                            retained,
+                        ),
+                        Err(e) => (bridge_ack(sub.request_id, Err(e)), Vec::new()),
+                    };
+                    if out_tx.send(ack).await.is_err() {
+                        return End::Closed("control stream closed".into());
+                    }
+                    for m in retained {
+                        let frame = ServerControl {
+                            msg: Some(server_control::Msg::TopicMessage(m)),
+                        };
+                        if out_tx.send(frame).await.is_err() {
+                            return End::Closed("control stream closed".into());
+                        }
+                    }
+                }
+                Ok(Some(ClientControl {
+                    msg: Some(client_control::Msg::Unsubscribe(u)),
+                })) => {
+                    let r = crate::bridge::unsubscribe(&shared, &id, &u.filter).map(u64::from);
+                    if out_tx.send(bridge_ack(u.request_id, r)).await.is_err() {
+                        return End::Closed("control stream closed".into());
+                    }
+                }
+                Ok(Some(ClientControl {
+                    msg: Some(client_control::Msg::SendDirect(d)),
+                })) => {
+                    let request_id = d.request_id;
+                    let r = crate::bridge::send_direct(&shared, &id, &actor, d).await;
+                    if out_tx.send(bridge_ack(request_id, r)).await.is_err() {
+                        return End::Closed("control stream closed".into());
+                    }
+                }
+                Ok(Some(ClientControl {
+                    msg: Some(client_control::Msg::DeviceCommand(c)),
+                })) => {
+                    let request_id = c.request_id;
+                    let r = crate::bridge::device_command(shared.clone(), &id, &actor, c).await;
+                    if out_tx.send(bridge_ack(request_id, r)).await.is_err() {
                         return End::Closed("control stream closed".into());
                     }
                 }
@@ -510,7 +590,28 @@ async fn device_session(
             }
         }
     };
+    shared.fleet.bridge.unlink(&id, session);
     let _ = actor.send(Detach { session, reason }).await;
+}
+
+fn bridge_ack(request_id: u64, r: Result<u64, crate::bridge::Refused>) -> ServerControl {
+    let (id, error) = match r {
+        Ok(id) => (id, None),
+        Err(e) => (
+            0,
+            Some(v1::Error {
+                code: e.code.into(),
+                message: e.message,
+            }),
+        ),
+    };
+    ServerControl {
+        msg: Some(server_control::Msg::BridgeAck(v1::BridgeAck {
+            request_id,
+            error,
+            id,
+        })),
+    }
 }
 
 async fn report_twin(

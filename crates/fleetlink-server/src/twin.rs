@@ -70,6 +70,29 @@ impl DeviceActor {
             link.delta.send_replace(Some(self.delta_frame()));
         }
     }
+
+    /// A twin document changed: tell twin subscribers and the standing queries that read twins.
+    fn twin_changed(&mut self, side: &'static str) {
+        let doc = if side == "desired" {
+            &self.desired
+        } else {
+            &self.reported
+        };
+        crate::fleet::publish(&self.settings.fleet.bus.twin, Some(&self.id), || {
+            v1::event::Event::Twin(v1::TwinChange {
+                device_id: self.id.to_string(),
+                side: side.to_owned(),
+                version: doc.version(),
+                doc_json: doc.to_json().to_string(),
+                delta_json: serde_json::Value::Object(delta(&self.desired, &self.reported))
+                    .to_string(),
+            })
+        });
+        self.facts_changed(fleetlink_core::query::Reads {
+            twin: true,
+            ..Default::default()
+        });
+    }
 }
 
 /// Read the twin.
@@ -116,6 +139,7 @@ impl Handler<UpdateDesired> for DeviceActor {
         self.desired = desired;
         tracing::info!(device = %self.id, version = self.desired.version(), "desired twin updated");
         self.send_delta();
+        self.twin_changed("desired");
         let view = self.twin_view();
         Box::pin(async move {
             write.await?;
@@ -153,6 +177,7 @@ impl Handler<ReportTwin> for DeviceActor {
                 self.reported = reported;
                 let version = self.reported.version();
                 tracing::debug!(device = %self.id, version, "reported twin updated");
+                self.twin_changed("reported");
                 Box::pin(async move {
                     write.await?;
                     Ok(version)
@@ -178,5 +203,6 @@ impl Handler<Ready> for DeviceActor {
         self.link = Some(link);
         self.outbox.connection_lost(); // anything in flight on an older link goes again
         self.dispatch_commands(ctx);
+        self.deliver_direct(ctx);
     }
 }

@@ -55,6 +55,47 @@ pub enum StoreError {
 /// durable (or failed).
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
 
+/// A named set of devices: static (listed members) or dynamic (a query, stored as its text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRecord {
+    /// Its name.
+    pub name: String,
+    /// Static groups: the members.
+    pub members: Vec<DeviceId>,
+    /// Dynamic groups: the query.
+    pub query: Option<String>,
+}
+
+/// A retained topic message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedRecord {
+    /// The topic.
+    pub topic: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// Who published it ("" = an operator).
+    pub from_device: String,
+    /// When.
+    pub published_us: TimeUs,
+}
+
+/// A direct message waiting for its target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectRecord {
+    /// Unique id (0 before it is stored).
+    pub id: u64,
+    /// Who it is for.
+    pub to: DeviceId,
+    /// Who sent it.
+    pub from: DeviceId,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// When it was sent.
+    pub sent_us: TimeUs,
+    /// When it expires undelivered.
+    pub expires_us: TimeUs,
+}
+
 /// Which of a twin's two documents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TwinSide {
@@ -177,6 +218,8 @@ pub struct NewDevice {
     pub token_hash: TokenHash,
     /// Free-form tags.
     pub tags: BTreeMap<String, String>,
+    /// Attributes: a JSON object.
+    pub attributes: serde_json::Map<String, serde_json::Value>,
     /// Creation time.
     pub created_us: TimeUs,
 }
@@ -199,6 +242,8 @@ pub struct DeviceRecord {
     pub id: DeviceId,
     /// Free-form tags.
     pub tags: BTreeMap<String, String>,
+    /// Attributes: a JSON object.
+    pub attributes: serde_json::Map<String, serde_json::Value>,
     /// Creation time.
     pub created_us: TimeUs,
     /// Highest telemetry batch sequence stored.
@@ -300,6 +345,38 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Points stored in all, over every device.
     async fn point_count(&self) -> Result<u64, StoreError>;
+
+    /// Replaces a device's tags and attributes (queued write).
+    fn update_device(
+        &self,
+        device: &DeviceId,
+        tags: BTreeMap<String, String>,
+        attributes: serde_json::Map<String, serde_json::Value>,
+    ) -> StoreFuture<()>;
+
+    /// Creates or replaces a group (queued write).
+    fn put_group(&self, group: GroupRecord) -> StoreFuture<()>;
+
+    /// Deletes a group; returns whether it existed (queued write).
+    fn delete_group(&self, name: &str) -> StoreFuture<bool>;
+
+    /// Every group, by name.
+    async fn groups(&self) -> Result<Vec<GroupRecord>, StoreError>;
+
+    /// Sets (or, with an empty payload, clears) a topic's retained message (queued write).
+    fn put_retained(&self, message: RetainedRecord) -> StoreFuture<()>;
+
+    /// Every retained message.
+    async fn retained(&self) -> Result<Vec<RetainedRecord>, StoreError>;
+
+    /// Stores a direct message for its target; returns its id (queued write).
+    fn insert_direct(&self, message: DirectRecord) -> StoreFuture<u64>;
+
+    /// Forgets a direct message (delivered or expired) (queued write).
+    fn delete_direct(&self, id: u64) -> StoreFuture<()>;
+
+    /// Direct messages waiting for a device, oldest first.
+    async fn pending_direct(&self, to: &DeviceId) -> Result<Vec<DirectRecord>, StoreError>;
 
     /// Both twin documents of a device (empty documents if it never had any).
     async fn twin(&self, device: &DeviceId) -> Result<StoredTwin, StoreError>;

@@ -13,9 +13,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::{
-    AppendBatch, CommandFilter, CommandRecord, CommandUpdate, DeviceRecord, MetricValue,
-    NewCommand, NewDevice, PresenceRecord, Store, StoreError, StoreFuture, StoredPoint, StoredTwin,
-    TelemetryQuery, TwinSide,
+    AppendBatch, CommandFilter, CommandRecord, CommandUpdate, DeviceRecord, DirectRecord,
+    GroupRecord, MetricValue, NewCommand, NewDevice, PresenceRecord, RetainedRecord, Store,
+    StoreError, StoreFuture, StoredPoint, StoredTwin, TelemetryQuery, TwinSide,
 };
 use fleetlink_core::command::{CommandId, CommandState};
 use fleetlink_core::twin::TwinDoc;
@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS devices (
     name        TEXT NOT NULL UNIQUE,
     token_hash  BLOB NOT NULL,
     tags        TEXT NOT NULL DEFAULT '{}',
+    attributes  TEXT NOT NULL DEFAULT '{}',
     created_us  INTEGER NOT NULL,
     last_seq    INTEGER NOT NULL DEFAULT 0,
     point_count INTEGER NOT NULL DEFAULT 0
@@ -101,6 +102,26 @@ CREATE TABLE IF NOT EXISTS presence_events (
     session  INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX IF NOT EXISTS presence_by_device ON presence_events (device, id);
+CREATE TABLE IF NOT EXISTS retained (
+    topic         TEXT PRIMARY KEY,
+    payload       BLOB NOT NULL,
+    from_device   TEXT NOT NULL,
+    published_us  INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS direct_messages (
+    id          INTEGER PRIMARY KEY,
+    target      INTEGER NOT NULL REFERENCES devices(id),
+    sender      TEXT NOT NULL,
+    payload     BLOB NOT NULL,
+    sent_us     INTEGER NOT NULL,
+    expires_us  INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS direct_by_target ON direct_messages (target, id);
+CREATE TABLE IF NOT EXISTS groups (
+    name     TEXT PRIMARY KEY,
+    members  TEXT NOT NULL DEFAULT '[]',
+    query    TEXT
+) STRICT;
 ";
 
 /// How hard SQLite works to survive a crash.
@@ -299,6 +320,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         )));
     }
     let tx = conn.transaction()?;
+    if version == 1 {
+        // version 2 added device attributes; the new tables come from SCHEMA below
+        tx.execute_batch("ALTER TABLE devices ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}'")?;
+    }
     tx.execute_batch(SCHEMA)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
@@ -426,7 +451,7 @@ fn load_devices(
     params: &[&dyn rusqlite::ToSql],
 ) -> Result<Vec<DeviceRecord>, StoreError> {
     let sql = format!(
-        "SELECT id, name, tags, created_us, last_seq, point_count FROM devices {where_clause}"
+        "SELECT id, name, tags, created_us, last_seq, point_count, attributes FROM devices {where_clause}"
     );
     let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map(params, |r| {
@@ -437,16 +462,21 @@ fn load_devices(
             r.get(3)?,
             r.get::<_, i64>(4)?,
             r.get::<_, i64>(5)?,
+            r.get::<_, String>(6)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (rowid, name, tags, created_us, last_seq, point_count) = row?;
+        let (rowid, name, tags, created_us, last_seq, point_count, attributes) = row?;
         let tags: BTreeMap<String, String> = serde_json::from_str(&tags)
             .map_err(|e| StoreError::Corrupt(format!("tags of {name}: {e}")))?;
+        let attributes: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&attributes)
+                .map_err(|e| StoreError::Corrupt(format!("attributes of {name}: {e}")))?;
         out.push(DeviceRecord {
             id: device_id(name)?,
             tags,
+            attributes,
             created_us,
             last_seq: last_seq as u64,
             point_count: point_count as u64,
@@ -586,14 +616,16 @@ impl Store for SqliteStore {
     async fn provision_device(&self, device: NewDevice) -> Result<(), StoreError> {
         let tags =
             serde_json::to_string(&device.tags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let attributes = serde_json::Value::Object(device.attributes.clone()).to_string();
         self.write(move |conn| {
             let inserted = conn.execute(
-                "INSERT INTO devices (name, token_hash, tags, created_us) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO devices (name, token_hash, tags, attributes, created_us) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(name) DO NOTHING",
                 params![
                     device.id.as_str(),
                     &device.token_hash.as_bytes()[..],
                     tags,
+                    attributes,
                     device.created_us
                 ],
             )?;
@@ -753,6 +785,163 @@ impl Store for SqliteStore {
                 [],
                 |r| r.get::<_, i64>(0),
             )? as u64)
+        })
+        .await
+    }
+
+    fn update_device(
+        &self,
+        device: &DeviceId,
+        tags: BTreeMap<String, String>,
+        attributes: serde_json::Map<String, serde_json::Value>,
+    ) -> StoreFuture<()> {
+        let device = device.clone();
+        self.control(move |conn| {
+            let tags = serde_json::to_string(&tags).map_err(corrupt)?;
+            let attributes = serde_json::Value::Object(attributes).to_string();
+            let changed = conn
+                .prepare_cached("UPDATE devices SET tags = ?2, attributes = ?3 WHERE name = ?1")?
+                .execute(params![device.as_str(), tags, attributes])?;
+            if changed == 0 {
+                return Err(StoreError::UnknownDevice(device));
+            }
+            Ok(())
+        })
+    }
+
+    fn put_group(&self, group: GroupRecord) -> StoreFuture<()> {
+        self.control(move |conn| {
+            let members: Vec<&str> = group.members.iter().map(DeviceId::as_str).collect();
+            let members = serde_json::to_string(&members).map_err(corrupt)?;
+            conn.prepare_cached(
+                "INSERT INTO groups (name, members, query) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET members = excluded.members, query = excluded.query",
+            )?
+            .execute(params![group.name, members, group.query])?;
+            Ok(())
+        })
+    }
+
+    fn delete_group(&self, name: &str) -> StoreFuture<bool> {
+        let name = name.to_owned();
+        self.control(move |conn| {
+            Ok(conn
+                .prepare_cached("DELETE FROM groups WHERE name = ?1")?
+                .execute([name])?
+                > 0)
+        })
+    }
+
+    async fn groups(&self) -> Result<Vec<GroupRecord>, StoreError> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT name, members, query FROM groups ORDER BY name")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, members, query) = row?;
+                let members: Vec<String> = serde_json::from_str(&members)
+                    .map_err(|e| corrupt(format!("members of group {name}: {e}")))?;
+                out.push(GroupRecord {
+                    members: members
+                        .into_iter()
+                        .map(device_id)
+                        .collect::<Result<_, _>>()?,
+                    name,
+                    query,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    fn put_retained(&self, m: RetainedRecord) -> StoreFuture<()> {
+        self.control(move |conn| {
+            if m.payload.is_empty() {
+                conn.prepare_cached("DELETE FROM retained WHERE topic = ?1")?
+                    .execute([&m.topic])?;
+            } else {
+                conn.prepare_cached(
+                    "INSERT INTO retained (topic, payload, from_device, published_us) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(topic) DO UPDATE SET payload = excluded.payload,
+                        from_device = excluded.from_device, published_us = excluded.published_us",
+                )?
+                .execute(params![m.topic, m.payload, m.from_device, m.published_us])?;
+            }
+            Ok(())
+        })
+    }
+
+    async fn retained(&self) -> Result<Vec<RetainedRecord>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT topic, payload, from_device, published_us FROM retained ORDER BY topic",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(RetainedRecord {
+                    topic: r.get(0)?,
+                    payload: r.get(1)?,
+                    from_device: r.get(2)?,
+                    published_us: r.get(3)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    fn insert_direct(&self, m: DirectRecord) -> StoreFuture<u64> {
+        self.control(move |conn| {
+            let target = device_rowid(conn, &m.to)?;
+            conn.prepare_cached(
+                "INSERT INTO direct_messages (target, sender, payload, sent_us, expires_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                target,
+                m.from.as_str(),
+                m.payload,
+                m.sent_us,
+                m.expires_us
+            ])?;
+            Ok(conn.last_insert_rowid() as u64)
+        })
+    }
+
+    fn delete_direct(&self, id: u64) -> StoreFuture<()> {
+        self.control(move |conn| {
+            conn.prepare_cached("DELETE FROM direct_messages WHERE id = ?1")?
+                .execute([id as i64])?;
+            Ok(())
+        })
+    }
+
+    async fn pending_direct(&self, to: &DeviceId) -> Result<Vec<DirectRecord>, StoreError> {
+        let to = to.clone();
+        self.read(move |conn| {
+            let target = device_rowid(conn, &to)?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, sender, payload, sent_us, expires_us FROM direct_messages
+                 WHERE target = ?1 ORDER BY id",
+            )?;
+            let rows = stmt.query_map([target], |r| {
+                Ok(DirectRecord {
+                    id: r.get::<_, i64>(0)? as u64,
+                    to: to.clone(),
+                    from: device_id(r.get(1)?)?,
+                    payload: r.get(2)?,
+                    sent_us: r.get(3)?,
+                    expires_us: r.get(4)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
         .await
     }

@@ -45,6 +45,7 @@ async fn provision(store: &SqliteStore, name: &str) -> Token {
             id: id(name),
             token_hash: token.hash(),
             tags: BTreeMap::from([("region".into(), "north".into())]),
+            attributes: serde_json::Map::new(),
             created_us: 1,
         })
         .await
@@ -90,6 +91,7 @@ async fn telemetry_is_stored_once_and_survives_reopen() {
                 id: id("truck-1"),
                 token_hash: token.hash(),
                 tags: BTreeMap::new(),
+                attributes: serde_json::Map::new(),
                 created_us: 2
             })
             .await,

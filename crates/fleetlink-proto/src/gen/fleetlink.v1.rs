@@ -307,6 +307,130 @@ impl ErrorCode {
         }
     }
 }
+/// Device -> server: publish `payload` to `topic` (no wildcards). Subscribers whose filter matches
+/// receive a TopicMessage. With `retain`, the server keeps it as the topic's last message and gives
+/// it to every later subscriber whose filter matches (an empty retained payload clears it).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Publish {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, tag = "2")]
+    pub topic: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "3")]
+    pub payload: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bool, tag = "4")]
+    pub retain: bool,
+}
+/// Device -> server: receive messages published to topics matching `filter` ("+" = one level,
+/// "#" = every remaining level, last only). Retained messages that match arrive right after the ack.
+/// Subscriptions last for the connection; a reconnecting device subscribes again.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TopicSubscribe {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, tag = "2")]
+    pub filter: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TopicUnsubscribe {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, tag = "2")]
+    pub filter: ::prost::alloc::string::String,
+}
+/// Device -> server: a message for one device. If the target is offline it waits up to `ttl_ms`
+/// (0 = the server's default); if it is not delivered by then the sender gets MessageExpired.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SendDirect {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, tag = "2")]
+    pub to_device: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "3")]
+    pub payload: ::prost::alloc::vec::Vec<u8>,
+    #[prost(uint32, tag = "4")]
+    pub ttl_ms: u32,
+}
+/// Device -> server: run command `name` on another device (a truck asks a gate to open). The
+/// command goes through the target's outbox like an operator's; the result comes back in a
+/// DeviceCommandResult with the same request_id.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeviceCommand {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, tag = "2")]
+    pub to_device: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub args_json: ::prost::alloc::string::String,
+    /// The command expires this long after it is queued (0 = the server's default).
+    #[prost(uint32, tag = "5")]
+    pub timeout_ms: u32,
+}
+/// Server -> device: the outcome of a bridge request (Publish, TopicSubscribe, TopicUnsubscribe,
+/// SendDirect, DeviceCommand). `error` unset = accepted.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BridgeAck {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(message, optional, tag = "2")]
+    pub error: ::core::option::Option<Error>,
+    /// SendDirect: the message's id (as in MessageExpired). DeviceCommand: the command's id.
+    /// Publish: how many subscribers it was handed to.
+    #[prost(uint64, tag = "3")]
+    pub id: u64,
+}
+/// Server -> device: a message published to a topic the device subscribed to.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TopicMessage {
+    #[prost(string, tag = "1")]
+    pub topic: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub payload: ::prost::alloc::vec::Vec<u8>,
+    /// The publishing device ("" when an operator published it).
+    #[prost(string, tag = "3")]
+    pub from_device: ::prost::alloc::string::String,
+    /// Delivered from the retained store on subscribe.
+    #[prost(bool, tag = "4")]
+    pub retained: bool,
+    #[prost(int64, tag = "5")]
+    pub published_us: i64,
+}
+/// Server -> device: a direct message from another device.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DirectMessage {
+    #[prost(uint64, tag = "1")]
+    pub message_id: u64,
+    #[prost(string, tag = "2")]
+    pub from_device: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "3")]
+    pub payload: ::prost::alloc::vec::Vec<u8>,
+    #[prost(int64, tag = "4")]
+    pub sent_us: i64,
+}
+/// Server -> device: a direct message this device sent was not delivered within its TTL.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MessageExpired {
+    #[prost(uint64, tag = "1")]
+    pub message_id: u64,
+    #[prost(string, tag = "2")]
+    pub to_device: ::prost::alloc::string::String,
+}
+/// Server -> device: the end of a DeviceCommand this device sent.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeviceCommandResult {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(uint64, tag = "2")]
+    pub command_id: u64,
+    #[prost(enumeration = "CommandState", tag = "3")]
+    pub state: i32,
+    #[prost(string, tag = "4")]
+    pub result_json: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub error: ::prost::alloc::string::String,
+}
 /// Device -> server, on the control stream: merge `patch_json` into the reported document.
 /// Answered by a TwinReportAck with the same request_id.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -443,7 +567,7 @@ pub struct TelemetryAck {
 /// Frames a client sends on the control stream.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ClientControl {
-    #[prost(oneof = "client_control::Msg", tags = "1, 2, 3")]
+    #[prost(oneof = "client_control::Msg", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
     pub msg: ::core::option::Option<client_control::Msg>,
 }
 /// Nested message and enum types in `ClientControl`.
@@ -456,12 +580,25 @@ pub mod client_control {
         Heartbeat(super::Heartbeat),
         #[prost(message, tag = "3")]
         TwinReport(super::TwinReport),
+        #[prost(message, tag = "4")]
+        Publish(super::Publish),
+        #[prost(message, tag = "5")]
+        Subscribe(super::TopicSubscribe),
+        #[prost(message, tag = "6")]
+        Unsubscribe(super::TopicUnsubscribe),
+        #[prost(message, tag = "7")]
+        SendDirect(super::SendDirect),
+        #[prost(message, tag = "8")]
+        DeviceCommand(super::DeviceCommand),
     }
 }
 /// Frames the server sends on the control stream.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ServerControl {
-    #[prost(oneof = "server_control::Msg", tags = "1, 2, 3, 4, 5, 6, 7")]
+    #[prost(
+        oneof = "server_control::Msg",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"
+    )]
     pub msg: ::core::option::Option<server_control::Msg>,
 }
 /// Nested message and enum types in `ServerControl`.
@@ -483,6 +620,16 @@ pub mod server_control {
         TwinDelta(super::TwinDelta),
         #[prost(message, tag = "7")]
         TwinReportAck(super::TwinReportAck),
+        #[prost(message, tag = "8")]
+        BridgeAck(super::BridgeAck),
+        #[prost(message, tag = "9")]
+        TopicMessage(super::TopicMessage),
+        #[prost(message, tag = "10")]
+        DirectMessage(super::DirectMessage),
+        #[prost(message, tag = "11")]
+        MessageExpired(super::MessageExpired),
+        #[prost(message, tag = "12")]
+        DeviceCommandResult(super::DeviceCommandResult),
     }
 }
 /// What kind of peer a connection belongs to.
@@ -565,11 +712,201 @@ impl RejectReason {
         }
     }
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct JobCommand {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub args_json: ::prost::alloc::string::String,
+    /// Each device's command expires this long after it is queued (0 = the server's default).
+    #[prost(uint32, tag = "3")]
+    pub timeout_ms: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CreateJob {
+    /// A name for people.
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// Devices matching this query when the job starts are its targets.
+    #[prost(string, tag = "2")]
+    pub query: ::prost::alloc::string::String,
+    /// At most this many targets unfinished at once (0 = 10).
+    #[prost(uint32, tag = "5")]
+    pub max_in_flight: u32,
+    /// At most this many targets started per minute (0 = no limit).
+    #[prost(uint32, tag = "6")]
+    pub max_per_minute: u32,
+    /// Abort when failed / finished > this ratio, once at least abort_min_finished targets finished
+    /// (0 = never abort).
+    #[prost(double, tag = "7")]
+    pub abort_failure_ratio: f64,
+    #[prost(uint32, tag = "8")]
+    pub abort_min_finished: u32,
+    #[prost(oneof = "create_job::Action", tags = "3, 4")]
+    pub action: ::core::option::Option<create_job::Action>,
+}
+/// Nested message and enum types in `CreateJob`.
+pub mod create_job {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Action {
+        #[prost(message, tag = "3")]
+        Command(super::JobCommand),
+        /// An RFC 7386 merge patch for each target's desired twin.
+        #[prost(string, tag = "4")]
+        DesiredPatchJson(::prost::alloc::string::String),
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct JobInfo {
+    #[prost(uint64, tag = "1")]
+    pub job_id: u64,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub query: ::prost::alloc::string::String,
+    #[prost(enumeration = "JobState", tag = "4")]
+    pub state: i32,
+    #[prost(int64, tag = "5")]
+    pub created_us: i64,
+    /// When it left RUNNING (0 = still running).
+    #[prost(int64, tag = "6")]
+    pub finished_us: i64,
+    #[prost(uint32, tag = "7")]
+    pub targets: u32,
+    /// Targets per state: "pending" (not started), "running", "succeeded", "failed", "expired",
+    /// "rejected", "cancelled", "skipped".
+    #[prost(map = "string, uint32", tag = "8")]
+    pub counts: ::std::collections::HashMap<::prost::alloc::string::String, u32>,
+    /// Why it was aborted or cancelled.
+    #[prost(string, tag = "9")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "10")]
+    pub spec: ::core::option::Option<CreateJob>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetJob {
+    #[prost(uint64, tag = "1")]
+    pub job_id: u64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CancelJob {
+    #[prost(uint64, tag = "1")]
+    pub job_id: u64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListJobs {
+    /// At most this many, newest first (0 = 100).
+    #[prost(uint32, tag = "1")]
+    pub limit: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct JobList {
+    #[prost(message, repeated, tag = "1")]
+    pub jobs: ::prost::alloc::vec::Vec<JobInfo>,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum JobState {
+    Unspecified = 0,
+    Running = 1,
+    /// Every target finished (some may have failed, below the abort threshold).
+    Completed = 2,
+    /// Stopped by the abort rule; targets not started are skipped, queued commands cancelled.
+    Aborted = 3,
+    /// Stopped by an operator.
+    Cancelled = 4,
+}
+impl JobState {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "JOB_STATE_UNSPECIFIED",
+            Self::Running => "JOB_STATE_RUNNING",
+            Self::Completed => "JOB_STATE_COMPLETED",
+            Self::Aborted => "JOB_STATE_ABORTED",
+            Self::Cancelled => "JOB_STATE_CANCELLED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "JOB_STATE_UNSPECIFIED" => Some(Self::Unspecified),
+            "JOB_STATE_RUNNING" => Some(Self::Running),
+            "JOB_STATE_COMPLETED" => Some(Self::Completed),
+            "JOB_STATE_ABORTED" => Some(Self::Aborted),
+            "JOB_STATE_CANCELLED" => Some(Self::Cancelled),
+            _ => None,
+        }
+    }
+}
+/// First frame on every client-opened unidirectional stream and every server-opened
+/// bidirectional stream.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StreamHeader {
+    #[prost(enumeration = "StreamKind", tag = "1")]
+    pub kind: i32,
+}
+/// One measurement.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TelemetryPoint {
+    /// Metric name: 1 to 128 characters from \[A-Za-z0-9_.:/-\].
+    #[prost(string, tag = "1")]
+    pub metric: ::prost::alloc::string::String,
+    /// When the device measured it: microseconds since the Unix epoch, device clock.
+    #[prost(int64, tag = "2")]
+    pub time_us: i64,
+    #[prost(message, optional, tag = "3")]
+    pub value: ::core::option::Option<Value>,
+}
+/// A batch of points. `seq` numbers batches per device: 1, 2, 3, ... across connections.
+/// A batch is stored whole or not at all, exactly once.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TelemetryBatch {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub points: ::prost::alloc::vec::Vec<TelemetryPoint>,
+}
+/// What a client-opened unidirectional stream carries. The first frame on every such stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum StreamKind {
+    Unspecified = 0,
+    /// TelemetryBatch frames follow (client-opened unidirectional stream).
+    Telemetry = 1,
+    /// One CommandRequest follows, answered by one CommandResult (server-opened bidirectional stream).
+    Command = 2,
+}
+impl StreamKind {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "STREAM_KIND_UNSPECIFIED",
+            Self::Telemetry => "STREAM_KIND_TELEMETRY",
+            Self::Command => "STREAM_KIND_COMMAND",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "STREAM_KIND_UNSPECIFIED" => Some(Self::Unspecified),
+            "STREAM_KIND_TELEMETRY" => Some(Self::Telemetry),
+            "STREAM_KIND_COMMAND" => Some(Self::Command),
+            _ => None,
+        }
+    }
+}
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct OperatorRequest {
     #[prost(
         oneof = "operator_request::Request",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25"
     )]
     pub request: ::core::option::Option<operator_request::Request>,
 }
@@ -601,13 +938,42 @@ pub mod operator_request {
         WaitCommand(super::WaitCommand),
         #[prost(message, tag = "12")]
         PresenceHistory(super::PresenceHistory),
+        #[prost(message, tag = "13")]
+        UpdateDevice(super::UpdateDevice),
+        #[prost(message, tag = "14")]
+        QueryDevices(super::QueryDevices),
+        #[prost(message, tag = "15")]
+        Subscribe(super::Subscribe),
+        #[prost(message, tag = "16")]
+        PutGroup(super::PutGroup),
+        #[prost(message, tag = "17")]
+        DeleteGroup(super::DeleteGroup),
+        #[prost(message, tag = "18")]
+        ListGroups(super::ListGroups),
+        #[prost(message, tag = "19")]
+        CreateJob(super::CreateJob),
+        #[prost(message, tag = "20")]
+        GetJob(super::GetJob),
+        #[prost(message, tag = "21")]
+        CancelJob(super::CancelJob),
+        #[prost(message, tag = "22")]
+        ListJobs(super::ListJobs),
+        #[prost(message, tag = "23")]
+        CheckPolicy(super::CheckPolicy),
+        #[prost(message, tag = "24")]
+        ReloadPolicy(super::ReloadPolicy),
+        #[prost(message, tag = "25")]
+        Publish(super::OperatorPublish),
     }
 }
 /// One or more of these answer an OperatorRequest; the server then finishes the stream.
 /// Responses that can be large (DevicePage, TelemetryPage) are split over several frames.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct OperatorResponse {
-    #[prost(oneof = "operator_response::Response", tags = "1, 2, 3, 4, 5, 6, 7, 8, 15")]
+    #[prost(
+        oneof = "operator_response::Response",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"
+    )]
     pub response: ::core::option::Option<operator_response::Response>,
 }
 /// Nested message and enum types in `OperatorResponse`.
@@ -630,6 +996,18 @@ pub mod operator_response {
         Commands(super::CommandPage),
         #[prost(message, tag = "8")]
         PresenceHistory(super::PresencePage),
+        #[prost(message, tag = "9")]
+        Event(super::Event),
+        #[prost(message, tag = "10")]
+        Groups(super::GroupList),
+        #[prost(message, tag = "11")]
+        Job(super::JobInfo),
+        #[prost(message, tag = "12")]
+        Jobs(super::JobList),
+        #[prost(message, tag = "13")]
+        PolicyDecision(super::PolicyDecision),
+        #[prost(message, tag = "14")]
+        Done(super::Done),
         #[prost(message, tag = "15")]
         Error(super::Error),
     }
@@ -678,6 +1056,9 @@ pub struct ProvisionDevice {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+    /// Attributes as a JSON object (empty = none).
+    #[prost(string, tag = "3")]
+    pub attributes_json: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Provisioned {
@@ -715,6 +1096,12 @@ pub struct MetricValue {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct DeviceInfo {
+    /// Attributes as a JSON object (set at provisioning or with UpdateDevice).
+    #[prost(string, tag = "8")]
+    pub attributes_json: ::prost::alloc::string::String,
+    /// Groups the device belongs to (static and dynamic).
+    #[prost(string, repeated, tag = "9")]
+    pub groups: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(string, tag = "1")]
     pub device_id: ::prost::alloc::string::String,
     #[prost(message, optional, tag = "2")]
@@ -739,6 +1126,9 @@ pub struct DeviceInfo {
 pub struct DevicePage {
     #[prost(message, repeated, tag = "1")]
     pub devices: ::prost::alloc::vec::Vec<DeviceInfo>,
+    /// QueryDevices: pass as `after` for the next page; empty = this was the last page.
+    #[prost(string, tag = "2")]
+    pub next_after: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct StoredPoint {
@@ -875,63 +1265,241 @@ pub struct PresencePage {
     #[prost(message, repeated, tag = "2")]
     pub events: ::prost::alloc::vec::Vec<PresenceEvent>,
 }
-/// First frame on every client-opened unidirectional stream and every server-opened
-/// bidirectional stream.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct StreamHeader {
-    #[prost(enumeration = "StreamKind", tag = "1")]
-    pub kind: i32,
-}
-/// One measurement.
+/// Change a device's tags and attributes. Answered with its DeviceInfo.
 #[derive(Clone, PartialEq, ::prost::Message)]
-pub struct TelemetryPoint {
-    /// Metric name: 1 to 128 characters from \[A-Za-z0-9_.:/-\].
+pub struct UpdateDevice {
     #[prost(string, tag = "1")]
-    pub metric: ::prost::alloc::string::String,
-    /// When the device measured it: microseconds since the Unix epoch, device clock.
-    #[prost(int64, tag = "2")]
-    pub time_us: i64,
-    #[prost(message, optional, tag = "3")]
-    pub value: ::core::option::Option<Value>,
+    pub device_id: ::prost::alloc::string::String,
+    /// Tags to set (added or replaced).
+    #[prost(map = "string, string", tag = "2")]
+    pub set_tags: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    /// Tags to remove.
+    #[prost(string, repeated, tag = "3")]
+    pub remove_tags: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// An RFC 7386 merge patch for the attributes (empty = no change).
+    #[prost(string, tag = "4")]
+    pub attributes_patch_json: ::prost::alloc::string::String,
 }
-/// A batch of points. `seq` numbers batches per device: 1, 2, 3, ... across connections.
-/// A batch is stored whole or not at all, exactly once.
-#[derive(Clone, PartialEq, ::prost::Message)]
-pub struct TelemetryBatch {
+/// Devices matching a query (docs/queries.md), in id order, evaluated on the devices' live state.
+/// Answered with DevicePage frames; the last carries next_after when more remain.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct QueryDevices {
+    #[prost(string, tag = "1")]
+    pub query: ::prost::alloc::string::String,
+    /// Only devices whose id sorts after this one; empty = from the start.
+    #[prost(string, tag = "2")]
+    pub after: ::prost::alloc::string::String,
+    /// At most this many (0 = 1000).
+    #[prost(uint32, tag = "3")]
+    pub limit: u32,
+}
+/// Open a live stream: the server answers with OperatorResponse.event frames until the client
+/// stops the stream (or the connection ends). The first event is `subscribed`.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Subscribe {
+    #[prost(oneof = "subscribe::Stream", tags = "1, 2, 3, 4, 5, 6")]
+    pub stream: ::core::option::Option<subscribe::Stream>,
+}
+/// Nested message and enum types in `Subscribe`.
+pub mod subscribe {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Stream {
+        /// Telemetry of devices matching `query`, only `metrics` (empty = all).
+        #[prost(message, tag = "1")]
+        Telemetry(super::TelemetryStream),
+        /// Online/offline events of devices matching the query.
+        #[prost(message, tag = "2")]
+        Presence(super::QueryScope),
+        /// Twin changes of devices matching the query.
+        #[prost(message, tag = "3")]
+        Twin(super::QueryScope),
+        /// Command state changes of devices matching the query.
+        #[prost(message, tag = "4")]
+        Commands(super::QueryScope),
+        /// Progress of one job (job_id != 0) or of every job.
+        #[prost(message, tag = "5")]
+        Jobs(super::JobScope),
+        /// A standing query: the initial set, then enter/leave events as devices start or stop matching.
+        #[prost(message, tag = "6")]
+        Query(super::QueryScope),
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TelemetryStream {
+    #[prost(string, tag = "1")]
+    pub query: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "2")]
+    pub metrics: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct QueryScope {
+    /// Empty = every device.
+    #[prost(string, tag = "1")]
+    pub query: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct JobScope {
     #[prost(uint64, tag = "1")]
-    pub seq: u64,
+    pub job_id: u64,
+}
+/// One event of a live stream.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Event {
+    /// Server clock.
+    #[prost(int64, tag = "1")]
+    pub at_us: i64,
+    #[prost(oneof = "event::Event", tags = "2, 3, 4, 5, 6, 7, 8, 9")]
+    pub event: ::core::option::Option<event::Event>,
+}
+/// Nested message and enum types in `Event`.
+pub mod event {
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Event {
+        #[prost(message, tag = "2")]
+        Subscribed(super::Subscribed),
+        /// The subscriber read too slowly: `dropped` events were skipped. The stream goes on.
+        #[prost(message, tag = "3")]
+        Overflow(super::Overflow),
+        #[prost(message, tag = "4")]
+        Telemetry(super::TelemetryEvent),
+        #[prost(message, tag = "5")]
+        Presence(super::PresenceChange),
+        #[prost(message, tag = "6")]
+        Twin(super::TwinChange),
+        #[prost(message, tag = "7")]
+        Command(super::CommandInfo),
+        #[prost(message, tag = "8")]
+        Job(super::JobInfo),
+        #[prost(message, tag = "9")]
+        Match(super::QueryMatch),
+    }
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Subscribed {
+    /// Standing queries: how many devices match now (their `match` events with initial = true follow).
+    #[prost(uint32, tag = "1")]
+    pub initial_matches: u32,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Overflow {
+    #[prost(uint64, tag = "1")]
+    pub dropped: u64,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TelemetryEvent {
+    #[prost(string, tag = "1")]
+    pub device_id: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "2")]
     pub points: ::prost::alloc::vec::Vec<TelemetryPoint>,
 }
-/// What a client-opened unidirectional stream carries. The first frame on every such stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
-#[repr(i32)]
-pub enum StreamKind {
-    Unspecified = 0,
-    /// TelemetryBatch frames follow (client-opened unidirectional stream).
-    Telemetry = 1,
-    /// One CommandRequest follows, answered by one CommandResult (server-opened bidirectional stream).
-    Command = 2,
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PresenceChange {
+    #[prost(string, tag = "1")]
+    pub device_id: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub event: ::core::option::Option<PresenceEvent>,
 }
-impl StreamKind {
-    /// String value of the enum field names used in the ProtoBuf definition.
-    ///
-    /// The values are not transformed in any way and thus are considered stable
-    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
-    pub fn as_str_name(&self) -> &'static str {
-        match self {
-            Self::Unspecified => "STREAM_KIND_UNSPECIFIED",
-            Self::Telemetry => "STREAM_KIND_TELEMETRY",
-            Self::Command => "STREAM_KIND_COMMAND",
-        }
-    }
-    /// Creates an enum from field names used in the ProtoBuf definition.
-    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
-        match value {
-            "STREAM_KIND_UNSPECIFIED" => Some(Self::Unspecified),
-            "STREAM_KIND_TELEMETRY" => Some(Self::Telemetry),
-            "STREAM_KIND_COMMAND" => Some(Self::Command),
-            _ => None,
-        }
-    }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TwinChange {
+    #[prost(string, tag = "1")]
+    pub device_id: ::prost::alloc::string::String,
+    /// "reported" or "desired".
+    #[prost(string, tag = "2")]
+    pub side: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "3")]
+    pub version: u64,
+    /// The whole document after the change.
+    #[prost(string, tag = "4")]
+    pub doc_json: ::prost::alloc::string::String,
+    /// The delta after the change.
+    #[prost(string, tag = "5")]
+    pub delta_json: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct QueryMatch {
+    #[prost(string, tag = "1")]
+    pub device_id: ::prost::alloc::string::String,
+    /// true = the device matches now (entered); false = it stopped matching (left).
+    #[prost(bool, tag = "2")]
+    pub matches: bool,
+    /// Part of the initial set sent right after `subscribed`.
+    #[prost(bool, tag = "3")]
+    pub initial: bool,
+}
+/// Create or replace a group: static (a list of members) or dynamic (a query).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PutGroup {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "2")]
+    pub members: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, tag = "3")]
+    pub query: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteGroup {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListGroups {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Group {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// Static groups: the members. Dynamic groups: the devices matching now.
+    #[prost(string, repeated, tag = "2")]
+    pub members: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Dynamic groups: the query.
+    #[prost(string, tag = "3")]
+    pub query: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GroupList {
+    #[prost(message, repeated, tag = "1")]
+    pub groups: ::prost::alloc::vec::Vec<Group>,
+}
+/// Would the policy allow `from_device` to do `action` to `target`? Evaluated like a real action,
+/// without doing it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CheckPolicy {
+    #[prost(string, tag = "1")]
+    pub from_device: ::prost::alloc::string::String,
+    /// "publish", "subscribe", "message" or "command".
+    #[prost(string, tag = "2")]
+    pub action: ::prost::alloc::string::String,
+    /// A topic (publish), a filter (subscribe) or a device id (message, command).
+    #[prost(string, tag = "3")]
+    pub target: ::prost::alloc::string::String,
+}
+/// Reread the policy from the server's config file.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReloadPolicy {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PolicyDecision {
+    #[prost(bool, tag = "1")]
+    pub allowed: bool,
+    /// Which rule decided ("rule 2: allow command from tag.role == \"truck\" to group == \"gates\""),
+    /// or the default.
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+}
+/// An operator publishes to a topic (no policy check: operators are trusted).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OperatorPublish {
+    #[prost(string, tag = "1")]
+    pub topic: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub payload: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bool, tag = "3")]
+    pub retain: bool,
+}
+/// A request that has nothing to return succeeded.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Done {
+    #[prost(string, tag = "1")]
+    pub message: ::prost::alloc::string::String,
 }
