@@ -287,6 +287,8 @@ pub struct DeviceClient {
     desired: watch::Receiver<Option<DesiredState>>,
     runner: Arc<CommandRunner>,
     incoming: tokio::sync::broadcast::Sender<Incoming>,
+    /// Subscribed before the connection started, so the first reader misses nothing.
+    first_incoming: Mutex<Option<tokio::sync::broadcast::Receiver<Incoming>>>,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -329,7 +331,7 @@ impl DeviceClient {
         let id = config.device_id.clone();
         let (desired_tx, desired_rx) = watch::channel(None);
         let runner = CommandRunner::new(config.commands.clone());
-        let (incoming, _) = tokio::sync::broadcast::channel(INCOMING_BUFFER);
+        let (incoming, first_incoming) = tokio::sync::broadcast::channel(INCOMING_BUFFER);
         let engine = Engine {
             desired: desired_tx,
             runner: runner.clone(),
@@ -365,6 +367,7 @@ impl DeviceClient {
             desired: desired_rx,
             runner,
             incoming,
+            first_incoming: Mutex::new(Some(first_incoming)),
         })
     }
 
@@ -485,10 +488,15 @@ impl DeviceClient {
         })
     }
 
-    /// Topic messages, direct messages and expiry notices for this device, from now on. A
+    /// Topic messages, direct messages and expiry notices for this device. The first receiver
+    /// gets everything since the connection started (direct messages that waited for the device
+    /// arrive right after the Welcome); later ones get what arrives after they were made. A
     /// receiver that falls more than 1024 messages behind is told how many it missed.
     pub fn incoming(&self) -> tokio::sync::broadcast::Receiver<Incoming> {
-        self.incoming.subscribe()
+        match self.first_incoming.lock().ok().and_then(|mut f| f.take()) {
+            Some(first) => first,
+            None => self.incoming.subscribe(),
+        }
     }
 
     /// Merges `patch` (an RFC 7386 JSON merge patch: `null` deletes a field) into the reported

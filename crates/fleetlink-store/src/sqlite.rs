@@ -319,7 +319,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             "the database has schema version {version}, newer than this fleetlink ({SCHEMA_VERSION}); upgrade fleetlink"
         )));
     }
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     if version == 1 {
         // version 2 added device attributes; the new tables come from SCHEMA below
         tx.execute_batch("ALTER TABLE devices ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}'")?;
@@ -1249,7 +1249,12 @@ impl Writer {
         controls: Vec<ControlJob>,
         finishers: &mut Vec<Finisher>,
     ) -> Result<Vec<u64>, StoreError> {
-        let tx = self.conn.transaction()?;
+        // IMMEDIATE: take the write lock up front (waiting on the busy timeout). A deferred
+        // transaction that reads first fails at once with SQLITE_BUSY when another connection
+        // (a registry write) committed between its read and its first write.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Control writes (twins, commands, presence) first, in the order they were queued.
         for job in controls {
             finishers.push(job(&tx));

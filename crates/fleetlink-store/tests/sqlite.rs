@@ -246,3 +246,59 @@ async fn admin_tokens_verify_and_unknown_devices_are_reported() {
         ["b"]
     );
 }
+
+/// Queued writes that read before they write (a device lookup, then an insert) used to fail at
+/// once with "database is locked" when a registry write committed in between: the writer's
+/// transaction must take the write lock up front and wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_writes_and_registry_writes_do_not_lock_each_other_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("fleet.db"), SqliteOptions::default()).unwrap();
+    provision(&store, "anchor").await;
+    let registry = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                store
+                    .provision_device(NewDevice {
+                        id: id(&format!("dev-{i}")),
+                        token_hash: Token::from_random_bytes([7; 32]).hash(),
+                        tags: BTreeMap::new(),
+                        attributes: serde_json::Map::new(),
+                        created_us: i,
+                    })
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut writes = Vec::new();
+    for i in 0..400 {
+        writes.push(store.record_presence(
+            &id("anchor"),
+            fleetlink_store::PresenceRecord {
+                online: i % 2 == 0,
+                at_us: i,
+                reason: String::new(),
+                remote_addr: String::new(),
+                session: i as u64,
+            },
+        ));
+        if i % 20 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    for w in writes {
+        w.await.unwrap();
+    }
+    registry.await.unwrap();
+    assert_eq!(
+        store
+            .presence_history(&id("anchor"), 1000)
+            .await
+            .unwrap()
+            .len(),
+        400
+    );
+    assert_eq!(store.list_devices(None, None).await.unwrap().len(), 201);
+}
