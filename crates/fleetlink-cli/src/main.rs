@@ -2,6 +2,7 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a CLI talks to a person
 
+mod fleet_ops;
 mod ops;
 
 use std::net::SocketAddr;
@@ -111,6 +112,70 @@ enum Command {
     Cmd {
         #[command(subcommand)]
         command: ops::CommandCommand,
+    },
+    /// Devices matching a query, e.g. 'tag.region == "north" and online and metric.fuel < 0.2'
+    /// (grammar: docs/queries.md).
+    Query {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The query.
+        query: String,
+        /// At most this many devices.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a live stream: telemetry, presence, twin, commands, jobs, or a standing query.
+    Watch {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Which stream.
+        #[arg(value_enum)]
+        stream: fleet_ops::StreamKind,
+        /// Only devices matching this query (the standing query itself for `query`).
+        #[arg(long, default_value = "")]
+        query: String,
+        /// Telemetry: only these metrics (repeatable).
+        #[arg(long = "metric")]
+        metrics: Vec<String>,
+        /// Jobs: only this job (0 = all).
+        #[arg(long, default_value_t = 0)]
+        job: u64,
+        /// pretty (one line per event) or json (JSON lines).
+        #[arg(long, value_enum, default_value_t = fleet_ops::Format::Pretty)]
+        format: fleet_ops::Format,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// Publish a message to a topic (as an operator).
+    Publish {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The topic.
+        topic: String,
+        /// The payload (UTF-8 text).
+        payload: String,
+        /// Keep it as the topic's retained message.
+        #[arg(long)]
+        retain: bool,
+    },
+    /// Manage groups.
+    Group {
+        #[command(subcommand)]
+        command: fleet_ops::GroupCommand,
+    },
+    /// Check or reload the bridge policy.
+    Policy {
+        #[command(subcommand)]
+        command: fleet_ops::PolicyCommand,
+    },
+    /// Apply a command or a desired-state change to many devices.
+    Job {
+        #[command(subcommand)]
+        command: fleet_ops::JobCommand,
     },
     /// A device's connection history (online/offline events with reasons), newest first.
     Presence {
@@ -292,6 +357,30 @@ async fn run(command: Command) -> Result<()> {
             device,
             limit,
         } => ops::presence(conn, device, limit).await,
+        Command::Query {
+            conn,
+            query,
+            limit,
+            json,
+        } => fleet_ops::query(conn, query, limit, json).await,
+        Command::Watch {
+            conn,
+            stream,
+            query,
+            metrics,
+            job,
+            format,
+            count,
+        } => fleet_ops::watch(conn, stream, query, metrics, job, format, count).await,
+        Command::Publish {
+            conn,
+            topic,
+            payload,
+            retain,
+        } => fleet_ops::publish(conn, topic, payload, retain).await,
+        Command::Group { command } => fleet_ops::group(command).await,
+        Command::Policy { command } => fleet_ops::policy(command).await,
+        Command::Job { command } => fleet_ops::job(command).await,
     }
 }
 
@@ -457,7 +546,7 @@ async fn sim(
     Ok(())
 }
 
-fn format_value(v: &Value) -> String {
+pub(crate) fn format_value(v: &Value) -> String {
     match v {
         Value::Double(x) => format!("{x:.3}"),
         Value::Int(x) => x.to_string(),

@@ -23,8 +23,9 @@ pub use device::{
 pub use fleetlink_core::command::CommandState;
 pub use fleetlink_core::{DeviceId, GeoPosition, MetricName, Point, Value};
 pub use operator::{
-    CommandInfo, CommandRequest, DeviceInfo, EventStream, FleetEvent, Group, OperatorClient,
-    OperatorConfig, PresenceEvent, PresenceInfo, StoredPoint, Subscription, TelemetryQuery, Twin,
+    CommandInfo, CommandRequest, DeviceInfo, EventStream, FleetEvent, Group, JobAction, JobInfo,
+    JobSpec, OperatorClient, OperatorConfig, PresenceEvent, PresenceInfo, StoredPoint,
+    Subscription, TelemetryQuery, Twin,
 };
 
 /// Where the server is and how to trust it.

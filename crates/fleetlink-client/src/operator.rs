@@ -224,6 +224,109 @@ pub struct PresenceEvent {
     pub session: u64,
 }
 
+/// What a job does to each target.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobAction {
+    /// Run a command (each expires `timeout` after it is queued; `None` = server default).
+    Command {
+        /// Handler name.
+        name: String,
+        /// Arguments.
+        args: serde_json::Value,
+        /// Deadline of each command.
+        timeout: Option<Duration>,
+    },
+    /// Merge this patch into each target's desired twin.
+    Desired(serde_json::Value),
+}
+
+/// A job to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    /// A name for people.
+    pub name: String,
+    /// Devices matching this query when the job starts are its targets.
+    pub query: String,
+    /// What to do to each.
+    pub action: JobAction,
+    /// Targets unfinished at once (0 = 10).
+    pub max_in_flight: u32,
+    /// Targets started per minute (0 = no limit).
+    pub max_per_minute: u32,
+    /// Abort when failed / finished is above this (0 = never) ...
+    pub abort_failure_ratio: f64,
+    /// ... once at least this many targets finished.
+    pub abort_min_finished: u32,
+}
+
+impl JobSpec {
+    /// A job with default rate (10 at once, no per-minute limit) and no abort rule.
+    pub fn new(name: impl Into<String>, query: impl Into<String>, action: JobAction) -> Self {
+        Self {
+            name: name.into(),
+            query: query.into(),
+            action,
+            max_in_flight: 0,
+            max_per_minute: 0,
+            abort_failure_ratio: 0.0,
+            abort_min_finished: 0,
+        }
+    }
+}
+
+/// A job's progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobInfo {
+    /// Its id.
+    pub id: u64,
+    /// Its name.
+    pub name: String,
+    /// Its target query.
+    pub query: String,
+    /// "running", "completed", "aborted", "cancelled".
+    pub state: String,
+    /// When it was created (µs since the epoch).
+    pub created_us: i64,
+    /// When it stopped running (0 = still running).
+    pub finished_us: i64,
+    /// How many targets it has.
+    pub targets: u32,
+    /// Targets per state ("pending", "running", "succeeded", "failed", "expired", "rejected",
+    /// "cancelled", "skipped").
+    pub counts: BTreeMap<String, u32>,
+    /// Why it was aborted or cancelled.
+    pub reason: String,
+}
+
+impl JobInfo {
+    /// The count of one target state (0 if absent).
+    pub fn count(&self, state: &str) -> u32 {
+        self.counts.get(state).copied().unwrap_or(0)
+    }
+}
+
+/// Converts the wire form of a job (as in job events).
+pub fn job_info(j: v1::JobInfo) -> JobInfo {
+    let state = v1::JobState::try_from(j.state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("JOB_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_default();
+    JobInfo {
+        id: j.job_id,
+        name: j.name,
+        query: j.query,
+        state,
+        created_us: j.created_us,
+        finished_us: j.finished_us,
+        targets: j.targets,
+        counts: j.counts.into_iter().collect(),
+        reason: j.reason,
+    }
+}
+
 /// A group of devices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Group {
@@ -314,8 +417,8 @@ pub enum FleetEvent {
     },
     /// A command changed state.
     Command(CommandInfo),
-    /// A job made progress (the proto message; see `fleetlink_proto::v1::JobInfo`).
-    Job(Box<v1::JobInfo>),
+    /// A job made progress.
+    Job(JobInfo),
     /// A device started (`matches`) or stopped matching a standing query.
     Match {
         /// Which device.
@@ -419,7 +522,7 @@ fn fleet_event(e: v1::Event) -> Result<Option<FleetEvent>, ClientError> {
             delta: json(&t.delta_json, "twin delta")?,
         },
         Some(E::Command(c)) => FleetEvent::Command(command_info(c)?),
-        Some(E::Job(j)) => FleetEvent::Job(Box::new(j)),
+        Some(E::Job(j)) => FleetEvent::Job(job_info(j)),
         Some(E::Match(m)) => FleetEvent::Match {
             device: m.device_id,
             matches: m.matches,
@@ -946,6 +1049,74 @@ impl OperatorClient {
             .await?
         {
             operator_response::Response::Done(d) => Ok(d.message),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Creates a job and starts it; returns its first progress.
+    pub async fn create_job(&self, spec: JobSpec) -> Result<JobInfo, ClientError> {
+        let action = match spec.action {
+            JobAction::Command {
+                name,
+                args,
+                timeout,
+            } => v1::create_job::Action::Command(v1::JobCommand {
+                name,
+                args_json: args.to_string(),
+                timeout_ms: timeout.map_or(0, |t| {
+                    u32::try_from(t.as_millis()).unwrap_or(u32::MAX).max(1)
+                }),
+            }),
+            JobAction::Desired(patch) => {
+                v1::create_job::Action::DesiredPatchJson(patch.to_string())
+            }
+        };
+        let req = v1::CreateJob {
+            name: spec.name,
+            query: spec.query,
+            action: Some(action),
+            max_in_flight: spec.max_in_flight,
+            max_per_minute: spec.max_per_minute,
+            abort_failure_ratio: spec.abort_failure_ratio,
+            abort_min_finished: spec.abort_min_finished,
+        };
+        self.job_request(operator_request::Request::CreateJob(req))
+            .await
+    }
+
+    /// A job's progress.
+    pub async fn job(&self, id: u64) -> Result<JobInfo, ClientError> {
+        self.job_request(operator_request::Request::GetJob(v1::GetJob { job_id: id }))
+            .await
+    }
+
+    /// Cancels a running job (targets not started are skipped, running commands cancelled).
+    pub async fn cancel_job(&self, id: u64) -> Result<JobInfo, ClientError> {
+        self.job_request(operator_request::Request::CancelJob(v1::CancelJob {
+            job_id: id,
+        }))
+        .await
+    }
+
+    /// Jobs, newest first (at most `limit`; 0 = 100).
+    pub async fn jobs(&self, limit: u32) -> Result<Vec<JobInfo>, ClientError> {
+        match self
+            .single(operator_request::Request::ListJobs(v1::ListJobs { limit }))
+            .await?
+        {
+            operator_response::Response::Jobs(list) => {
+                Ok(list.jobs.into_iter().map(job_info).collect())
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn job_request(
+        &self,
+        request: operator_request::Request,
+    ) -> Result<JobInfo, ClientError> {
+        match self.single(request).await? {
+            operator_response::Response::Job(j) => Ok(job_info(j)),
             other => Err(unexpected(&other)),
         }
     }

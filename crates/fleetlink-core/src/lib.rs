@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod command;
 pub mod credentials;
 pub mod id;
+pub mod job;
 pub mod policy;
 pub mod presence;
 pub mod query;

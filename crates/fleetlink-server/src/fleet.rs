@@ -243,6 +243,7 @@ pub(crate) fn publish(
 #[derive(Debug)]
 pub(crate) struct Fleet {
     pub bridge: crate::bridge::Bridge,
+    pub jobs: crate::jobs::Jobs,
     pub groups: Groups,
     pub standing: StandingQueries,
     pub bus: EventBus,
@@ -252,6 +253,7 @@ impl Fleet {
     pub(crate) fn new(event_buffer: usize) -> Arc<Self> {
         Arc::new(Self {
             bridge: crate::bridge::Bridge::default(),
+            jobs: crate::jobs::Jobs::default(),
             groups: Groups::default(),
             standing: StandingQueries::default(),
             bus: EventBus::new(event_buffer),

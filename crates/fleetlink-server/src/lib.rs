@@ -9,6 +9,7 @@ mod config;
 mod direct;
 mod facts;
 mod fleet;
+mod jobs;
 mod operator;
 mod registry;
 mod session;
@@ -325,6 +326,7 @@ async fn serve(
             Err(error) => tracing::error!(%error, "cannot start every device actor"),
         }
         waking.all_started_tx.send_replace(true);
+        jobs::resume_all(waking).await;
     });
     loop {
         tokio::select! {

@@ -162,7 +162,7 @@ fn device_id(s: &str) -> Result<DeviceId, RequestError> {
     DeviceId::new(s).map_err(|e| error(ErrorCode::InvalidArgument, e.to_string()))
 }
 
-async fn handle(shared: &Shared, req: operator_request::Request) -> Vec<OperatorResponse> {
+async fn handle(shared: &Arc<Shared>, req: operator_request::Request) -> Vec<OperatorResponse> {
     use operator_request::Request;
     let result = match req {
         Request::ListDevices(r) => list_devices(shared, r).await,
@@ -189,13 +189,16 @@ async fn handle(shared: &Shared, req: operator_request::Request) -> Vec<Operator
         Request::CheckPolicy(r) => check_policy(shared, r).await,
         Request::ReloadPolicy(_) => reload_policy(shared).await,
         Request::Publish(r) => operator_publish(shared, r).await,
-        Request::CreateJob(_)
-        | Request::GetJob(_)
-        | Request::CancelJob(_)
-        | Request::ListJobs(_) => Err(error(
-            ErrorCode::UnknownMessage,
-            "this server does not serve this request yet",
-        )),
+        Request::CreateJob(r) => job_answer(crate::jobs::create(shared.clone(), r).await),
+        Request::GetJob(r) => job_answer(crate::jobs::get(shared, r.job_id).await),
+        Request::CancelJob(r) => job_answer(crate::jobs::cancel(shared, r.job_id).await),
+        Request::ListJobs(r) => {
+            let limit = if r.limit == 0 { 100 } else { r.limit as usize };
+            match crate::jobs::list(shared, limit).await {
+                Ok(jobs) => respond(operator_response::Response::Jobs(v1::JobList { jobs })),
+                Err(e) => Err(error(e.code, e.message)),
+            }
+        }
     };
     result.unwrap_or_else(|e| vec![e.into_response()])
 }
@@ -1084,4 +1087,13 @@ async fn operator_publish(
     respond(operator_response::Response::Done(v1::Done {
         message: format!("delivered to {delivered} subscribers"),
     }))
+}
+
+fn job_answer(
+    r: Result<v1::JobInfo, crate::jobs::JobRequestError>,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    match r {
+        Ok(info) => respond(operator_response::Response::Job(info)),
+        Err(e) => Err(error(e.code, e.message)),
+    }
 }

@@ -66,6 +66,38 @@ pub struct GroupRecord {
     pub query: Option<String>,
 }
 
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    /// Unique id (0 before it is stored).
+    pub id: u64,
+    /// A name for people.
+    pub name: String,
+    /// The target query.
+    pub query: String,
+    /// The whole request, encoded by the server (opaque here).
+    pub spec: Vec<u8>,
+    /// "running", "completed", "aborted", "cancelled".
+    pub state: String,
+    /// When it was created.
+    pub created_us: TimeUs,
+    /// When it left "running" (0 = still running).
+    pub finished_us: TimeUs,
+    /// Why it was aborted or cancelled.
+    pub reason: String,
+}
+
+/// One target of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobTargetRecord {
+    /// The device.
+    pub device: DeviceId,
+    /// "pending", "running", "succeeded", ... (see `fleetlink_core::job::TargetState`).
+    pub state: String,
+    /// The command run on it, if the job runs a command and it started.
+    pub command_id: Option<u64>,
+}
+
 /// A retained topic message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetainedRecord {
@@ -362,6 +394,30 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Every group, by name.
     async fn groups(&self) -> Result<Vec<GroupRecord>, StoreError>;
+
+    /// Stores a new job and its targets (all "pending"); returns its id (queued write).
+    fn insert_job(&self, job: JobRecord, targets: Vec<DeviceId>) -> StoreFuture<u64>;
+
+    /// Records a job's state (queued write).
+    fn update_job(
+        &self,
+        id: u64,
+        state: String,
+        finished_us: TimeUs,
+        reason: String,
+    ) -> StoreFuture<()>;
+
+    /// Records one target's state (queued write).
+    fn update_job_target(&self, job: u64, target: JobTargetRecord) -> StoreFuture<()>;
+
+    /// One job and its targets.
+    async fn job(&self, id: u64) -> Result<Option<(JobRecord, Vec<JobTargetRecord>)>, StoreError>;
+
+    /// Jobs, newest first.
+    async fn list_jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError>;
+
+    /// Ids of jobs still running (to resume after a restart).
+    async fn running_jobs(&self) -> Result<Vec<u64>, StoreError>;
 
     /// Sets (or, with an empty payload, clears) a topic's retained message (queued write).
     fn put_retained(&self, message: RetainedRecord) -> StoreFuture<()>;

@@ -14,8 +14,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::{
     AppendBatch, CommandFilter, CommandRecord, CommandUpdate, DeviceRecord, DirectRecord,
-    GroupRecord, MetricValue, NewCommand, NewDevice, PresenceRecord, RetainedRecord, Store,
-    StoreError, StoreFuture, StoredPoint, StoredTwin, TelemetryQuery, TwinSide,
+    GroupRecord, JobRecord, JobTargetRecord, MetricValue, NewCommand, NewDevice, PresenceRecord,
+    RetainedRecord, Store, StoreError, StoreFuture, StoredPoint, StoredTwin, TelemetryQuery,
+    TwinSide,
 };
 use fleetlink_core::command::{CommandId, CommandState};
 use fleetlink_core::twin::TwinDoc;
@@ -117,6 +118,23 @@ CREATE TABLE IF NOT EXISTS direct_messages (
     expires_us  INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX IF NOT EXISTS direct_by_target ON direct_messages (target, id);
+CREATE TABLE IF NOT EXISTS jobs (
+    id           INTEGER PRIMARY KEY,
+    name         TEXT NOT NULL,
+    query        TEXT NOT NULL,
+    spec         BLOB NOT NULL,
+    state        TEXT NOT NULL,
+    created_us   INTEGER NOT NULL,
+    finished_us  INTEGER NOT NULL DEFAULT 0,
+    reason       TEXT NOT NULL DEFAULT ''
+) STRICT;
+CREATE TABLE IF NOT EXISTS job_targets (
+    job         INTEGER NOT NULL REFERENCES jobs(id),
+    device      TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    command_id  INTEGER,
+    PRIMARY KEY (job, device)
+) WITHOUT ROWID, STRICT;
 CREATE TABLE IF NOT EXISTS groups (
     name     TEXT PRIMARY KEY,
     members  TEXT NOT NULL DEFAULT '[]',
@@ -534,6 +552,30 @@ fn parse_history(text: &str) -> Result<Vec<(CommandState, TimeUs)>, StoreError> 
         .collect()
 }
 
+fn load_jobs(
+    conn: &Connection,
+    tail: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<JobRecord>, StoreError> {
+    let sql = format!(
+        "SELECT id, name, query, spec, state, created_us, finished_us, reason FROM jobs {tail}"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params, |r| {
+        Ok(JobRecord {
+            id: r.get::<_, i64>(0)? as u64,
+            name: r.get(1)?,
+            query: r.get(2)?,
+            spec: r.get(3)?,
+            state: r.get(4)?,
+            created_us: r.get(5)?,
+            finished_us: r.get(6)?,
+            reason: r.get(7)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 fn load_commands(
     conn: &Connection,
     where_clause: &str,
@@ -858,6 +900,99 @@ impl Store for SqliteStore {
                 });
             }
             Ok(out)
+        })
+        .await
+    }
+
+    fn insert_job(&self, job: JobRecord, targets: Vec<DeviceId>) -> StoreFuture<u64> {
+        self.control(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO jobs (name, query, spec, state, created_us, finished_us, reason)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                job.name,
+                job.query,
+                job.spec,
+                job.state,
+                job.created_us,
+                job.finished_us,
+                job.reason
+            ])?;
+            let id = conn.last_insert_rowid();
+            let mut insert = conn.prepare_cached(
+                "INSERT INTO job_targets (job, device, state) VALUES (?1, ?2, 'pending')",
+            )?;
+            for t in &targets {
+                insert.execute(params![id, t.as_str()])?;
+            }
+            Ok(id as u64)
+        })
+    }
+
+    fn update_job(
+        &self,
+        id: u64,
+        state: String,
+        finished_us: TimeUs,
+        reason: String,
+    ) -> StoreFuture<()> {
+        self.control(move |conn| {
+            conn.prepare_cached(
+                "UPDATE jobs SET state = ?2, finished_us = ?3, reason = ?4 WHERE id = ?1",
+            )?
+            .execute(params![id as i64, state, finished_us, reason])?;
+            Ok(())
+        })
+    }
+
+    fn update_job_target(&self, job: u64, t: JobTargetRecord) -> StoreFuture<()> {
+        self.control(move |conn| {
+            conn.prepare_cached(
+                "UPDATE job_targets SET state = ?3, command_id = coalesce(?4, command_id)
+                 WHERE job = ?1 AND device = ?2",
+            )?
+            .execute(params![
+                job as i64,
+                t.device.as_str(),
+                t.state,
+                t.command_id.map(|c| c as i64)
+            ])?;
+            Ok(())
+        })
+    }
+
+    async fn job(&self, id: u64) -> Result<Option<(JobRecord, Vec<JobTargetRecord>)>, StoreError> {
+        self.read(move |conn| {
+            let Some(job) = load_jobs(conn, "WHERE id = ?1", &[&(id as i64)])?.pop() else {
+                return Ok(None);
+            };
+            let mut stmt = conn.prepare_cached(
+                "SELECT device, state, command_id FROM job_targets WHERE job = ?1 ORDER BY device",
+            )?;
+            let rows = stmt.query_map([id as i64], |r| {
+                Ok(JobTargetRecord {
+                    device: device_id(r.get(0)?)?,
+                    state: r.get(1)?,
+                    command_id: r.get::<_, Option<i64>>(2)?.map(|c| c as u64),
+                })
+            })?;
+            Ok(Some((job, rows.collect::<Result<_, _>>()?)))
+        })
+        .await
+    }
+
+    async fn list_jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+        self.read(move |conn| load_jobs(conn, "ORDER BY id DESC LIMIT ?1", &[&(limit as i64)]))
+            .await
+    }
+
+    async fn running_jobs(&self) -> Result<Vec<u64>, StoreError> {
+        self.read(|conn| {
+            Ok(load_jobs(conn, "WHERE state = 'running' ORDER BY id", &[])?
+                .into_iter()
+                .map(|j| j.id)
+                .collect())
         })
         .await
     }
