@@ -200,6 +200,25 @@ enum DeviceCommand {
         /// A tag, as key=value (repeatable).
         #[arg(long = "tag", value_parser = parse_tag)]
         tags: Vec<(String, String)>,
+        /// Attributes, a JSON object.
+        #[arg(long)]
+        attributes: Option<String>,
+    },
+    /// Change a device's tags and attributes.
+    Update {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The device id.
+        name: String,
+        /// Set a tag, as key=value (repeatable).
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+        /// Remove a tag (repeatable).
+        #[arg(long = "untag")]
+        untag: Vec<String>,
+        /// A JSON merge patch for the attributes (null deletes a field).
+        #[arg(long)]
+        attributes: Option<String>,
     },
 }
 
@@ -333,13 +352,57 @@ async fn run(command: Command) -> Result<()> {
             duration,
         } => sim(conn, fleet, credentials, duration).await,
         Command::Device {
-            command: DeviceCommand::Add { conn, name, tags },
+            command:
+                DeviceCommand::Add {
+                    conn,
+                    name,
+                    tags,
+                    attributes,
+                },
         } => {
             let id = DeviceId::new(name)?;
+            let attributes = match attributes {
+                Some(a) => {
+                    match serde_json::from_str(&a).context("--attributes is not valid JSON")? {
+                        serde_json::Value::Object(m) => m,
+                        _ => anyhow::bail!("--attributes must be a JSON object"),
+                    }
+                }
+                None => serde_json::Map::new(),
+            };
             let op = conn.operator().await?;
-            let token = op.provision_device(&id, tags.into_iter().collect()).await?;
+            let token = op
+                .provision_device_with(&id, tags.into_iter().collect(), attributes)
+                .await?;
             eprintln!("device {id} provisioned; its token (shown once):");
             println!("{token}");
+            Ok(())
+        }
+        Command::Device {
+            command:
+                DeviceCommand::Update {
+                    conn,
+                    name,
+                    tags,
+                    untag,
+                    attributes,
+                },
+        } => {
+            let id = DeviceId::new(name)?;
+            let patch = attributes
+                .map(|a| serde_json::from_str(&a).context("--attributes is not valid JSON"))
+                .transpose()?;
+            let op = conn.operator().await?;
+            let d = op
+                .update_device(&id, tags.into_iter().collect(), untag, patch)
+                .await?;
+            let tags: Vec<String> = d.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!(
+                "{}: tags {} attributes {}",
+                d.id,
+                tags.join(","),
+                d.attributes
+            );
             Ok(())
         }
         Command::Devices { conn } => devices(conn).await,

@@ -191,3 +191,197 @@ async fn twin_command_and_presence_from_the_command_line() {
     .unwrap()
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_group_policy_publish_watch_and_job_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(ServerConfig::local(dir.path())).unwrap();
+    let address =
+        ServerAddress::local(server.local_addr(), server.ca_cert_path().unwrap()).unwrap();
+    let d = dir.path();
+    let mut devices = Vec::new();
+    for (name, region) in [("bus-1", "north"), ("bus-2", "south")] {
+        let out = cli(
+            &server,
+            d,
+            &[
+                "device",
+                "add",
+                name,
+                "--tag",
+                &format!("region={region}"),
+                "--attributes",
+                r#"{"seats":40}"#,
+            ],
+        )
+        .await;
+        let token = stdout(&out).trim().to_owned();
+        let config = DeviceConfig::new(address.clone(), DeviceId::new(name).unwrap(), token)
+            .on_command("ping", |_| async { Ok(json!("pong")) });
+        devices.push(DeviceClient::connect(config).await.unwrap());
+    }
+    // query, JSON lines
+    let out = cli(
+        &server,
+        d,
+        &[
+            "query",
+            r#"tag.region == "north" and attr.seats >= 40 and online"#,
+            "--json",
+        ],
+    )
+    .await;
+    let rows: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["id"], json!("bus-1"));
+    let out = cli(&server, d, &["query", "tag.region = 1"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("query error at column 12"));
+
+    // device update, groups
+    stdout(
+        &cli(
+            &server,
+            d,
+            &[
+                "device",
+                "update",
+                "bus-2",
+                "--tag",
+                "region=north",
+                "--attributes",
+                r#"{"seats":null}"#,
+            ],
+        )
+        .await,
+    );
+    stdout(
+        &cli(
+            &server,
+            d,
+            &[
+                "group", "put", "fleet", "--member", "bus-1", "--member", "bus-2",
+            ],
+        )
+        .await,
+    );
+    stdout(
+        &cli(
+            &server,
+            d,
+            &["group", "put", "seated", "--query", "attr.seats exists"],
+        )
+        .await,
+    );
+    let text = stdout(&cli(&server, d, &["group", "list"]).await);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("fleet") && l.ends_with("bus-1,bus-2")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("seated") && l.ends_with("bus-1")),
+        "{text}"
+    );
+
+    // policy check: same group → allowed (exit 0); a topic outside the groups → denied (exit 1)
+    let out = cli(
+        &server,
+        d,
+        &["policy", "check", "bus-1", "message", "bus-2"],
+    )
+    .await;
+    assert!(stdout(&out).starts_with("allowed"));
+    let out = cli(
+        &server,
+        d,
+        &["policy", "check", "bus-1", "publish", "depot/news"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("denied"));
+
+    // publish reaches a subscribed device
+    devices[1].subscribe("group/fleet/#").await.unwrap();
+    let mut rx = devices[1].incoming();
+    let out = cli(
+        &server,
+        d,
+        &["publish", "group/fleet/notice", "depot closes at 6"],
+    )
+    .await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("delivered to 1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(got, fleetlink_client::Incoming::Topic { payload, .. } if payload == b"depot closes at 6")
+    );
+
+    // watch a standing query (initial set) as JSON lines, then stop after 3 events
+    let out = cli(
+        &server,
+        d,
+        &[
+            "watch",
+            "query",
+            "--query",
+            r#"group == "fleet""#,
+            "--format",
+            "json",
+            "--count",
+            "3",
+        ],
+    )
+    .await;
+    let events: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events[0]["event"], json!("subscribed"));
+    assert_eq!(events[0]["initial_matches"], json!(2));
+    assert_eq!(events[1]["event"], json!("enter"));
+
+    // a job over the group, followed to its end
+    let out = cli(
+        &server,
+        d,
+        &[
+            "job",
+            "create",
+            r#"group == "fleet""#,
+            "--command",
+            "ping",
+            "--max-in-flight",
+            "1",
+        ],
+    )
+    .await;
+    let line = stdout(&out);
+    let id = line.split_whitespace().nth(1).unwrap().to_owned();
+    let out = cli(&server, d, &["job", "status", &id, "--follow"]).await;
+    let text = stdout(&out);
+    assert!(text.lines().last().unwrap().contains("completed"), "{text}");
+    assert!(text.contains("succeeded=2"), "{text}");
+    let out = cli(&server, d, &["job", "cancel", &id]).await;
+    assert!(!out.status.success(), "a finished job cannot be cancelled");
+    for dev in devices {
+        dev.close().await;
+    }
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || server.shutdown()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+}

@@ -93,6 +93,8 @@ pub(crate) struct DeviceActor {
     pub(crate) matching: std::collections::HashSet<u64>,
     /// Direct messages waiting for this device, oldest first.
     pub(crate) pending_direct: Vec<fleetlink_store::DirectRecord>,
+    /// Commands being written to the store, not yet in the outbox (they count against its limit).
+    pub(crate) submitting: usize,
 }
 
 impl std::fmt::Debug for DeviceActor {
@@ -186,6 +188,7 @@ impl DeviceActor {
             attributes,
             matching: std::collections::HashSet::new(),
             pending_direct,
+            submitting: 0,
         }
     }
 

@@ -347,12 +347,48 @@ impl Handler<SubmitCommand> for DeviceActor {
     type Result = ResponseActFuture<Self, Result<CommandRecord, CommandError>>;
 
     fn handle(&mut self, SubmitCommand(new): SubmitCommand, _: &mut Self::Context) -> Self::Result {
-        let limits = self.settings.outbox_limits;
-        if let Err(e) = self.outbox.admit(new.deadline_us, new.created_us, &limits) {
-            return Box::pin(fut::ready(Err(e.into())));
+        // The same key again: the command it made, unfinished (here) or finished (in the store).
+        if let Some(key) = &new.idempotency_key
+            && let Some(same) = self
+                .open
+                .values()
+                .find(|r| r.idempotency_key.as_deref() == Some(key.as_str()))
+        {
+            return Box::pin(fut::ready(Ok(same.clone())));
         }
+        let limits = self.settings.outbox_limits;
+        let pending = self.outbox.len() + self.submitting;
+        let refused = if pending >= limits.max_pending {
+            Some(OutboxError::Full {
+                pending,
+                max: limits.max_pending,
+            })
+        } else {
+            self.outbox
+                .admit(new.deadline_us, new.created_us, &limits)
+                .err()
+        };
+        if let Some(refused) = refused {
+            let Some(key) = new.idempotency_key.clone() else {
+                return Box::pin(fut::ready(Err(refused.into())));
+            };
+            // A retry of a finished command is answered with it, whatever the limits say now.
+            let store = self.store.clone();
+            let device = new.device.clone();
+            return Box::pin(
+                async move {
+                    match store.command_by_key(&device, &key).await? {
+                        Some(same) => Ok(same),
+                        None => Err(refused.into()),
+                    }
+                }
+                .into_actor(self),
+            );
+        }
+        self.submitting += 1;
         let insert = self.store.insert_command(new);
         Box::pin(insert.into_actor(self).map(|inserted, actor, ctx| {
+            actor.submitting -= 1;
             let (record, created) = inserted?;
             if created {
                 tracing::info!(device = %actor.id, command = record.id, name = %record.name, "command queued");

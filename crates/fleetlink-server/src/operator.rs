@@ -584,6 +584,8 @@ async fn get_command(
 
 /// Commands per CommandPage when none is asked for.
 const DEFAULT_COMMAND_PAGE: usize = 100;
+/// Most commands per CommandPage (one frame); page with before_id for more.
+const MAX_COMMAND_PAGE: usize = 1_000;
 
 async fn list_commands(
     shared: &Shared,
@@ -609,7 +611,7 @@ async fn list_commands(
             limit: if r.limit == 0 {
                 DEFAULT_COMMAND_PAGE
             } else {
-                r.limit as usize
+                (r.limit as usize).min(MAX_COMMAND_PAGE)
             },
         })
         .await

@@ -512,6 +512,12 @@ async fn cancel_idempotency_keys_and_limits() {
     );
     assert_eq!(code, ErrorCode::LimitExceeded);
     assert!(message.contains("max_pending_per_device"), "{message}");
+    // a retry with the key of the finished (cancelled) command still gets that command
+    let again = op
+        .send_command(CommandRequest::new(door.clone(), "slow").idempotency_key("k-1"))
+        .await
+        .unwrap();
+    assert_eq!((again.id, again.state), (a.id, CommandState::Cancelled));
     let (code, _) = server_error(
         op.send_command(CommandRequest::new(id("ghost"), "slow"))
             .await
@@ -681,4 +687,42 @@ async fn presence_history_records_why_each_connection_ended() {
     let limited = op.presence_history(&van, 1).await.unwrap();
     assert_eq!(limited.len(), 1);
     b.conn.close(0u32.into(), b"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_cannot_overshoot_the_pending_limit() {
+    let ts = start(|c| c.commands.max_pending_per_device = 3);
+    let op = ts.operator().await;
+    provision(&op, "shelf-1").await;
+    let sends = (0..8).map(|_| op.send_command(CommandRequest::new(id("shelf-1"), "scan")));
+    let results = futures_join(sends).await;
+    let accepted = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(accepted, 3, "{results:?}");
+    for r in results.into_iter().filter_map(Result::err) {
+        assert_eq!(server_error(r).0, ErrorCode::LimitExceeded);
+    }
+}
+
+/// Runs futures concurrently on this task and collects their outputs in order.
+async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = futures.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in pinned.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
 }

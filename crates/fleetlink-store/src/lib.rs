@@ -451,6 +451,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// One command.
     async fn command(&self, id: CommandId) -> Result<Option<CommandRecord>, StoreError>;
 
+    /// The command of a device with this idempotency key, if any.
+    async fn command_by_key(
+        &self,
+        device: &DeviceId,
+        key: &str,
+    ) -> Result<Option<CommandRecord>, StoreError>;
+
     /// Commands of a device, newest first.
     async fn list_commands(&self, filter: CommandFilter) -> Result<Vec<CommandRecord>, StoreError>;
 

@@ -1214,6 +1214,25 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn command_by_key(
+        &self,
+        device: &DeviceId,
+        key: &str,
+    ) -> Result<Option<CommandRecord>, StoreError> {
+        let device = device.clone();
+        let key = key.to_owned();
+        self.read(move |conn| {
+            let rowid = device_rowid(conn, &device)?;
+            Ok(load_commands(
+                conn,
+                "WHERE c.device = ?1 AND c.idempotency_key = ?2",
+                &[&rowid, &key],
+            )?
+            .pop())
+        })
+        .await
+    }
+
     async fn list_commands(&self, f: CommandFilter) -> Result<Vec<CommandRecord>, StoreError> {
         self.read(move |conn| {
             let rowid = device_rowid(conn, &f.device)?;

@@ -449,7 +449,9 @@ pub struct TwinReportAck {
     /// The reported document's version after the patch (unchanged if the patch changed nothing).
     #[prost(uint64, tag = "2")]
     pub reported_version: u64,
-    /// Set if the patch was refused (invalid JSON, too deep, too large); the document is unchanged.
+    /// Set if the patch was refused (invalid JSON, too deep, too large: the document is unchanged)
+    /// or could not be stored (ERROR_CODE_UNAVAILABLE: the server applied it in memory, and it is
+    /// lost if the server restarts before a later write of the document succeeds; report again).
     #[prost(message, optional, tag = "3")]
     pub error: ::core::option::Option<Error>,
 }
@@ -1208,7 +1210,7 @@ pub struct ListCommands {
     /// Only commands with a smaller id (for paging); 0 = from the newest.
     #[prost(uint64, tag = "3")]
     pub before_id: u64,
-    /// At most this many (0 = 100).
+    /// At most this many (0 = 100, at most 1000).
     #[prost(uint32, tag = "4")]
     pub limit: u32,
 }
