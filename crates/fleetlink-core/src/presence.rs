@@ -28,6 +28,19 @@ impl OfflineReason {
             OfflineReason::Kicked => "kicked",
         }
     }
+
+    /// The reason with this name.
+    pub fn parse(s: &str) -> Option<OfflineReason> {
+        [
+            OfflineReason::Closed,
+            OfflineReason::Timeout,
+            OfflineReason::Error,
+            OfflineReason::ServerShutdown,
+            OfflineReason::Kicked,
+        ]
+        .into_iter()
+        .find(|r| r.name() == s)
+    }
 }
 
 /// Identifies one connection of a device.
@@ -92,6 +105,21 @@ impl Presence {
             state: PresenceState::Unknown,
             last_seen: None,
             remote_addr: None,
+        }
+    }
+
+    /// A device known to be offline since `since` (restored from stored history after a
+    /// restart), last heard from at `last_seen`, from `remote_addr`.
+    pub fn offline(
+        since: TimeUs,
+        reason: OfflineReason,
+        last_seen: TimeUs,
+        remote_addr: Option<String>,
+    ) -> Self {
+        Self {
+            state: PresenceState::Offline { since, reason },
+            last_seen: Some(last_seen),
+            remote_addr,
         }
     }
 
@@ -182,6 +210,28 @@ impl Presence {
         } else {
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod offline_restore_tests {
+    use super::*;
+
+    #[test]
+    fn a_restored_offline_device_comes_online_and_reasons_round_trip() {
+        let mut p = Presence::offline(100, OfflineReason::Timeout, 90, Some("1.2.3.4:5".into()));
+        assert!(!p.is_online());
+        assert_eq!(p.since(), Some(100));
+        assert_eq!(p.last_seen(), Some(90));
+        assert_eq!(
+            p.connect(7, "5.6.7.8:9".into(), 200),
+            PresenceChange::Online { replaced: None }
+        );
+        assert_eq!(p.session(), Some(7));
+        for r in ["closed", "timeout", "error", "server_shutdown", "kicked"] {
+            assert_eq!(OfflineReason::parse(r).map(OfflineReason::name), Some(r));
+        }
+        assert_eq!(OfflineReason::parse("lost"), None);
     }
 }
 

@@ -44,6 +44,8 @@ pub(crate) struct ActorSettings {
 /// What an actor loads from the store when it starts.
 #[derive(Debug)]
 pub(crate) struct StoredState {
+    /// The latest stored presence event, to know since when an offline device is offline.
+    pub last_presence: Option<PresenceRecord>,
     pub pending_direct: Vec<fleetlink_store::DirectRecord>,
     pub tags: std::collections::BTreeMap<String, String>,
     pub attributes: serde_json::Map<String, serde_json::Value>,
@@ -133,6 +135,22 @@ impl DurabilityListener for DurableSeq {
     }
 }
 
+/// Presence after a restart, from the latest stored event. A device whose latest event says
+/// online was connected when the server stopped without recording it (a crash): it is offline
+/// since then, reason `server_shutdown`.
+fn restored_presence(last: Option<PresenceRecord>) -> Presence {
+    let Some(e) = last else {
+        return Presence::new();
+    };
+    let reason = if e.online {
+        OfflineReason::ServerShutdown
+    } else {
+        OfflineReason::parse(&e.reason).unwrap_or(OfflineReason::Closed)
+    };
+    let remote = (!e.remote_addr.is_empty()).then_some(e.remote_addr);
+    Presence::offline(e.at_us, reason, e.at_us, remote)
+}
+
 impl DeviceActor {
     pub(crate) fn new(
         id: DeviceId,
@@ -141,6 +159,7 @@ impl DeviceActor {
         settings: ActorSettings,
     ) -> Self {
         let StoredState {
+            last_presence,
             pending_direct,
             tags,
             attributes,
@@ -165,7 +184,7 @@ impl DeviceActor {
         Self {
             id,
             store,
-            presence: Presence::new(),
+            presence: restored_presence(last_presence),
             seq: SeqWindow::new(last_seq),
             types,
             last_values,

@@ -91,6 +91,7 @@ impl DeviceRegistry {
         let twin = self.store.twin(id).await?;
         let open_commands = self.store.open_commands(id).await?;
         let pending_direct = self.store.pending_direct(id).await?;
+        let last_presence = self.store.presence_history(id, 1).await?.pop();
         let mut actors = self
             .actors
             .lock()
@@ -105,6 +106,7 @@ impl DeviceRegistry {
         let settings = self.settings.clone();
         let device = id.clone();
         let stored = StoredState {
+            last_presence,
             pending_direct,
             tags: record.tags,
             attributes: record.attributes,

@@ -124,6 +124,10 @@ async fn twin_round_trip_and_delta_on_reconnect() {
     let dir = ts.dir;
     let addr = ts.server.local_addr();
     dev.close().await;
+    eventually(WAIT, "the offline event", || async {
+        !op.presence_history(&truck, 1).await.unwrap()[0].online
+    })
+    .await;
     op.close();
     ts.server.shutdown();
     let restarted = restart(&dir, addr);
@@ -131,6 +135,11 @@ async fn twin_round_trip_and_delta_on_reconnect() {
     let twin = op.twin(&truck).await.unwrap();
     assert_eq!(twin.desired_version, 2);
     assert_eq!(twin.reported_version, 2);
+    // presence is restored from the stored history: offline since the close, last seen then
+    let info = op.device(&truck).await.unwrap();
+    assert!(!info.presence.online);
+    assert_eq!(info.presence.offline_reason, "closed");
+    assert!(info.presence.last_seen_us > 0 && info.presence.since_us > 0);
     assert_eq!(twin.delta, json!({"limits": {"rpm": 3000}, "fan": true}));
 }
 
