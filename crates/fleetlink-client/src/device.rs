@@ -223,6 +223,8 @@ struct Pending {
     kind: RequestKind,
     reply: Option<ReportReply>,
     result: Option<oneshot::Sender<v1::DeviceCommandResult>>,
+    /// Written on a connection (which may have died before the server answered).
+    written: bool,
 }
 
 /// Something the bridge delivered to this device.
@@ -820,6 +822,7 @@ impl Engine {
                 kind,
                 reply,
                 result,
+                written: false,
             },
         );
         id
@@ -870,9 +873,14 @@ impl Engine {
         let mut frames = Vec::new();
         let ids: Vec<u64> = self.requests.keys().copied().collect();
         for id in ids {
-            let idempotent = self.requests.get(&id).is_some_and(|p| p.kind.idempotent());
-            if idempotent {
-                if let Some(p) = self.requests.get(&id) {
+            // Never written (queued while offline), or harmless to repeat: send it now.
+            let send = self
+                .requests
+                .get(&id)
+                .is_some_and(|p| !p.written || p.kind.idempotent());
+            if send {
+                if let Some(p) = self.requests.get_mut(&id) {
+                    p.written = true;
                     frames.push(p.kind.frame(id));
                 }
             } else if let Some(p) = self.requests.remove(&id)
@@ -910,6 +918,7 @@ impl Engine {
                     kind,
                     reply: None,
                     result: None,
+                    written: true,
                 },
             );
         }
@@ -1131,6 +1140,9 @@ impl Engine {
                     Some(Cmd::Request(kind, tx, result)) => {
                         let frame_kind = kind.clone();
                         let request_id = self.queue_request(kind, Some(tx), result);
+                        if let Some(p) = self.requests.get_mut(&request_id) {
+                            p.written = true;
+                        }
                         if let Err(e) = write_frame(&mut send, &frame_kind.frame(request_id)).await {
                             break SessionEnd::Lost(e.into());
                         }

@@ -282,6 +282,10 @@ impl Actor for DeviceActor {
         ctx.set_mailbox_capacity(64);
         let _ = self.durable.actor.set(ctx.address().recipient());
         self.schedule_expiry(ctx);
+        // A device that appears after a standing query was registered joins it now.
+        for sq in self.settings.fleet.standing.affected(None) {
+            self.evaluate_standing(&sq);
+        }
         let waiting: Vec<(u64, i64)> = self
             .pending_direct
             .iter()

@@ -91,6 +91,10 @@ impl Bridge {
         if let Ok(mut l) = self.links.write() {
             l.insert(device.clone(), (session, tx));
         }
+        // A new connection starts with no subscriptions (the older one's end with it).
+        if let Ok(mut subs) = self.subscriptions.write() {
+            subs.remove_all(device);
+        }
     }
 
     /// A session ended: its subscriptions end with it.
@@ -179,6 +183,24 @@ fn check(decision: Decision, action: Action, from: &DeviceId, target: &str) -> R
     ))
 }
 
+/// Room a ServerControl wrapper and its length prefix take around a bridge message.
+const FRAME_OVERHEAD: usize = 16;
+
+/// Refuses a message whose frame to the receiving device would exceed the frame limit.
+fn check_fits(shared: &Shared, encoded_len: usize) -> Result<(), Refused> {
+    let max = shared.config.max_frame_bytes as usize;
+    if encoded_len + FRAME_OVERHEAD > max {
+        return Err(refused(
+            ErrorCode::FrameTooLarge,
+            format!(
+                "the message would be a {} byte frame to its receiver, above max_frame_bytes ({max}); send a smaller payload",
+                encoded_len + FRAME_OVERHEAD
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn topic(s: &str) -> Result<Topic, Refused> {
     Topic::new(s).map_err(|e| refused(ErrorCode::InvalidArgument, e.to_string()))
 }
@@ -213,6 +235,7 @@ pub(crate) async fn publish(
         retained: false,
         published_us: now_us(),
     };
+    check_fits(shared, prost::Message::encoded_len(&message))?;
     if retain {
         let record = RetainedRecord {
             topic: message.topic.clone(),
@@ -339,6 +362,8 @@ pub(crate) async fn send_direct(
     }
     let (to, target) =
         allowed_target(shared, id, actor, Action::Message, &request.to_device).await?;
+    // the DirectMessage frame carries the payload, the sender and a few numbers
+    check_fits(shared, request.payload.len() + id.as_str().len() + 32)?;
     let ttl = if request.ttl_ms == 0 {
         DEFAULT_DIRECT_TTL_MS
     } else {
@@ -370,6 +395,8 @@ pub(crate) async fn device_command(
 ) -> Result<u64, Refused> {
     let (to, target) =
         allowed_target(&shared, id, actor, Action::Command, &request.to_device).await?;
+    crate::command::check_command_name(&request.name)
+        .map_err(|m| refused(ErrorCode::InvalidArgument, m))?;
     let args_json = if request.args_json.trim().is_empty() {
         "null".to_owned()
     } else {

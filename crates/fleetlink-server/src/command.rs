@@ -21,6 +21,19 @@ use tokio::sync::oneshot;
 use crate::actor::DeviceActor;
 use crate::now_us;
 
+/// Longest command name accepted.
+const MAX_COMMAND_NAME: usize = 128;
+
+/// Checks a command's name: 1 to 128 bytes, no control characters.
+pub(crate) fn check_command_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_COMMAND_NAME || name.chars().any(char::is_control) {
+        return Err(format!(
+            "command name {name:?} must be 1 to {MAX_COMMAND_NAME} bytes without control characters"
+        ));
+    }
+    Ok(())
+}
+
 /// Why a command request failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CommandError {

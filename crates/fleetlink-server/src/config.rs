@@ -201,6 +201,12 @@ impl ServerConfig {
             ));
         }
         self.policy.build()?;
+        if self.event_buffer < 16 {
+            return bad(format!(
+                "event_buffer ({}) must be at least 16",
+                self.event_buffer
+            ));
+        }
         let c = &self.commands;
         if c.default_timeout_s == 0
             || c.max_deadline_s < c.default_timeout_s

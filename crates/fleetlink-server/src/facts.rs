@@ -78,7 +78,7 @@ impl DeviceActor {
     }
 
     /// Evaluates one standing query and reports a change of the answer. Returns the answer.
-    fn evaluate_standing(&mut self, sq: &StandingQuery) -> bool {
+    pub(crate) fn evaluate_standing(&mut self, sq: &StandingQuery) -> bool {
         let now = sq.query.matches(&ActorFacts(self));
         let before = self.matching.contains(&sq.id);
         if now != before {

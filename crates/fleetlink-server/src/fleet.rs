@@ -65,6 +65,7 @@ impl Groups {
         depth < MAX_GROUP_NESTING
             && query.matches(&Nested {
                 facts,
+                groups: self,
                 depth: depth + 1,
             })
     }
@@ -82,6 +83,7 @@ impl Groups {
 /// deeper, so a group defined by itself matches nothing instead of recursing forever.
 struct Nested<'a> {
     facts: &'a dyn DeviceFacts,
+    groups: &'a Groups,
     depth: usize,
 }
 
@@ -99,7 +101,9 @@ impl DeviceFacts for Nested<'_> {
         self.facts.attribute(path)
     }
     fn in_group(&self, group: &str) -> bool {
-        self.depth < MAX_GROUP_NESTING && self.facts.in_group(group)
+        // Not `self.facts.in_group`: that starts again at depth 0, and a group defined by itself
+        // would recurse until the stack overflows.
+        self.groups.contains(group, self.facts, self.depth)
     }
     fn metric(&self, name: &str) -> Option<fleetlink_core::Value> {
         self.facts.metric(name)
@@ -258,5 +262,57 @@ impl Fleet {
             standing: StandingQueries::default(),
             bus: EventBus::new(event_buffer),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device whose group lookups go back to the group table, like an actor's facts.
+    struct Member<'a>(&'a Groups);
+
+    impl DeviceFacts for Member<'_> {
+        fn id(&self) -> &str {
+            "dev-1"
+        }
+        fn online(&self) -> bool {
+            true
+        }
+        fn tag(&self, _: &str) -> Option<&str> {
+            None
+        }
+        fn attribute(&self, _: &str) -> Option<serde_json::Value> {
+            None
+        }
+        fn in_group(&self, group: &str) -> bool {
+            self.0.contains(group, self, 0)
+        }
+        fn metric(&self, _: &str) -> Option<fleetlink_core::Value> {
+            None
+        }
+        fn reported(&self, _: &str) -> Option<serde_json::Value> {
+            None
+        }
+        fn desired(&self, _: &str) -> Option<serde_json::Value> {
+            None
+        }
+    }
+
+    /// Group definitions that refer to each other in a cycle used to overflow the stack (and so
+    /// abort the server): the nesting limit must hold through every level.
+    #[test]
+    fn cyclic_dynamic_groups_match_nothing_instead_of_recursing_forever() {
+        let groups = Groups::default();
+        groups.set_dynamic("a", Query::parse(r#"group == "b""#).unwrap());
+        groups.set_dynamic("b", Query::parse(r#"group == "a" or online"#).unwrap());
+        groups.set_dynamic("self", Query::parse(r#"group == "self""#).unwrap());
+        let facts = Member(&groups);
+        assert!(!groups.contains("self", &facts, 0));
+        // b holds through its own `online`; a holds through b
+        assert!(groups.contains("b", &facts, 0));
+        assert!(groups.contains("a", &facts, 0));
+        groups.set_static("fixed", [DeviceId::new("dev-1").unwrap()].into());
+        assert!(groups.contains("fixed", &facts, 0));
     }
 }

@@ -46,7 +46,7 @@ fn unavailable(e: impl std::fmt::Display) -> JobRequestError {
 /// The running jobs' control channels.
 #[derive(Debug, Default)]
 pub(crate) struct Jobs {
-    running: Mutex<HashMap<u64, mpsc::UnboundedSender<oneshot::Sender<v1::JobInfo>>>>,
+    running: Mutex<HashMap<u64, mpsc::UnboundedSender<oneshot::Sender<Option<v1::JobInfo>>>>>,
 }
 
 /// What a job does to each target.
@@ -76,9 +76,7 @@ fn limits_of(spec: &v1::CreateJob) -> RolloutLimits {
 fn action_of(shared: &Shared, spec: &v1::CreateJob) -> Result<JobAction, JobRequestError> {
     match &spec.action {
         Some(create_job::Action::Command(c)) => {
-            if c.name.is_empty() {
-                return Err(invalid("the job's command needs a name"));
-            }
+            crate::command::check_command_name(&c.name).map_err(invalid)?;
             let args_json = if c.args_json.trim().is_empty() {
                 "null".to_owned()
             } else {
@@ -91,6 +89,16 @@ fn action_of(shared: &Shared, spec: &v1::CreateJob) -> Result<JobAction, JobRequ
             } else {
                 i64::from(c.timeout_ms) * 1_000
             };
+            let max_us = i64::try_from(shared.config.commands.max_deadline_s)
+                .unwrap_or(i64::MAX / 2_000_000)
+                * 1_000_000;
+            if timeout_us > max_us {
+                return Err(invalid(format!(
+                    "the job's command timeout ({} s) is above commands.max_deadline_s ({} s)",
+                    timeout_us / 1_000_000,
+                    shared.config.commands.max_deadline_s
+                )));
+            }
             Ok(JobAction::Command {
                 name: c.name.clone(),
                 args_json,
@@ -283,7 +291,7 @@ impl Runner {
     async fn run(
         mut self,
         mut events: mpsc::UnboundedReceiver<(String, TargetState)>,
-        mut control: mpsc::UnboundedReceiver<oneshot::Sender<v1::JobInfo>>,
+        mut control: mpsc::UnboundedReceiver<oneshot::Sender<Option<v1::JobInfo>>>,
     ) {
         // Targets that were running when the server stopped: watch (or start again) each.
         let running: Vec<String> = self
@@ -309,9 +317,16 @@ impl Runner {
                 break;
             }
             let wake = self.rollout.next_start_at(now_us());
+            let mut shutting_down = self.shared.shutting_down.clone();
             tokio::select! {
+                // The server is stopping: leave the job as stored; the next start resumes it.
+                () = async { let _ = shutting_down.wait_for(|s| *s).await; } => return,
                 Some((target, outcome)) = events.recv() => self.finished(&target, outcome).await,
                 Some(reply) = control.recv() => {
+                    if self.rollout.state() != JobState::Running {
+                        let _ = reply.send(None); // aborted, still settling: not cancellable
+                        continue;
+                    }
                     let running = self.rollout.cancel();
                     if !running.is_empty() || self.rollout.state() == JobState::Cancelled {
                         self.record.reason = "cancelled by an operator".into();
@@ -319,10 +334,13 @@ impl Runner {
                     tracing::info!(job = self.record.id, "job cancelled");
                     self.cancel_targets(running).await;
                     self.save_job();
-                    let _ = reply.send(info_of(&self.record, &self.spec, &self.rollout));
+                    let _ = reply.send(Some(info_of(&self.record, &self.spec, &self.rollout)));
                 }
                 _ = sleep_until_us(wake) => {}
             }
+        }
+        if self.record.state != self.rollout.state().name() {
+            self.save_job();
         }
         if let Ok(mut running) = self.shared.fleet.jobs.running.lock() {
             running.remove(&self.record.id);
@@ -366,13 +384,16 @@ impl Runner {
         };
         match self.action.clone() {
             JobAction::Desired(patch) => {
-                let outcome = match actor
+                let updated = actor
                     .send(crate::twin::UpdateDesired {
                         patch,
                         expected_version: None,
                     })
-                    .await
-                {
+                    .await;
+                if *self.shared.shutting_down.borrow() {
+                    return;
+                }
+                let outcome = match updated {
                     Ok(Ok(_)) => TargetState::Succeeded,
                     _ => TargetState::Failed,
                 };
@@ -393,7 +414,11 @@ impl Runner {
                     created_us: now,
                     deadline_us: now + timeout_us,
                 };
-                match actor.send(crate::command::SubmitCommand(new)).await {
+                let submitted = actor.send(crate::command::SubmitCommand(new)).await;
+                if *self.shared.shutting_down.borrow() {
+                    return; // not a failure of the target: the next start resumes it
+                }
+                match submitted {
                     Ok(Ok(record)) => {
                         self.commands.insert(target.clone(), record.id);
                         self.save_target(&target, TargetState::Running, Some(record.id));
@@ -441,6 +466,9 @@ impl Runner {
                     },
                 }
             };
+            if *shared.shutting_down.borrow() {
+                return; // a watch cut short by the shutdown says nothing about the command
+            }
             let _ = events.send((target, outcome_of(state)));
         });
     }
@@ -553,7 +581,7 @@ pub(crate) async fn cancel(shared: &Shared, id: u64) -> Result<v1::JobInfo, JobR
     if let Some(control) = control {
         let (tx, rx) = oneshot::channel();
         if control.send(tx).is_ok()
-            && let Ok(info) = rx.await
+            && let Ok(Some(info)) = rx.await
         {
             return Ok(info);
         }

@@ -180,20 +180,51 @@ fn run(
             .build()
             .unwrap_or_else(|e| panic!("cannot build the tokio runtime: {e}"))
     });
-    system.block_on(async move {
-        match setup(config, cores).await {
+    let sync = if config.synchronous == "full" {
+        Synchronous::Full
+    } else {
+        Synchronous::Normal
+    };
+    let store = match SqliteStore::open(
+        config.data_dir.join("fleetlink.db"),
+        SqliteOptions {
+            synchronous: sync,
+            ..Default::default()
+        },
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = started.send(Err(e.into()));
+            return;
+        }
+    };
+    let writer = store.writer_handle();
+    let arbiters = system.block_on(async move {
+        match setup(config, cores, store).await {
             Err(e) => {
                 let _ = started.send(Err(e));
+                Vec::new()
             }
             Ok((endpoint, shared, arbiters, info, shutdown_tx)) => {
                 let _ = started.send(Ok(info));
                 serve(endpoint, shared, stop, shutdown_tx).await;
-                for arbiter in arbiters {
+                for arbiter in &arbiters {
                     arbiter.stop();
                 }
+                arbiters
             }
         }
     });
+    // The actors (and their store handles) go with their arbiters, the sessions with the runtime;
+    // then the writer commits what is still queued and stops. Only then has the server stopped:
+    // nothing of it writes to the data dir after `Server::shutdown` returns.
+    for arbiter in arbiters {
+        let _ = arbiter.join();
+    }
+    drop(system);
+    if !writer.join(Duration::from_secs(30)) {
+        tracing::error!("the store writer did not stop within 30 s of shutdown");
+    }
 }
 
 type Setup = (
@@ -204,19 +235,11 @@ type Setup = (
     watch::Sender<bool>,
 );
 
-async fn setup(config: ServerConfig, cores: usize) -> Result<Setup, ServerError> {
-    let sync = if config.synchronous == "full" {
-        Synchronous::Full
-    } else {
-        Synchronous::Normal
-    };
-    let store = SqliteStore::open(
-        config.data_dir.join("fleetlink.db"),
-        SqliteOptions {
-            synchronous: sync,
-            ..Default::default()
-        },
-    )?;
+async fn setup(
+    config: ServerConfig,
+    cores: usize,
+    store: SqliteStore,
+) -> Result<Setup, ServerError> {
     let store: Arc<dyn Store> = Arc::new(store);
 
     let admin_token = if store.has_admin_token().await? {

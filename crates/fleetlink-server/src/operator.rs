@@ -502,8 +502,6 @@ fn command_error(e: CommandError) -> RequestError {
     error(command_error_code(&e), e.to_string())
 }
 
-/// Longest command name accepted.
-const MAX_COMMAND_NAME: usize = 128;
 /// Longest idempotency key accepted.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
@@ -511,16 +509,8 @@ async fn send_command(
     shared: &Shared,
     r: v1::SendCommand,
 ) -> Result<Vec<OperatorResponse>, RequestError> {
-    if r.name.is_empty() || r.name.len() > MAX_COMMAND_NAME || r.name.chars().any(char::is_control)
-    {
-        return Err(error(
-            ErrorCode::InvalidArgument,
-            format!(
-                "command name {:?} must be 1 to {MAX_COMMAND_NAME} characters without control characters",
-                r.name
-            ),
-        ));
-    }
+    crate::command::check_command_name(&r.name)
+        .map_err(|m| error(ErrorCode::InvalidArgument, m))?;
     if r.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
         return Err(error(
             ErrorCode::InvalidArgument,
@@ -797,6 +787,8 @@ fn parse_query(q: &str) -> Result<fleetlink_core::query::Query, RequestError> {
 
 /// Devices per QueryDevices answer when none is asked for.
 const DEFAULT_QUERY_PAGE: usize = 1_000;
+/// Most devices per QueryDevices answer.
+const MAX_QUERY_PAGE: usize = 10_000;
 
 async fn query_devices(
     shared: &Shared,
@@ -815,7 +807,7 @@ async fn query_devices(
     let limit = if r.limit == 0 {
         DEFAULT_QUERY_PAGE
     } else {
-        r.limit as usize
+        (r.limit as usize).min(MAX_QUERY_PAGE)
     };
     shared.actors_ready().await;
     // Every actor evaluates the query on its own state, all at once.

@@ -743,3 +743,157 @@ async fn a_slow_subscriber_gets_an_overflow_signal_while_devices_keep_streaming(
     }
     assert!(dropped > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_provisioned_later_joins_a_standing_query() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    op.provision_device(&id("van-1"), tags(&[("region", "north")]))
+        .await
+        .unwrap();
+    let mut stream = op
+        .subscribe(Subscription::Query {
+            query: r#"tag.region == "north""#.into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        next_event(&mut stream).await,
+        FleetEvent::Subscribed { initial_matches: 1 }
+    );
+    assert!(matches!(
+        next_event(&mut stream).await,
+        FleetEvent::Match { initial: true, .. }
+    ));
+    // nothing the query reads changes for the new device after it appears: it must enter anyway
+    op.provision_device(&id("van-2"), tags(&[("region", "north")]))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_event(&mut stream).await,
+        FleetEvent::Match {
+            device: "van-2".into(),
+            matches: true,
+            initial: false
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacing_connection_does_not_inherit_subscriptions() {
+    use fleetlink_proto::v1::{self, ClientControl, client_control, server_control};
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "cam-1").await;
+    op.put_group("g", vec![id("cam-1")], None).await.unwrap();
+    let mut first = raw_connect(&ts, device_hello("cam-1", &token)).await;
+    let subscribe = ClientControl {
+        msg: Some(client_control::Msg::Subscribe(v1::TopicSubscribe {
+            request_id: 1,
+            filter: "group/g/#".into(),
+        })),
+    };
+    fleetlink_transport::write_frame(&mut first.control, &subscribe)
+        .await
+        .unwrap();
+    loop {
+        match first
+            .reader
+            .read::<v1::ServerControl>()
+            .await
+            .unwrap()
+            .and_then(|f| f.msg)
+        {
+            Some(server_control::Msg::BridgeAck(a)) => {
+                assert!(a.error.is_none());
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("no ack"),
+        }
+    }
+    // the same device connects again: the first connection is replaced, its subscription ends
+    let second = raw_connect(&ts, device_hello("cam-1", &token)).await;
+    assert_eq!(close_code(&first.conn).await.0, ErrorCode::Replaced);
+    let told = op
+        .publish("group/g/frame", b"x".to_vec(), false)
+        .await
+        .unwrap();
+    assert_eq!(told, "delivered to 0 subscribers");
+    drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_large_for_its_receivers_frame_limit_is_refused() {
+    let ts = start(|c| c.max_frame_bytes = 16_384);
+    let op = ts.operator().await;
+    let a = connect_device(&ts, &op, "big-a").await;
+    let b = connect_device(&ts, &op, "big-b").await;
+    op.put_group("g", vec![id("big-a"), id("big-b")], None)
+        .await
+        .unwrap();
+    b.subscribe("group/g/#").await.unwrap();
+    let e = a
+        .publish("group/g/blob", vec![7u8; 16_350], false)
+        .await
+        .unwrap_err();
+    match e {
+        ClientError::Server { code, message } => {
+            assert_eq!(code, ErrorCode::FrameTooLarge);
+            assert!(message.contains("max_frame_bytes"), "{message}");
+        }
+        other => panic!("expected FRAME_TOO_LARGE, got {other}"),
+    }
+    // the subscriber never saw an oversized frame: still on its first connection
+    assert_eq!(
+        a.publish("group/g/small", b"ok".to_vec(), false)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(b.stats().connects, 1);
+    // device commands need a valid name
+    match a.command_device("big-b", "", json!(null), WAIT).await {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::InvalidArgument),
+        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_made_while_offline_is_sent_after_the_reconnect() {
+    let ts = start(|c| {
+        c.heartbeat_interval_ms = 200;
+        c.heartbeat_timeout_ms = 1_000;
+    });
+    let op = ts.operator().await;
+    let token = provision(&op, "tram-1").await;
+    provision(&op, "tram-2").await;
+    op.put_group("line", vec![id("tram-1"), id("tram-2")], None)
+        .await
+        .unwrap();
+    let mut config = ts.device_config("tram-1", &token);
+    config.backoff = fleetlink_core::backoff::Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let tram = DeviceClient::connect(config).await.unwrap();
+    let dir = ts.dir;
+    let addr = ts.server.local_addr();
+    op.close();
+    tokio::task::spawn_blocking(move || ts.server.shutdown())
+        .await
+        .unwrap();
+    eventually(WAIT, "the device noticed", || async {
+        !tram.stats().connected
+    })
+    .await;
+    // offline now: the message waits in the SDK, then goes out on the next connection
+    let sending = tram.send_direct("tram-2", b"late".to_vec(), None);
+    let mut config = fleetlink_server::ServerConfig::local(dir.path());
+    config.listen = addr;
+    let server = fleetlink_server::Server::start(config).unwrap();
+    let id = tokio::time::timeout(WAIT, sending).await.unwrap().unwrap();
+    assert!(id > 0);
+    drop(server);
+}

@@ -225,7 +225,9 @@ async fn a_running_job_resumes_after_a_server_restart() {
         ))
         .await
         .unwrap();
-    job_where(&op, job.id, "three running", |j| j.count("running") == 3).await;
+    // Stop the server at once, while the runner may still be queuing the commands: a shutdown
+    // must not count as the targets failing (it did: the job ended "completed" with 0 succeeded).
+    assert_eq!(job.targets, 3);
     let dir = ts.dir;
     let addr = ts.server.local_addr();
     op.close();

@@ -735,3 +735,45 @@ async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) 
     .await;
     out.into_iter().flatten().collect()
 }
+
+/// `Server::shutdown` returns only once everything the server queued is written: a restarted
+/// server (or anyone reading the data dir) sees the last writes, and no late write of the old
+/// server lands on top of the new one's (a job restart test caught a stale target state that way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_returns_after_the_last_queued_write() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let endpoint = fleetlink_client::Endpoint::for_server(ts.address.addr).unwrap();
+    let mut devices = Vec::new();
+    for i in 0..30 {
+        let name = format!("rig-{i:02}");
+        let token = provision(&op, &name).await;
+        let mut config = ts.device_config(&name, &token);
+        config.endpoint = Some(endpoint.clone());
+        devices.push(DeviceClient::connect(config).await.unwrap());
+    }
+    let dir = ts.dir;
+    op.close();
+    // the shutdown queues an offline event per device
+    tokio::task::spawn_blocking(move || ts.server.shutdown())
+        .await
+        .unwrap();
+    let store = fleetlink_store::SqliteStore::open(
+        dir.path().join("fleetlink.db"),
+        fleetlink_store::SqliteOptions::default(),
+    )
+    .unwrap();
+    use fleetlink_store::Store as _;
+    for i in 0..30 {
+        let last = store
+            .presence_history(&id(&format!("rig-{i:02}")), 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            (last[0].online, last[0].reason.as_str()),
+            (false, "server_shutdown"),
+            "rig-{i:02}"
+        );
+    }
+    drop(devices);
+}

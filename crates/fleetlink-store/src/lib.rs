@@ -19,7 +19,7 @@ use fleetlink_core::twin::TwinDoc;
 use fleetlink_core::value::Batch;
 use fleetlink_core::{DeviceId, MetricName, TimeUs, Value};
 
-pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
+pub use sqlite::{SqliteOptions, SqliteStore, Synchronous, WriterHandle};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]

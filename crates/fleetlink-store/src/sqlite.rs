@@ -178,6 +178,39 @@ impl Default for SqliteOptions {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     inner: Arc<Inner>,
+    writer: WriterHandle,
+}
+
+/// Waits for a store's writer thread (see [`SqliteStore::writer_handle`]).
+#[derive(Debug, Clone)]
+pub struct WriterHandle(Arc<Mutex<Option<std::thread::JoinHandle<()>>>>);
+
+impl WriterHandle {
+    /// Waits until the writer committed everything queued and stopped (which happens once every
+    /// clone of the store is dropped), at most `timeout`. Returns whether it stopped.
+    pub fn join(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let finished = match self.0.lock() {
+                Ok(guard) => guard
+                    .as_ref()
+                    .is_none_or(std::thread::JoinHandle::is_finished),
+                Err(_) => true,
+            };
+            if finished {
+                if let Ok(mut guard) = self.0.lock()
+                    && let Some(thread) = guard.take()
+                {
+                    let _ = thread.join();
+                }
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -216,7 +249,7 @@ impl SqliteStore {
         migrate(&mut conn)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let max_points = options.max_commit_points.max(1);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("fleetlink-store-writer".into())
             .spawn(move || Writer::new(conn).run(rx, max_points))
             .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?;
@@ -227,7 +260,14 @@ impl SqliteStore {
                 append_room: Arc::new(Semaphore::new(options.queue_batches.max(1))),
                 readers: Mutex::new(Vec::new()),
             }),
+            writer: WriterHandle(Arc::new(Mutex::new(Some(thread)))),
         })
+    }
+
+    /// A handle to wait for the writer thread: it ends once every clone of this store is dropped
+    /// and every queued write is committed.
+    pub fn writer_handle(&self) -> WriterHandle {
+        self.writer.clone()
     }
 
     /// The database file.
