@@ -394,6 +394,10 @@ async fn provision(
             }
         }
     };
+    // Attributes follow the rules of twin documents (keys, depth, size), so queries reach them.
+    TwinPatch::from_json(serde_json::Value::Object(attributes.clone()))
+        .map_err(|e| error(ErrorCode::InvalidArgument, format!("attributes: {e}")))?;
+    check_tags(r.tags.iter())?;
     let device = NewDevice {
         id: id.clone(),
         token_hash: token.hash(),
@@ -761,6 +765,7 @@ async fn update_device(
                 .map_err(|e| error(ErrorCode::InvalidArgument, format!("attributes: {e}")))?,
         )
     };
+    check_tags(r.set_tags.iter())?;
     let (id, actor) = actor_of(shared, &r.device_id).await?;
     actor
         .send(crate::facts::UpdateMeta {
@@ -874,11 +879,17 @@ async fn put_group(
     shared: &Shared,
     r: v1::PutGroup,
 ) -> Result<Vec<OperatorResponse>, RequestError> {
-    if r.name.is_empty() || r.name.len() > MAX_GROUP_NAME || r.name.chars().any(char::is_control) {
+    // A group name is one topic level (`group/<name>/...` in the default policy) and a query string.
+    let valid_name = !r.name.is_empty()
+        && r.name.len() <= MAX_GROUP_NAME
+        && r.name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
+    if !valid_name {
         return Err(error(
             ErrorCode::InvalidArgument,
             format!(
-                "group name {:?} must be 1 to {MAX_GROUP_NAME} characters without control characters",
+                "group name {:?} must be 1 to {MAX_GROUP_NAME} characters from [A-Za-z0-9_.:-]",
                 r.name
             ),
         ));
@@ -1090,4 +1101,37 @@ fn job_answer(
         Ok(info) => respond(operator_response::Response::Job(info)),
         Err(e) => Err(error(e.code, e.message)),
     }
+}
+
+/// Longest tag key and value accepted.
+const MAX_TAG_KEY: usize = 128;
+const MAX_TAG_VALUE: usize = 1024;
+
+fn check_tags<'a>(
+    tags: impl Iterator<Item = (&'a String, &'a String)>,
+) -> Result<(), RequestError> {
+    for (k, v) in tags {
+        let key_ok = !k.is_empty()
+            && k.len() <= MAX_TAG_KEY
+            && !k
+                .chars()
+                .any(|c| c.is_control() || c == '.' || c.is_whitespace());
+        if !key_ok {
+            return Err(error(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "tag key {k:?} must be 1 to {MAX_TAG_KEY} bytes without dots, spaces or control characters"
+                ),
+            ));
+        }
+        if v.len() > MAX_TAG_VALUE || v.chars().any(char::is_control) {
+            return Err(error(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "the value of tag {k:?} must be at most {MAX_TAG_VALUE} bytes without control characters"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }

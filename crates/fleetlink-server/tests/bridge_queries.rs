@@ -491,6 +491,38 @@ async fn fleet_queries_on_a_hand_built_fleet() {
     let next = next.unwrap();
     let (second, _) = op.query_devices("true", Some(&next), 2).await.unwrap();
     assert_eq!(second[0].id.as_str(), "truck-3");
+    // bad names are refused with what is allowed
+    for (what, result) in [
+        (
+            "group name",
+            op.put_group("a/b", vec![], Some("online"))
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "attribute key",
+            op.provision_device_with(
+                &id("truck-9"),
+                BTreeMap::new(),
+                serde_json::from_value(json!({"a.b": 1})).unwrap(),
+            )
+            .await
+            .map(|_| ()),
+        ),
+        (
+            "tag key",
+            op.provision_device(&id("truck-9"), tags(&[("has space", "x")]))
+                .await
+                .map(|_| ()),
+        ),
+    ] {
+        match result {
+            Err(ClientError::Server { code, .. }) => {
+                assert_eq!(code, ErrorCode::InvalidArgument, "{what}")
+            }
+            other => panic!("{what}: expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
     // a precise parse error
     match op.query_devices(r#"tag.region = "north""#, None, 0).await {
         Err(ClientError::Server { code, message }) => {

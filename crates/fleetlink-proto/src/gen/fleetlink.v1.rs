@@ -230,7 +230,7 @@ pub enum ErrorCode {
     Unauthenticated = 6,
     /// The named device (or other object) does not exist.
     NotFound = 7,
-    /// The caller's role may not do this (for example a device sending operator requests).
+    /// The bridge policy refuses this device-to-device action (publish, subscribe, message, command).
     PermissionDenied = 8,
     /// A request field is invalid; the message says which and why.
     InvalidArgument = 9,
@@ -377,7 +377,8 @@ pub struct BridgeAck {
     #[prost(message, optional, tag = "2")]
     pub error: ::core::option::Option<Error>,
     /// SendDirect: the message's id (as in MessageExpired). DeviceCommand: the command's id.
-    /// Publish: how many subscribers it was handed to.
+    /// Publish: how many subscribers it was handed to. TopicSubscribe: how many retained messages
+    /// follow. TopicUnsubscribe: 1 if the filter was subscribed, else 0.
     #[prost(uint64, tag = "3")]
     pub id: u64,
 }
@@ -639,7 +640,8 @@ pub mod server_control {
 #[repr(i32)]
 pub enum Role {
     Unspecified = 0,
-    /// A machine: sends telemetry, (later) receives commands and twin deltas.
+    /// A machine: sends telemetry and twin reports, receives commands and twin deltas, and talks to
+    /// other devices through the bridge.
     Device = 1,
     /// A person or a tool: lists devices, queries telemetry, provisions devices.
     Operator = 2,
@@ -1082,8 +1084,8 @@ pub struct Presence {
     /// Remote address of the current (or last) connection.
     #[prost(string, tag = "4")]
     pub remote_addr: ::prost::alloc::string::String,
-    /// Why the device is offline: "closed", "timeout", "error", "server_shutdown"; empty while online
-    /// or when the device has not connected since the server started.
+    /// Why the device is offline: "closed", "timeout", "error", "server_shutdown" (also after a server
+    /// crash, restored from the stored history); empty while online or when it never connected.
     #[prost(string, tag = "5")]
     pub offline_reason: ::prost::alloc::string::String,
 }
