@@ -13,7 +13,8 @@ const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
   codegen [--check]   regenerate crates/fleetlink-proto/src/gen from proto/ (--check: fail if stale)
-  test [--slow]       the full gate: fmt, clippy -D warnings, codegen --check, every test
+  test [--slow]       the full gate: fmt, clippy -D warnings, codegen --check, every Rust test,
+                      then the Python bindings built into target/pyvenv and tested with pytest
                       (--slow: also the large-fleet and soak tests)
   demo [ARGS...]      run a server with a simulated fleet on embedded storage (`fleetlink demo`)";
 
@@ -86,12 +87,85 @@ fn test(root: &Path, slow: bool) -> Result<()> {
     } else {
         &[]
     };
-    let mut args = vec!["test", "--workspace"];
+    // The Python extension is tested through Python (below), not as a Rust test binary.
+    let mut args = vec!["test", "--workspace", "--exclude", "fleetlink-python"];
     if slow {
         args.extend(["--features", "fleetlink-server/slow-tests"]);
     }
     cargo(root, &args, env)?;
+    python_tests(root)?;
     step("all checks passed");
+    Ok(())
+}
+
+/// Python packages the bindings' tests need (the extension itself is built by maturin).
+const PYTHON_TEST_PACKAGES: &[&str] = &[
+    "maturin>=1.9,<2",
+    "pytest>=8",
+    "pytest-timeout>=2",
+    "pyarrow>=14",
+    "polars>=1",
+    "pandas>=2",
+];
+
+/// Builds the Python extension into a virtualenv under target/ and runs its tests strictly.
+fn python_tests(root: &Path) -> Result<()> {
+    step("python: virtualenv target/pyvenv, maturin develop, pytest");
+    let venv = root.join("target").join("pyvenv");
+    let bin = venv.join("bin");
+    if !bin.join("python").exists() {
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        run(
+            Command::new(&python).args(["-m", "venv"]).arg(&venv),
+            "creating the virtualenv",
+        )?;
+    }
+    run(
+        Command::new(bin.join("python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(PYTHON_TEST_PACKAGES),
+        "installing the Python test packages",
+    )?;
+    let bindings = root.join("bindings").join("python");
+    run(
+        Command::new(bin.join("maturin"))
+            .arg("develop")
+            .current_dir(&bindings)
+            .env("VIRTUAL_ENV", &venv)
+            .env("PATH", path_with(&bin)),
+        "building the extension (maturin develop)",
+    )?;
+    run(
+        Command::new(bin.join("python"))
+            .args(["-m", "pytest", "-q"])
+            .current_dir(&bindings)
+            .env("VIRTUAL_ENV", &venv)
+            .env("PATH", path_with(&bin)),
+        "the Python tests",
+    )
+}
+
+fn path_with(dir: &Path) -> std::ffi::OsString {
+    let mut paths = vec![dir.to_path_buf()];
+    if let Some(p) = std::env::var_os("PATH") {
+        paths.extend(std::env::split_paths(&p));
+    }
+    std::env::join_paths(paths).unwrap_or_default()
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
     Ok(())
 }
 

@@ -687,6 +687,8 @@ async fn telemetry(
         start_us: since.as_deref().map(parse_since).transpose()?,
         end_us: None,
         limit: Some(limit),
+        every: None,
+        agg: None,
     };
     let points = op.query_telemetry(query).await?;
     println!("{:<26} {:<20} VALUE", "TIME", "METRIC");

@@ -65,6 +65,9 @@ type BoxedHandler =
 #[derive(Clone, Default)]
 pub struct CommandHandlers {
     handlers: HashMap<String, BoxedHandler>,
+    /// Runs commands no named handler takes (for handler tables that change after connecting,
+    /// such as the Python SDK's).
+    fallback: Option<BoxedHandler>,
 }
 
 impl std::fmt::Debug for CommandHandlers {
@@ -88,8 +91,21 @@ impl CommandHandlers {
         self.handlers.insert(name.into(), handler);
     }
 
+    /// Registers the handler of every command without a handler of its own. It sees the name in
+    /// [`CommandCall::name`] and may answer [`CommandFailure::Rejected`].
+    pub fn fallback<F, Fut>(&mut self, handler: F)
+    where
+        F: Fn(CommandCall) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = CommandOutput> + Send + 'static,
+    {
+        self.fallback = Some(Arc::new(move |call| Box::pin(handler(call))));
+    }
+
     fn get(&self, name: &str) -> Option<BoxedHandler> {
-        self.handlers.get(name).cloned()
+        self.handlers
+            .get(name)
+            .cloned()
+            .or_else(|| self.fallback.clone())
     }
 }
 

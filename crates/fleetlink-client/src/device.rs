@@ -625,6 +625,12 @@ impl DeviceClient {
 
     /// Closes the connection. Points not yet acked are discarded; call [`DeviceClient::flush`] first.
     pub async fn close(self) {
+        self.disconnect().await;
+    }
+
+    /// Like [`DeviceClient::close`], for a client that is shared (behind an `Arc`): closes the
+    /// connection and stops reconnecting; every later call fails with [`ClientError::Closed`].
+    pub async fn disconnect(&self) {
         let (tx, rx) = oneshot::channel();
         if self.cmds.send(Cmd::Close(tx)).await.is_ok() {
             let _ = rx.await;

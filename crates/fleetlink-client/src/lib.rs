@@ -13,8 +13,6 @@ mod operator;
 
 use std::net::SocketAddr;
 
-use fleetlink_proto::v1::{ErrorCode, RejectReason};
-
 pub use command::{CommandCall, CommandFailure, CommandHandlers, CommandOutput};
 pub use connect::Endpoint;
 pub use device::{
@@ -22,6 +20,7 @@ pub use device::{
 };
 pub use fleetlink_core::command::CommandState;
 pub use fleetlink_core::{DeviceId, GeoPosition, MetricName, Point, Value};
+pub use fleetlink_proto::v1::{ErrorCode, RejectReason};
 pub use operator::{
     CommandInfo, CommandRequest, DeviceInfo, EventStream, FleetEvent, Group, JobAction, JobInfo,
     JobSpec, OperatorClient, OperatorConfig, PresenceEvent, PresenceInfo, StoredPoint,

@@ -88,6 +88,10 @@ pub struct TelemetryQuery {
     pub end_us: Option<i64>,
     /// At most this many points.
     pub limit: Option<u32>,
+    /// Downsample on the server: one point per metric and bucket of this length.
+    pub every: Option<Duration>,
+    /// How a bucket is aggregated: "mean" (default), "min", "max", "sum", "count".
+    pub agg: Option<String>,
 }
 
 impl TelemetryQuery {
@@ -99,6 +103,8 @@ impl TelemetryQuery {
             start_us: None,
             end_us: None,
             limit: None,
+            every: None,
+            agg: None,
         }
     }
 }
@@ -645,6 +651,10 @@ impl OperatorClient {
             start_us: q.start_us.unwrap_or(0),
             end_us: q.end_us.unwrap_or(0),
             limit: q.limit.unwrap_or(0),
+            every_us: q.every.map_or(0, |e| {
+                i64::try_from(e.as_micros()).unwrap_or(i64::MAX).max(1)
+            }),
+            agg: q.agg.unwrap_or_default(),
         };
         let mut out = Vec::new();
         for r in self

@@ -347,6 +347,16 @@ async fn query_telemetry(
         start_us: (r.start_us != 0).then_some(r.start_us),
         end_us: (r.end_us != 0).then_some(r.end_us),
         limit: (r.limit != 0).then_some(r.limit as usize),
+        every_us: (r.every_us > 0).then_some(r.every_us),
+        agg: fleetlink_store::Aggregation::parse(&r.agg).ok_or_else(|| {
+            error(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "unknown aggregation {:?}; use mean, min, max, sum or count",
+                    r.agg
+                ),
+            )
+        })?,
     };
     let points = shared
         .store

@@ -314,6 +314,50 @@ pub struct TelemetryQuery {
     pub end_us: Option<TimeUs>,
     /// At most this many points.
     pub limit: Option<usize>,
+    /// Downsample: one point per metric and bucket of this many µs, with `agg` of its values.
+    pub every_us: Option<i64>,
+    /// How to aggregate a bucket.
+    pub agg: Aggregation,
+}
+
+/// How a downsampled bucket combines its points (numeric values only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Aggregation {
+    /// The mean.
+    #[default]
+    Mean,
+    /// The smallest value.
+    Min,
+    /// The largest value.
+    Max,
+    /// The sum.
+    Sum,
+    /// The number of points.
+    Count,
+}
+
+impl Aggregation {
+    /// Parses "mean", "min", "max", "sum", "count" ("" = mean).
+    pub fn parse(s: &str) -> Option<Aggregation> {
+        Some(match s {
+            "" | "mean" | "avg" => Aggregation::Mean,
+            "min" => Aggregation::Min,
+            "max" => Aggregation::Max,
+            "sum" => Aggregation::Sum,
+            "count" => Aggregation::Count,
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn sql(self) -> &'static str {
+        match self {
+            Aggregation::Mean => "avg",
+            Aggregation::Min => "min",
+            Aggregation::Max => "max",
+            Aggregation::Sum => "sum",
+            Aggregation::Count => "count",
+        }
+    }
 }
 
 /// Told when a batch handed to [`Store::append`] is durable, or could not be stored.

@@ -592,6 +592,53 @@ fn parse_history(text: &str) -> Result<Vec<(CommandState, TimeUs)>, StoreError> 
         .collect()
 }
 
+/// Downsampled telemetry: per metric and bucket of `every` µs, the aggregate of the numeric values.
+fn aggregate(
+    conn: &Connection,
+    device: i64,
+    metric: Option<i64>,
+    q: &TelemetryQuery,
+    every: i64,
+) -> Result<Vec<StoredPoint>, StoreError> {
+    let every = every.max(1);
+    let sql = format!(
+        "SELECT m.name, (t.time_us - (((t.time_us % ?5) + ?5) % ?5)) AS bucket, {}(t.value)
+         FROM telemetry t JOIN metrics m ON m.id = t.metric
+         WHERE t.device = ?1 AND (?2 IS NULL OR t.metric = ?2)
+           AND t.time_us >= ?3 AND t.time_us < ?4 AND t.kind IN (?6, ?7, ?8)
+         GROUP BY t.metric, bucket
+         ORDER BY t.metric, bucket
+         LIMIT ?9",
+        q.agg.sql()
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(
+        params![
+            device,
+            metric,
+            q.start_us.unwrap_or(i64::MIN),
+            q.end_us.unwrap_or(i64::MAX),
+            every,
+            ValueKind::Double.code(),
+            ValueKind::Int.code(),
+            ValueKind::Bool.code(),
+            q.limit.map_or(-1, |l| l as i64)
+        ],
+        |r| {
+            let bucket: i64 = r.get(1)?;
+            let value: f64 = r.get(2)?;
+            Ok(StoredPoint {
+                metric: metric_name(r.get(0)?)?,
+                time_us: bucket,
+                received_us: bucket,
+                seq: 0,
+                value: Value::Double(value),
+            })
+        },
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 fn load_jobs(
     conn: &Connection,
     tail: &str,
@@ -814,6 +861,9 @@ impl Store for SqliteStore {
                     None => return Ok(Vec::new()), // nobody ever sent this metric
                 },
             };
+            if let Some(every) = q.every_us {
+                return aggregate(conn, device, metric, &q, every);
+            }
             let mut stmt = conn.prepare_cached(
                 "SELECT m.name, t.time_us, t.received_us, t.seq, t.kind, t.value,
                         t.lat, t.lon, t.alt, t.speed, t.heading, t.accuracy

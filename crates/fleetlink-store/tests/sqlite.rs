@@ -165,6 +165,8 @@ async fn telemetry_is_stored_once_and_survives_reopen() {
             start_us: None,
             end_us: None,
             limit: None,
+            every_us: None,
+            agg: Default::default(),
         })
         .await
         .unwrap();
@@ -177,6 +179,8 @@ async fn telemetry_is_stored_once_and_survives_reopen() {
             start_us: Some(15),
             end_us: None,
             limit: None,
+            every_us: None,
+            agg: Default::default(),
         })
         .await
         .unwrap();
@@ -230,6 +234,8 @@ async fn admin_tokens_verify_and_unknown_devices_are_reported() {
             start_us: None,
             end_us: None,
             limit: None,
+            every_us: None,
+            agg: Default::default(),
         })
         .await
         .unwrap_err();
@@ -301,4 +307,81 @@ async fn queued_writes_and_registry_writes_do_not_lock_each_other_out() {
         400
     );
     assert_eq!(store.list_devices(None, None).await.unwrap().len(), 201);
+}
+
+#[tokio::test]
+async fn downsampling_aggregates_numeric_points_per_metric_and_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("fleet.db"), SqliteOptions::default()).unwrap();
+    provision(&store, "pump-1").await;
+    let (tx, mut rx) = watch::channel(0);
+    let listener = Arc::new(Watch(tx, Mutex::new(Vec::new())));
+    // 0..30 s in 1 s steps: flow = t, on = t is even, label is a string (left out)
+    let mut points = Vec::new();
+    for t in 0..30i64 {
+        points.push(point("flow", t * 1_000_000, Value::Double(t as f64)));
+        points.push(point("on", t * 1_000_000, Value::Bool(t % 2 == 0)));
+        points.push(point("label", t * 1_000_000, Value::String("x".into())));
+    }
+    append(&store, &listener, "pump-1", 1, points).await;
+    rx.wait_for(|d| *d >= 1).await.unwrap();
+    let query = |metric: &str, agg| TelemetryQuery {
+        device: id("pump-1"),
+        metric: Some(MetricName::new(metric).unwrap()),
+        start_us: None,
+        end_us: None,
+        limit: None,
+        every_us: Some(10_000_000),
+        agg,
+    };
+    let series = |points: Vec<fleetlink_store::StoredPoint>| -> Vec<(i64, f64)> {
+        points
+            .into_iter()
+            .map(|p| match p.value {
+                Value::Double(v) => (p.time_us, v),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    use fleetlink_store::Aggregation;
+    let mean = store
+        .query_telemetry(query("flow", Aggregation::Mean))
+        .await
+        .unwrap();
+    assert_eq!(
+        series(mean),
+        vec![(0, 4.5), (10_000_000, 14.5), (20_000_000, 24.5)]
+    );
+    let max = store
+        .query_telemetry(query("flow", Aggregation::Max))
+        .await
+        .unwrap();
+    assert_eq!(
+        series(max),
+        vec![(0, 9.0), (10_000_000, 19.0), (20_000_000, 29.0)]
+    );
+    let on = store
+        .query_telemetry(query("on", Aggregation::Sum))
+        .await
+        .unwrap();
+    assert_eq!(
+        series(on),
+        vec![(0, 5.0), (10_000_000, 5.0), (20_000_000, 5.0)]
+    );
+    let count = store
+        .query_telemetry(query("flow", Aggregation::Count))
+        .await
+        .unwrap();
+    assert_eq!(
+        series(count),
+        vec![(0, 10.0), (10_000_000, 10.0), (20_000_000, 10.0)]
+    );
+    assert!(
+        store
+            .query_telemetry(query("label", Aggregation::Mean))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(Aggregation::parse("median"), None);
 }

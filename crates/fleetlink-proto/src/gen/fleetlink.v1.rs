@@ -1049,6 +1049,14 @@ pub struct QueryTelemetry {
     /// At most this many points (0 = no limit).
     #[prost(uint32, tag = "5")]
     pub limit: u32,
+    /// Downsample on the server: one point per metric and `every_us` bucket of device time
+    /// (buckets start at multiples of every_us since the epoch), carrying `agg` of the numeric values
+    /// in it (ints and bools count as numbers; strings and positions are left out). 0 = raw points.
+    #[prost(int64, tag = "6")]
+    pub every_us: i64,
+    /// "mean" (default), "min", "max", "sum" or "count".
+    #[prost(string, tag = "7")]
+    pub agg: ::prost::alloc::string::String,
 }
 /// Create a device and its token. The token is returned once; the server keeps only its hash.
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -1,0 +1,73 @@
+"""Rows per second from ``Client.telemetry`` into a ``pyarrow.Table``, side by side with
+``pandas.read_sql`` reading the same rows straight from the embedded SQLite database.
+
+    python bench/telemetry_bench.py --rows 1000000 [--devices 10] [--runs 3]
+
+Both read the same stored points (device, metric, time, value) after ingest; the report gives the
+median and min-max of `--runs` runs of each, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import statistics
+import time
+
+import pandas as pd
+
+import fleetlink
+
+SQL = """
+SELECT d.name AS device, m.name AS metric, t.time_us AS time, t.value AS value
+FROM telemetry t JOIN devices d ON d.id = t.device JOIN metrics m ON m.id = t.metric
+ORDER BY t.device, t.metric, t.time_us
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--devices", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    per_device = args.rows // args.devices
+    with fleetlink.Server() as server:
+        client = server.connect()
+        start = time.perf_counter()
+        t0 = 1_700_000_000_000_000
+        for d in range(args.devices):
+            dev = fleetlink.Device.connect(**client.provision(f"bench-{d:03}"))
+            for i in range(0, per_device, 2):
+                dev.send({"temp": 20.0 + (i % 100) / 10, "load": float(i % 7)}, ts=t0 + i * 1_000)
+            dev.flush(timeout=600)
+            dev.close()
+        ingest = time.perf_counter() - start
+        rows = args.devices * per_device
+        print(f"ingested {rows} rows in {ingest:.1f} s ({rows / ingest:,.0f} rows/s through the device SDK)")
+
+        ours, theirs = [], []
+        for _ in range(args.runs):
+            s = time.perf_counter()
+            table = client.telemetry()
+            ours.append(time.perf_counter() - s)
+            assert table.num_rows == rows, table.num_rows
+            s = time.perf_counter()
+            with sqlite3.connect(f"{server.data_dir}/fleetlink.db") as conn:
+                frame = pd.read_sql(SQL, conn)
+            theirs.append(time.perf_counter() - s)
+            assert len(frame) == rows, len(frame)
+        client.close()
+
+    def show(name: str, times: list[float]) -> float:
+        med = statistics.median(times)
+        print(f"{name:<42} median {med:6.3f} s  ({rows / med:>12,.0f} rows/s)  min-max {min(times):.3f}-{max(times):.3f} s")
+        return med
+
+    a = show("Client.telemetry -> pyarrow.Table", ours)
+    b = show("pandas.read_sql (sqlite3, same rows)", theirs)
+    print(f"ratio (read_sql time / telemetry time): {b / a:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+//! Telemetry as Arrow record batches, built column by column in Rust and handed to Python through
+//! the Arrow PyCapsule interface (`__arrow_c_stream__`): pyarrow, polars and pandas take the
+//! buffers as they are, with no Python object per row.
+
+use std::sync::{Arc, Mutex};
+
+use arrow_array::builder::{Float64Builder, StringBuilder, TimestampMicrosecondBuilder};
+use arrow_array::ffi_stream::FFI_ArrowArrayStream;
+use arrow_array::{ArrayRef, RecordBatch, RecordBatchIterator};
+use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
+use fleetlink_client::{StoredPoint, Value};
+use pyo3::prelude::*;
+use pyo3::types::PyCapsule;
+
+/// Rows per record batch.
+const BATCH_ROWS: usize = 65_536;
+
+/// The schema of `Client.telemetry`: one row per point.
+pub(crate) fn telemetry_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("device", DataType::Utf8, false),
+        Field::new("metric", DataType::Utf8, false),
+        Field::new(
+            "time",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+        // numbers, ints and bools (1.0 / 0.0); null for strings and positions
+        Field::new("value", DataType::Float64, true),
+        // string values
+        Field::new("text", DataType::Utf8, true),
+        // positions
+        Field::new("lat", DataType::Float64, true),
+        Field::new("lon", DataType::Float64, true),
+    ]))
+}
+
+/// Builds the telemetry batches, `BATCH_ROWS` rows each.
+#[derive(Debug)]
+pub(crate) struct TelemetryBuilder {
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    device: StringBuilder,
+    metric: StringBuilder,
+    time: TimestampMicrosecondBuilder,
+    value: Float64Builder,
+    text: StringBuilder,
+    lat: Float64Builder,
+    lon: Float64Builder,
+    rows: usize,
+}
+
+impl TelemetryBuilder {
+    pub(crate) fn new() -> Self {
+        Self {
+            schema: telemetry_schema(),
+            batches: Vec::new(),
+            device: StringBuilder::new(),
+            metric: StringBuilder::new(),
+            time: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            value: Float64Builder::new(),
+            text: StringBuilder::new(),
+            lat: Float64Builder::new(),
+            lon: Float64Builder::new(),
+            rows: 0,
+        }
+    }
+
+    pub(crate) fn push(&mut self, device: &str, p: &StoredPoint) -> Result<(), ArrowError> {
+        self.device.append_value(device);
+        self.metric.append_value(p.metric.as_str());
+        self.time.append_value(p.time_us);
+        let (value, text, pos) = match &p.value {
+            Value::Double(x) => (Some(*x), None, None),
+            Value::Int(x) => (Some(*x as f64), None, None),
+            Value::Bool(x) => (Some(if *x { 1.0 } else { 0.0 }), None, None),
+            Value::String(s) => (None, Some(s.as_str()), None),
+            Value::Geo(g) => (None, None, Some((g.lat, g.lon))),
+        };
+        self.value.append_option(value);
+        self.text.append_option(text);
+        self.lat.append_option(pos.map(|p| p.0));
+        self.lon.append_option(pos.map(|p| p.1));
+        self.rows += 1;
+        if self.rows >= BATCH_ROWS {
+            self.seal()?;
+        }
+        Ok(())
+    }
+
+    fn seal(&mut self) -> Result<(), ArrowError> {
+        if self.rows == 0 {
+            return Ok(());
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.device.finish()),
+            Arc::new(self.metric.finish()),
+            Arc::new(self.time.finish()),
+            Arc::new(self.value.finish()),
+            Arc::new(self.text.finish()),
+            Arc::new(self.lat.finish()),
+            Arc::new(self.lon.finish()),
+        ];
+        self.batches
+            .push(RecordBatch::try_new(self.schema.clone(), columns)?);
+        self.rows = 0;
+        Ok(())
+    }
+
+    pub(crate) fn finish(mut self) -> Result<ArrowStream, ArrowError> {
+        self.seal()?;
+        Ok(ArrowStream {
+            inner: Mutex::new(Some((self.schema, self.batches))),
+        })
+    }
+}
+
+/// Record batches that Python takes once through `__arrow_c_stream__`
+/// (`pyarrow.RecordBatchReader.from_stream(s)`, `pyarrow.table(s)`, `polars.from_arrow(...)`).
+#[pyclass(module = "fleetlink._fleetlink", frozen)]
+#[derive(Debug)]
+pub struct ArrowStream {
+    inner: Mutex<Option<(SchemaRef, Vec<RecordBatch>)>>,
+}
+
+#[pymethods]
+impl ArrowStream {
+    /// The Arrow C stream interface: a PyCapsule named "arrow_array_stream". The batches move
+    /// into it; a second call raises.
+    #[pyo3(signature = (requested_schema=None))]
+    fn __arrow_c_stream__<'py>(
+        &self,
+        py: Python<'py>,
+        requested_schema: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyCapsule>> {
+        let _ = requested_schema; // we offer our own schema; the consumer casts if it wants
+        let taken = self
+            .inner
+            .lock()
+            .map_err(|_| pyo3::exceptions::PyRuntimeError::new_err("poisoned"))?
+            .take();
+        let Some((schema, batches)) = taken else {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "this telemetry stream was already consumed; call Client.telemetry again",
+            ));
+        };
+        let reader = RecordBatchIterator::new(batches.into_iter().map(Ok), schema);
+        let stream = FFI_ArrowArrayStream::new(Box::new(reader));
+        PyCapsule::new_with_value(py, stream, c"arrow_array_stream")
+    }
+
+    /// Rows in all (before consumption).
+    fn __len__(&self) -> usize {
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|g| {
+                g.as_ref()
+                    .map(|(_, b)| b.iter().map(RecordBatch::num_rows).sum())
+            })
+            .unwrap_or(0)
+    }
+}
