@@ -410,6 +410,7 @@ impl Client {
         let events = wait(py, async move { op.subscribe(what).await })?.map_err(err)?;
         Ok(Subscription {
             events: Arc::new(tokio::sync::Mutex::new(Some(events))),
+            closed: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -521,6 +522,8 @@ impl Client {
 #[derive(Debug)]
 pub struct Subscription {
     events: Arc<tokio::sync::Mutex<Option<EventStream>>>,
+    /// Set by `close`: a `next` waiting in another thread returns None at once.
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 fn event_json(e: FleetEvent) -> serde_json::Value {
@@ -584,14 +587,21 @@ impl Subscription {
     fn next(&self, py: Python<'_>, timeout_s: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
         let timeout = timeout_s.map(|t| secs(py, t, "timeout")).transpose()?;
         let events = self.events.clone();
+        let mut closed = self.closed.subscribe();
         let next = wait(py, async move {
-            let mut guard = events.lock().await;
-            let Some(stream) = guard.as_mut() else {
-                return Ok(None);
+            let read = async {
+                let mut guard = events.lock().await;
+                let Some(stream) = guard.as_mut() else {
+                    return Ok(None);
+                };
+                match timeout {
+                    Some(t) => stream.next_within(t).await,
+                    None => stream.next().await,
+                }
             };
-            match timeout {
-                Some(t) => stream.next_within(t).await,
-                None => stream.next().await,
+            tokio::select! {
+                r = read => r,
+                _ = closed.wait_for(|c| *c) => Ok(None),
             }
         })?
         .map_err(err)?;
@@ -600,6 +610,7 @@ impl Subscription {
 
     /// Ends the stream.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
+        self.closed.send_replace(true); // wakes a `next` blocked in another thread
         let events = self.events.clone();
         wait(py, async move {
             events.lock().await.take();

@@ -83,7 +83,7 @@ impl Device {
     /// Connects and authenticates; commands are dispatched to the handlers registered with
     /// `on_command` (also those registered after connecting).
     #[staticmethod]
-    #[pyo3(signature = (url, device_id, token, ca_pem, server_name="localhost"))]
+    #[pyo3(signature = (url, device_id, token, ca_pem, server_name="localhost", commands=None))]
     fn connect(
         py: Python<'_>,
         url: &str,
@@ -91,10 +91,13 @@ impl Device {
         token: &str,
         ca_pem: Vec<u8>,
         server_name: &str,
+        commands: Option<HashMap<String, Py<PyAny>>>,
     ) -> PyResult<Device> {
         let server = server_address(py, url, ca_pem, server_name)?;
         let id = crate::errors::device_id(py, device_id)?;
-        let handlers: Handlers = Arc::new(Mutex::new(HashMap::new()));
+        // Handlers given here are in place before the first command can arrive (commands queued
+        // while the device was offline come right after the Welcome).
+        let handlers: Handlers = Arc::new(Mutex::new(commands.unwrap_or_default()));
         let mut config = DeviceConfig::new(server, id, token);
         let table = handlers.clone();
         config
@@ -243,7 +246,16 @@ impl Device {
     #[pyo3(signature = (timeout_s=None))]
     fn next_message(&self, py: Python<'_>, timeout_s: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
         let incoming = self.incoming.clone();
-        let timeout = timeout_s.map(Duration::from_secs_f64);
+        let timeout = timeout_s
+            .map(|t| {
+                Duration::try_from_secs_f64(t).map_err(|_| {
+                    invalid(
+                        py,
+                        format!("timeout must be a number of seconds >= 0, got {t}"),
+                    )
+                })
+            })
+            .transpose()?;
         let got = wait(py, async move {
             let mut rx = incoming.lock().await;
             loop {

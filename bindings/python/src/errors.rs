@@ -37,7 +37,7 @@ pub(crate) fn to_py(py: Python<'_>, e: ClientError) -> PyErr {
         ClientError::Server { code, .. } => {
             let class = match code {
                 ErrorCode::NotFound => "NotFound",
-                ErrorCode::Conflict => "Conflict",
+                ErrorCode::Conflict | ErrorCode::AlreadyExists => "Conflict",
                 ErrorCode::PermissionDenied => "PermissionDenied",
                 ErrorCode::Unauthenticated => "AuthError",
                 ErrorCode::InvalidArgument

@@ -324,8 +324,11 @@ impl DeviceClient {
         let room = Arc::new(Semaphore::new(
             config.max_buffered_points.min(Semaphore::MAX_PERMITS),
         ));
+        // Counted here, not by the background task: `connect` returns connected.
         let stats = Arc::new(Mutex::new(DeviceStats {
             acked_seq: last_stored,
+            connects: 1,
+            connected: true,
             ..Default::default()
         }));
         let (acked_tx, acked_rx) = watch::channel(last_stored);
@@ -541,6 +544,7 @@ impl DeviceClient {
         let n = self.permits(points.len())?;
         let permit = self.room.acquire_many(n).await.map_err(|_| self.closed())?;
         permit.forget(); // returned when the server acks these points
+        self.count_sent(n);
         self.cmds
             .send(Cmd::Points(points))
             .await
@@ -562,6 +566,7 @@ impl DeviceClient {
             )),
         })?;
         permit.forget();
+        self.count_sent(n);
         self.cmds
             .try_send(Cmd::Points(points))
             .map_err(|_| self.closed())
@@ -590,6 +595,12 @@ impl DeviceClient {
             )));
         }
         Ok(n as u32)
+    }
+
+    fn count_sent(&self, n: u32) {
+        if let Ok(mut st) = self.stats.lock() {
+            st.points_sent += u64::from(n);
+        }
     }
 
     fn closed(&self) -> ClientError {
@@ -694,6 +705,7 @@ struct Engine {
 
 impl Engine {
     async fn run(mut self, first: Session) {
+        let mut counted_first = true;
         let mut session = Some(first);
         let mut attempt = 0u32;
         loop {
@@ -710,10 +722,14 @@ impl Engine {
                 },
             };
             let started = Instant::now();
-            self.update_stats(|st| {
-                st.connects += 1;
-                st.connected = true;
-            });
+            if std::mem::take(&mut counted_first) {
+                // the first session was counted by `connect`
+            } else {
+                self.update_stats(|st| {
+                    st.connects += 1;
+                    st.connected = true;
+                });
+            }
             let end = self.run_session(s).await;
             // A session that dies at once (a server refusing us, a twin device) keeps backing off.
             if started.elapsed() > Duration::from_secs(2) {

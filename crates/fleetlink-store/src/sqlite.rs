@@ -110,7 +110,7 @@ CREATE TABLE IF NOT EXISTS retained (
     published_us  INTEGER NOT NULL
 ) STRICT;
 CREATE TABLE IF NOT EXISTS direct_messages (
-    id          INTEGER PRIMARY KEY,
+    id          INTEGER PRIMARY KEY AUTOINCREMENT, -- ids are never reused: timers refer to them
     target      INTEGER NOT NULL REFERENCES devices(id),
     sender      TEXT NOT NULL,
     payload     BLOB NOT NULL,

@@ -105,6 +105,13 @@ def _ca_pem(ca: str | Path | bytes | None) -> bytes:
         raise InvalidArgument(f"cannot read the CA certificate {ca}: {e}") from None
 
 
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return _json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"{what} must be JSON-like (dict, list, str, int, float, bool, None): {e}") from None
+
+
 def _timeout(timeout: float | None) -> float:
     if timeout is None or timeout < 0:
         raise InvalidArgument(f"timeout must be a number of seconds >= 0, got {timeout!r}")
@@ -244,7 +251,10 @@ class Subscription:
             if event["event"] == "telemetry":
                 for p in event["points"]:
                     rows.append(_row(event["device"], p))
-            if rows and (len(rows) >= self._rows or _time.monotonic() >= deadline):
+            while len(rows) >= self._rows:
+                yield _pa.RecordBatch.from_pylist(rows[: self._rows], schema=TELEMETRY_SCHEMA)
+                rows = rows[self._rows :]
+            if rows and _time.monotonic() >= deadline:
                 yield _pa.RecordBatch.from_pylist(rows, schema=TELEMETRY_SCHEMA)
                 rows = []
             if _time.monotonic() >= deadline:
@@ -265,9 +275,9 @@ class Subscription:
 
 TELEMETRY_SCHEMA = _pa.schema(
     [
-        ("device", _pa.string()),
-        ("metric", _pa.string()),
-        ("time", _pa.timestamp("us", tz="UTC")),
+        _pa.field("device", _pa.string(), nullable=False),
+        _pa.field("metric", _pa.string(), nullable=False),
+        _pa.field("time", _pa.timestamp("us", tz="UTC"), nullable=False),
         ("value", _pa.float64()),
         ("text", _pa.string()),
         ("lat", _pa.float64()),
@@ -313,25 +323,32 @@ class Client:
 
     def fleet_table(self, query: str | None = None) -> _pa.Table:
         """One row per device: id, online, last_seen (UTC), offline_reason, point_count, groups,
-        one ``tag.<key>`` column per tag key and one ``last.<metric>`` column per metric."""
-        rows = []
-        for d in self.devices(query):
-            row: dict[str, Any] = {
-                "id": d["id"],
-                "online": d["online"],
-                "last_seen": d["last_seen_us"],
-                "offline_reason": d["offline_reason"],
-                "point_count": d["point_count"],
-                "groups": d["groups"],
-            }
-            row.update({f"tag.{k}": v for k, v in d["tags"].items()})
-            row.update({f"last.{k}": (v if not isinstance(v, dict) else _json.dumps(v)) for k, v in d["last_values"].items()})
-            rows.append(row)
-        table = _pa.Table.from_pylist(rows)
-        if "last_seen" in table.column_names:
-            i = table.column_names.index("last_seen")
-            table = table.set_column(i, "last_seen", table["last_seen"].cast(_pa.timestamp("us", tz="UTC")))
-        return table
+        one ``tag.<key>`` column (string) per tag key of any device, and one ``last.<metric>``
+        column per metric: float64 when every value is a number or bool, else string (positions
+        as JSON). Columns and types are the same for an empty fleet."""
+        devices = self.devices(query)
+        tag_keys = sorted({k for d in devices for k in d["tags"]})
+        metrics = sorted({k for d in devices for k in d["last_values"]})
+        columns: dict[str, _pa.Array] = {
+            "id": _pa.array([d["id"] for d in devices], _pa.string()),
+            "online": _pa.array([d["online"] for d in devices], _pa.bool_()),
+            "last_seen": _pa.array([d["last_seen_us"] for d in devices], _pa.timestamp("us", tz="UTC")),
+            "offline_reason": _pa.array([d["offline_reason"] for d in devices], _pa.string()),
+            "point_count": _pa.array([d["point_count"] for d in devices], _pa.int64()),
+            "groups": _pa.array([d["groups"] for d in devices], _pa.list_(_pa.string())),
+        }
+        for k in tag_keys:
+            columns[f"tag.{k}"] = _pa.array([d["tags"].get(k) for d in devices], _pa.string())
+        for m in metrics:
+            values = [d["last_values"].get(m) for d in devices]
+            numeric = all(v is None or isinstance(v, (int, float)) for v in values)
+            if numeric:
+                columns[f"last.{m}"] = _pa.array([None if v is None else float(v) for v in values], _pa.float64())
+            else:
+                columns[f"last.{m}"] = _pa.array(
+                    [None if v is None else (v if isinstance(v, str) else _json.dumps(v)) for v in values], _pa.string()
+                )
+        return _pa.table(columns)
 
     def telemetry(
         self,
@@ -372,7 +389,7 @@ class Client:
     ) -> dict[str, Any]:
         """Creates a device. Returns its credentials, ready for ``Device.connect(**creds)``:
         url, device_id, token (shown once: the server keeps only a hash) and ca."""
-        token = self._native.provision(device_id, dict(tags or {}), _json.dumps(dict(attributes or {})))
+        token = self._native.provision(device_id, dict(tags or {}), _dumps(dict(attributes or {}), "attributes"))
         return {"url": self._url, "device_id": device_id, "token": token, "ca": self._ca}
 
     def put_group(self, name: str, members: Sequence[str] = (), query: str | None = None) -> None:
@@ -389,7 +406,7 @@ class Client:
     def set_desired(self, device: str, patch: Mapping[str, Any], version: int | None = None) -> dict[str, Any]:
         """Merges ``patch`` into the desired document (``None`` deletes a field). With ``version``,
         raises ``Conflict`` unless the desired document is at that version. Returns the twin."""
-        return self._native.set_desired(device, _json.dumps(dict(patch)), version)
+        return self._native.set_desired(device, _dumps(dict(patch), "patch"), version)
 
     # -- commands --------------------------------------------------------------------------
 
@@ -397,7 +414,9 @@ class Client:
         """Runs a command and returns its result; raises ``CommandFailed`` if it failed, was
         rejected, expired or cancelled, and ``CommandTimeout`` if it is still running after
         ``timeout`` seconds (it also expires then)."""
-        handle = self.send_command(device, name, args, deadline=timeout)
+        # The command expires on the server a second after the wait ends, so a result that
+        # arrives just in time is not lost to a racing expiry.
+        handle = self.send_command(device, name, args, deadline=_timeout(timeout) + 1.0)
         return handle.result(timeout)
 
     def send_command(
@@ -414,7 +433,7 @@ class Client:
     ) -> CommandHandle:
         """Queues a command and returns a handle at once (``wait=True``: after it finished or
         ``timeout`` passed). ``deadline``: seconds until it expires (default: the server's)."""
-        info = self._native.send_command(device, name, _json.dumps(args), deadline, idempotency_key, concurrent)
+        info = self._native.send_command(device, name, _dumps(args, "args"), deadline, idempotency_key, concurrent)
         handle = CommandHandle(self, info)
         if wait:
             handle.info = self._native.wait_command(handle.id, _timeout(timeout))
@@ -468,8 +487,8 @@ class Client:
         ``max_in_flight`` at once and ``max_per_minute`` per minute; aborts when the failed share
         of finished targets passes ``abort_failure_ratio``. Returns its progress."""
         return self._native.create_job(
-            query, name, command, _json.dumps(args), timeout,
-            _json.dumps(dict(desired)) if desired is not None else None,
+            query, name, command, _dumps(args, "args"), timeout,
+            _dumps(dict(desired), "desired") if desired is not None else None,
             max_in_flight, max_per_minute, abort_failure_ratio, abort_min_finished,
         )
 
@@ -520,10 +539,14 @@ class Device:
         ca: str | Path | bytes | None = None,
         *,
         server_name: str = "localhost",
+        commands: Mapping[str, Callable[[Any], Any]] | None = None,
     ) -> "Device":
         """Connects and authenticates (``AuthError`` for a wrong token, ``NotFound`` for an
-        unknown device). ``Device.connect(**client.provision(...))`` works."""
-        return cls(_fleetlink.Device.connect(url, device_id, token, _ca_pem(ca), server_name))
+        unknown device). ``Device.connect(**client.provision(...))`` works. ``commands`` maps
+        command names to handlers that are in place before the first command arrives (commands
+        queued while the device was offline come right after connecting)."""
+        native = _fleetlink.Device.connect(url, device_id, token, _ca_pem(ca), server_name, dict(commands or {}))
+        return cls(native)
 
     @property
     def id(self) -> str:
@@ -543,7 +566,7 @@ class Device:
 
     def report(self, patch: Mapping[str, Any]) -> int:
         """Merges ``patch`` into the reported twin (``None`` deletes a field); returns its version."""
-        return self._native.report(_json.dumps(dict(patch)))
+        return self._native.report(_dumps(dict(patch), "patch"))
 
     def on_desired(self, callback: Callable[[dict[str, Any]], None]) -> None:
         """Calls ``callback(state)`` now and on every change of the desired twin; ``state`` has

@@ -101,7 +101,14 @@ class Device:
     """A connected device."""
 
     @staticmethod
-    def connect(url: str, device_id: str, token: str, ca_pem: bytes, server_name: str = "localhost") -> Device:
+    def connect(
+        url: str,
+        device_id: str,
+        token: str,
+        ca_pem: bytes,
+        server_name: str = "localhost",
+        commands: dict[str, Callable[[Any], Any]] | None = None,
+    ) -> Device:
         """Connects and authenticates a device."""
     @property
     def id(self) -> str:

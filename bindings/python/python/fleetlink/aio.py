@@ -161,6 +161,11 @@ class AsyncClient:
         """See ``Client.cancel_job``."""
         return await asyncio.to_thread(self._inner.cancel_job, job_id)
 
+    @property
+    def jobs(self) -> Awaitable[list[dict[str, Any]]]:
+        """Every job, newest first (``await client.jobs``)."""
+        return asyncio.to_thread(lambda: self._inner.jobs)
+
     async def close(self) -> None:
         """Closes the connection."""
         await asyncio.to_thread(self._inner.close)
@@ -191,10 +196,23 @@ class Device:
         self._loop = loop
 
     @classmethod
-    async def connect(cls, url: str, device_id: str, token: str, ca: str | Path | bytes | None = None, *, server_name: str = "localhost") -> "Device":
-        """See ``fleetlink.Device.connect``."""
-        inner = await asyncio.to_thread(_sync.Device.connect, url, device_id, token, ca, server_name=server_name)
-        return cls(inner, asyncio.get_running_loop())
+    async def connect(
+        cls,
+        url: str,
+        device_id: str,
+        token: str,
+        ca: str | Path | bytes | None = None,
+        *,
+        server_name: str = "localhost",
+        commands: Mapping[str, Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]] | None = None,
+    ) -> "Device":
+        """See ``fleetlink.Device.connect``; handlers may be coroutine functions."""
+        loop = asyncio.get_running_loop()
+        handlers = {name: _on_loop(loop, h) for name, h in (commands or {}).items()}
+        inner = await asyncio.to_thread(
+            lambda: _sync.Device.connect(url, device_id, token, ca, server_name=server_name, commands=handlers)
+        )
+        return cls(inner, loop)
 
     @property
     def id(self) -> str:
@@ -220,6 +238,15 @@ class Device:
     def on_command(self, name: str, handler: Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]) -> None:
         """See ``fleetlink.Device.on_command``; a coroutine function runs on this event loop."""
         self._inner.on_command(name, _on_loop(self._loop, handler))
+
+    def command(self, name: str) -> Callable[[Any], Any]:
+        """Decorator form of ``on_command``."""
+
+        def register(handler: Any) -> Any:
+            self.on_command(name, handler)
+            return handler
+
+        return register
 
     async def publish(self, topic: str, payload: bytes | str, retain: bool = False) -> int:
         """See ``fleetlink.Device.publish``."""
