@@ -55,28 +55,18 @@ pub struct Client {
 }
 
 pub(crate) fn command_json(c: &CommandInfo) -> serde_json::Value {
-    json!({
-        "id": c.id,
-        "device": c.device.as_str(),
-        "name": c.name,
-        "args": c.args,
-        "state": c.state.name(),
-        "created_us": c.created_us,
-        "deadline_us": c.deadline_us,
-        "idempotency_key": c.idempotency_key,
-        "concurrent": c.concurrent,
-        "result": c.result,
-        "error": c.error,
-        "attempts": c.attempts,
-        "history": c.history.iter().map(|(s, t)| json!([s.name(), t])).collect::<Vec<_>>(),
-    })
+    c.to_json()
 }
 
 fn job_json(j: &JobInfo) -> serde_json::Value {
+    j.to_json()
+}
+
+fn twin_json(t: &fleetlink_client::Twin) -> serde_json::Value {
     json!({
-        "id": j.id, "name": j.name, "query": j.query, "state": j.state,
-        "created_us": j.created_us, "finished_us": j.finished_us, "targets": j.targets,
-        "counts": j.counts, "reason": j.reason,
+        "reported": t.reported, "desired": t.desired, "delta": t.delta,
+        "reported_version": t.reported_version, "desired_version": t.desired_version,
+        "reported_metadata": t.reported_metadata, "desired_metadata": t.desired_metadata,
     })
 }
 
@@ -105,7 +95,7 @@ fn device_dict(py: Python<'_>, d: &DeviceInfo) -> PyResult<Py<PyAny>> {
     Ok(out.into_any().unbind())
 }
 
-fn secs(py: Python<'_>, s: f64, what: &str) -> PyResult<Duration> {
+pub(crate) fn secs(py: Python<'_>, s: f64, what: &str) -> PyResult<Duration> {
     Duration::try_from_secs_f64(s).map_err(|_| {
         invalid(
             py,
@@ -118,18 +108,25 @@ fn secs(py: Python<'_>, s: f64, what: &str) -> PyResult<Duration> {
 impl Client {
     /// Connects and authenticates with an admin token.
     #[staticmethod]
-    #[pyo3(signature = (url, token, ca_pem, server_name="localhost"))]
+    #[pyo3(signature = (url, token, ca_pem, server_name="localhost", timeout_s=10.0))]
     fn connect(
         py: Python<'_>,
         url: &str,
         token: &str,
         ca_pem: Vec<u8>,
         server_name: &str,
+        timeout_s: f64,
     ) -> PyResult<Client> {
         let server = server_address(py, url, ca_pem, server_name)?;
         let token = token.to_owned();
+        let timeout = secs(py, timeout_s, "timeout")?;
         let op = wait(py, async move {
-            OperatorClient::connect(OperatorConfig { server, token }).await
+            tokio::time::timeout(
+                timeout,
+                OperatorClient::connect(OperatorConfig { server, token }),
+            )
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))?
         })?
         .map_err(err)?;
         Ok(Client { op: Arc::new(op) })
@@ -235,14 +232,7 @@ impl Client {
         let id = device_id(py, device)?;
         let op = self.op.clone();
         let t = wait(py, async move { op.twin(&id).await })?.map_err(err)?;
-        from_json(
-            py,
-            &json!({
-                "reported": t.reported, "desired": t.desired, "delta": t.delta,
-                "reported_version": t.reported_version, "desired_version": t.desired_version,
-                "reported_metadata": t.reported_metadata, "desired_metadata": t.desired_metadata,
-            }),
-        )
+        from_json(py, &twin_json(&t))
     }
 
     /// Merges `patch_json` into the desired document; `version` = optimistic concurrency.
@@ -259,14 +249,7 @@ impl Client {
             .map_err(|e| invalid(py, format!("patch is not JSON: {e}")))?;
         let op = self.op.clone();
         let t = wait(py, async move { op.set_desired(&id, patch, version).await })?.map_err(err)?;
-        from_json(
-            py,
-            &json!({
-                "reported": t.reported, "desired": t.desired, "delta": t.delta,
-                "reported_version": t.reported_version, "desired_version": t.desired_version,
-                "reported_metadata": t.reported_metadata, "desired_metadata": t.desired_metadata,
-            }),
-        )
+        from_json(py, &twin_json(&t))
     }
 
     /// Queues a command; returns it as a dict.

@@ -83,7 +83,8 @@ impl Device {
     /// Connects and authenticates; commands are dispatched to the handlers registered with
     /// `on_command` (also those registered after connecting).
     #[staticmethod]
-    #[pyo3(signature = (url, device_id, token, ca_pem, server_name="localhost", commands=None))]
+    #[pyo3(signature = (url, device_id, token, ca_pem, server_name="localhost", commands=None, timeout_s=10.0))]
+    #[allow(clippy::too_many_arguments)] // mirrors the keyword arguments of Device.connect
     fn connect(
         py: Python<'_>,
         url: &str,
@@ -92,7 +93,9 @@ impl Device {
         ca_pem: Vec<u8>,
         server_name: &str,
         commands: Option<HashMap<String, Py<PyAny>>>,
+        timeout_s: f64,
     ) -> PyResult<Device> {
+        let timeout = crate::client::secs(py, timeout_s, "timeout")?;
         let server = server_address(py, url, ca_pem, server_name)?;
         let id = crate::errors::device_id(py, device_id)?;
         // Handlers given here are in place before the first command can arrive (commands queued
@@ -103,7 +106,12 @@ impl Device {
         config
             .commands
             .fallback(move |call| run_handler(table.clone(), call));
-        let client = wait(py, async move { DeviceClient::connect(config).await })?.map_err(err)?;
+        let client = wait(py, async move {
+            tokio::time::timeout(timeout, DeviceClient::connect(config))
+                .await
+                .map_err(|_| fleetlink_client::ClientError::Timeout(timeout))?
+        })?
+        .map_err(err)?;
         let incoming = client.incoming();
         Ok(Device {
             client: Arc::new(client),
@@ -115,7 +123,17 @@ impl Device {
 
     /// Queues points: `metrics` maps metric names to values, all stamped `ts_us` (µs since the
     /// epoch). Waits while the send buffer is full.
-    fn send(&self, py: Python<'_>, metrics: &Bound<'_, PyDict>, ts_us: i64) -> PyResult<()> {
+    #[pyo3(signature = (metrics, ts_us, timeout_s=None))]
+    fn send(
+        &self,
+        py: Python<'_>,
+        metrics: &Bound<'_, PyDict>,
+        ts_us: i64,
+        timeout_s: Option<f64>,
+    ) -> PyResult<()> {
+        let timeout = timeout_s
+            .map(|t| crate::client::secs(py, t, "timeout"))
+            .transpose()?;
         let mut points = Vec::with_capacity(metrics.len());
         for (k, v) in metrics.iter() {
             let name: String = k
@@ -130,7 +148,16 @@ impl Device {
             });
         }
         let client = self.client.clone();
-        wait(py, async move { client.send(points).await })?.map_err(err)
+        wait(py, async move {
+            match timeout {
+                // the buffer stays full while the server is unreachable
+                Some(t) => tokio::time::timeout(t, client.send(points))
+                    .await
+                    .map_err(|_| fleetlink_client::ClientError::Timeout(t))?,
+                None => client.send(points).await,
+            }
+        })?
+        .map_err(err)
     }
 
     /// Waits until the server acknowledged everything sent.

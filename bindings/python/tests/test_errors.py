@@ -140,3 +140,21 @@ def test_init_logging_rejects_an_unknown_level() -> None:
     with pytest.raises(ValueError, match='log level "loud"'):
         _fleetlink.init_logging("loud")
     _fleetlink.init_logging("info")  # later calls change nothing and do not fail
+
+
+def test_connect_to_a_silent_port_times_out(server: fleetlink.Server) -> None:
+    import socket
+    import time
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers
+    silent.bind(("127.0.0.1", 0))
+    url = f"fleetlink://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        started = time.monotonic()
+        with pytest.raises(fleetlink.Timeout):
+            fleetlink.connect(url, server.admin_token, ca=server.ca_cert, timeout=0.5)
+        with pytest.raises(TimeoutError):
+            fleetlink.Device.connect(url, "truck-1", "token", ca=server.ca_cert, timeout=0.5)
+        assert time.monotonic() - started < 5
+    finally:
+        silent.close()

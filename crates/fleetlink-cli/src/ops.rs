@@ -157,21 +157,7 @@ pub(crate) async fn twin(command: TwinCommand) -> Result<()> {
 }
 
 fn command_json(c: &CommandInfo) -> serde_json::Value {
-    json!({
-        "id": c.id,
-        "device": c.device.as_str(),
-        "name": c.name,
-        "args": c.args,
-        "state": c.state.name(),
-        "created_us": c.created_us,
-        "deadline_us": c.deadline_us,
-        "idempotency_key": c.idempotency_key,
-        "concurrent": c.concurrent,
-        "result": c.result,
-        "error": c.error,
-        "attempts": c.attempts,
-        "history": c.history.iter().map(|(s, t)| json!([s.name(), t])).collect::<Vec<_>>(),
-    })
+    c.to_json()
 }
 
 fn print_command(c: &CommandInfo, as_json: bool) {

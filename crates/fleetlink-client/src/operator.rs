@@ -215,6 +215,31 @@ pub struct CommandInfo {
     pub attempts: u32,
 }
 
+impl CommandInfo {
+    /// The command as a JSON object (for tools that print or hand it on).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "device": self.device.as_str(),
+            "name": self.name,
+            "args": self.args,
+            "state": self.state.name(),
+            "created_us": self.created_us,
+            "deadline_us": self.deadline_us,
+            "idempotency_key": self.idempotency_key,
+            "concurrent": self.concurrent,
+            "result": self.result,
+            "error": self.error,
+            "attempts": self.attempts,
+            "history": self
+                .history
+                .iter()
+                .map(|(s, t)| serde_json::json!([s.name(), t]))
+                .collect::<Vec<_>>(),
+        })
+    }
+}
+
 /// One entry of a device's connection history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresenceEvent {
@@ -305,6 +330,15 @@ pub struct JobInfo {
 }
 
 impl JobInfo {
+    /// The job as a JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id, "name": self.name, "query": self.query, "state": self.state,
+            "created_us": self.created_us, "finished_us": self.finished_us,
+            "targets": self.targets, "counts": self.counts, "reason": self.reason,
+        })
+    }
+
     /// The count of one target state (0 if absent).
     pub fn count(&self, state: &str) -> u32 {
         self.counts.get(state).copied().unwrap_or(0)

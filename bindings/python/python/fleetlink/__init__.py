@@ -516,11 +516,18 @@ class Client:
         self.close()
 
 
-def connect(url: str, token: str, ca: str | Path | bytes | None = None, *, server_name: str = "localhost") -> Client:
+def connect(
+    url: str,
+    token: str,
+    ca: str | Path | bytes | None = None,
+    *,
+    server_name: str = "localhost",
+    timeout: float = 10.0,
+) -> Client:
     """Connects an operator to ``url`` (``fleetlink://host:port``) with an admin token, trusting
-    the CA certificate ``ca`` (a path or PEM bytes)."""
+    the CA certificate ``ca`` (a path or PEM bytes); ``Timeout`` after ``timeout`` seconds."""
     pem = _ca_pem(ca)
-    return Client(_fleetlink.Client.connect(url, token, pem, server_name), url, pem)
+    return Client(_fleetlink.Client.connect(url, token, pem, server_name, _timeout(timeout)), url, pem)
 
 
 class Device:
@@ -540,12 +547,15 @@ class Device:
         *,
         server_name: str = "localhost",
         commands: Mapping[str, Callable[[Any], Any]] | None = None,
+        timeout: float = 10.0,
     ) -> "Device":
         """Connects and authenticates (``AuthError`` for a wrong token, ``NotFound`` for an
         unknown device). ``Device.connect(**client.provision(...))`` works. ``commands`` maps
         command names to handlers that are in place before the first command arrives (commands
         queued while the device was offline come right after connecting)."""
-        native = _fleetlink.Device.connect(url, device_id, token, _ca_pem(ca), server_name, dict(commands or {}))
+        native = _fleetlink.Device.connect(
+            url, device_id, token, _ca_pem(ca), server_name, dict(commands or {}), _timeout(timeout)
+        )
         return cls(native)
 
     @property
@@ -553,12 +563,14 @@ class Device:
         """The device's id."""
         return self._native.id
 
-    def send(self, metrics: Mapping[str, Any], ts: TimeLike = None) -> None:
+    def send(self, metrics: Mapping[str, Any], ts: TimeLike = None, timeout: float | None = None) -> None:
         """Queues one reading per metric, all at time ``ts`` (default: now). Values: bool, int,
         float, str, or a position as ``(lat, lon)`` or a dict with lat, lon and optionally alt_m,
-        speed_mps, heading_deg, accuracy_m. Waits while the send buffer is full."""
+        speed_mps, heading_deg, accuracy_m. Waits while the send buffer (100,000 unacknowledged
+        points) is full, at most ``timeout`` seconds (``None``: as long as it takes)."""
         when = _time_us(ts, "ts")
-        self._native.send(dict(metrics), when if when is not None else int(_time.time() * 1_000_000))
+        now = int(_time.time() * 1_000_000)
+        self._native.send(dict(metrics), when if when is not None else now, None if timeout is None else _timeout(timeout))
 
     def flush(self, timeout: float = 10.0) -> None:
         """Waits until the server stored everything sent so far (``Timeout`` after ``timeout`` s)."""

@@ -30,7 +30,7 @@ class Client:
     """A connected operator."""
 
     @staticmethod
-    def connect(url: str, token: str, ca_pem: bytes, server_name: str = "localhost") -> Client:
+    def connect(url: str, token: str, ca_pem: bytes, server_name: str = "localhost", timeout_s: float = 10.0) -> Client:
         """Connects and authenticates with an admin token."""
     def devices(self, query: str | None = None) -> list[dict[str, Any]]:
         """Devices (all, or those matching ``query``) as dicts."""
@@ -108,12 +108,13 @@ class Device:
         ca_pem: bytes,
         server_name: str = "localhost",
         commands: dict[str, Callable[[Any], Any]] | None = None,
+        timeout_s: float = 10.0,
     ) -> Device:
         """Connects and authenticates a device."""
     @property
     def id(self) -> str:
         """The device's id."""
-    def send(self, metrics: dict[str, Any], ts_us: int) -> None:
+    def send(self, metrics: dict[str, Any], ts_us: int, timeout_s: float | None = None) -> None:
         """Queues one point per metric at ``ts_us``."""
     def flush(self, timeout_s: float) -> None:
         """Waits until the server acknowledged everything sent."""

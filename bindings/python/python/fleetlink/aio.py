@@ -21,9 +21,12 @@ from fleetlink import TimeLike
 from fleetlink.errors import Timeout
 
 
-async def connect(url: str, token: str, ca: str | Path | bytes | None = None, *, server_name: str = "localhost") -> "AsyncClient":
+async def connect(
+    url: str, token: str, ca: str | Path | bytes | None = None, *, server_name: str = "localhost", timeout: float = 10.0
+) -> "AsyncClient":
     """Connects an operator (see ``fleetlink.connect``)."""
-    return AsyncClient(await asyncio.to_thread(_sync.connect, url, token, ca, server_name=server_name))
+    client = await asyncio.to_thread(_sync.connect, url, token, ca, server_name=server_name, timeout=timeout)
+    return AsyncClient(client)
 
 
 class AsyncSubscription:
@@ -205,12 +208,15 @@ class Device:
         *,
         server_name: str = "localhost",
         commands: Mapping[str, Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]] | None = None,
+        timeout: float = 10.0,
     ) -> "Device":
         """See ``fleetlink.Device.connect``; handlers may be coroutine functions."""
         loop = asyncio.get_running_loop()
         handlers = {name: _on_loop(loop, h) for name, h in (commands or {}).items()}
         inner = await asyncio.to_thread(
-            lambda: _sync.Device.connect(url, device_id, token, ca, server_name=server_name, commands=handlers)
+            lambda: _sync.Device.connect(
+                url, device_id, token, ca, server_name=server_name, commands=handlers, timeout=timeout
+            )
         )
         return cls(inner, loop)
 
@@ -219,9 +225,9 @@ class Device:
         """The device's id."""
         return self._inner.id
 
-    async def send(self, metrics: Mapping[str, Any], ts: TimeLike = None) -> None:
+    async def send(self, metrics: Mapping[str, Any], ts: TimeLike = None, timeout: float | None = None) -> None:
         """See ``fleetlink.Device.send``."""
-        await asyncio.to_thread(self._inner.send, metrics, ts)
+        await asyncio.to_thread(self._inner.send, metrics, ts, timeout)
 
     async def flush(self, timeout: float = 10.0) -> None:
         """See ``fleetlink.Device.flush``."""
