@@ -366,10 +366,15 @@ async fn device_session(
     let writer = async move {
         // The actor drops its end when the session is replaced or ends: not a reason to stop.
         let mut deltas_open = true;
+        let mut bridge_open = true;
         loop {
             let frame = tokio::select! {
                 m = out_rx.recv() => match m { Some(m) => m, None => return send },
-                m = bridge_rx.recv() => match m { Some(m) => m, None => return send },
+                // A newer connection of the device takes over its bridge queue: not a reason to stop.
+                m = bridge_rx.recv(), if bridge_open => match m {
+                    Some(m) => m,
+                    None => { bridge_open = false; continue; }
+                },
                 changed = durable.changed() => {
                     if changed.is_err() { return send; }
                     let seq = *durable.borrow_and_update();
