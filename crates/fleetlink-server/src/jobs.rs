@@ -333,14 +333,14 @@ impl Runner {
                     }
                     tracing::info!(job = self.record.id, "job cancelled");
                     self.cancel_targets(running).await;
-                    self.save_job();
+                    self.save_job().await;
                     let _ = reply.send(Some(info_of(&self.record, &self.spec, &self.rollout)));
                 }
                 _ = sleep_until_us(wake) => {}
             }
         }
         if self.record.state != self.rollout.state().name() {
-            self.save_job();
+            self.save_job().await;
         }
         if let Ok(mut running) = self.shared.fleet.jobs.running.lock() {
             running.remove(&self.record.id);
@@ -491,7 +491,7 @@ impl Runner {
         }
         self.cancel_targets(to_cancel).await;
         if self.rollout.state() != JobState::Running {
-            self.save_job();
+            self.save_job().await;
         }
     }
 
@@ -532,7 +532,9 @@ impl Runner {
         });
     }
 
-    fn save_job(&mut self) {
+    /// Stores the job's state and waits until it is durable, so that whoever hears of the change
+    /// (a job stream, a CancelJob answer) reads the same state back with GetJob.
+    async fn save_job(&mut self) {
         if self.rollout.state() != JobState::Running && self.record.finished_us == 0 {
             self.record.finished_us = now_us();
         }
@@ -543,11 +545,9 @@ impl Runner {
             self.record.finished_us,
             self.record.reason.clone(),
         );
-        tokio::spawn(async move {
-            if let Err(error) = write.await {
-                tracing::error!(%error, "cannot store a job's state");
-            }
-        });
+        if let Err(error) = write.await {
+            tracing::error!(%error, "cannot store a job's state");
+        }
     }
 
     /// Tells job subscribers where the job stands.
