@@ -83,6 +83,19 @@ impl Scope {
         }
     }
 
+    /// Applies every change already reported. An actor reports a device entering before it
+    /// publishes that device's later events, so applying these first never filters out an event
+    /// of a device that had entered.
+    fn apply_pending(&mut self) {
+        while let Ok(change) = self.changes.try_recv() {
+            if change.matches {
+                self.members.insert(change.device);
+            } else {
+                self.members.remove(&change.device);
+            }
+        }
+    }
+
     /// The next change of the set that actually changes it.
     pub(crate) async fn next_change(&mut self) -> Option<MatchChange> {
         loop {
@@ -211,6 +224,9 @@ async fn pump(
             }
             event = rx.recv(), if !matches_only => match event {
                 Ok(event) => {
+                    if let Some(s) = scope.as_mut() {
+                        s.apply_pending();
+                    }
                     let Some(frame) = filter(kind, &event, scope.as_deref()) else { continue };
                     frame
                 }
