@@ -16,6 +16,12 @@ tasks:
   test [--slow]       the full gate: fmt, clippy -D warnings, codegen --check, every Rust test,
                       then the Python bindings built into target/pyvenv and tested with pytest
                       (--slow: also the large-fleet and soak tests)
+  bench [--quick] [ARGS...]
+                      the benchmarks side by side with Mosquitto, NATS and a raw quinn sink:
+                      criterion micro-benchmarks, then every scenario (release build); writes
+                      docs/benchmarks.md and docs/benchmarks.json. ARGS go to `fleetlink-bench run`
+                      (e.g. --only flood,slow --runs 5 --idle-sizes 10000). --quick: a short smoke
+                      run (dev build, tiny loads) written under target/bench-quick; `test` runs it
   demo [ARGS...]      run a server with a simulated fleet on embedded storage (`fleetlink demo`)";
 
 fn main() -> Result<()> {
@@ -31,6 +37,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("test") => test(&root, args.iter().any(|a| a == "--slow")),
+        Some("bench") => bench(&root, &args[1..]),
         Some("demo") => cargo(
             &root,
             &[
@@ -93,9 +100,70 @@ fn test(root: &Path, slow: bool) -> Result<()> {
         args.extend(["--features", "fleetlink-server/slow-tests"]);
     }
     cargo(root, &args, env)?;
+    bench(root, &["--quick".to_owned()])?;
     python_tests(root)?;
     step("all checks passed");
     Ok(())
+}
+
+/// `cargo xtask bench [--quick] [ARGS...]`.
+fn bench(root: &Path, args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let rest: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--quick")
+        .collect();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    if quick {
+        step("bench --quick: the harness on tiny loads (dev build)");
+        cargo(root, &["build", "--package", "fleetlink-bench"], &[])?;
+        let out = target.join("bench-quick");
+        let json = out.join("benchmarks.json");
+        run(
+            Command::new(target.join("debug").join("fleetlink-bench"))
+                .args(["run", "--quick", "--check"])
+                .arg("--md")
+                .arg(out.join("benchmarks.md"))
+                .arg("--json")
+                .arg(&json)
+                .args(["--command-line", "cargo xtask bench --quick"])
+                .args(&rest)
+                .current_dir(root),
+            "the quick benchmark run",
+        )?;
+        eprintln!("quick report: {}", out.join("benchmarks.md").display());
+        return Ok(());
+    }
+    step("bench: criterion micro-benchmarks");
+    cargo(
+        root,
+        &["bench", "--package", "fleetlink-bench", "--bench", "micro"],
+        &[],
+    )?;
+    step("bench: the scenarios (release build)");
+    cargo(
+        root,
+        &["build", "--release", "--package", "fleetlink-bench"],
+        &[],
+    )?;
+    let mut command_line = "cargo xtask bench".to_owned();
+    for a in &rest {
+        command_line.push(' ');
+        command_line.push_str(a);
+    }
+    run(
+        Command::new(target.join("release").join("fleetlink-bench"))
+            .arg("run")
+            .arg("--criterion")
+            .arg(target.join("criterion"))
+            .args(["--command-line", &command_line])
+            .args(&rest)
+            .current_dir(root),
+        "the benchmark run",
+    )
 }
 
 /// Python packages the bindings' tests need (the extension itself is built by maturin).

@@ -284,6 +284,7 @@ pub struct DeviceClient {
     max_buffered: usize,
     stats: Arc<Mutex<DeviceStats>>,
     acked: watch::Receiver<u64>,
+    settled: watch::Receiver<u64>,
     id: DeviceId,
     types: Arc<Mutex<MetricTypes>>,
     desired: watch::Receiver<Option<DesiredState>>,
@@ -332,6 +333,7 @@ impl DeviceClient {
             ..Default::default()
         }));
         let (acked_tx, acked_rx) = watch::channel(last_stored);
+        let (settled_tx, settled_rx) = watch::channel(0u64);
         let types = Arc::new(Mutex::new(MetricTypes::default()));
         let id = config.device_id.clone();
         let (desired_tx, desired_rx) = watch::channel(None);
@@ -351,6 +353,7 @@ impl DeviceClient {
             room: room.clone(),
             stats: stats.clone(),
             acked: acked_tx,
+            settled: settled_tx,
             pending: Vec::new(),
             pending_bytes: 0,
             pending_since: None,
@@ -367,6 +370,7 @@ impl DeviceClient {
             room,
             stats,
             acked: acked_rx,
+            settled: settled_rx,
             id,
             types,
             desired: desired_rx,
@@ -624,6 +628,13 @@ impl DeviceClient {
         }
     }
 
+    /// How many of the points handed to `send` are settled (acked as durable, or refused), in the
+    /// order they were sent: the `n` first points sent are settled once this reaches `n`. For
+    /// callers that track per-point latency without polling [`DeviceClient::stats`].
+    pub fn settled_points(&self) -> watch::Receiver<u64> {
+        self.settled.clone()
+    }
+
     /// A copy of the counters.
     pub fn stats(&self) -> DeviceStats {
         let mut stats = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
@@ -681,6 +692,8 @@ struct Engine {
     room: Arc<Semaphore>,
     stats: Arc<Mutex<DeviceStats>>,
     acked: watch::Sender<u64>,
+    /// Points settled (acked or refused) so far, for [`DeviceClient::settled_points`].
+    settled: watch::Sender<u64>,
     pending: Vec<Point>,
     pending_bytes: usize,
     pending_since: Option<Instant>,
@@ -1009,6 +1022,9 @@ impl Engine {
             *a = (*a).max(seq);
             grew
         });
+        if freed > 0 {
+            self.settled.send_modify(|n| *n += freed as u64);
+        }
     }
 
     /// Everything before the refused batch is stored (the Welcome waits for it), so the refused
@@ -1020,6 +1036,7 @@ impl Engine {
         tracing::error!(device = %self.config.device_id, seq = f.seq, points = f.points, "the server refused this batch; dropping it");
         self.room.add_permits(f.points);
         self.update_stats(|st| st.points_rejected += f.points as u64);
+        self.settled.send_modify(|n| *n += f.points as u64);
         if let Ok(mut types) = self.types.lock() {
             *types = MetricTypes::default(); // it learnt a type the server does not have
         }

@@ -438,3 +438,27 @@ async fn a_configured_certificate_is_used_instead_of_a_development_one() {
     provision(&op, "cert-ok").await;
     assert_eq!(op.list_devices(None, None).await.unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_points_counts_every_acked_point_in_send_order() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "settler").await;
+    let mut config =
+        DeviceConfig::new(ts.address.clone(), DeviceId::new("settler").unwrap(), token);
+    config.max_batch_points = 7; // several batches, acked one by one
+    let sdk = DeviceClient::connect(config).await.unwrap();
+    let mut settled = sdk.settled_points();
+    assert_eq!(*settled.borrow_and_update(), 0);
+    for i in 0..50 {
+        sdk.send(vec![point("x", i, Value::Int(i))]).await.unwrap();
+    }
+    sdk.flush(Duration::from_secs(10)).await.unwrap();
+    // flush returns once the last batch is acked; the count follows in the same step
+    let n = *settled
+        .wait_for(|n| *n >= 50)
+        .await
+        .expect("the client is alive");
+    assert_eq!(n, 50, "exactly the points sent, never more");
+    assert_eq!(sdk.stats().points_acked, 50);
+}

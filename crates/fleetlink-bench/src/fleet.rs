@@ -1,0 +1,308 @@
+//! fleetlink under test: the server as a child process (provisioned with the bench devices),
+//! and the load through the real SDK ([`DeviceClient`]).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use fleetlink_client::{
+    DeviceClient, DeviceConfig, DeviceId, Endpoint, Point, ServerAddress, Value,
+};
+use fleetlink_core::credentials::Token;
+use fleetlink_server::{Server, ServerConfig};
+use fleetlink_store::{NewDevice, SqliteOptions, SqliteStore, Store as _};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, watch};
+
+use crate::load::{Load, connect_ramp, endpoints_for};
+use crate::stats::Meter;
+
+/// The id of bench device `i`.
+pub fn device_id(i: usize) -> DeviceId {
+    DeviceId::new(format!("bench-{i:06}")).unwrap_or_else(|e| panic!("bench device id: {e}"))
+}
+
+/// The token of bench device `i`: derived from `i`, so the load generator needs no token file.
+/// Bench data dirs are throwaway; never use this scheme for a real fleet.
+pub fn token(i: usize) -> Token {
+    let mut bytes = [0x5a; Token::BYTES];
+    bytes[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    Token::from_random_bytes(bytes)
+}
+
+/// What `serve-fleetlink` prints when it listens (`READY <json>`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Ready {
+    pub addr: SocketAddr,
+    pub ca_file: PathBuf,
+    pub admin_token: String,
+}
+
+impl Ready {
+    pub fn server(&self) -> Result<ServerAddress> {
+        Ok(ServerAddress::local(self.addr, &self.ca_file)?)
+    }
+}
+
+/// The `serve-fleetlink` child: provisions devices `0..devices` (if not yet), serves on `listen`
+/// with one IO thread and one arbiter (it is pinned to one core), until stdin closes.
+pub fn serve(data: &Path, devices: usize, listen: SocketAddr) -> Result<()> {
+    provision(data, devices)?;
+    let server = Server::start(ServerConfig {
+        listen,
+        data_dir: data.to_path_buf(),
+        io_threads: 1,
+        arbiters: 1,
+        ..Default::default()
+    })?;
+    let admin_token = std::fs::read_to_string(server.admin_token_file())
+        .context("reading the admin token")?
+        .trim()
+        .to_owned();
+    let ready = Ready {
+        addr: server.local_addr(),
+        ca_file: server
+            .ca_cert_path()
+            .context("the bench server uses its development CA")?
+            .to_path_buf(),
+        admin_token,
+    };
+    #[allow(clippy::print_stdout)]
+    {
+        println!("READY {}", serde_json::to_string(&ready)?);
+    }
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    server.shutdown();
+    Ok(())
+}
+
+fn provision(data: &Path, devices: usize) -> Result<()> {
+    if devices == 0 {
+        return Ok(());
+    }
+    std::fs::create_dir_all(data)?;
+    let store = SqliteStore::open(data.join("fleetlink.db"), SqliteOptions::default())?;
+    let writer = store.writer_handle();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        if store
+            .device_token_hash(&device_id(devices - 1))
+            .await?
+            .is_some()
+        {
+            return anyhow::Ok(()); // provisioned by an earlier start
+        }
+        let now = fleetlink_server::now_us();
+        let mut i = 0;
+        while i < devices {
+            let end = (i + 2_000).min(devices);
+            let batch = (i..end).map(|i| {
+                store.provision_device(NewDevice {
+                    id: device_id(i),
+                    token_hash: token(i).hash(),
+                    tags: [("bench".to_owned(), "yes".to_owned())].into(),
+                    attributes: serde_json::Map::new(),
+                    created_us: now,
+                })
+            });
+            for r in futures_util::future::join_all(batch).await {
+                match r {
+                    Ok(()) | Err(fleetlink_store::StoreError::DeviceExists(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            i = end;
+        }
+        Ok(())
+    })?;
+    drop(store);
+    writer.join(Duration::from_secs(60));
+    Ok(())
+}
+
+/// The ~100-byte message every system carries: here one point with an 84-byte string value.
+pub fn point(payload: &str) -> Point {
+    Point {
+        metric: fleetlink_client::MetricName::new("payload")
+            .unwrap_or_else(|e| panic!("metric name: {e}")),
+        time_us: fleetlink_server::now_us(),
+        value: Value::String(payload.to_owned()),
+    }
+}
+
+/// Connects devices `0..n` through a few shared endpoints, ramping the handshakes.
+pub async fn connect(
+    server: &ServerAddress,
+    n: usize,
+    max_buffered_points: usize,
+    commands: Option<fleetlink_client::CommandHandlers>,
+) -> Result<Vec<Arc<DeviceClient>>> {
+    let endpoints: Vec<Endpoint> = endpoints_for(n)
+        .map(|_| Endpoint::for_server(server.addr))
+        .collect::<Result<_, _>>()?;
+    let server = server.clone();
+    connect_ramp(n, move |i| {
+        let mut config = DeviceConfig::new(server.clone(), device_id(i), token(i).as_str());
+        config.endpoint = Some(endpoints[i % endpoints.len()].clone());
+        config.max_buffered_points = max_buffered_points;
+        if let Some(c) = &commands {
+            config.commands = c.clone();
+        }
+        async move {
+            DeviceClient::connect(config)
+                .await
+                .map(Arc::new)
+                .with_context(|| format!("connecting bench device {i}"))
+        }
+    })
+    .await
+}
+
+/// Drives `load` through connected clients until `stop`, then flushes; every point is timed
+/// from the call to `send` until the server acked it as durable.
+pub async fn drive(
+    clients: &[Arc<DeviceClient>],
+    load: &Load,
+    meter: &Meter,
+    stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let payload = crate::load::payload_text(load.message_bytes);
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, client) in clients.iter().enumerate() {
+        let client = client.clone();
+        let meter = meter.clone();
+        let mut stop = stop.clone();
+        let payload = payload.clone();
+        let load = load.clone();
+        tasks.spawn(async move {
+            let times: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
+            let (done_tx, done_rx) = watch::channel(None);
+            let watcher = tokio::spawn(watch_acks(
+                client.settled_points(),
+                done_rx,
+                times.clone(),
+                meter.clone(),
+            ));
+            let mut ticker = load.ticker(i, start);
+            let mut sent = 0u64;
+            loop {
+                if *stop.borrow() {
+                    break;
+                }
+                if let Some(t) = ticker.as_mut() {
+                    tokio::select! {
+                        _ = t.tick() => {}
+                        _ = stop.changed() => break,
+                    }
+                }
+                if let Ok(mut q) = times.lock() {
+                    q.push_back(Instant::now());
+                }
+                match client.send(vec![point(&payload)]).await {
+                    Ok(()) => {
+                        meter.sent(1);
+                        sent += 1;
+                    }
+                    Err(_) => {
+                        meter.error();
+                        break;
+                    }
+                }
+            }
+            if client.flush(Duration::from_secs(30)).await.is_err() {
+                meter.error();
+            }
+            // The watcher counts every settled point before it stops.
+            let _ = done_tx.send(Some(sent));
+            if tokio::time::timeout(Duration::from_secs(10), watcher)
+                .await
+                .is_err()
+            {
+                meter.error();
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn watch_acks(
+    mut settled: watch::Receiver<u64>,
+    mut done: watch::Receiver<Option<u64>>,
+    times: Arc<Mutex<VecDeque<Instant>>>,
+    meter: Meter,
+) {
+    let mut seen = 0u64;
+    loop {
+        let now = *settled.borrow_and_update();
+        if let Ok(mut q) = times.lock() {
+            while seen < now {
+                match q.pop_front() {
+                    Some(t) => meter.delivered_since(t),
+                    None => meter.delivered(1),
+                }
+                seen += 1;
+            }
+        }
+        if done.borrow_and_update().is_some_and(|sent| seen >= sent) {
+            return;
+        }
+        tokio::select! {
+            r = settled.changed() => if r.is_err() { return },
+            r = done.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Commands through an operator to devices answering `ping`, one at a time; returns the
+/// round-trip meter (operator send → device handler → durable result → operator).
+pub async fn command_round_trips(
+    server: &ServerAddress,
+    admin_token: &str,
+    devices: usize,
+    count: usize,
+    meter: &Meter,
+) -> Result<()> {
+    let op = fleetlink_client::OperatorClient::connect(fleetlink_client::OperatorConfig {
+        server: server.clone(),
+        token: admin_token.to_owned(),
+    })
+    .await?;
+    let limit = Semaphore::new(1);
+    for k in 0..count {
+        let _one = limit.acquire().await?;
+        let device = device_id((k * 7919) % devices);
+        let t = Instant::now();
+        meter.sent(1);
+        let mut req = fleetlink_client::CommandRequest::new(device, "ping");
+        req.args = serde_json::json!({ "k": k });
+        let result = async {
+            let info = op.send_command(req).await?;
+            op.wait_command(info.id, Duration::from_secs(10)).await
+        }
+        .await;
+        match result {
+            Ok(info) if info.state == fleetlink_client::CommandState::Succeeded => {
+                meter.delivered_since(t)
+            }
+            _ => meter.error(),
+        }
+    }
+    Ok(())
+}
+
+/// Handlers that answer `ping` with its arguments.
+pub fn ping_handlers() -> fleetlink_client::CommandHandlers {
+    let mut h = fleetlink_client::CommandHandlers::default();
+    h.on("ping", |call: fleetlink_client::CommandCall| async move {
+        Ok(call.args)
+    });
+    h
+}

@@ -1,0 +1,223 @@
+//! Processes under test: started pinned to a core, measured from /proc, killed when dropped.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Clock ticks per second of /proc's utime and stime (`getconf CLK_TCK`, 100 on Linux).
+pub fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .unwrap_or(100.0)
+}
+
+/// User plus system CPU seconds of a process (all its threads), from /proc/<pid>/stat.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name is in parentheses and may hold spaces: fields start after the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3 of the full line, so utime (14) is index 11 here.
+    let utime: f64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: f64 = fields.get(12).context("no stime")?.parse()?;
+    Ok((utime + stime) / clock_ticks_cached())
+}
+
+fn clock_ticks_cached() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(clock_ticks)
+}
+
+/// Resident set size of a process in bytes, from /proc/<pid>/status.
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    for line in status.lines() {
+        if let Some(v) = line.strip_prefix("VmRSS:") {
+            let kb: u64 = v.trim().trim_end_matches("kB").trim().parse()?;
+            return Ok(kb * 1024);
+        }
+    }
+    bail!("no VmRSS in /proc/{pid}/status")
+}
+
+/// Pins the calling thread (and the threads it starts later) to `core`.
+pub fn pin_current_thread(core: usize) -> Result<()> {
+    // /proc/thread-self links to <pid>/task/<tid>.
+    let link = std::fs::read_link("/proc/thread-self")?;
+    let tid = link
+        .file_name()
+        .and_then(|t| t.to_str())
+        .context("no thread id")?
+        .to_owned();
+    let status = Command::new("taskset")
+        .args(["-p", "-c", &core.to_string(), &tid])
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset (util-linux)")?;
+    if !status.success() {
+        bail!("taskset -p -c {core} {tid} failed");
+    }
+    Ok(())
+}
+
+/// Raises this process's open-file limit as far as allowed (thousands of TCP clients need
+/// thousands of sockets); returns the limit in force.
+pub fn raise_nofile(wanted: u64) -> u64 {
+    let pid = std::process::id().to_string();
+    for limit in [wanted, 262_144, 65_536] {
+        let ok = Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={limit}:{limit}")])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return limit;
+        }
+    }
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The CPUs this machine has.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A free UDP port on 127.0.0.1 (bound then released; the caller binds it right away).
+pub fn free_udp_port() -> Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; the caller binds it right away).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A server process under test, pinned to a core; killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `program args` under `taskset -c core`; stdout is kept for [`Proc::ready_line`].
+    pub fn spawn(name: &str, core: Option<usize>, program: &Path, args: &[String]) -> Result<Proc> {
+        let mut cmd = match core {
+            Some(core) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(core.to_string()).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", program.display()))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    /// The process id (taskset execs the program, so this is the server itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the first stdout line starting with `prefix` and returns the rest of it.
+    pub fn ready_line(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
+        let stdout = self.child.stdout.take().context("stdout already taken")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let prefix = prefix.to_owned();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut sent = false;
+            for line in lines.by_ref() {
+                let Ok(line) = line else { break };
+                if !sent && let Some(rest) = line.strip_prefix(&prefix) {
+                    let _ = tx.send(rest.trim().to_owned());
+                    sent = true;
+                }
+            }
+        });
+        rx.recv_timeout(timeout)
+            .with_context(|| format!("{} did not become ready within {timeout:?}", self.name))
+    }
+
+    /// Waits until `addr` accepts TCP connections (for servers that print nothing).
+    pub fn wait_tcp(&mut self, addr: std::net::SocketAddr, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited during start-up ({status})", self.name);
+            }
+            if start.elapsed() > timeout {
+                bail!("{} did not listen on {addr} within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20)); // polling a port: nothing to wait on
+        }
+    }
+
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        cpu_seconds(self.pid())
+    }
+
+    pub fn rss_bytes(&self) -> Result<u64> {
+        rss_bytes(self.pid())
+    }
+
+    /// Closes its stdin (the bench servers shut down gracefully on that) and waits for it to exit.
+    pub fn stop_gracefully(&mut self, timeout: Duration) -> Result<()> {
+        drop(self.child.stdin.take());
+        let start = Instant::now();
+        while self.child.try_wait()?.is_none() {
+            if start.elapsed() > timeout {
+                self.kill();
+                bail!("{} did not stop within {timeout:?}; killed", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(10)); // no portable wait-with-timeout
+        }
+        Ok(())
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,522 @@
+//! docs/benchmarks.md and the JSON file: figures, ratios, targets, machine, commands.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::ceilings::Ceilings;
+use crate::stats::{Series, Spread};
+
+/// A criterion micro-benchmark result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Micro {
+    pub name: String,
+    /// Mean time per iteration, ns.
+    pub mean_ns: f64,
+}
+
+/// Everything one `cargo xtask bench` run measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub generated: String,
+    pub quick: bool,
+    pub command: String,
+    pub machine: Machine,
+    pub ceilings: Ceilings,
+    pub series: Vec<Series>,
+    pub micro: Vec<Micro>,
+    pub notes: Vec<String>,
+    /// Scenarios that failed, with why.
+    pub failures: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub pinning: String,
+    pub mosquitto: String,
+    pub nats_server: String,
+}
+
+impl Machine {
+    pub fn describe(pinning: String, cores: usize) -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+            .unwrap_or_else(|| "unknown".into());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mem_kb: f64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|l| l.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0.0);
+        Machine {
+            cpu,
+            cores,
+            memory_gib: mem_kb / 1024.0 / 1024.0,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+            pinning,
+            mosquitto: version_of("mosquitto", &["-h"], "mosquitto version"),
+            nats_server: version_of("nats-server", &["--version"], "nats-server"),
+        }
+    }
+}
+
+fn version_of(program: &str, args: &[&str], prefix: &str) -> String {
+    let Ok(path) = crate::mqtt::which(program) else {
+        return "not installed".into();
+    };
+    let Ok(out) = std::process::Command::new(path).args(args).output() else {
+        return "unknown".into();
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or("unknown")
+        .trim()
+        .to_owned()
+}
+
+/// Criterion's estimates under `dir` (target/criterion), by benchmark id.
+pub fn read_criterion(dir: &Path) -> Vec<Micro> {
+    let mut out = Vec::new();
+    visit(dir, dir, &mut out);
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn visit(root: &Path, dir: &Path, out: &mut Vec<Micro>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if p.file_name().is_some_and(|n| n == "new") {
+                let est = p.join("estimates.json");
+                if let Ok(text) = std::fs::read_to_string(&est)
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+                    && let Some(mean) = v["mean"]["point_estimate"].as_f64()
+                    && let Ok(rel) = dir.strip_prefix(root)
+                {
+                    out.push(Micro {
+                        name: rel.display().to_string(),
+                        mean_ns: mean,
+                    });
+                }
+            } else if p.file_name().is_none_or(|n| n != "report") {
+                visit(root, &p, out);
+            }
+        }
+    }
+}
+
+fn spread(s: Spread, digits: usize) -> String {
+    if s.min == s.max {
+        format!("{:.*}", digits, s.median)
+    } else {
+        format!(
+            "{:.*} ({:.*}–{:.*})",
+            digits, s.median, digits, s.min, digits, s.max
+        )
+    }
+}
+
+impl Report {
+    fn find(&self, scenario: &str, system: &str) -> Option<&Series> {
+        self.series
+            .iter()
+            .find(|s| s.scenario == scenario && s.system == system)
+    }
+
+    fn median(
+        &self,
+        scenario: &str,
+        system: &str,
+        f: impl Fn(&crate::stats::Run) -> f64,
+    ) -> Option<f64> {
+        self.find(scenario, system).map(|s| s.spread(f).median)
+    }
+
+    /// (target, measured, met) rows.
+    pub fn targets(&self) -> Vec<(String, String, bool)> {
+        let mut t = Vec::new();
+        let per_cpu = |sys| self.median("flood", sys, |r| r.msgs_per_server_cpu_s());
+        if let (Some(f), Some(q0), Some(q1), Some(js)) = (
+            per_cpu("fleetlink"),
+            per_cpu("mosquitto-qos0"),
+            per_cpu("mosquitto-qos1"),
+            per_cpu("nats-jetstream"),
+        ) {
+            t.push((
+                "Flood: msgs per server CPU-s ≥ 3× Mosquitto QoS 0".into(),
+                format!("{:.2}× ({f:.0} vs {q0:.0})", f / q0),
+                f >= 3.0 * q0,
+            ));
+            t.push((
+                "Flood: msgs per server CPU-s ≥ 10× Mosquitto QoS 1".into(),
+                format!("{:.2}× ({f:.0} vs {q1:.0})", f / q1),
+                f >= 10.0 * q1,
+            ));
+            t.push((
+                "Flood: ahead of JetStream acked publishes (msgs per server CPU-s)".into(),
+                format!("{:.2}× ({f:.0} vs {js:.0})", f / js),
+                f > js,
+            ));
+        }
+        let us = |sys| self.median("slow", sys, |r| r.server_us_per_msg());
+        if let (Some(f), Some(q)) = (us("fleetlink"), us("quinn-sink")) {
+            t.push((
+                "Slow devices: server CPU per msg ≤ 1.25× raw quinn".into(),
+                format!("{:.2}× ({f:.1} µs vs {q:.1} µs)", f / q),
+                f <= 1.25 * q,
+            ));
+            if let Some(m) = us("mosquitto-qos0") {
+                t.push((
+                    "Slow devices (goal): server CPU per msg ≤ Mosquitto QoS 0".into(),
+                    format!("{:.2}× ({f:.1} µs vs {m:.1} µs)", f / m),
+                    f <= m,
+                ));
+            }
+        }
+        let idle: Vec<&Series> = self
+            .series
+            .iter()
+            .filter(|s| s.scenario.starts_with("idle-"))
+            .collect();
+        for s in idle.iter().filter(|s| s.system == "fleetlink") {
+            let f = s.extra("rss_per_conn_kb").median;
+            if let Some(q) = self.find(&s.scenario, "quinn-sink") {
+                let q = q.extra("rss_per_conn_kb").median;
+                t.push((
+                    format!(
+                        "{}: RSS per idle device ≤ raw quinn per connection",
+                        s.scenario
+                    ),
+                    format!("{f:.1} KB vs {q:.1} KB"),
+                    f <= q,
+                ));
+            }
+            t.push((
+                format!("{} (goal): RSS per idle device ≤ 24 KB", s.scenario),
+                format!("{f:.1} KB"),
+                f <= 24.0,
+            ));
+        }
+        if let Some(s) = self.find("idle-100000", "fleetlink") {
+            let errors: u64 = s.runs.iter().map(|r| r.errors).sum();
+            t.push((
+                "100k connected devices on one server without errors".into(),
+                format!("{errors} errors"),
+                errors == 0,
+            ));
+        }
+        let p99 = |sys| self.median("commands", sys, |r| r.p99_us as f64);
+        if let (Some(f), Some(q)) = (p99("fleetlink"), p99("quinn-sink")) {
+            t.push((
+                "Command round trip p99 ≤ 2× raw quinn request/response p99".into(),
+                format!("{:.2}× ({f:.0} µs vs {q:.0} µs)", f / q),
+                f <= 2.0 * q,
+            ));
+        }
+        if let Some(s) = self.find("reconnect", "fleetlink (no 0-RTT)") {
+            let v = s.extra("all_streaming_s").median;
+            let n = s.extra("devices").median;
+            t.push((
+                format!("{n:.0} devices back online and streaming within 10 s of a restart"),
+                format!("{v:.2} s"),
+                v <= 10.0,
+            ));
+        }
+        t
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(md, "# Benchmarks\n");
+        let _ = writeln!(
+            md,
+            "Generated by `{}` on {}{}. Do not edit by hand: run it again.\n",
+            self.command,
+            self.generated,
+            if self.quick {
+                " — a **quick** smoke run: tiny loads, figures not comparable"
+            } else {
+                ""
+            }
+        );
+        let m = &self.machine;
+        let _ = writeln!(md, "## Machine\n");
+        let _ = writeln!(
+            md,
+            "- CPU: {} ({} cores), {:.1} GiB, Linux {}",
+            m.cpu, m.cores, m.memory_gib, m.kernel
+        );
+        let _ = writeln!(md, "- Pinning: {}", m.pinning);
+        let _ = writeln!(md, "- Peers: {}; {}", m.mosquitto, m.nats_server);
+        let _ = writeln!(
+            md,
+            "- Same-run ceilings: UDP loopback {:.0} datagrams/s (100 bytes, receiver on the server core); AES-128-GCM {:.2} GB/s on one core (1200-byte packets)\n",
+            self.ceilings.udp_loopback_pps,
+            self.ceilings.aes_gcm_bytes_per_s / 1e9
+        );
+        let _ = writeln!(md, "## Targets\n");
+        let _ = writeln!(md, "| Target | Measured (medians) | Met |\n|---|---|---|");
+        for (target, measured, met) in self.targets() {
+            let _ = writeln!(
+                md,
+                "| {target} | {measured} | {} |",
+                if met { "yes" } else { "**no**" }
+            );
+        }
+        let _ = writeln!(md);
+        let _ = writeln!(md, "## Method\n");
+        let _ = writeln!(md, "{}\n", METHOD);
+        self.throughput_table(
+            &mut md,
+            "flood",
+            "1. Flood ingest (~100-byte messages, as fast as the clients can)",
+        );
+        self.throughput_table(&mut md, "slow", "2. Many slow devices (1 message/s each)");
+        self.idle_table(&mut md);
+        self.throughput_table(
+            &mut md,
+            "commands",
+            "4. Command round trip (many devices connected; one request at a time)",
+        );
+        self.reconnect_table(&mut md);
+        if !self.micro.is_empty() {
+            let _ = writeln!(
+                md,
+                "## 7. Micro-benchmarks (criterion, mean per iteration)\n"
+            );
+            let _ = writeln!(md, "| Benchmark | Mean |\n|---|---|");
+            for b in &self.micro {
+                let _ = writeln!(md, "| {} | {} |", b.name, human_ns(b.mean_ns));
+            }
+            let _ = writeln!(md);
+        }
+        if !self.failures.is_empty() {
+            let _ = writeln!(md, "## Failed scenarios\n");
+            for f in &self.failures {
+                let _ = writeln!(md, "- {f}");
+            }
+            let _ = writeln!(md);
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(md, "## Notes\n");
+            for n in &self.notes {
+                let _ = writeln!(md, "- {n}");
+            }
+        }
+        md
+    }
+
+    fn throughput_table(&self, md: &mut String, scenario: &str, title: &str) {
+        let rows: Vec<&Series> = self
+            .series
+            .iter()
+            .filter(|s| s.scenario == scenario)
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let runs = rows[0].runs.len();
+        let devices = rows[0]
+            .runs
+            .first()
+            .and_then(|r| r.extra.get("devices"))
+            .copied();
+        let _ = writeln!(md, "## {title}\n");
+        let _ = writeln!(
+            md,
+            "Median (min–max) of {runs} run(s){}.\n",
+            devices
+                .map(|d| format!(", {d:.0} devices"))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(
+            md,
+            "| System | Delivered msg/s | Msgs per server CPU-s | Server µs/msg | Server CPU-s | Client CPU-s | p50 µs | p99 µs | p99.9 µs | Server RSS MiB | Lost | Errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for s in rows {
+            let lost: u64 = s.runs.iter().map(|r| r.lost).sum();
+            let errors: u64 = s.runs.iter().map(|r| r.errors).sum();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                s.system,
+                spread(s.spread(|r| r.msgs_per_s()), 0),
+                spread(s.spread(|r| r.msgs_per_server_cpu_s()), 0),
+                spread(s.spread(|r| r.server_us_per_msg()), 1),
+                spread(s.spread(|r| r.server_cpu_s), 2),
+                spread(s.spread(|r| r.client_cpu_s), 2),
+                spread(s.spread(|r| r.p50_us as f64), 0),
+                spread(s.spread(|r| r.p99_us as f64), 0),
+                spread(s.spread(|r| r.p999_us as f64), 0),
+                spread(s.spread(|r| r.server_rss as f64 / 1048576.0), 1),
+                lost,
+                errors
+            );
+        }
+        let _ = writeln!(md);
+    }
+
+    fn idle_table(&self, md: &mut String) {
+        let rows: Vec<&Series> = self
+            .series
+            .iter()
+            .filter(|s| s.scenario.starts_with("idle-"))
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(md, "## 3. Idle connections held\n");
+        let _ = writeln!(
+            md,
+            "RSS per connection = (server RSS with every client connected − RSS of an empty server) / connections; fleetlink's includes the device's session and actor. Idle CPU is the server's over the window, as % of one core.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| Connections | System | Runs | RSS per connection KB | Connect rate /s | Idle server CPU % | Server RSS MiB | Errors |\n|---|---|---|---|---|---|---|---|"
+        );
+        for s in rows {
+            let errors: u64 = s.runs.iter().map(|r| r.errors).sum();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                s.scenario.trim_start_matches("idle-"),
+                s.system,
+                s.runs.len(),
+                spread(s.extra("rss_per_conn_kb"), 1),
+                spread(s.extra("connect_per_s"), 0),
+                spread(s.extra("idle_cpu_pct"), 2),
+                spread(s.spread(|r| r.server_rss as f64 / 1048576.0), 1),
+                errors
+            );
+        }
+        let _ = writeln!(md);
+    }
+
+    fn reconnect_table(&self, md: &mut String) {
+        let rows: Vec<&Series> = self
+            .series
+            .iter()
+            .filter(|s| s.scenario == "reconnect")
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(md, "## 5. Reconnect storm\n");
+        let _ = writeln!(
+            md,
+            "The server is stopped gracefully under a fleet streaming at 1 message/s and started again on the same port and data; seconds from the stop request.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| System | Devices | Old server stopped s | New server ready s | All online s | All streaming s | Lost | Errors |\n|---|---|---|---|---|---|---|---|"
+        );
+        for s in rows {
+            let lost: u64 = s.runs.iter().map(|r| r.lost).sum();
+            let errors: u64 = s.runs.iter().map(|r| r.errors).sum();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                s.system,
+                spread(s.extra("devices"), 0),
+                spread(s.extra("stop_s"), 2),
+                spread(s.extra("restart_ready_s"), 2),
+                spread(s.extra("all_online_s"), 2),
+                spread(s.extra("all_streaming_s"), 2),
+                lost,
+                errors
+            );
+        }
+        let _ = writeln!(md);
+    }
+
+    /// The smoke test's verdict: every scenario ran, moved messages, and no client saw an error.
+    pub fn check(&self) -> Result<()> {
+        let mut problems: Vec<String> = self
+            .failures
+            .iter()
+            .map(|f| format!("scenario failed: {f}"))
+            .collect();
+        for s in &self.series {
+            let errors: u64 = s.runs.iter().map(|r| r.errors).sum();
+            if errors > 0 {
+                problems.push(format!(
+                    "{} / {}: {errors} client errors",
+                    s.scenario, s.system
+                ));
+            }
+            let moved = s.scenario.starts_with("idle-") || s.runs.iter().any(|r| r.delivered > 0);
+            if !moved {
+                problems.push(format!("{} / {}: nothing delivered", s.scenario, s.system));
+            }
+            // The durable systems lose nothing, whatever the load.
+            let durable = matches!(
+                s.system.as_str(),
+                "fleetlink" | "nats-jetstream" | "quinn-sink"
+            ) || s.scenario == "reconnect";
+            let lost: u64 = s.runs.iter().map(|r| r.lost).sum();
+            if durable && lost > 0 {
+                problems.push(format!(
+                    "{} / {}: {lost} messages lost",
+                    s.scenario, s.system
+                ));
+            }
+        }
+        if self.series.is_empty() {
+            problems.push("no scenario ran".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("benchmark check failed:\n  {}", problems.join("\n  "))
+        }
+    }
+
+    pub fn write(&self, md: &Path, json: &Path) -> Result<()> {
+        if let Some(d) = md.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        if let Some(d) = json.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(md, self.markdown())?;
+        std::fs::write(json, serde_json::to_string_pretty(self)?)?;
+        Ok(())
+    }
+}
+
+fn human_ns(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+const METHOD: &str = "- One load generator (`crates/fleetlink-bench`, one tokio thread) drives the same simulated devices, ~100-byte messages and rates at every system; each server runs as its own process. fleetlink runs with one IO thread and one actor arbiter (plus its store writer), on embedded SQLite with `synchronous=normal` (WAL).
+- **fleetlink**: the real device SDK over QUIC; a message is one telemetry point (an 84-character string value); delivered = acked as durably stored, latency from `send` to that ack.
+- **mosquitto-qos0 / qos1**: rumqttc clients, persistence off; delivered = received by a subscriber of `bench/#`, latency from publish to that delivery.
+- **nats-core**: async-nats, delivered = received by a subscriber of `bench.>`. **nats-jetstream**: file-stored stream, acked publishes (64 in flight per client), delivered = acked.
+- **quinn-sink**: the same QUIC/TLS stack with no actors, protobuf or storage; it acks the count of 100-byte messages read after each chunk. For commands it relays a request to the device's connection and the answer back, the topology of a fleetlink command.
+- Server CPU = utime+stime of the server process from /proc over the measured window (after a warm-up); client CPU the same for the load generator. Losses are counted after a drain: sent − delivered.";

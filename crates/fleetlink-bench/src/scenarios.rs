@@ -1,0 +1,575 @@
+//! The scenarios: each starts the system under test as its own pinned process, drives the same
+//! load at it from this process, and measures the window.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use tokio::sync::watch;
+
+use crate::load::Load;
+use crate::procs::{Proc, cpu_seconds};
+use crate::stats::{Meter, Run, Series};
+use crate::{fleet, mqtt, nats, sink};
+
+/// A system under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum System {
+    Fleetlink,
+    MqttQos0,
+    MqttQos1,
+    NatsCore,
+    JetStream,
+    QuinnSink,
+}
+
+impl System {
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Fleetlink => "fleetlink",
+            System::MqttQos0 => "mosquitto-qos0",
+            System::MqttQos1 => "mosquitto-qos1",
+            System::NatsCore => "nats-core",
+            System::JetStream => "nats-jetstream",
+            System::QuinnSink => "quinn-sink",
+        }
+    }
+}
+
+/// How the harness runs.
+#[derive(Debug)]
+pub struct Ctx {
+    pub quick: bool,
+    pub runs: usize,
+    pub exe: PathBuf,
+    /// Core the servers are pinned to (`None` on a one-core machine).
+    pub server_core: Option<usize>,
+    pub dir: tempfile::TempDir,
+    pub series: Vec<Series>,
+    pub notes: Vec<String>,
+    /// Scenarios that failed, with why.
+    pub failures: Vec<String>,
+    next_dir: usize,
+}
+
+impl Ctx {
+    pub fn new(quick: bool, runs: usize, server_core: Option<usize>) -> Result<Ctx> {
+        Ok(Ctx {
+            quick,
+            runs,
+            exe: std::env::current_exe()?,
+            server_core,
+            dir: tempfile::Builder::new()
+                .prefix("fleetlink-bench")
+                .tempdir()?,
+            series: Vec::new(),
+            notes: Vec::new(),
+            failures: Vec::new(),
+            next_dir: 0,
+        })
+    }
+
+    fn fresh_dir(&mut self, what: &str) -> Result<PathBuf> {
+        self.next_dir += 1;
+        let d = self.dir.path().join(format!("{what}-{}", self.next_dir));
+        std::fs::create_dir_all(&d)?;
+        Ok(d)
+    }
+
+    fn push(&mut self, scenario: &str, system: &str, runs: Vec<Run>) {
+        self.series.push(Series {
+            scenario: scenario.into(),
+            system: system.into(),
+            runs,
+        });
+    }
+}
+
+/// Where a started server listens.
+enum Target {
+    Fleet(fleet::Ready),
+    Sink(sink::Ready),
+    Tcp(u16),
+}
+
+fn start_fleetlink(
+    ctx: &mut Ctx,
+    devices: usize,
+    data: Option<PathBuf>,
+    listen: &str,
+) -> Result<(Proc, fleet::Ready, PathBuf)> {
+    let data = match data {
+        Some(d) => d,
+        None => ctx.fresh_dir("fleetlink")?,
+    };
+    let mut p = Proc::spawn(
+        "fleetlink",
+        ctx.server_core,
+        &ctx.exe,
+        &[
+            "serve-fleetlink".into(),
+            "--data".into(),
+            data.display().to_string(),
+            "--devices".into(),
+            devices.to_string(),
+            "--listen".into(),
+            listen.into(),
+        ],
+    )?;
+    let line = p.ready_line("READY ", Duration::from_secs(300))?;
+    Ok((p, serde_json::from_str(&line)?, data))
+}
+
+fn start(ctx: &mut Ctx, system: System, devices: usize) -> Result<(Proc, Target)> {
+    match system {
+        System::Fleetlink => {
+            let (p, ready, _) = start_fleetlink(ctx, devices, None, "127.0.0.1:0")?;
+            Ok((p, Target::Fleet(ready)))
+        }
+        System::QuinnSink => {
+            let mut p = Proc::spawn(
+                "quinn-sink",
+                ctx.server_core,
+                &ctx.exe,
+                &["serve-quinn-sink".into()],
+            )?;
+            let line = p.ready_line("READY ", Duration::from_secs(30))?;
+            Ok((p, Target::Sink(serde_json::from_str(&line)?)))
+        }
+        System::MqttQos0 | System::MqttQos1 => {
+            let dir = ctx.fresh_dir("mosquitto")?;
+            let (p, port) = mqtt::start(&dir, ctx.server_core)?;
+            Ok((p, Target::Tcp(port)))
+        }
+        System::NatsCore | System::JetStream => {
+            let dir = ctx.fresh_dir("nats")?;
+            let (p, port) = nats::start(&dir, ctx.server_core)?;
+            Ok((p, Target::Tcp(port)))
+        }
+    }
+}
+
+/// Connects the load's devices (and the subscriber of peers that need one), then drives the
+/// load in a task until `stop`.
+async fn start_load(
+    system: System,
+    target: &Target,
+    load: &Load,
+    meter: &Meter,
+    stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let (load, meter) = (load.clone(), meter.clone());
+    Ok(match (system, target) {
+        (System::Fleetlink, Target::Fleet(ready)) => {
+            let buffered = if load.rate.is_some() { 1_000 } else { 5_000 };
+            let clients = fleet::connect(&ready.server()?, load.devices, buffered, None).await?;
+            tokio::spawn(async move {
+                let _ = fleet::drive(&clients, &load, &meter, stop).await;
+                for c in clients {
+                    c.disconnect().await;
+                }
+            })
+        }
+        (System::QuinnSink, Target::Sink(ready)) => {
+            let conns = sink::connect(ready, load.devices, None).await?;
+            tokio::spawn(async move {
+                let _ = sink::drive(&conns, &load, &meter, stop).await;
+                for c in conns {
+                    c.close(0u32.into(), b"done");
+                }
+            })
+        }
+        (System::MqttQos0 | System::MqttQos1, Target::Tcp(port)) => {
+            let level = u8::from(system == System::MqttQos1);
+            let sub = mqtt::subscriber(*port, level, &meter).await?;
+            let clients = mqtt::connect(*port, load.devices, &meter).await?;
+            tokio::spawn(async move {
+                let _ = mqtt::drive(&clients, level, &load, &meter, stop).await;
+                // QoS 1: the event loops finish their in-flight publishes before the drain ends
+                let _sub = sub;
+            })
+        }
+        (System::NatsCore | System::JetStream, Target::Tcp(port)) => {
+            let js = system == System::JetStream;
+            let sub = if js {
+                nats::create_stream(*port).await?;
+                None
+            } else {
+                Some(nats::subscriber(*port, &meter).await?)
+            };
+            let clients = nats::connect(*port, load.devices).await?;
+            tokio::spawn(async move {
+                let _ = nats::drive(&clients, js, &load, &meter, stop).await;
+                drop(sub);
+            })
+        }
+        _ => anyhow::bail!("no adapter for {}", system.name()),
+    })
+}
+
+/// One run: connect, warm up, measure `window`, stop, drain, count losses.
+async fn throughput_run(
+    ctx: &mut Ctx,
+    system: System,
+    load: &Load,
+    warmup: Duration,
+    window: Duration,
+) -> Result<Run> {
+    let (proc, target) = start(ctx, system, load.devices)?;
+    let meter = Meter::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let driver = start_load(system, &target, load, &meter, stop_rx).await?;
+    tokio::time::sleep(warmup).await;
+    let me = std::process::id();
+    let (d0, s0, c0, k0, t0) = (
+        meter.delivered_total(),
+        proc.cpu_seconds()?,
+        cpu_seconds(me)?,
+        meter.errors_total(),
+        Instant::now(),
+    );
+    meter.reset_latency();
+    tokio::time::sleep(window).await;
+    let (d1, s1, c1, t1) = (
+        meter.delivered_total(),
+        proc.cpu_seconds()?,
+        cpu_seconds(me)?,
+        Instant::now(),
+    );
+    let rss = proc.rss_bytes()?;
+    let (p50_us, p99_us, p999_us) = meter.percentiles();
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(60), driver).await;
+    // Subscriber-counted peers: wait until deliveries stop coming (or all have come).
+    let mut last = meter.delivered_total();
+    let drain_start = Instant::now();
+    while last < meter.sent_total() && drain_start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = meter.delivered_total();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let sent = meter.sent_total();
+    Ok(Run {
+        seconds: (t1 - t0).as_secs_f64(),
+        sent,
+        delivered: d1 - d0,
+        lost: sent.saturating_sub(meter.delivered_total()),
+        errors: meter.errors_total() - k0,
+        server_cpu_s: s1 - s0,
+        client_cpu_s: c1 - c0,
+        server_rss: rss,
+        p50_us,
+        p99_us,
+        p999_us,
+        extra: Default::default(),
+    })
+}
+
+fn log_run(scenario: &str, system: System, i: usize, r: &Run) {
+    tracing::info!(
+        scenario,
+        system = system.name(),
+        run = i + 1,
+        msgs_per_s = format!("{:.0}", r.msgs_per_s()),
+        per_server_cpu_s = format!("{:.0}", r.msgs_per_server_cpu_s()),
+        server_us_per_msg = format!("{:.2}", r.server_us_per_msg()),
+        p50_us = r.p50_us,
+        p99_us = r.p99_us,
+        lost = r.lost,
+        errors = r.errors,
+        "run done"
+    );
+}
+
+/// Scenario 1: flood ingest.
+pub async fn flood(ctx: &mut Ctx) -> Result<()> {
+    let (devices, warmup, window) = if ctx.quick {
+        (20, Duration::from_millis(500), Duration::from_secs(2))
+    } else {
+        (1_000, Duration::from_secs(3), Duration::from_secs(20))
+    };
+    let load = Load {
+        devices,
+        rate: None,
+        message_bytes: 100,
+    };
+    for system in [
+        System::Fleetlink,
+        System::MqttQos0,
+        System::MqttQos1,
+        System::NatsCore,
+        System::JetStream,
+        System::QuinnSink,
+    ] {
+        let mut runs = Vec::new();
+        for i in 0..ctx.runs {
+            let r = throughput_run(ctx, system, &load, warmup, window)
+                .await
+                .with_context(|| format!("flood, {}", system.name()))?;
+            log_run("flood", system, i, &r);
+            runs.push(r);
+        }
+        ctx.push("flood", system.name(), runs);
+    }
+    Ok(())
+}
+
+/// Scenario 2: many slow devices at 1 message/s.
+pub async fn slow(ctx: &mut Ctx) -> Result<()> {
+    let (devices, warmup, window) = if ctx.quick {
+        (200, Duration::from_secs(2), Duration::from_secs(3))
+    } else {
+        (10_000, Duration::from_secs(5), Duration::from_secs(20))
+    };
+    let load = Load {
+        devices,
+        rate: Some(1.0),
+        message_bytes: 100,
+    };
+    for system in [
+        System::Fleetlink,
+        System::QuinnSink,
+        System::MqttQos0,
+        System::MqttQos1,
+    ] {
+        let mut runs = Vec::new();
+        for i in 0..ctx.runs {
+            let r = throughput_run(ctx, system, &load, warmup, window)
+                .await
+                .with_context(|| format!("slow devices, {}", system.name()))?;
+            log_run("slow", system, i, &r);
+            runs.push(r);
+        }
+        ctx.push("slow", system.name(), runs);
+    }
+    Ok(())
+}
+
+/// Scenario 3: idle connections held: RSS per connection, connect rate, idle CPU.
+pub async fn idle(ctx: &mut Ctx, sizes: &[usize]) -> Result<()> {
+    let (settle, window) = if ctx.quick {
+        (Duration::from_millis(500), Duration::from_secs(2))
+    } else {
+        (Duration::from_secs(5), Duration::from_secs(10))
+    };
+    // The per-device cost of fleetlink is measured against a server with no devices at all.
+    let (empty, _, _) = start_fleetlink(ctx, 0, None, "127.0.0.1:0")?;
+    let empty_rss = empty.rss_bytes()?;
+    drop(empty);
+    for (k, &n) in sizes.iter().enumerate() {
+        let runs = if k == 0 { ctx.runs } else { 1 };
+        for system in [System::Fleetlink, System::QuinnSink] {
+            let mut out = Vec::new();
+            for i in 0..runs {
+                let r = idle_run(ctx, system, n, empty_rss, settle, window)
+                    .await
+                    .with_context(|| format!("{n} idle connections, {}", system.name()))?;
+                tracing::info!(
+                    system = system.name(),
+                    n,
+                    run = i + 1,
+                    extra = ?r.extra,
+                    "idle run done"
+                );
+                out.push(r);
+            }
+            ctx.push(&format!("idle-{n}"), system.name(), out);
+        }
+    }
+    Ok(())
+}
+
+async fn idle_run(
+    ctx: &mut Ctx,
+    system: System,
+    n: usize,
+    empty_rss: u64,
+    settle: Duration,
+    window: Duration,
+) -> Result<Run> {
+    let (proc, target) = start(ctx, system, n)?;
+    let base_rss = match system {
+        System::Fleetlink => empty_rss,
+        _ => proc.rss_bytes()?,
+    };
+    let started = Instant::now();
+    let holder: Box<dyn std::any::Any> = match &target {
+        Target::Fleet(ready) => Box::new(fleet::connect(&ready.server()?, n, 1_000, None).await?),
+        // A client keep-alive as often as fleetlink's heartbeat (10 s), or idle clients would time out.
+        Target::Sink(ready) => {
+            Box::new(sink::connect(ready, n, Some(Duration::from_secs(10))).await?)
+        }
+        Target::Tcp(_) => anyhow::bail!("no idle adapter for {}", system.name()),
+    };
+    let connect_s = started.elapsed().as_secs_f64();
+    tokio::time::sleep(settle).await;
+    let me = std::process::id();
+    let (s0, c0, t0) = (proc.cpu_seconds()?, cpu_seconds(me)?, Instant::now());
+    tokio::time::sleep(window).await;
+    let (s1, c1, t1) = (proc.cpu_seconds()?, cpu_seconds(me)?, Instant::now());
+    let rss = proc.rss_bytes()?;
+    let seconds = (t1 - t0).as_secs_f64();
+    let mut run = Run {
+        seconds,
+        server_cpu_s: s1 - s0,
+        client_cpu_s: c1 - c0,
+        server_rss: rss,
+        ..Default::default()
+    };
+    run.extra.insert("connections".into(), n as f64);
+    run.extra
+        .insert("connect_per_s".into(), n as f64 / connect_s);
+    run.extra.insert(
+        "rss_per_conn_kb".into(),
+        rss.saturating_sub(base_rss) as f64 / n as f64 / 1024.0,
+    );
+    run.extra
+        .insert("idle_cpu_pct".into(), (s1 - s0) / seconds * 100.0);
+    drop(holder);
+    Ok(run)
+}
+
+/// Scenario 4: command round trip with many devices connected.
+pub async fn commands(ctx: &mut Ctx) -> Result<()> {
+    let (devices, count) = if ctx.quick { (50, 50) } else { (10_000, 2_000) };
+    for system in [System::Fleetlink, System::QuinnSink] {
+        let mut runs = Vec::new();
+        for i in 0..ctx.runs {
+            let (proc, target) = start(ctx, system, devices)?;
+            let meter = Meter::new();
+            let me = std::process::id();
+            let (s0, c0, t0);
+            let holder: Box<dyn std::any::Any> = match &target {
+                Target::Fleet(ready) => {
+                    let server = ready.server()?;
+                    let clients =
+                        fleet::connect(&server, devices, 1_000, Some(fleet::ping_handlers()))
+                            .await?;
+                    (s0, c0, t0) = (proc.cpu_seconds()?, cpu_seconds(me)?, Instant::now());
+                    fleet::command_round_trips(&server, &ready.admin_token, devices, count, &meter)
+                        .await?;
+                    Box::new(clients)
+                }
+                Target::Sink(ready) => {
+                    let conns = sink::connect(ready, devices + 1, None).await?;
+                    sink::register(&conns[..devices]).await?;
+                    (s0, c0, t0) = (proc.cpu_seconds()?, cpu_seconds(me)?, Instant::now());
+                    sink::request_round_trips(&conns[devices], devices, count, &meter).await?;
+                    Box::new(conns)
+                }
+                Target::Tcp(_) => unreachable!("commands run on fleetlink and the sink"),
+            };
+            let (p50_us, p99_us, p999_us) = meter.percentiles();
+            let r = Run {
+                seconds: t0.elapsed().as_secs_f64(),
+                sent: meter.sent_total(),
+                delivered: meter.delivered_total(),
+                lost: meter.sent_total() - meter.delivered_total(),
+                errors: meter.errors_total(),
+                server_cpu_s: proc.cpu_seconds()? - s0,
+                client_cpu_s: cpu_seconds(me)? - c0,
+                server_rss: proc.rss_bytes()?,
+                p50_us,
+                p99_us,
+                p999_us,
+                extra: [("devices".to_owned(), devices as f64)].into(),
+            };
+            drop(holder);
+            log_run("commands", system, i, &r);
+            runs.push(r);
+        }
+        ctx.push("commands", system.name(), runs);
+    }
+    Ok(())
+}
+
+/// Scenario 5: restart the server under a streaming fleet; time until all are back.
+pub async fn reconnect(ctx: &mut Ctx) -> Result<()> {
+    let devices = if ctx.quick { 50 } else { 10_000 };
+    let mut runs = Vec::new();
+    for i in 0..ctx.runs {
+        let r = reconnect_run(ctx, devices).await?;
+        tracing::info!(run = i + 1, extra = ?r.extra, "reconnect run done");
+        runs.push(r);
+    }
+    ctx.push("reconnect", "fleetlink (no 0-RTT)", runs);
+    Ok(())
+}
+
+async fn reconnect_run(ctx: &mut Ctx, devices: usize) -> Result<Run> {
+    let listen = format!("127.0.0.1:{}", crate::procs::free_udp_port()?);
+    let (mut proc, ready, data) = start_fleetlink(ctx, devices, None, &listen)?;
+    let server = ready.server()?;
+    let clients = fleet::connect(&server, devices, 1_000, None).await?;
+    let meter = Meter::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let load = Load {
+        devices,
+        rate: Some(1.0),
+        message_bytes: 100,
+    };
+    let driving = {
+        let clients = clients.clone();
+        let meter = meter.clone();
+        tokio::spawn(async move { fleet::drive(&clients, &load, &meter, stop_rx).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t0 = Instant::now();
+    proc.stop_gracefully(Duration::from_secs(60))?;
+    let stopped_s = t0.elapsed().as_secs_f64();
+    let acked_before: Vec<u64> = clients.iter().map(|c| c.stats().points_acked).collect();
+    let (proc2, _, _) = start_fleetlink(ctx, devices, Some(data), &listen)?;
+    let ready_s = t0.elapsed().as_secs_f64();
+    // Measured by polling the clients' own state (20 ms resolution).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut online_s = None;
+    let streaming_s = loop {
+        let online = clients
+            .iter()
+            .filter(|c| {
+                let s = c.stats();
+                s.connected && s.connects >= 2
+            })
+            .count();
+        if online == devices && online_s.is_none() {
+            online_s = Some(t0.elapsed().as_secs_f64());
+        }
+        let streaming = clients
+            .iter()
+            .zip(&acked_before)
+            .filter(|(c, before)| c.stats().points_acked > **before)
+            .count();
+        if online == devices && streaming == devices {
+            break t0.elapsed().as_secs_f64();
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "after 120 s only {online} of {devices} devices were back and {streaming} streaming"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(60), driving).await;
+    let mut run = Run {
+        seconds: streaming_s,
+        sent: meter.sent_total(),
+        delivered: meter.delivered_total(),
+        lost: meter.sent_total().saturating_sub(meter.delivered_total()),
+        errors: meter.errors_total(),
+        server_rss: proc2.rss_bytes()?,
+        ..Default::default()
+    };
+    run.extra.insert("devices".into(), devices as f64);
+    run.extra.insert("stop_s".into(), stopped_s);
+    run.extra.insert("restart_ready_s".into(), ready_s);
+    run.extra
+        .insert("all_online_s".into(), online_s.unwrap_or(streaming_s));
+    run.extra.insert("all_streaming_s".into(), streaming_s);
+    drop(Arc::new(clients));
+    Ok(run)
+}
