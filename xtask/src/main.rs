@@ -21,7 +21,9 @@ tasks:
                       criterion micro-benchmarks, then every scenario (release build); writes
                       docs/benchmarks.md and docs/benchmarks.json. ARGS go to `fleetlink-bench run`
                       (e.g. --only flood,slow --runs 5 --idle-sizes 10000). --quick: a short smoke
-                      run (dev build, tiny loads) written under target/bench-quick; `test` runs it
+                      run (dev build, tiny loads) written under target/bench-quick; fleetlink-bench's test runs it.
+                      --python: also Client.telemetry vs pandas.read_sql on 1M and 10M rows
+                      (release build of the bindings in target/pyvenv; adds several minutes)
   demo [ARGS...]      run a server with a simulated fleet on embedded storage (`fleetlink demo`)";
 
 fn main() -> Result<()> {
@@ -94,13 +96,20 @@ fn test(root: &Path, slow: bool) -> Result<()> {
     } else {
         &[]
     };
-    // The Python extension is tested through Python (below), not as a Rust test binary.
-    let mut args = vec!["test", "--workspace", "--exclude", "fleetlink-python"];
+    // The Python extension is tested through Python (below); the criterion benches only run
+    // under `cargo xtask bench`. fleetlink-bench's own test runs the quick benchmark.
+    let mut args = vec![
+        "test",
+        "--workspace",
+        "--exclude",
+        "fleetlink-python",
+        "--exclude",
+        "fleetlink-microbench",
+    ];
     if slow {
         args.extend(["--features", "fleetlink-server/slow-tests"]);
     }
     cargo(root, &args, env)?;
-    bench(root, &["--quick".to_owned()])?;
     python_tests(root)?;
     step("all checks passed");
     Ok(())
@@ -109,10 +118,11 @@ fn test(root: &Path, slow: bool) -> Result<()> {
 /// `cargo xtask bench [--quick] [ARGS...]`.
 fn bench(root: &Path, args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
+    let python = args.iter().any(|a| a == "--python");
     let rest: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| *a != "--quick")
+        .filter(|a| *a != "--quick" && *a != "--python")
         .collect();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -140,9 +150,40 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     step("bench: criterion micro-benchmarks");
     cargo(
         root,
-        &["bench", "--package", "fleetlink-bench", "--bench", "micro"],
+        &[
+            "bench",
+            "--package",
+            "fleetlink-microbench",
+            "--bench",
+            "micro",
+        ],
         &[],
     )?;
+    let mut python_json = Vec::new();
+    if python {
+        step("bench: Python, Client.telemetry vs pandas.read_sql (release build of the bindings)");
+        let venv = python_env(root, true)?;
+        for rows in ["1000000", "10000000"] {
+            let out = target.join(format!("bench-python-{rows}.json"));
+            run(
+                Command::new(venv.join("bin").join("python"))
+                    .args([
+                        "bench/telemetry_bench.py",
+                        "--rows",
+                        rows,
+                        "--runs",
+                        "3",
+                        "--json",
+                    ])
+                    .arg(&out)
+                    .current_dir(root.join("bindings").join("python"))
+                    .env("VIRTUAL_ENV", &venv)
+                    .env("PATH", path_with(&venv.join("bin"))),
+                "the Python telemetry benchmark",
+            )?;
+            python_json.push(out);
+        }
+    }
     step("bench: the scenarios (release build)");
     cargo(
         root,
@@ -150,20 +191,19 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
         &[],
     )?;
     let mut command_line = "cargo xtask bench".to_owned();
-    for a in &rest {
+    for a in args {
         command_line.push(' ');
         command_line.push_str(a);
     }
-    run(
-        Command::new(target.join("release").join("fleetlink-bench"))
-            .arg("run")
-            .arg("--criterion")
-            .arg(target.join("criterion"))
-            .args(["--command-line", &command_line])
-            .args(&rest)
-            .current_dir(root),
-        "the benchmark run",
-    )
+    let mut cmd = Command::new(target.join("release").join("fleetlink-bench"));
+    cmd.arg("run")
+        .arg("--criterion")
+        .arg(target.join("criterion"))
+        .args(["--command-line", &command_line]);
+    for j in &python_json {
+        cmd.arg("--python-json").arg(j);
+    }
+    run(cmd.args(&rest).current_dir(root), "the benchmark run")
 }
 
 /// Python packages the bindings' tests need (the extension itself is built by maturin).
@@ -176,9 +216,9 @@ const PYTHON_TEST_PACKAGES: &[&str] = &[
     "pandas>=2",
 ];
 
-/// Builds the Python extension into a virtualenv under target/ and runs its tests strictly.
-fn python_tests(root: &Path) -> Result<()> {
-    step("python: virtualenv target/pyvenv, maturin develop, pytest");
+/// The virtualenv target/pyvenv with the test packages and the extension built into it
+/// (`release`: optimised, for benchmarks). Returns its directory.
+fn python_env(root: &Path, release: bool) -> Result<PathBuf> {
     let venv = root.join("target").join("pyvenv");
     let bin = venv.join("bin");
     if !bin.join("python").exists() {
@@ -201,18 +241,30 @@ fn python_tests(root: &Path) -> Result<()> {
         "installing the Python test packages",
     )?;
     let bindings = root.join("bindings").join("python");
+    let mut maturin = Command::new(bin.join("maturin"));
+    maturin.arg("develop");
+    if release {
+        maturin.arg("--release");
+    }
     run(
-        Command::new(bin.join("maturin"))
-            .arg("develop")
+        maturin
             .current_dir(&bindings)
             .env("VIRTUAL_ENV", &venv)
             .env("PATH", path_with(&bin)),
         "building the extension (maturin develop)",
     )?;
+    Ok(venv)
+}
+
+/// Builds the Python extension into a virtualenv under target/ and runs its tests strictly.
+fn python_tests(root: &Path) -> Result<()> {
+    step("python: virtualenv target/pyvenv, maturin develop, pytest");
+    let venv = python_env(root, false)?;
+    let bin = venv.join("bin");
     run(
         Command::new(bin.join("python"))
             .args(["-m", "pytest", "-q"])
-            .current_dir(&bindings)
+            .current_dir(root.join("bindings").join("python"))
             .env("VIRTUAL_ENV", &venv)
             .env("PATH", path_with(&bin)),
         "the Python tests",

@@ -1,7 +1,7 @@
 """Rows per second from ``Client.telemetry`` into a ``pyarrow.Table``, side by side with
 ``pandas.read_sql`` reading the same rows straight from the embedded SQLite database.
 
-    python bench/telemetry_bench.py --rows 1000000 [--devices 10] [--runs 3]
+    python bench/telemetry_bench.py --rows 1000000 [--devices 10] [--runs 3] [--json out.json]
 
 Both read the same stored points (device, metric, time, value) after ingest; the report gives the
 median and min-max of `--runs` runs of each, and the ratio.
@@ -10,6 +10,7 @@ median and min-max of `--runs` runs of each, and the ratio.
 from __future__ import annotations
 
 import argparse
+import json
 import sqlite3
 import statistics
 import time
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--devices", type=int, default=10)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", help="also write the timings here (read by `cargo xtask bench --python`)")
     args = ap.parse_args()
     per_device = args.rows // args.devices
     with fleetlink.Server() as server:
@@ -67,6 +69,12 @@ def main() -> None:
     a = show("Client.telemetry -> pyarrow.Table", ours)
     b = show("pandas.read_sql (sqlite3, same rows)", theirs)
     print(f"ratio (read_sql time / telemetry time): {b / a:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"rows": rows, "ingest_s": ingest, "telemetry_s": ours, "read_sql_s": theirs},
+                f,
+            )
 
 
 if __name__ == "__main__":

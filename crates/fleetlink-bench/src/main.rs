@@ -67,6 +67,9 @@ struct RunArgs {
     /// Criterion's output directory, to fold the micro-benchmarks into the report.
     #[arg(long)]
     criterion: Option<PathBuf>,
+    /// Results of bindings/python/bench/telemetry_bench.py --json (scenario 6), one per row count.
+    #[arg(long)]
+    python_json: Vec<PathBuf>,
     /// Fail unless every scenario delivered messages without client errors (the smoke test).
     #[arg(long)]
     check: bool,
@@ -173,6 +176,11 @@ fn run(args: RunArgs) -> Result<()> {
             .unwrap_or_default(),
         notes: std::mem::take(&mut ctx.notes),
         failures: std::mem::take(&mut ctx.failures),
+        python: args
+            .python_json
+            .iter()
+            .map(|p| report::read_python(p))
+            .collect::<Result<_>>()?,
     };
     report.write(&args.md, &args.json)?;
     if args.check {

@@ -30,6 +30,25 @@ pub struct Report {
     pub notes: Vec<String>,
     /// Scenarios that failed, with why.
     pub failures: Vec<String>,
+    /// Scenario 6: the Python bindings' telemetry read, when run with `--python`.
+    pub python: Vec<PythonBench>,
+}
+
+/// One row count of bindings/python/bench/telemetry_bench.py.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PythonBench {
+    pub rows: u64,
+    pub ingest_s: f64,
+    /// `Client.telemetry` into a pyarrow Table, per run (s).
+    pub telemetry_s: Vec<f64>,
+    /// `pandas.read_sql` of the same rows from the SQLite file, per run (s).
+    pub read_sql_s: Vec<f64>,
+}
+
+pub fn read_python(path: &Path) -> Result<PythonBench> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
 }
 
 #[derive(Debug, Serialize)]
@@ -233,6 +252,17 @@ impl Report {
                 f <= 2.0 * q,
             ));
         }
+        if let Some(p) = self.python.iter().find(|p| p.rows >= 10_000_000) {
+            let v = Spread::of(p.telemetry_s.clone()).median;
+            t.push((
+                format!(
+                    "{} telemetry rows into a pyarrow Table within 0.5 s",
+                    p.rows
+                ),
+                format!("{v:.2} s"),
+                v <= 0.5,
+            ));
+        }
         if let Some(s) = self.find("reconnect", "fleetlink (no 0-RTT)") {
             let v = s.extra("all_streaming_s").median;
             let n = s.extra("devices").median;
@@ -299,6 +329,31 @@ impl Report {
             "4. Command round trip (many devices connected; one request at a time)",
         );
         self.reconnect_table(&mut md);
+        if !self.python.is_empty() {
+            let _ = writeln!(md, "## 6. Python: telemetry into pyarrow\n");
+            let _ = writeln!(
+                md,
+                "`Client.telemetry` (Arrow built in Rust, handed over through the C stream interface) against `pandas.read_sql` on the same rows of the embedded SQLite file; release build of the bindings; median (min–max) of the runs.\n"
+            );
+            let _ = writeln!(
+                md,
+                "| Rows | Client.telemetry s | rows/s | pandas.read_sql s | Ratio |\n|---|---|---|---|---|"
+            );
+            for p in &self.python {
+                let a = Spread::of(p.telemetry_s.clone());
+                let b = Spread::of(p.read_sql_s.clone());
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.0} | {} | {:.2}× faster |",
+                    p.rows,
+                    spread(a, 2),
+                    p.rows as f64 / a.median,
+                    spread(b, 2),
+                    b.median / a.median
+                );
+            }
+            let _ = writeln!(md);
+        }
         if !self.micro.is_empty() {
             let _ = writeln!(
                 md,
