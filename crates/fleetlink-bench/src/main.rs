@@ -58,6 +58,15 @@ struct RunArgs {
     /// Connection counts of the idle scenario (the first gets every run, the others one).
     #[arg(long, value_delimiter = ',', default_values_t = [10_000usize, 50_000, 100_000])]
     idle_sizes: Vec<usize>,
+    /// Device count of the flood, slow, commands and reconnect scenarios (default: the issue's).
+    #[arg(long)]
+    devices: Option<usize>,
+    /// Measured window of the flood and slow scenarios, seconds (default 20).
+    #[arg(long)]
+    window: Option<f64>,
+    /// Systems to run (default: every one the scenario compares).
+    #[arg(long, value_delimiter = ',')]
+    systems: Vec<String>,
     /// Markdown report.
     #[arg(long, default_value = "docs/benchmarks.md")]
     md: PathBuf,
@@ -121,6 +130,9 @@ fn run(args: RunArgs) -> Result<()> {
     tracing::info!(nofile, "open-file limit");
     let runs = args.runs.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
     let mut ctx = scenarios::Ctx::new(args.quick, runs, server_core)?;
+    ctx.devices = args.devices;
+    ctx.window = args.window.map(Duration::from_secs_f64);
+    ctx.systems = args.systems.clone();
     let started = std::time::Instant::now();
     let ceilings = ceilings::measure(
         if args.quick {

@@ -50,6 +50,12 @@ pub struct Ctx {
     pub notes: Vec<String>,
     /// Scenarios that failed, with why.
     pub failures: Vec<String>,
+    /// Overrides the device count of the flood, slow, commands and reconnect scenarios.
+    pub devices: Option<usize>,
+    /// Overrides the measured window of the flood and slow scenarios.
+    pub window: Option<Duration>,
+    /// Only these systems (by name); empty = all.
+    pub systems: Vec<String>,
     next_dir: usize,
 }
 
@@ -66,6 +72,9 @@ impl Ctx {
             series: Vec::new(),
             notes: Vec::new(),
             failures: Vec::new(),
+            devices: None,
+            window: None,
+            systems: Vec::new(),
             next_dir: 0,
         })
     }
@@ -75,6 +84,10 @@ impl Ctx {
         let d = self.dir.path().join(format!("{what}-{}", self.next_dir));
         std::fs::create_dir_all(&d)?;
         Ok(d)
+    }
+
+    fn wants(&self, system: System) -> bool {
+        self.systems.is_empty() || self.systems.iter().any(|s| s == system.name())
     }
 
     fn push(&mut self, scenario: &str, system: &str, runs: Vec<Run>) {
@@ -292,6 +305,8 @@ pub async fn flood(ctx: &mut Ctx) -> Result<()> {
     } else {
         (1_000, Duration::from_secs(3), Duration::from_secs(20))
     };
+    let devices = ctx.devices.unwrap_or(devices);
+    let window = ctx.window.unwrap_or(window);
     let load = Load {
         devices,
         rate: None,
@@ -305,6 +320,9 @@ pub async fn flood(ctx: &mut Ctx) -> Result<()> {
         System::JetStream,
         System::QuinnSink,
     ] {
+        if !ctx.wants(system) {
+            continue;
+        }
         let mut runs = Vec::new();
         for i in 0..ctx.runs {
             let r = throughput_run(ctx, system, &load, warmup, window)
@@ -325,6 +343,8 @@ pub async fn slow(ctx: &mut Ctx) -> Result<()> {
     } else {
         (10_000, Duration::from_secs(5), Duration::from_secs(20))
     };
+    let devices = ctx.devices.unwrap_or(devices);
+    let window = ctx.window.unwrap_or(window);
     let load = Load {
         devices,
         rate: Some(1.0),
@@ -336,6 +356,9 @@ pub async fn slow(ctx: &mut Ctx) -> Result<()> {
         System::MqttQos0,
         System::MqttQos1,
     ] {
+        if !ctx.wants(system) {
+            continue;
+        }
         let mut runs = Vec::new();
         for i in 0..ctx.runs {
             let r = throughput_run(ctx, system, &load, warmup, window)
@@ -363,6 +386,9 @@ pub async fn idle(ctx: &mut Ctx, sizes: &[usize]) -> Result<()> {
     for (k, &n) in sizes.iter().enumerate() {
         let runs = if k == 0 { ctx.runs } else { 1 };
         for system in [System::Fleetlink, System::QuinnSink] {
+            if !ctx.wants(system) {
+                continue;
+            }
             let mut out = Vec::new();
             for i in 0..runs {
                 let r = idle_run(ctx, system, n, empty_rss, settle, window)
@@ -436,7 +462,11 @@ async fn idle_run(
 /// Scenario 4: command round trip with many devices connected.
 pub async fn commands(ctx: &mut Ctx) -> Result<()> {
     let (devices, count) = if ctx.quick { (50, 50) } else { (10_000, 2_000) };
+    let devices = ctx.devices.unwrap_or(devices);
     for system in [System::Fleetlink, System::QuinnSink] {
+        if !ctx.wants(system) {
+            continue;
+        }
         let mut runs = Vec::new();
         for i in 0..ctx.runs {
             let (proc, target) = start(ctx, system, devices)?;
@@ -489,7 +519,7 @@ pub async fn commands(ctx: &mut Ctx) -> Result<()> {
 
 /// Scenario 5: restart the server under a streaming fleet; time until all are back.
 pub async fn reconnect(ctx: &mut Ctx) -> Result<()> {
-    let devices = if ctx.quick { 50 } else { 10_000 };
+    let devices = ctx.devices.unwrap_or(if ctx.quick { 50 } else { 10_000 });
     let mut runs = Vec::new();
     for i in 0..ctx.runs {
         let r = reconnect_run(ctx, devices).await?;

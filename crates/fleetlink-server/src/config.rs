@@ -34,6 +34,9 @@ pub struct ServerConfig {
     pub io_threads: usize,
     /// `normal` (survives a process crash) or `full` (also survives power loss, slower).
     pub synchronous: String,
+    /// Group commit: how long (µs) the store writer waits for more batches when its queue runs
+    /// dry, so the batches of many slow devices share one commit. 0 = commit at once.
+    pub group_commit_us: u64,
     /// Time a client has to complete its handshake (milliseconds).
     pub handshake_timeout_ms: u32,
     /// The command outbox (`[commands]` in the TOML file).
@@ -141,6 +144,7 @@ impl Default for ServerConfig {
             arbiters: 0,
             io_threads: 0,
             synchronous: "normal".into(),
+            group_commit_us: 2_000,
             handshake_timeout_ms: 10_000,
             commands: CommandsConfig::default(),
             event_buffer: 4096,
@@ -194,6 +198,12 @@ impl ServerConfig {
         if self.max_batch_points == 0 {
             return bad("max_batch_points must be above 0".into());
         }
+        if self.group_commit_us > 1_000_000 {
+            return Err(ServerError::Config(format!(
+                "group_commit_us = {}: at most 1000000 (1 s); a few thousand is plenty",
+                self.group_commit_us
+            )));
+        }
         if !matches!(self.synchronous.as_str(), "normal" | "full") {
             return bad(format!(
                 "synchronous = {:?}: use \"normal\" or \"full\"",
@@ -229,5 +239,25 @@ impl ServerConfig {
 
     pub(crate) fn heartbeat_timeout(&self) -> Duration {
         Duration::from_millis(u64::from(self.heartbeat_timeout_ms))
+    }
+}
+
+#[cfg(test)]
+mod group_commit_tests {
+    use super::*;
+
+    #[test]
+    fn group_commit_defaults_to_two_ms_and_refuses_more_than_a_second() {
+        let config = ServerConfig::default();
+        assert_eq!(config.group_commit_us, 2_000);
+        assert!(config.validate().is_ok());
+        let slow = ServerConfig {
+            group_commit_us: 1_000_001,
+            ..Default::default()
+        };
+        let err = slow.validate().expect_err("refused").to_string();
+        assert!(err.contains("group_commit_us"), "{err}");
+        let parsed: ServerConfig = toml::from_str("group_commit_us = 0").expect("parses");
+        assert_eq!(parsed.group_commit_us, 0);
     }
 }

@@ -189,6 +189,7 @@ fn run(
         config.data_dir.join("fleetlink.db"),
         SqliteOptions {
             synchronous: sync,
+            commit_delay: Duration::from_micros(config.group_commit_us),
             ..Default::default()
         },
     ) {
