@@ -216,7 +216,7 @@ pub async fn drive(
                     }
                 }
             }
-            if client.flush(Duration::from_secs(30)).await.is_err() {
+            if client.flush(Duration::from_secs(120)).await.is_err() {
                 meter.error();
             }
             // The watcher counts every settled point before it stops.

@@ -175,7 +175,9 @@ async fn start_load(
     let (load, meter) = (load.clone(), meter.clone());
     Ok(match (system, target) {
         (System::Fleetlink, Target::Fleet(ready)) => {
-            let buffered = if load.rate.is_some() { 1_000 } else { 5_000 };
+            // Unacked points per device: like JetStream's 64 acked publishes in flight, a bounded
+            // window, so the backlog (and so the latency) is what the server causes, not the buffer.
+            let buffered = if load.rate.is_some() { 1_000 } else { 256 };
             let clients = fleet::connect(&ready.server()?, load.devices, buffered, None).await?;
             tokio::spawn(async move {
                 let _ = fleet::drive(&clients, &load, &meter, stop).await;
@@ -253,7 +255,7 @@ async fn throughput_run(
     let rss = proc.rss_bytes()?;
     let (p50_us, p99_us, p999_us) = meter.percentiles();
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(60), driver).await;
+    let _ = tokio::time::timeout(Duration::from_secs(150), driver).await;
     // Subscriber-counted peers: wait until deliveries stop coming (or all have come).
     let mut last = meter.delivered_total();
     let drain_start = Instant::now();
