@@ -85,3 +85,62 @@ where
     }
     Ok(out)
 }
+
+/// A tokio runtime on a thread of its own, for the peers' subscribers: on the load generator's
+/// runtime a subscriber would queue behind a thousand flooding publishers and fall behind, which
+/// measures the load generator instead of the broker. Stops when dropped.
+#[derive(Debug)]
+pub struct SideThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SideThread {
+    /// Runs `setup` on a new thread's runtime, which keeps running what it spawned.
+    pub async fn start<T, F, Fut>(setup: F) -> Result<(T, SideThread)>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T>>,
+    {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bench-subscriber".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let _ = ready_tx.send(setup().await);
+                    let _ = stop_rx.await;
+                });
+            })?;
+        let value = ready_rx.await??;
+        Ok((
+            value,
+            SideThread {
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            },
+        ))
+    }
+}
+
+impl Drop for SideThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

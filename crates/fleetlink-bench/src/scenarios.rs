@@ -197,8 +197,12 @@ async fn start_load(
         }
         (System::MqttQos0 | System::MqttQos1, Target::Tcp(port)) => {
             let level = u8::from(system == System::MqttQos1);
-            let sub = mqtt::subscriber(*port, level, &meter).await?;
-            let clients = mqtt::connect(*port, load.devices, &meter).await?;
+            let (port, m) = (*port, meter.clone());
+            let sub = crate::load::SideThread::start(move || async move {
+                mqtt::subscriber(port, level, &m).await
+            })
+            .await?;
+            let clients = mqtt::connect(port, load.devices, &meter).await?;
             tokio::spawn(async move {
                 let _ = mqtt::drive(&clients, level, &load, &meter, stop).await;
                 // QoS 1: the event loops finish their in-flight publishes before the drain ends
@@ -211,7 +215,13 @@ async fn start_load(
                 nats::create_stream(*port).await?;
                 None
             } else {
-                Some(nats::subscriber(*port, &meter).await?)
+                let (port, m) = (*port, meter.clone());
+                Some(
+                    crate::load::SideThread::start(move || async move {
+                        nats::subscriber(port, &m).await
+                    })
+                    .await?,
+                )
             };
             let clients = nats::connect(*port, load.devices).await?;
             tokio::spawn(async move {
