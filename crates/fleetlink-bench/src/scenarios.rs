@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use tokio::sync::watch;
 
 use crate::load::Load;
@@ -337,13 +337,19 @@ pub async fn flood(ctx: &mut Ctx) -> Result<()> {
         }
         let mut runs = Vec::new();
         for i in 0..ctx.runs {
-            let r = throughput_run(ctx, system, &load, warmup, window)
-                .await
-                .with_context(|| format!("flood, {}", system.name()))?;
+            let r = match throughput_run(ctx, system, &load, warmup, window).await {
+                Ok(r) => r,
+                Err(e) => {
+                    ctx.failures.push(format!("flood, {}: {e:#}", system.name()));
+                    break;
+                }
+            };
             log_run("flood", system, i, &r);
             runs.push(r);
         }
-        ctx.push("flood", system.name(), runs);
+        if !runs.is_empty() {
+            ctx.push("flood", system.name(), runs);
+        }
     }
     Ok(())
 }
@@ -373,13 +379,19 @@ pub async fn slow(ctx: &mut Ctx) -> Result<()> {
         }
         let mut runs = Vec::new();
         for i in 0..ctx.runs {
-            let r = throughput_run(ctx, system, &load, warmup, window)
-                .await
-                .with_context(|| format!("slow devices, {}", system.name()))?;
+            let r = match throughput_run(ctx, system, &load, warmup, window).await {
+                Ok(r) => r,
+                Err(e) => {
+                    ctx.failures.push(format!("slow devices, {}: {e:#}", system.name()));
+                    break;
+                }
+            };
             log_run("slow", system, i, &r);
             runs.push(r);
         }
-        ctx.push("slow", system.name(), runs);
+        if !runs.is_empty() {
+            ctx.push("slow", system.name(), runs);
+        }
     }
     Ok(())
 }
@@ -403,9 +415,14 @@ pub async fn idle(ctx: &mut Ctx, sizes: &[usize]) -> Result<()> {
             }
             let mut out = Vec::new();
             for i in 0..runs {
-                let r = idle_run(ctx, system, n, empty_rss, settle, window)
-                    .await
-                    .with_context(|| format!("{n} idle connections, {}", system.name()))?;
+                let r = match idle_run(ctx, system, n, empty_rss, settle, window).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        ctx.failures
+                            .push(format!("{n} idle connections, {}: {e:#}", system.name()));
+                        break;
+                    }
+                };
                 tracing::info!(
                     system = system.name(),
                     n,
@@ -415,7 +432,9 @@ pub async fn idle(ctx: &mut Ctx, sizes: &[usize]) -> Result<()> {
                 );
                 out.push(r);
             }
-            ctx.push(&format!("idle-{n}"), system.name(), out);
+            if !out.is_empty() {
+                ctx.push(&format!("idle-{n}"), system.name(), out);
+            }
         }
     }
     Ok(())
