@@ -340,7 +340,8 @@ pub async fn flood(ctx: &mut Ctx) -> Result<()> {
             let r = match throughput_run(ctx, system, &load, warmup, window).await {
                 Ok(r) => r,
                 Err(e) => {
-                    ctx.failures.push(format!("flood, {}: {e:#}", system.name()));
+                    ctx.failures
+                        .push(format!("flood, {}: {e:#}", system.name()));
                     break;
                 }
             };
@@ -382,7 +383,8 @@ pub async fn slow(ctx: &mut Ctx) -> Result<()> {
             let r = match throughput_run(ctx, system, &load, warmup, window).await {
                 Ok(r) => r,
                 Err(e) => {
-                    ctx.failures.push(format!("slow devices, {}: {e:#}", system.name()));
+                    ctx.failures
+                        .push(format!("slow devices, {}: {e:#}", system.name()));
                     break;
                 }
             };
