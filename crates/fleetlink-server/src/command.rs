@@ -457,6 +457,20 @@ impl Handler<CancelCommand> for DeviceActor {
     }
 }
 
+/// The actor's live record of an unfinished command: its state can be a commit ahead of the store
+/// (a device may already be running a command whose `delivered` is still being written).
+#[derive(Message)]
+#[rtype(result = "Option<CommandRecord>")]
+pub(crate) struct OpenCommand(pub CommandId);
+
+impl Handler<OpenCommand> for DeviceActor {
+    type Result = Option<CommandRecord>;
+
+    fn handle(&mut self, OpenCommand(id): OpenCommand, _: &mut Self::Context) -> Self::Result {
+        self.open.get(&id).cloned()
+    }
+}
+
 /// An operator waits for a command to finish. `Err` = it is not unfinished here (read the store).
 #[derive(Message)]
 #[rtype(result = "Option<oneshot::Receiver<CommandRecord>>")]

@@ -15,7 +15,7 @@ use fleetlink_transport::{FrameReader, write_frame};
 use rand::RngCore as _;
 
 use crate::actor::{GetSnapshot, Snapshot};
-use crate::command::{CancelCommand, CommandError, SubmitCommand, WatchCommand};
+use crate::command::{CancelCommand, CommandError, OpenCommand, SubmitCommand, WatchCommand};
 use crate::now_us;
 use crate::session::{Control, Shared, close_with_error, welcome};
 use crate::twin::{GetTwin, TwinRequestError, UpdateDesired};
@@ -582,8 +582,23 @@ async fn get_command(
     shared: &Shared,
     r: v1::GetCommand,
 ) -> Result<Vec<OperatorResponse>, RequestError> {
-    let record = stored_command(shared, r.command_id).await?;
-    respond(operator_response::Response::Command(command_info(&record)))
+    let stored = stored_command(shared, r.command_id).await?;
+    if stored.state.is_terminal() {
+        return respond(operator_response::Response::Command(command_info(&stored)));
+    }
+    // An unfinished command's owner holds its newest state; the store may be a commit behind.
+    let actor = shared
+        .registry
+        .get_or_start(&stored.device)
+        .await
+        .map_err(store_error)?;
+    let live = actor
+        .send(OpenCommand(r.command_id))
+        .await
+        .map_err(mailbox_error)?;
+    respond(operator_response::Response::Command(command_info(
+        live.as_ref().unwrap_or(&stored),
+    )))
 }
 
 /// Commands per CommandPage when none is asked for.

@@ -450,6 +450,44 @@ async fn serial_commands_run_in_order_concurrent_ones_beside_them() {
     dev.close().await;
 }
 
+/// The device can be running a command before its `delivered` state is committed; reading the
+/// command then gives the owner's live state, not the store's older one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_command_reads_as_delivered_before_the_store_commits_it() {
+    // every commit waits 300 ms for company, so the store lags the actor by that much
+    let ts = start(|c| c.group_commit_us = 300_000);
+    let op = ts.operator().await;
+    let token = provision(&op, "pump-1").await;
+    let started = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let (s, r) = (started.clone(), release.clone());
+    let config = ts
+        .device_config("pump-1", &token)
+        .on_command("prime", move |_| {
+            let started = s.clone();
+            let release = r.clone();
+            async move {
+                started.notify_one();
+                release.notified().await;
+                Ok(json!("primed"))
+            }
+        });
+    let dev = DeviceClient::connect(config).await.unwrap();
+    let command = op
+        .send_command(CommandRequest::new(id("pump-1"), "prime"))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, started.notified())
+        .await
+        .expect("the device never ran the command");
+    assert_eq!(state_of(&op, command.id).await, CommandState::Delivered);
+    release.notify_one();
+    let done = op.wait_command(command.id, WAIT).await.unwrap();
+    assert_eq!(done.state, CommandState::Succeeded);
+    assert_eq!(state_of(&op, command.id).await, CommandState::Succeeded);
+    dev.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_idempotency_keys_and_limits() {
     let ts = start(|c| {
