@@ -151,8 +151,38 @@ fn run(args: RunArgs) -> Result<()> {
     } else {
         args.idle_sizes.clone()
     };
+    let micro = args
+        .criterion
+        .as_deref()
+        .map(report::read_criterion)
+        .unwrap_or_default();
+    let python = args
+        .python_json
+        .iter()
+        .map(|p| report::read_python(p))
+        .collect::<Result<Vec<_>>>()?;
+    ctx.notes.push(
+        "Reconnect storm with 0-RTT resumption: not measured; the SDK does not resume sessions with 0-RTT yet."
+            .into(),
+    );
+    let machine = report::Machine::describe(pinning, cores);
+    // The report is rewritten after every scenario, so a long run that is stopped (or a scenario
+    // that hangs) still leaves the figures measured so far.
+    let report_now = |ctx: &scenarios::Ctx, pending: &[String]| report::Report {
+        generated: humantime_now(),
+        quick: args.quick,
+        command: args.command_line.clone(),
+        machine: machine.clone(),
+        ceilings,
+        series: ctx.series.clone(),
+        micro: micro.clone(),
+        notes: ctx.notes.clone(),
+        failures: ctx.failures.clone(),
+        python: python.clone(),
+        pending: pending.to_vec(),
+    };
     rt.block_on(async {
-        for scenario in &args.only {
+        for (i, scenario) in args.only.iter().enumerate() {
             tracing::info!(scenario, "starting");
             let result = match scenario.as_str() {
                 "flood" => scenarios::flood(&mut ctx).await,
@@ -167,33 +197,11 @@ fn run(args: RunArgs) -> Result<()> {
                 tracing::error!(scenario, error = format!("{e:#}"), "scenario failed");
                 ctx.failures.push(format!("{scenario}: {e:#}"));
             }
+            report_now(&ctx, &args.only[i + 1..]).write(&args.md, &args.json)?;
         }
         anyhow::Ok(())
     })?;
-    ctx.notes.push(
-        "Reconnect storm with 0-RTT resumption: not measured; the SDK does not resume sessions with 0-RTT yet."
-            .into(),
-    );
-    let report = report::Report {
-        generated: humantime_now(),
-        quick: args.quick,
-        command: args.command_line.clone(),
-        machine: report::Machine::describe(pinning, cores),
-        ceilings,
-        series: std::mem::take(&mut ctx.series),
-        micro: args
-            .criterion
-            .as_deref()
-            .map(report::read_criterion)
-            .unwrap_or_default(),
-        notes: std::mem::take(&mut ctx.notes),
-        failures: std::mem::take(&mut ctx.failures),
-        python: args
-            .python_json
-            .iter()
-            .map(|p| report::read_python(p))
-            .collect::<Result<_>>()?,
-    };
+    let report = report_now(&ctx, &[]);
     report.write(&args.md, &args.json)?;
     if args.check {
         report.check()?;

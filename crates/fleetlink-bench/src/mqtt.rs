@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{oneshot, watch};
 
 use crate::load::{Load, stamp_of, stamped_payload};
@@ -60,11 +60,15 @@ fn qos(level: u8) -> QoS {
 }
 
 /// One client: its handle and a task polling its event loop. `on_publish` sees received messages.
+/// A publishing device (`counts_sent`) counts a message as sent when rumqttc writes it to the
+/// socket, not when it is queued in the client: a message still queued when the run ends was
+/// never offered to the broker, so it is not the broker's loss.
 async fn client(
     port: u16,
     id: String,
     meter: &Meter,
     on_publish: Option<OnPublish>,
+    counts_sent: bool,
 ) -> Result<AsyncClient> {
     let mut opts = MqttOptions::new(id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(60));
@@ -86,6 +90,7 @@ async fn client(
                         f(&p.payload);
                     }
                 }
+                Ok(Event::Outgoing(Outgoing::Publish(_))) if counts_sent => meter.sent(1),
                 Ok(_) => {}
                 Err(rumqttc::ConnectionError::RequestsDone) => break,
                 Err(_) => {
@@ -118,11 +123,12 @@ pub async fn subscriber(port: u16, level: u8, meter: &Meter) -> Result<AsyncClie
             Some(t) => m.delivered_since(t),
             None => seen.store(true, std::sync::atomic::Ordering::Relaxed),
         })),
+        false,
     )
     .await?;
     sub.subscribe("bench/#", qos(level)).await?;
     // The SUBACK is not surfaced here: unstamped probe messages confirm the subscription.
-    let probe = client(port, "bench-probe".into(), meter, None).await?;
+    let probe = client(port, "bench-probe".into(), meter, None, false).await?;
     for _ in 0..100 {
         probe
             .publish("bench/probe", QoS::AtLeastOnce, false, vec![0u8; 4])
@@ -141,7 +147,7 @@ pub async fn connect(port: u16, n: usize, meter: &Meter) -> Result<Vec<AsyncClie
     let meter = meter.clone();
     crate::load::connect_ramp(n, move |i| {
         let meter = meter.clone();
-        async move { client(port, format!("bench-{i:06}"), &meter, None).await }
+        async move { client(port, format!("bench-{i:06}"), &meter, None, true).await }
     })
     .await
 }
@@ -175,12 +181,13 @@ pub async fn drive(
                     }
                 }
                 let payload = stamped_payload(load.message_bytes);
-                match c.publish(&*topic, qos(level), false, payload).await {
-                    Ok(()) => meter.sent(1),
-                    Err(_) => {
-                        meter.error();
-                        break;
-                    }
+                // counted as sent by the event loop, once it is on the wire
+                if c.publish(&*topic, qos(level), false, payload)
+                    .await
+                    .is_err()
+                {
+                    meter.error();
+                    break;
                 }
             }
         });

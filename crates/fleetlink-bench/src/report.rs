@@ -32,6 +32,8 @@ pub struct Report {
     pub failures: Vec<String>,
     /// Scenario 6: the Python bindings' telemetry read, when run with `--python`.
     pub python: Vec<PythonBench>,
+    /// Scenarios still to run (the report is rewritten after each one).
+    pub pending: Vec<String>,
 }
 
 /// One row count of bindings/python/bench/telemetry_bench.py.
@@ -51,7 +53,7 @@ pub fn read_python(path: &Path) -> Result<PythonBench> {
     Ok(serde_json::from_str(&text)?)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Machine {
     pub cpu: String,
     pub cores: usize,
@@ -289,6 +291,13 @@ impl Report {
                 ""
             }
         );
+        if !self.pending.is_empty() {
+            let _ = writeln!(
+                md,
+                "**Partial report**: the run is still going (or was stopped) before {}.\n",
+                self.pending.join(", ")
+            );
+        }
         let m = &self.machine;
         let _ = writeln!(md, "## Machine\n");
         let _ = writeln!(

@@ -6,9 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use actix::{Actor, Addr, Arbiter};
 use fleetlink_core::DeviceId;
-use fleetlink_store::{Store, StoreError};
+use fleetlink_store::{DeviceState, Store, StoreError};
 
 use crate::actor::{ActorSettings, DeviceActor, StoredState};
+
+/// Devices whose stored state [`DeviceRegistry::start_all`] reads at once.
+const START_PAGE: usize = 1_000;
 
 /// Every device actor started so far, by device id.
 #[derive(Debug)]
@@ -58,18 +61,19 @@ impl DeviceRegistry {
     }
 
     /// Starts the actor of every provisioned device: fleet queries, standing queries and command
-    /// deadlines are served by the actors' live state, so every device needs one.
+    /// deadlines are served by the actors' live state, so every device needs one. The stored
+    /// state comes in pages of [`START_PAGE`] devices, one store read per page.
     pub(crate) async fn start_all(&self) -> Result<usize, StoreError> {
         let mut after = None;
         let mut started = 0;
         loop {
-            let page = self.store.list_devices(after.clone(), Some(1_000)).await?;
+            let page = self.store.device_states(after.clone(), START_PAGE).await?;
             let Some(last) = page.last() else {
                 return Ok(started);
             };
-            after = Some(last.id.clone());
-            for record in page {
-                self.get_or_start(&record.id).await?;
+            after = Some(last.record.id.clone());
+            for state in page {
+                self.start(state)?;
                 started += 1;
             }
         }
@@ -83,21 +87,31 @@ impl DeviceRegistry {
         if let Some(addr) = self.get(id) {
             return Ok(addr);
         }
-        let record = self
+        let state = self
             .store
-            .device(id)
+            .device_state(id)
             .await?
             .ok_or_else(|| StoreError::UnknownDevice(id.clone()))?;
-        let twin = self.store.twin(id).await?;
-        let open_commands = self.store.open_commands(id).await?;
-        let pending_direct = self.store.pending_direct(id).await?;
-        let last_presence = self.store.presence_history(id, 1).await?.pop();
+        self.start(state)
+    }
+
+    /// Starts the actor of `state`'s device on the arbiter its id hashes to, unless one was
+    /// started meanwhile (then that one is the answer: its state is at least as new).
+    fn start(&self, state: DeviceState) -> Result<Addr<DeviceActor>, StoreError> {
+        let DeviceState {
+            record,
+            twin,
+            open_commands,
+            pending_direct,
+            last_presence,
+        } = state;
+        let id = record.id;
         let mut actors = self
             .actors
             .lock()
             .map_err(|_| StoreError::Task("device registry poisoned".into()))?;
-        if let Some(addr) = actors.get(id) {
-            return Ok(addr.clone()); // started meanwhile by another session
+        if let Some(addr) = actors.get(&id) {
+            return Ok(addr.clone());
         }
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         id.hash(&mut hasher);
@@ -118,7 +132,7 @@ impl DeviceRegistry {
         let addr = DeviceActor::start_in_arbiter(arbiter, move |_| {
             DeviceActor::new(device, store, stored, settings)
         });
-        actors.insert(id.clone(), addr.clone());
+        actors.insert(id, addr.clone());
         Ok(addr)
     }
 }

@@ -286,6 +286,21 @@ pub struct DeviceRecord {
     pub last_values: Vec<MetricValue>,
 }
 
+/// Everything a device's actor starts from.
+#[derive(Debug, Clone)]
+pub struct DeviceState {
+    /// The device.
+    pub record: DeviceRecord,
+    /// Its twin.
+    pub twin: StoredTwin,
+    /// Its queued and delivered commands, oldest first.
+    pub open_commands: Vec<CommandRecord>,
+    /// Direct messages waiting for it, oldest first.
+    pub pending_direct: Vec<DirectRecord>,
+    /// Its last presence event.
+    pub last_presence: Option<PresenceRecord>,
+}
+
 /// A stored telemetry point.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredPoint {
@@ -409,6 +424,17 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         after: Option<DeviceId>,
         limit: Option<usize>,
     ) -> Result<Vec<DeviceRecord>, StoreError>;
+
+    /// Everything the actor of one device starts from; `None` if it is not provisioned.
+    async fn device_state(&self, id: &DeviceId) -> Result<Option<DeviceState>, StoreError>;
+
+    /// [`DeviceState`]s of devices in id order after `after`, at most `limit`, read in one go: a
+    /// server starts every actor from these pages (one read per page, not five per device).
+    async fn device_states(
+        &self,
+        after: Option<DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<DeviceState>, StoreError>;
 
     /// Stored points of one device: grouped by metric (in the order each was first stored), then
     /// ordered by time, then arrival.

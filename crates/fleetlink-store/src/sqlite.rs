@@ -13,10 +13,10 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::{
-    AppendBatch, CommandFilter, CommandRecord, CommandUpdate, DeviceRecord, DirectRecord,
-    GroupRecord, JobRecord, JobTargetRecord, MetricValue, NewCommand, NewDevice, PresenceRecord,
-    RetainedRecord, Store, StoreError, StoreFuture, StoredPoint, StoredTwin, TelemetryQuery,
-    TwinSide,
+    AppendBatch, CommandFilter, CommandRecord, CommandUpdate, DeviceRecord, DeviceState,
+    DirectRecord, GroupRecord, JobRecord, JobTargetRecord, MetricValue, NewCommand, NewDevice,
+    PresenceRecord, RetainedRecord, Store, StoreError, StoreFuture, StoredPoint, StoredTwin,
+    TelemetryQuery, TwinSide,
 };
 use fleetlink_core::command::{CommandId, CommandState};
 use fleetlink_core::twin::TwinDoc;
@@ -514,7 +514,7 @@ fn load_devices(
     conn: &Connection,
     where_clause: &str,
     params: &[&dyn rusqlite::ToSql],
-) -> Result<Vec<DeviceRecord>, StoreError> {
+) -> Result<Vec<(i64, DeviceRecord)>, StoreError> {
     let sql = format!(
         "SELECT id, name, tags, created_us, last_seq, point_count, attributes FROM devices {where_clause}"
     );
@@ -538,17 +538,110 @@ fn load_devices(
         let attributes: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(&attributes)
                 .map_err(|e| StoreError::Corrupt(format!("attributes of {name}: {e}")))?;
-        out.push(DeviceRecord {
-            id: device_id(name)?,
-            tags,
-            attributes,
-            created_us,
-            last_seq: last_seq as u64,
-            point_count: point_count as u64,
-            last_values: load_last_values(conn, rowid)?,
-        });
+        out.push((
+            rowid,
+            DeviceRecord {
+                id: device_id(name)?,
+                tags,
+                attributes,
+                created_us,
+                last_seq: last_seq as u64,
+                point_count: point_count as u64,
+                last_values: load_last_values(conn, rowid)?,
+            },
+        ));
     }
     Ok(out)
+}
+
+/// Everything a device actor starts from, read on one connection.
+fn state_of(
+    conn: &Connection,
+    rowid: i64,
+    record: DeviceRecord,
+) -> Result<DeviceState, StoreError> {
+    Ok(DeviceState {
+        twin: twin_of(conn, rowid, &record.id)?,
+        open_commands: open_commands_of(conn, rowid)?,
+        pending_direct: pending_direct_of(conn, rowid, &record.id)?,
+        last_presence: presence_of(conn, rowid, 1)?.pop(),
+        record,
+    })
+}
+
+fn twin_of(conn: &Connection, rowid: i64, device: &DeviceId) -> Result<StoredTwin, StoreError> {
+    let row: Option<(String, String, i64, String, String, i64)> = conn
+        .prepare_cached(
+            "SELECT reported, reported_meta, reported_version, desired, desired_meta, desired_version
+             FROM twins WHERE device = ?1",
+        )?
+        .query_row([rowid], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+        })
+        .optional()?;
+    let Some((rep, rep_meta, rep_v, des, des_meta, des_v)) = row else {
+        return Ok(StoredTwin::default());
+    };
+    Ok(StoredTwin {
+        reported: load_twin_doc(
+            &rep,
+            &rep_meta,
+            rep_v,
+            &format!("reported twin of {device}"),
+        )?,
+        desired: load_twin_doc(&des, &des_meta, des_v, &format!("desired twin of {device}"))?,
+    })
+}
+
+fn open_commands_of(conn: &Connection, rowid: i64) -> Result<Vec<CommandRecord>, StoreError> {
+    load_commands(
+        conn,
+        "WHERE c.device = ?1 AND c.state IN ('queued', 'delivered') ORDER BY c.id",
+        &[&rowid],
+    )
+}
+
+fn pending_direct_of(
+    conn: &Connection,
+    rowid: i64,
+    to: &DeviceId,
+) -> Result<Vec<DirectRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, sender, payload, sent_us, expires_us FROM direct_messages
+         WHERE target = ?1 ORDER BY id",
+    )?;
+    let rows = stmt.query_map([rowid], |r| {
+        Ok(DirectRecord {
+            id: r.get::<_, i64>(0)? as u64,
+            to: to.clone(),
+            from: device_id(r.get(1)?)?,
+            payload: r.get(2)?,
+            sent_us: r.get(3)?,
+            expires_us: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn presence_of(
+    conn: &Connection,
+    rowid: i64,
+    limit: usize,
+) -> Result<Vec<PresenceRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT online, at_us, reason, remote, session FROM presence_events
+         WHERE device = ?1 ORDER BY id DESC LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![rowid, limit as i64], |r| {
+        Ok(PresenceRecord {
+            online: r.get(0)?,
+            at_us: r.get(1)?,
+            reason: r.get(2)?,
+            remote_addr: r.get(3)?,
+            session: r.get::<_, i64>(4)? as u64,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 fn device_rowid(conn: &Connection, id: &DeviceId) -> Result<i64, StoreError> {
@@ -829,8 +922,12 @@ impl Store for SqliteStore {
 
     async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
         let id = id.clone();
-        self.read(move |conn| Ok(load_devices(conn, "WHERE name = ?1", &[&id.as_str()])?.pop()))
-            .await
+        self.read(move |conn| {
+            Ok(load_devices(conn, "WHERE name = ?1", &[&id.as_str()])?
+                .pop()
+                .map(|(_, record)| record))
+        })
+        .await
     }
 
     async fn list_devices(
@@ -841,11 +938,45 @@ impl Store for SqliteStore {
         let after = after.map(|a| a.as_str().to_owned()).unwrap_or_default();
         let limit = limit.map_or(-1, |l| l as i64);
         self.read(move |conn| {
+            Ok(load_devices(
+                conn,
+                "WHERE name > ?1 ORDER BY name LIMIT ?2",
+                &[&after, &limit],
+            )?
+            .into_iter()
+            .map(|(_, record)| record)
+            .collect())
+        })
+        .await
+    }
+
+    async fn device_state(&self, id: &DeviceId) -> Result<Option<DeviceState>, StoreError> {
+        let id = id.clone();
+        self.read(move |conn| {
+            load_devices(conn, "WHERE name = ?1", &[&id.as_str()])?
+                .pop()
+                .map(|(rowid, record)| state_of(conn, rowid, record))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn device_states(
+        &self,
+        after: Option<DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<DeviceState>, StoreError> {
+        let after = after.map(|a| a.as_str().to_owned()).unwrap_or_default();
+        let limit = limit as i64;
+        self.read(move |conn| {
             load_devices(
                 conn,
                 "WHERE name > ?1 ORDER BY name LIMIT ?2",
                 &[&after, &limit],
-            )
+            )?
+            .into_iter()
+            .map(|(rowid, record)| state_of(conn, rowid, record))
+            .collect()
         })
         .await
     }
@@ -1157,49 +1288,14 @@ impl Store for SqliteStore {
 
     async fn pending_direct(&self, to: &DeviceId) -> Result<Vec<DirectRecord>, StoreError> {
         let to = to.clone();
-        self.read(move |conn| {
-            let target = device_rowid(conn, &to)?;
-            let mut stmt = conn.prepare_cached(
-                "SELECT id, sender, payload, sent_us, expires_us FROM direct_messages
-                 WHERE target = ?1 ORDER BY id",
-            )?;
-            let rows = stmt.query_map([target], |r| {
-                Ok(DirectRecord {
-                    id: r.get::<_, i64>(0)? as u64,
-                    to: to.clone(),
-                    from: device_id(r.get(1)?)?,
-                    payload: r.get(2)?,
-                    sent_us: r.get(3)?,
-                    expires_us: r.get(4)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-        .await
+        self.read(move |conn| pending_direct_of(conn, device_rowid(conn, &to)?, &to))
+            .await
     }
 
     async fn twin(&self, device: &DeviceId) -> Result<StoredTwin, StoreError> {
         let device = device.clone();
-        self.read(move |conn| {
-            let rowid = device_rowid(conn, &device)?;
-            let row: Option<(String, String, i64, String, String, i64)> = conn
-                .prepare_cached(
-                    "SELECT reported, reported_meta, reported_version, desired, desired_meta, desired_version
-                     FROM twins WHERE device = ?1",
-                )?
-                .query_row([rowid], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
-                })
-                .optional()?;
-            let Some((rep, rep_meta, rep_v, des, des_meta, des_v)) = row else {
-                return Ok(StoredTwin::default());
-            };
-            Ok(StoredTwin {
-                reported: load_twin_doc(&rep, &rep_meta, rep_v, &format!("reported twin of {device}"))?,
-                desired: load_twin_doc(&des, &des_meta, des_v, &format!("desired twin of {device}"))?,
-            })
-        })
-        .await
+        self.read(move |conn| twin_of(conn, device_rowid(conn, &device)?, &device))
+            .await
     }
 
     fn save_twin(&self, device: &DeviceId, side: TwinSide, doc: &TwinDoc) -> StoreFuture<()> {
@@ -1347,15 +1443,8 @@ impl Store for SqliteStore {
 
     async fn open_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
         let device = device.clone();
-        self.read(move |conn| {
-            let rowid = device_rowid(conn, &device)?;
-            load_commands(
-                conn,
-                "WHERE c.device = ?1 AND c.state IN ('queued', 'delivered') ORDER BY c.id",
-                &[&rowid],
-            )
-        })
-        .await
+        self.read(move |conn| open_commands_of(conn, device_rowid(conn, &device)?))
+            .await
     }
 
     async fn devices_with_open_commands(&self) -> Result<Vec<DeviceId>, StoreError> {
@@ -1396,24 +1485,8 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<PresenceRecord>, StoreError> {
         let device = device.clone();
-        self.read(move |conn| {
-            let rowid = device_rowid(conn, &device)?;
-            let mut stmt = conn.prepare_cached(
-                "SELECT online, at_us, reason, remote, session FROM presence_events
-                 WHERE device = ?1 ORDER BY id DESC LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![rowid, limit as i64], |r| {
-                Ok(PresenceRecord {
-                    online: r.get(0)?,
-                    at_us: r.get(1)?,
-                    reason: r.get(2)?,
-                    remote_addr: r.get(3)?,
-                    session: r.get::<_, i64>(4)? as u64,
-                })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-        .await
+        self.read(move |conn| presence_of(conn, device_rowid(conn, &device)?, limit))
+            .await
     }
 }
 

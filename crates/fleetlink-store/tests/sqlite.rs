@@ -385,3 +385,84 @@ async fn downsampling_aggregates_numeric_points_per_metric_and_bucket() {
     );
     assert_eq!(Aggregation::parse("median"), None);
 }
+
+/// The pages a server starts its actors from hold each device's twin, open commands, waiting
+/// direct messages and last presence event, the same as the one-device reads.
+#[tokio::test]
+async fn device_states_come_in_pages_with_everything_an_actor_needs() {
+    use fleetlink_core::twin::{TwinDoc, TwinPatch};
+    use fleetlink_store::{DirectRecord, NewCommand, PresenceRecord, TwinSide};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("fleet.db"), SqliteOptions::default()).unwrap();
+    for name in ["crane-c", "crane-a", "crane-b"] {
+        provision(&store, name).await;
+    }
+    let mut desired = TwinDoc::new();
+    desired
+        .apply(&TwinPatch::parse(r#"{"boom": 12}"#).unwrap(), 5)
+        .unwrap();
+    store
+        .save_twin(&id("crane-b"), TwinSide::Desired, &desired)
+        .await
+        .unwrap();
+    let (command, _) = store
+        .insert_command(NewCommand {
+            device: id("crane-c"),
+            name: "lift".into(),
+            args_json: "{}".into(),
+            idempotency_key: None,
+            concurrent: false,
+            created_us: 6,
+            deadline_us: i64::MAX,
+        })
+        .await
+        .unwrap();
+    let online = PresenceRecord {
+        online: true,
+        at_us: 7,
+        reason: String::new(),
+        remote_addr: "127.0.0.1:9".into(),
+        session: 3,
+    };
+    store
+        .record_presence(&id("crane-a"), online.clone())
+        .await
+        .unwrap();
+    let direct = store
+        .insert_direct(DirectRecord {
+            id: 0,
+            to: id("crane-a"),
+            from: id("crane-b"),
+            payload: b"hook".to_vec(),
+            sent_us: 8,
+            expires_us: i64::MAX,
+        })
+        .await
+        .unwrap();
+
+    let first = store.device_states(None, 2).await.unwrap();
+    let names: Vec<_> = first.iter().map(|s| s.record.id.as_str()).collect();
+    assert_eq!(names, ["crane-a", "crane-b"]);
+    assert_eq!(first[0].last_presence.as_ref(), Some(&online));
+    assert_eq!(first[0].pending_direct.len(), 1);
+    assert_eq!(first[0].pending_direct[0].id, direct);
+    assert_eq!(first[0].pending_direct[0].payload, b"hook");
+    assert_eq!(first[1].twin.desired, desired);
+    assert!(first[1].open_commands.is_empty() && first[1].last_presence.is_none());
+    let rest = store.device_states(Some(id("crane-b")), 2).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].open_commands, vec![command]);
+    assert!(
+        store
+            .device_states(Some(id("crane-c")), 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let one = store.device_state(&id("crane-a")).await.unwrap().unwrap();
+    assert_eq!(one.last_presence, Some(online));
+    assert_eq!(one.twin, store.twin(&id("crane-a")).await.unwrap());
+    assert!(store.device_state(&id("nobody")).await.unwrap().is_none());
+}
