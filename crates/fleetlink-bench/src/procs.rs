@@ -124,13 +124,24 @@ pub struct Proc {
 impl Proc {
     /// Starts `program args` under `taskset -c core`; stdout is kept for [`Proc::ready_line`].
     pub fn spawn(name: &str, core: Option<usize>, program: &Path, args: &[String]) -> Result<Proc> {
+        // FLEETLINK_BENCH_WRAP (e.g. "heaptrack" or "perf record -g --") runs fleetlink's server
+        // under a profiler; its figures are then the profiler's, for reading profiles only.
+        let wrap: Vec<String> = match std::env::var("FLEETLINK_BENCH_WRAP") {
+            Ok(w) if name == "fleetlink" => w.split_whitespace().map(str::to_owned).collect(),
+            _ => Vec::new(),
+        };
         let mut cmd = match core {
             Some(core) => {
                 let mut c = Command::new("taskset");
-                c.arg("-c").arg(core.to_string()).arg(program);
+                c.arg("-c").arg(core.to_string()).args(&wrap).arg(program);
                 c
             }
-            None => Command::new(program),
+            None if wrap.is_empty() => Command::new(program),
+            None => {
+                let mut c = Command::new(&wrap[0]);
+                c.args(&wrap[1..]).arg(program);
+                c
+            }
         };
         cmd.args(args)
             .stdin(Stdio::piped())

@@ -26,7 +26,9 @@ use crate::now_us;
 use crate::session::Shared;
 
 /// Messages a connected device's session writes on its control stream, from the bridge.
-pub(crate) type BridgeSender = mpsc::Sender<ServerControl>;
+/// Frames are boxed: a channel allocates its first block of slots up front, and at a hundred
+/// thousand idle sessions every byte of a slot counts.
+pub(crate) type BridgeSender = mpsc::Sender<Box<ServerControl>>;
 
 /// Room in each session's bridge queue.
 pub(crate) const BRIDGE_QUEUE: usize = 1_024;
@@ -123,7 +125,7 @@ impl Bridge {
             Err(_) => None,
         };
         match tx {
-            Some(tx) => match tx.try_send(frame) {
+            Some(tx) => match tx.try_send(Box::new(frame)) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::warn!(device = %device, "bridge queue full: a message to this device was dropped");

@@ -38,6 +38,8 @@ pub(crate) async fn operator_session(
         mut send,
         mut reader,
     } = control;
+    // Connections start with a device's stream limits; an operator's requests each take a stream.
+    conn.set_max_concurrent_bi_streams(crate::tls::OPERATOR_BIDI_STREAMS.into());
     if write_frame(&mut send, &welcome(&shared, session, 0))
         .await
         .is_err()

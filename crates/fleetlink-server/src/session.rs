@@ -353,14 +353,16 @@ async fn device_session(
         conn: conn.clone(),
         delta: delta_tx,
     };
-    let (bridge_tx, mut bridge_rx) = mpsc::channel::<ServerControl>(crate::bridge::BRIDGE_QUEUE);
+    let (bridge_tx, mut bridge_rx) =
+        mpsc::channel::<Box<ServerControl>>(crate::bridge::BRIDGE_QUEUE);
     shared.fleet.bridge.link(&id, session, bridge_tx);
     if actor.send(Ready(link)).await.is_err() {
         shared.fleet.bridge.unlink(&id, session);
         return;
     }
 
-    let (out_tx, mut out_rx) = mpsc::channel::<ServerControl>(16);
+    // Boxed frames: a channel allocates a block of 32 slots up front (see bridge::BridgeSender).
+    let (out_tx, mut out_rx) = mpsc::channel::<Box<ServerControl>>(16);
     // Everything this session sends on the control stream goes through here: acks coalesced,
     // and of twin deltas only the latest.
     let writer = async move {
@@ -369,10 +371,10 @@ async fn device_session(
         let mut bridge_open = true;
         loop {
             let frame = tokio::select! {
-                m = out_rx.recv() => match m { Some(m) => m, None => return send },
+                m = out_rx.recv() => match m { Some(m) => *m, None => return send },
                 // A newer connection of the device takes over its bridge queue: not a reason to stop.
                 m = bridge_rx.recv(), if bridge_open => match m {
-                    Some(m) => m,
+                    Some(m) => *m,
                     None => { bridge_open = false; continue; }
                 },
                 changed = durable.changed() => {
@@ -405,7 +407,7 @@ async fn device_session(
                             time_us: now_us(),
                         })),
                     };
-                    if out_tx.send(hb).await.is_err() {
+                    if out_tx.send(Box::new(hb)).await.is_err() {
                         return End::Closed("control stream closed".into());
                     }
                 }
@@ -433,7 +435,7 @@ async fn device_session(
                     let ack = ServerControl {
                         msg: Some(server_control::Msg::TwinReportAck(ack)),
                     };
-                    if out_tx.send(ack).await.is_err() {
+                    if out_tx.send(Box::new(ack)).await.is_err() {
                         return End::Closed("control stream closed".into());
                     }
                 }
@@ -448,7 +450,11 @@ async fn device_session(
                         p.retain,
                     )
                     .await;
-                    if out_tx.send(bridge_ack(p.request_id, r)).await.is_err() {
+                    if out_tx
+                        .send(Box::new(bridge_ack(p.request_id, r)))
+                        .await
+                        .is_err()
+                    {
                         return End::Closed("control stream closed".into());
                     }
                 }
@@ -463,14 +469,14 @@ async fn device_session(
                         ),
                         Err(e) => (bridge_ack(sub.request_id, Err(e)), Vec::new()),
                     };
-                    if out_tx.send(ack).await.is_err() {
+                    if out_tx.send(Box::new(ack)).await.is_err() {
                         return End::Closed("control stream closed".into());
                     }
                     for m in retained {
                         let frame = ServerControl {
                             msg: Some(server_control::Msg::TopicMessage(m)),
                         };
-                        if out_tx.send(frame).await.is_err() {
+                        if out_tx.send(Box::new(frame)).await.is_err() {
                             return End::Closed("control stream closed".into());
                         }
                     }
@@ -479,7 +485,11 @@ async fn device_session(
                     msg: Some(client_control::Msg::Unsubscribe(u)),
                 })) => {
                     let r = crate::bridge::unsubscribe(&shared, &id, &u.filter).map(u64::from);
-                    if out_tx.send(bridge_ack(u.request_id, r)).await.is_err() {
+                    if out_tx
+                        .send(Box::new(bridge_ack(u.request_id, r)))
+                        .await
+                        .is_err()
+                    {
                         return End::Closed("control stream closed".into());
                     }
                 }
@@ -488,7 +498,11 @@ async fn device_session(
                 })) => {
                     let request_id = d.request_id;
                     let r = crate::bridge::send_direct(&shared, &id, &actor, d).await;
-                    if out_tx.send(bridge_ack(request_id, r)).await.is_err() {
+                    if out_tx
+                        .send(Box::new(bridge_ack(request_id, r)))
+                        .await
+                        .is_err()
+                    {
                         return End::Closed("control stream closed".into());
                     }
                 }
@@ -497,7 +511,11 @@ async fn device_session(
                 })) => {
                     let request_id = c.request_id;
                     let r = crate::bridge::device_command(shared.clone(), &id, &actor, c).await;
-                    if out_tx.send(bridge_ack(request_id, r)).await.is_err() {
+                    if out_tx
+                        .send(Box::new(bridge_ack(request_id, r)))
+                        .await
+                        .is_err()
+                    {
                         return End::Closed("control stream closed".into());
                     }
                 }

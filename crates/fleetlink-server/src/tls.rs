@@ -108,6 +108,13 @@ fn write_private(path: &Path, contents: &str) -> Result<(), ServerError> {
 }
 
 /// The quinn server configuration: TLS 1.3 with the ring provider, our ALPN, transport limits.
+/// Streams a device may open at once: its control stream ...
+pub(crate) const DEVICE_BIDI_STREAMS: u32 = 1;
+/// ... and its telemetry stream (one more, so a device that reopens it need not wait).
+pub(crate) const DEVICE_UNI_STREAMS: u32 = 2;
+/// Request streams an authenticated operator may have open at once.
+pub(crate) const OPERATOR_BIDI_STREAMS: u32 = 64;
+
 pub(crate) fn quinn_server_config(
     material: &TlsMaterial,
     idle_timeout: std::time::Duration,
@@ -125,8 +132,11 @@ pub(crate) fn quinn_server_config(
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(idle_timeout.try_into().map_err(tls_err)?))
-        .max_concurrent_bidi_streams(64u32.into())
-        .max_concurrent_uni_streams(8u32.into());
+        // Until the Hello says who it is, a connection may open only its control stream and a
+        // telemetry stream: quinn keeps state for every stream a peer may open, and most
+        // connections are idle devices. Operators get OPERATOR_BIDI_STREAMS once authenticated.
+        .max_concurrent_bidi_streams(DEVICE_BIDI_STREAMS.into())
+        .max_concurrent_uni_streams(DEVICE_UNI_STREAMS.into());
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

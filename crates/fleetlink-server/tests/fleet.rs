@@ -462,3 +462,58 @@ async fn settled_points_counts_every_acked_point_in_send_order() {
     assert_eq!(n, 50, "exactly the points sent, never more");
     assert_eq!(sdk.stats().points_acked, 50);
 }
+
+/// Polls `f` once: its output if it is ready without waiting.
+fn ready_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// quinn keeps state for every stream a peer may open and most connections are idle devices, so
+/// a device may open its control stream and two telemetry streams; an operator gets 64 request
+/// streams once its Hello is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_may_open_their_own_streams_operators_many() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "tag-1").await;
+    let device = raw_connect(&ts, device_hello("tag-1", &token)).await;
+    assert!(matches!(
+        device.first.as_ref().and_then(|f| f.msg.as_ref()),
+        Some(server_control::Msg::Welcome(_))
+    ));
+    assert!(
+        ready_now(device.conn.open_bi()).is_none(),
+        "a device has no second bidirectional stream"
+    );
+    let _telemetry = ready_now(device.conn.open_uni()).unwrap().unwrap();
+    let _reopened = ready_now(device.conn.open_uni()).unwrap().unwrap();
+    assert!(ready_now(device.conn.open_uni()).is_none());
+
+    let operator = raw_connect(
+        &ts,
+        v1::Hello {
+            role: v1::Role::Operator.into(),
+            device_id: String::new(),
+            ..device_hello("", &ts.admin_token)
+        },
+    )
+    .await;
+    assert!(matches!(
+        operator.first.as_ref().and_then(|f| f.msg.as_ref()),
+        Some(server_control::Msg::Welcome(_))
+    ));
+    let mut open = Vec::new();
+    for _ in 1..64 {
+        let stream = tokio::time::timeout(Duration::from_secs(10), operator.conn.open_bi())
+            .await
+            .expect("the operator's stream limit was not raised")
+            .unwrap();
+        open.push(stream);
+    }
+    assert!(ready_now(operator.conn.open_bi()).is_none());
+}
