@@ -18,7 +18,7 @@ use fleetlink_store::{
     AppendBatch, CommandRecord, DurabilityListener, MetricValue, PresenceRecord, Store, StoreError,
     StoredTwin,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{oneshot, watch};
 
 use crate::now_us;
 
@@ -73,7 +73,7 @@ pub(crate) struct DeviceActor {
     types: MetricTypes,
     last_values: HashMap<MetricName, (TimeUs, Value)>,
     durable: Arc<DurableSeq>,
-    session_kick: Option<mpsc::Sender<Kick>>,
+    session_kick: Option<oneshot::Sender<Kick>>,
     pub(crate) settings: ActorSettings,
     pub(crate) reported: TwinDoc,
     pub(crate) desired: TwinDoc,
@@ -223,7 +223,7 @@ impl DeviceActor {
 
     fn kick(&mut self, code: ErrorCode, message: String) {
         if let Some(kick) = self.session_kick.take() {
-            let _ = kick.try_send(Kick { code, message });
+            let _ = kick.send(Kick { code, message });
         }
     }
 
@@ -318,7 +318,7 @@ impl Actor for DeviceActor {
 pub(crate) struct Attach {
     pub session: SessionId,
     pub remote: SocketAddr,
-    pub kick: mpsc::Sender<Kick>,
+    pub kick: oneshot::Sender<Kick>,
 }
 
 /// What a new session needs.

@@ -16,7 +16,7 @@ use fleetlink_proto::v1::{
 use fleetlink_proto::{HANDSHAKE_MAX_FRAME_BYTES, PROTOCOL_VERSION, SUPPORTED_VERSIONS};
 use fleetlink_store::{Store, StoreError};
 use fleetlink_transport::{FrameReader, TransportError, write_frame};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument as _;
 
 use crate::actor::{Attach, Detach, Ingest, Kick, Link, Seen};
@@ -288,7 +288,7 @@ async fn device_session(
             .await;
         }
     };
-    let (kick_tx, mut kick_rx) = mpsc::channel(1);
+    let (kick_tx, kick_rx) = oneshot::channel();
     let attached = match actor
         .send(Attach {
             session,
@@ -353,30 +353,25 @@ async fn device_session(
         conn: conn.clone(),
         delta: delta_tx,
     };
-    let (bridge_tx, mut bridge_rx) =
-        mpsc::channel::<Box<ServerControl>>(crate::bridge::BRIDGE_QUEUE);
-    shared.fleet.bridge.link(&id, session, bridge_tx);
+    // One queue of frames for the control stream: the session's own answers and what the bridge
+    // hands over (which it drops, rather than wait, once BRIDGE_QUEUE frames are waiting). Boxed:
+    // a channel allocates a block of 32 slots up front (see bridge::BridgeSender).
+    let (out_tx, mut out_rx) = mpsc::channel::<Box<ServerControl>>(crate::bridge::BRIDGE_QUEUE);
+    shared.fleet.bridge.link(&id, session, out_tx.clone());
     if actor.send(Ready(link)).await.is_err() {
         shared.fleet.bridge.unlink(&id, session);
         return;
     }
 
-    // Boxed frames: a channel allocates a block of 32 slots up front (see bridge::BridgeSender).
-    let (out_tx, mut out_rx) = mpsc::channel::<Box<ServerControl>>(16);
     // Everything this session sends on the control stream goes through here: acks coalesced,
     // and of twin deltas only the latest.
     let writer = async move {
         // The actor drops its end when the session is replaced or ends: not a reason to stop.
         let mut deltas_open = true;
-        let mut bridge_open = true;
         loop {
             let frame = tokio::select! {
+                // Ends once the session and the bridge (unlinked below) dropped their senders.
                 m = out_rx.recv() => match m { Some(m) => *m, None => return send },
-                // A newer connection of the device takes over its bridge queue: not a reason to stop.
-                m = bridge_rx.recv(), if bridge_open => match m {
-                    Some(m) => *m,
-                    None => { bridge_open = false; continue; }
-                },
                 changed = durable.changed() => {
                     if changed.is_err() { return send; }
                     let seq = *durable.borrow_and_update();
@@ -414,7 +409,8 @@ async fn device_session(
                 Ok(Some(ClientControl {
                     msg: Some(client_control::Msg::TwinReport(report)),
                 })) => {
-                    let ack = match report_twin(&actor, session, &report).await {
+                    // Rare requests are boxed: the session's future (held by every idle device) stays small.
+                    let ack = match Box::pin(report_twin(&actor, session, &report)).await {
                         Ok(version) => v1::TwinReportAck {
                             request_id: report.request_id,
                             reported_version: version,
@@ -442,13 +438,13 @@ async fn device_session(
                 Ok(Some(ClientControl {
                     msg: Some(client_control::Msg::Publish(p)),
                 })) => {
-                    let r = crate::bridge::publish(
+                    let r = Box::pin(crate::bridge::publish(
                         &shared,
                         Some((&id, &actor)),
                         &p.topic,
                         p.payload,
                         p.retain,
-                    )
+                    ))
                     .await;
                     if out_tx
                         .send(Box::new(bridge_ack(p.request_id, r)))
@@ -461,7 +457,8 @@ async fn device_session(
                 Ok(Some(ClientControl {
                     msg: Some(client_control::Msg::Subscribe(sub)),
                 })) => {
-                    let r = crate::bridge::subscribe(&shared, &id, &actor, &sub.filter).await;
+                    let r =
+                        Box::pin(crate::bridge::subscribe(&shared, &id, &actor, &sub.filter)).await;
                     let (ack, retained) = match r {
                         Ok(retained) => (
                             bridge_ack(sub.request_id, Ok(retained.len() as u64)),
@@ -497,7 +494,7 @@ async fn device_session(
                     msg: Some(client_control::Msg::SendDirect(d)),
                 })) => {
                     let request_id = d.request_id;
-                    let r = crate::bridge::send_direct(&shared, &id, &actor, d).await;
+                    let r = Box::pin(crate::bridge::send_direct(&shared, &id, &actor, d)).await;
                     if out_tx
                         .send(Box::new(bridge_ack(request_id, r)))
                         .await
@@ -510,7 +507,13 @@ async fn device_session(
                     msg: Some(client_control::Msg::DeviceCommand(c)),
                 })) => {
                     let request_id = c.request_id;
-                    let r = crate::bridge::device_command(shared.clone(), &id, &actor, c).await;
+                    let r = Box::pin(crate::bridge::device_command(
+                        shared.clone(),
+                        &id,
+                        &actor,
+                        c,
+                    ))
+                    .await;
                     if out_tx
                         .send(Box::new(bridge_ack(request_id, r)))
                         .await
@@ -584,13 +587,14 @@ async fn device_session(
     let end = tokio::select! {
         end = control_reader => end,
         end = telemetry => end,
-        kick = kick_rx.recv() => match kick {
-            Some(k) => End::Kicked(k),
-            None => End::Closed("actor stopped".into()),
+        kick = kick_rx => match kick {
+            Ok(k) => End::Kicked(k),
+            Err(_) => End::Closed("actor stopped".into()),
         },
         _ = &mut writer => End::Closed("control stream closed".into()),
     };
     drop(out_tx);
+    shared.fleet.bridge.unlink(&id, session);
     let reason = match &end {
         End::Closed(why) => {
             tracing::debug!(why, "device connection closed");
@@ -613,7 +617,6 @@ async fn device_session(
             }
         }
     };
-    shared.fleet.bridge.unlink(&id, session);
     let _ = actor.send(Detach { session, reason }).await;
 }
 
