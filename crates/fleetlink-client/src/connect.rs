@@ -42,17 +42,25 @@ pub(crate) struct Session {
     pub welcome: v1::Welcome,
 }
 
+/// The QUIC and TLS configuration of connections to `server`. A client builds it once and
+/// reuses it for every reconnect (parsing the CA and building a TLS config per attempt costs
+/// a storm of reconnecting devices CPU).
+pub(crate) fn quic_config(
+    server: &ServerAddress,
+    transport: &ClientTransport,
+) -> Result<quinn::ClientConfig, ClientError> {
+    Ok(client_config(roots_from_pem(&server.ca_pem)?, transport)?)
+}
+
 pub(crate) async fn open_session(
     endpoint: &Endpoint,
     server: &ServerAddress,
-    transport: &ClientTransport,
+    config: &quinn::ClientConfig,
     hello: Hello,
 ) -> Result<Session, ClientError> {
-    let roots = roots_from_pem(&server.ca_pem)?;
-    let config = client_config(roots, transport)?;
     let connecting = endpoint
         .quinn()
-        .connect_with(config, server.addr, &server.server_name)
+        .connect_with(config.clone(), server.addr, &server.server_name)
         .map_err(|e| ClientError::Connection(e.to_string()))?;
     let conn = connecting.await?;
     let (mut send, recv) = conn.open_bi().await?;

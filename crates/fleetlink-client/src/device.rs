@@ -24,7 +24,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::command::{CommandHandlers, CommandOutput, CommandRunner};
-use crate::connect::{Endpoint, Session, hello, open_session};
+use crate::connect::{Endpoint, Session, hello, open_session, quic_config};
 use crate::{ClientError, ServerAddress};
 
 /// A sealed batch, encoded once and resent as is.
@@ -52,6 +52,11 @@ pub struct DeviceConfig {
     pub linger: Duration,
     /// Reconnect delays.
     pub backoff: Backoff,
+    /// An attempt to connect (QUIC and TLS handshakes, Hello, Welcome) is abandoned after this
+    /// long and retried after the backoff. A restarting server does not answer the first packets
+    /// of an attempt, and QUIC retransmits them ever more rarely (1 s, 2 s, 4 s, ...): without a
+    /// bound, a device could wait for its attempt's idle timeout instead of simply trying again.
+    pub connect_timeout: Duration,
     /// A shared client endpoint (UDP socket); `None` = one of its own.
     pub endpoint: Option<Endpoint>,
     /// What the device does when it receives a command, by name. Register handlers before
@@ -70,6 +75,7 @@ impl DeviceConfig {
             max_batch_points: 1_000,
             linger: Duration::from_millis(20),
             backoff: Backoff::default(),
+            connect_timeout: Duration::from_secs(5),
             endpoint: None,
             commands: CommandHandlers::default(),
         }
@@ -319,7 +325,13 @@ impl DeviceClient {
             Some(e) => e.clone(),
             None => Endpoint::for_server(config.server.addr)?,
         };
-        let session = connect_once(&endpoint, &config).await?;
+        if config.connect_timeout.is_zero() {
+            return Err(ClientError::InvalidArgument(
+                "connect_timeout must be above 0".into(),
+            ));
+        }
+        let quic = quic_config(&config.server, &ClientTransport::default())?;
+        let session = connect_once(&endpoint, &config, &quic).await?;
         let last_stored = session.welcome.last_stored_seq;
         let (cmds_tx, cmds_rx) = mpsc::channel(64);
         let room = Arc::new(Semaphore::new(
@@ -342,6 +354,7 @@ impl DeviceClient {
         let engine = Engine {
             desired: desired_tx,
             runner: runner.clone(),
+            quic,
             requests: std::collections::BTreeMap::new(),
             next_request: 1,
             subscriptions: std::collections::BTreeSet::new(),
@@ -660,9 +673,18 @@ impl DeviceClient {
     }
 }
 
-async fn connect_once(endpoint: &Endpoint, config: &DeviceConfig) -> Result<Session, ClientError> {
+async fn connect_once(
+    endpoint: &Endpoint,
+    config: &DeviceConfig,
+    quic: &quinn::ClientConfig,
+) -> Result<Session, ClientError> {
     let hello = hello(v1::Role::Device, config.device_id.as_str(), &config.token);
-    open_session(endpoint, &config.server, &ClientTransport::default(), hello).await
+    let attempt = open_session(endpoint, &config.server, quic, hello);
+    match tokio::time::timeout(config.connect_timeout, attempt).await {
+        Ok(r) => r,
+        // Dropping the attempt closes its half-open connection.
+        Err(_) => Err(ClientError::Timeout(config.connect_timeout)),
+    }
 }
 
 /// Why a session ended.
@@ -688,6 +710,8 @@ enum Event {
 struct Engine {
     config: DeviceConfig,
     endpoint: Endpoint,
+    /// Built once: every reconnect uses it.
+    quic: quinn::ClientConfig,
     cmds: mpsc::Receiver<Cmd>,
     room: Arc<Semaphore>,
     stats: Arc<Mutex<DeviceStats>>,
@@ -803,7 +827,7 @@ impl Engine {
                     },
                 }
             }
-            match connect_once(&self.endpoint, &self.config).await {
+            match connect_once(&self.endpoint, &self.config, &self.quic).await {
                 Ok(s) => return Ok(s),
                 Err(ClientError::Rejected {
                     reason,

@@ -10,7 +10,7 @@ use fleetlink_proto::v1::{
 };
 use fleetlink_transport::{ClientTransport, FrameReader, write_frame};
 
-use crate::connect::{Endpoint, hello, open_session};
+use crate::connect::{Endpoint, hello, open_session, quic_config};
 use crate::{ClientError, ServerAddress};
 
 /// How an operator connects.
@@ -590,7 +590,7 @@ impl OperatorClient {
         let session = open_session(
             &endpoint,
             &config.server,
-            &transport,
+            &quic_config(&config.server, &transport)?,
             hello(v1::Role::Operator, "", &config.token),
         )
         .await?;

@@ -517,3 +517,24 @@ async fn devices_may_open_their_own_streams_operators_many() {
     }
     assert!(ready_now(operator.conn.open_bi()).is_none());
 }
+
+/// A server that does not answer (down, or restarting) costs a connect attempt its
+/// `connect_timeout`, not QUIC's idle timeout: the SDK then tries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_attempt_to_a_silent_server_ends_at_connect_timeout() {
+    let ts = start(|_| {});
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut config = ts.device_config("nobody", "token");
+    config.server.addr = silent.local_addr().unwrap();
+    config.connect_timeout = Duration::from_millis(300);
+    let attempt = tokio::time::timeout(Duration::from_secs(10), DeviceClient::connect(config))
+        .await
+        .expect("the attempt outlived its connect_timeout");
+    match attempt {
+        Err(fleetlink_client::ClientError::Timeout(t)) => {
+            assert_eq!(t, Duration::from_millis(300));
+        }
+        Err(other) => panic!("expected a timeout, got {other}"),
+        Ok(_) => panic!("connected to a socket that never answers"),
+    }
+}

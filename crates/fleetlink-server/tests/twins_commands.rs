@@ -454,10 +454,17 @@ async fn serial_commands_run_in_order_concurrent_ones_beside_them() {
 /// command then gives the owner's live state, not the store's older one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_command_reads_as_delivered_before_the_store_commits_it() {
-    // every commit waits 300 ms for company, so the store lags the actor by that much
-    let ts = start(|c| c.group_commit_us = 300_000);
+    let ts = start(|_| {});
     let op = ts.operator().await;
     let token = provision(&op, "pump-1").await;
+    let command = op
+        .send_command(CommandRequest::new(id("pump-1"), "prime"))
+        .await
+        .unwrap();
+    // Another connection holds SQLite's write lock: the store cannot commit `delivered` (its
+    // writer waits on the busy timeout) while the device runs the command.
+    let db = rusqlite::Connection::open(ts.dir.path().join("fleetlink.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
     let started = Arc::new(Notify::new());
     let release = Arc::new(Notify::new());
     let (s, r) = (started.clone(), release.clone());
@@ -473,14 +480,11 @@ async fn a_running_command_reads_as_delivered_before_the_store_commits_it() {
             }
         });
     let dev = DeviceClient::connect(config).await.unwrap();
-    let command = op
-        .send_command(CommandRequest::new(id("pump-1"), "prime"))
-        .await
-        .unwrap();
     tokio::time::timeout(WAIT, started.notified())
         .await
         .expect("the device never ran the command");
     assert_eq!(state_of(&op, command.id).await, CommandState::Delivered);
+    db.execute_batch("ROLLBACK").unwrap();
     release.notify_one();
     let done = op.wait_command(command.id, WAIT).await.unwrap();
     assert_eq!(done.state, CommandState::Succeeded);

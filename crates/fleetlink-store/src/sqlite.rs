@@ -1515,10 +1515,14 @@ impl Writer {
         delay: std::time::Duration,
     ) {
         let mut jobs: Vec<WriterJob> = Vec::new();
+        // Jobs in the previous commit: more than one means several writers are active, and
+        // waiting `delay` for them pays. A lone writer (one command at a time, a single device)
+        // is committed at once instead of waiting for company that is not coming.
+        let mut previous = 0usize;
         while let Some(first) = rx.blocking_recv() {
             let mut points = job_points(&first);
             jobs.push(first);
-            let mut waited = delay.is_zero();
+            let mut waited = delay.is_zero() || previous <= 1;
             while points < max_points {
                 match rx.try_recv() {
                     Ok(job) => {
@@ -1533,6 +1537,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            previous = jobs.len();
             let (appends, controls): (Vec<_>, Vec<_>) = std::mem::take(&mut jobs)
                 .into_iter()
                 .partition(|j| matches!(j, WriterJob::Append(..)));

@@ -466,3 +466,42 @@ async fn device_states_come_in_pages_with_everything_an_actor_needs() {
     assert_eq!(one.twin, store.twin(&id("crane-a")).await.unwrap());
     assert!(store.device_state(&id("nobody")).await.unwrap().is_none());
 }
+
+/// The group-commit wait is for writers with company: one write at a time (a command, a single
+/// device) is committed at once, however long `commit_delay` is.
+#[tokio::test]
+async fn a_lone_write_does_not_wait_for_the_group_commit_delay() {
+    use fleetlink_store::PresenceRecord;
+
+    let dir = tempfile::tempdir().unwrap();
+    let options = SqliteOptions {
+        commit_delay: std::time::Duration::from_secs(5),
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(dir.path().join("fleet.db"), options).unwrap();
+    provision(&store, "buoy-1").await;
+    let started = std::time::Instant::now();
+    for at_us in 1..=3 {
+        let event = PresenceRecord {
+            online: at_us % 2 == 1,
+            at_us,
+            reason: String::new(),
+            remote_addr: String::new(),
+            session: 1,
+        };
+        store.record_presence(&id("buoy-1"), event).await.unwrap();
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "three lone writes took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        store
+            .presence_history(&id("buoy-1"), 10)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+}
