@@ -56,6 +56,11 @@ pub fn serve(data: &Path, devices: usize, listen: SocketAddr) -> Result<()> {
         data_dir: data.to_path_buf(),
         io_threads: 1,
         arbiters: 1,
+        // for experiments with the reconnect storm
+        max_handshakes: std::env::var("FLEETLINK_BENCH_MAX_HANDSHAKES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(ServerConfig::default().max_handshakes),
         ..Default::default()
     })?;
     let admin_token = std::fs::read_to_string(server.admin_token_file())

@@ -488,7 +488,8 @@ impl Report {
         let _ = writeln!(md, "## 5. Reconnect storm\n");
         let _ = writeln!(
             md,
-            "The server is stopped gracefully under a fleet streaming at 1 message/s and started again on the same port and data; seconds from the stop request.\n"
+            "The server is stopped gracefully under a fleet streaming {} message/s per device and started again on the same port and data; seconds from the stop request. The SDK retries with its default backoff (100 ms doubling to 30 s, jittered) and 5 s connect timeout; the server refuses handshakes beyond `max_handshakes` (256). Streaming = a point acked after the restart. The load generator (one core) does every device's client handshake, which bounds the time.\n",
+            crate::scenarios::RECONNECT_RATE
         );
         let _ = writeln!(
             md,

@@ -563,6 +563,9 @@ pub async fn reconnect(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Messages per second per device while the server restarts under them.
+pub const RECONNECT_RATE: f64 = 0.2;
+
 async fn reconnect_run(ctx: &mut Ctx, devices: usize) -> Result<Run> {
     let listen = format!("127.0.0.1:{}", crate::procs::free_udp_port()?);
     let (mut proc, ready, data) = start_fleetlink(ctx, devices, None, &listen)?;
@@ -570,9 +573,11 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize) -> Result<Run> {
     let clients = fleet::connect(&server, devices, 1_000, None).await?;
     let meter = Meter::new();
     let (stop_tx, stop_rx) = watch::channel(false);
+    // One message per device every 5 s: at 1 msg/s, 10k SDK devices alone kept the load
+    // generator's one core busy, and its handshakes (the thing measured) starved behind them.
     let load = Load {
         devices,
-        rate: Some(1.0),
+        rate: Some(RECONNECT_RATE),
         message_bytes: 100,
     };
     let driving = {
@@ -590,6 +595,7 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize) -> Result<Run> {
     // Measured by polling the clients' own state (20 ms resolution).
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut online_s = None;
+    let mut last_log = Instant::now();
     let streaming_s = loop {
         let online = clients
             .iter()
@@ -609,9 +615,34 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize) -> Result<Run> {
         if online == devices && streaming == devices {
             break t0.elapsed().as_secs_f64();
         }
+        if last_log.elapsed() >= Duration::from_secs(5) {
+            last_log = Instant::now();
+            let errors = clients.iter().filter(|c| !c.stats().connected).fold(
+                std::collections::BTreeMap::<String, usize>::new(),
+                |mut m, c| {
+                    *m.entry(c.stats().last_error.unwrap_or_default())
+                        .or_default() += 1;
+                    m
+                },
+            );
+            tracing::info!(
+                seconds = t0.elapsed().as_secs(),
+                online,
+                streaming,
+                ?errors,
+                "reconnecting"
+            );
+        }
         if Instant::now() > deadline {
+            let mut why: std::collections::BTreeMap<String, usize> = Default::default();
+            for c in &clients {
+                let s = c.stats();
+                if !s.connected {
+                    *why.entry(s.last_error.unwrap_or_default()).or_default() += 1;
+                }
+            }
             anyhow::bail!(
-                "after 120 s only {online} of {devices} devices were back and {streaming} streaming"
+                "after 120 s only {online} of {devices} devices were back and {streaming} streaming; last errors of the others: {why:?}"
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -37,7 +37,8 @@ pub fn serve(message_bytes: usize) -> Result<()> {
             rustls::pki_types::PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()),
         );
         let config = quinn::ServerConfig::with_single_cert(vec![cert_der], key)?;
-        let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse()?)?;
+        // default transport config; fleetlink's socket buffers (see `connect`)
+        let endpoint = fleetlink_transport::server_endpoint(config, "127.0.0.1:0".parse()?)?;
         let ready = Ready {
             addr: endpoint.local_addr()?,
             ca_pem: cert.cert.pem(),
@@ -160,10 +161,11 @@ pub async fn connect(
     keep_alive: Option<std::time::Duration>,
 ) -> Result<Vec<quinn::Connection>> {
     let config = client_config(&ready.ca_pem, keep_alive)?;
-    let bind: std::net::SocketAddr = "127.0.0.1:0".parse()?;
+    // The same socket buffers as fleetlink's (fleetlink_transport::udp_socket): a comparison of
+    // QUIC stacks, not of kernel defaults.
     let endpoints: Vec<quinn::Endpoint> = crate::load::endpoints_for(n)
         .map(|_| {
-            let mut e = quinn::Endpoint::client(bind)?;
+            let mut e = fleetlink_transport::client_endpoint(ready.addr)?;
             e.set_default_client_config(config.clone());
             anyhow::Ok(e)
         })

@@ -39,6 +39,11 @@ pub struct ServerConfig {
     pub group_commit_us: u64,
     /// Time a client has to complete its handshake (milliseconds).
     pub handshake_timeout_ms: u32,
+    /// QUIC handshakes in progress at once; a connection attempt beyond them is refused at once
+    /// (QUIC `CONNECTION_REFUSED`, which costs no cryptography) and the client retries after its
+    /// backoff. Without a bound, a reconnect storm queues more handshakes than the server can
+    /// finish before the clients give up on them, and every abandoned one was wasted work.
+    pub max_handshakes: usize,
     /// The command outbox (`[commands]` in the TOML file).
     pub commands: CommandsConfig,
     /// Events an operator live stream may fall behind by before it gets an overflow signal.
@@ -146,6 +151,7 @@ impl Default for ServerConfig {
             synchronous: "normal".into(),
             group_commit_us: 2_000,
             handshake_timeout_ms: 10_000,
+            max_handshakes: 256,
             commands: CommandsConfig::default(),
             event_buffer: 4096,
             policy: PolicyConfig::default(),
@@ -197,6 +203,9 @@ impl ServerConfig {
         }
         if self.max_batch_points == 0 {
             return bad("max_batch_points must be above 0".into());
+        }
+        if self.max_handshakes == 0 {
+            return bad("max_handshakes must be above 0".into());
         }
         if self.group_commit_us > 1_000_000 {
             return Err(ServerError::Config(format!(

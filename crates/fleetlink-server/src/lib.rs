@@ -268,12 +268,13 @@ async fn setup(
     }
     let idle = config.heartbeat_timeout() * 2;
     let server_config = tls::quinn_server_config(&material, idle)?;
-    let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-        ServerError::Io {
-            context: format!("cannot listen on {}", config.listen),
-            source,
-        }
-    })?;
+    let endpoint =
+        fleetlink_transport::server_endpoint(server_config, config.listen).map_err(|source| {
+            ServerError::Io {
+                context: format!("cannot listen on {}", config.listen),
+                source,
+            }
+        })?;
     let local_addr = endpoint.local_addr().map_err(|source| ServerError::Io {
         context: "cannot read the bound address".into(),
         source,
@@ -317,6 +318,7 @@ async fn setup(
         registry,
         fleet,
         next_session: AtomicU64::new(1),
+        handshakes: std::sync::atomic::AtomicUsize::new(0),
         shutting_down: shutdown_rx,
         all_started,
         all_started_tx,

@@ -32,6 +32,8 @@ pub(crate) struct Shared {
     pub registry: DeviceRegistry,
     pub fleet: Arc<crate::fleet::Fleet>,
     pub next_session: AtomicU64,
+    /// QUIC handshakes in progress (bounded by `config.max_handshakes`).
+    pub handshakes: std::sync::atomic::AtomicUsize,
     pub shutting_down: watch::Receiver<bool>,
     /// Becomes true once every provisioned device has its actor (after start-up).
     pub all_started: watch::Receiver<bool>,
@@ -73,17 +75,29 @@ impl End {
 /// Serves one incoming connection to its end.
 pub(crate) async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
+    let Some(handshake) = HandshakeSlot::take(&shared) else {
+        tracing::debug!(%remote, "too many handshakes in progress; connection refused");
+        incoming.refuse();
+        return;
+    };
     let session: SessionId = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("conn", session, %remote);
     async move {
-        let conn = match incoming.await {
-            Ok(c) => c,
-            Err(e) => {
+        let timeout = Duration::from_millis(u64::from(shared.config.handshake_timeout_ms));
+        // Bounded: a client that gave up mid-handshake would otherwise hold its handshake slot
+        // until the QUIC idle timeout (a minute), and a reconnect storm leaves many of those.
+        let conn = match tokio::time::timeout(timeout, incoming).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "QUIC handshake failed");
                 return;
             }
+            Err(_) => {
+                tracing::debug!("QUIC handshake not finished in time");
+                return;
+            }
         };
-        let timeout = Duration::from_millis(u64::from(shared.config.handshake_timeout_ms));
+        drop(handshake);
         let Ok(Ok((send, recv))) = tokio::time::timeout(timeout, conn.accept_bi()).await else {
             tracing::debug!("no control stream opened in time");
             conn.close(crate::close_code(ErrorCode::ProtocolViolation), b"open the control stream and send a Hello");
@@ -140,6 +154,28 @@ pub(crate) async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shar
     }
     .instrument(span)
     .await
+}
+
+/// One of the `max_handshakes` handshakes in progress; freed when dropped.
+struct HandshakeSlot(Arc<Shared>);
+
+impl HandshakeSlot {
+    fn take(shared: &Arc<Shared>) -> Option<Self> {
+        let max = shared.config.max_handshakes;
+        shared
+            .handshakes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(shared.clone()))
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.handshakes.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The control stream of a connection.

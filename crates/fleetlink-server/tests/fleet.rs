@@ -538,3 +538,70 @@ async fn a_connect_attempt_to_a_silent_server_ends_at_connect_timeout() {
         Ok(_) => panic!("connected to a socket that never answers"),
     }
 }
+
+/// Beyond `max_handshakes` handshakes in progress, a connection attempt is refused at once (QUIC
+/// CONNECTION_REFUSED, no cryptography) instead of queueing work the client may give up on; a
+/// slot frees when its handshake ends, here by timing out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_attempts_beyond_max_handshakes_are_refused() {
+    let ts = start(|c| {
+        c.max_handshakes = 1;
+        c.heartbeat_interval_ms = 200;
+        c.heartbeat_timeout_ms = 500; // the server's QUIC idle timeout is twice this
+    });
+    let op = ts.operator().await;
+    let token = provision(&op, "probe-1").await;
+    op.close();
+    // A client whose handshake never finishes: a relay passes its packets to the server and
+    // drops every answer.
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let server = ts.address.addr;
+    let relaying = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let (n, from) = relay.recv_from(&mut buf).await.unwrap();
+            if from != server {
+                relay.send_to(&buf[..n], server).await.unwrap();
+            }
+        }
+    });
+    let stalled = fleetlink_transport::client_endpoint(relay_addr).unwrap();
+    let config = fleetlink_transport::client_config(
+        fleetlink_transport::roots_from_pem(&ts.address.ca_pem).unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    let _attempt = stalled
+        .connect_with(config, relay_addr, "localhost")
+        .unwrap();
+    let mut device = ts.device_config("probe-1", &token);
+    device.connect_timeout = Duration::from_secs(2);
+    eventually(Duration::from_secs(10), "a refused connection", || async {
+        match DeviceClient::connect(device.clone()).await {
+            Err(e) if e.to_string().contains("refused to accept a new connection") => true,
+            Ok(client) => {
+                client.close().await; // admitted before the stalled handshake arrived
+                false
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+    // once the relay stops, the stalled handshake times out and frees its slot
+    relaying.abort();
+    eventually(
+        Duration::from_secs(10),
+        "a connection once the slot is free",
+        || async {
+            match DeviceClient::connect(device.clone()).await {
+                Ok(client) => {
+                    client.close().await;
+                    true
+                }
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+}

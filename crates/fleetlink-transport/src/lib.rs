@@ -148,7 +148,42 @@ pub fn client_config(
     Ok(config)
 }
 
-/// A client endpoint on an ephemeral local port, of the address family of `server`.
+/// Socket buffers of every fleetlink UDP socket (the kernel caps them at `net.core.rmem_max` and
+/// `wmem_max`). A server accepting a storm of reconnecting devices, or a simulator whose devices
+/// share one socket, receives handshake packets in bursts; the kernel's default (~200 KB)
+/// dropped some, and every dropped Initial costs its handshake a retransmission timeout.
+pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// A UDP socket bound to `addr` with [`SOCKET_BUFFER_BYTES`] buffers.
+pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // [::] accepts IPv4 too, as quinn's own sockets do
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: a smaller buffer than asked for is not an error.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A quinn server endpoint on `addr`, with [`udp_socket`]'s buffers.
+pub fn server_endpoint(
+    config: quinn::ServerConfig,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        udp_socket(addr)?,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// A client endpoint on an ephemeral local port, of the address family of `server`, with
+/// [`udp_socket`]'s buffers.
 pub fn client_endpoint(server: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
     let bind: std::net::SocketAddr = if server.is_ipv6() {
         "[::]:0".parse()
@@ -156,5 +191,10 @@ pub fn client_endpoint(server: std::net::SocketAddr) -> std::io::Result<quinn::E
         "0.0.0.0:0".parse()
     }
     .map_err(std::io::Error::other)?;
-    quinn::Endpoint::client(bind)
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        udp_socket(bind)?,
+        Arc::new(quinn::TokioRuntime),
+    )
 }
