@@ -463,12 +463,20 @@ async fn actor_of(
     device: &str,
 ) -> Result<(DeviceId, actix::Addr<crate::actor::DeviceActor>), RequestError> {
     let id = device_id(device)?;
-    let actor = shared
-        .registry
-        .get_or_start(&id)
-        .await
-        .map_err(store_error)?;
+    let actor = owner_of(shared, &id).await?;
     Ok((id, actor))
+}
+
+/// The actor of a provisioned device (started if needed).
+async fn owner_of(
+    shared: &Shared,
+    device: &DeviceId,
+) -> Result<actix::Addr<crate::actor::DeviceActor>, RequestError> {
+    shared
+        .registry
+        .get_or_start(device)
+        .await
+        .map_err(store_error)
 }
 
 fn twin_error(e: TwinRequestError) -> RequestError {
@@ -589,11 +597,7 @@ async fn get_command(
         return respond(operator_response::Response::Command(command_info(&stored)));
     }
     // An unfinished command's owner holds its newest state; the store may be a commit behind.
-    let actor = shared
-        .registry
-        .get_or_start(&stored.device)
-        .await
-        .map_err(store_error)?;
+    let actor = owner_of(shared, &stored.device).await?;
     let live = actor
         .send(OpenCommand(r.command_id))
         .await
@@ -647,11 +651,7 @@ async fn cancel_command(
     r: v1::CancelCommand,
 ) -> Result<Vec<OperatorResponse>, RequestError> {
     let record = stored_command(shared, r.command_id).await?;
-    let actor = shared
-        .registry
-        .get_or_start(&record.device)
-        .await
-        .map_err(store_error)?;
+    let actor = owner_of(shared, &record.device).await?;
     let record = actor
         .send(CancelCommand(r.command_id))
         .await
@@ -680,11 +680,7 @@ async fn wait_command(
     if record.state.is_terminal() {
         return respond(operator_response::Response::Command(command_info(&record)));
     }
-    let actor = shared
-        .registry
-        .get_or_start(&record.device)
-        .await
-        .map_err(store_error)?;
+    let actor = owner_of(shared, &record.device).await?;
     let watch = actor
         .send(WatchCommand(r.command_id))
         .await
