@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use fleetlink_client::{
-    DeviceClient, DeviceConfig, DeviceId, Endpoint, Point, ServerAddress, Value,
+    DeviceClient, DeviceConfig, DeviceId, Endpoint, Point, Resumption, ServerAddress, Value,
 };
 use fleetlink_core::credentials::Token;
 use fleetlink_server::{Server, ServerConfig};
@@ -148,6 +148,24 @@ pub async fn connect(
     max_buffered_points: usize,
     commands: Option<fleetlink_client::CommandHandlers>,
 ) -> Result<Vec<Arc<DeviceClient>>> {
+    connect_resuming(
+        server,
+        n,
+        max_buffered_points,
+        commands,
+        Resumption::default(),
+    )
+    .await
+}
+
+/// [`connect`] with a choice of TLS session resumption for the devices' reconnects.
+pub async fn connect_resuming(
+    server: &ServerAddress,
+    n: usize,
+    max_buffered_points: usize,
+    commands: Option<fleetlink_client::CommandHandlers>,
+    resumption: Resumption,
+) -> Result<Vec<Arc<DeviceClient>>> {
     let endpoints: Vec<Endpoint> = endpoints_for(n)
         .map(|_| Endpoint::for_server(server.addr))
         .collect::<Result<_, _>>()?;
@@ -156,6 +174,7 @@ pub async fn connect(
         let mut config = DeviceConfig::new(server.clone(), device_id(i), token(i).as_str());
         config.endpoint = Some(endpoints[i % endpoints.len()].clone());
         config.max_buffered_points = max_buffered_points;
+        config.resumption = resumption;
         if let Some(c) = &commands {
             config.commands = c.clone();
         }

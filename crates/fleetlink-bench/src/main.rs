@@ -2,6 +2,7 @@
 
 mod ceilings;
 mod fleet;
+mod light;
 mod load;
 mod mqtt;
 mod nats;
@@ -161,10 +162,6 @@ fn run(args: RunArgs) -> Result<()> {
         .iter()
         .map(|p| report::read_python(p))
         .collect::<Result<Vec<_>>>()?;
-    ctx.notes.push(
-        "Reconnect storm with 0-RTT resumption: not measured; the SDK does not resume sessions with 0-RTT yet."
-            .into(),
-    );
     let machine = report::Machine::describe(pinning, cores);
     // The report is rewritten after every scenario, so a long run that is stopped (or a scenario
     // that hangs) still leaves the figures measured so far.

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use fleetlink_client::Resumption;
 use tokio::sync::watch;
 
 use crate::load::Load;
 use crate::procs::{Proc, cpu_seconds};
 use crate::stats::{Meter, Run, Series};
-use crate::{fleet, mqtt, nats, sink};
+use crate::{fleet, light, mqtt, nats, sink};
 
 /// A system under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -400,10 +401,12 @@ pub async fn slow(ctx: &mut Ctx) -> Result<()> {
 
 /// Scenario 3: idle connections held: RSS per connection, connect rate, idle CPU.
 pub async fn idle(ctx: &mut Ctx, sizes: &[usize]) -> Result<()> {
+    // The window outlasts the heartbeat timeout (30 s): a device the server fails to hear from
+    // in time is closed, and counted as an error.
     let (settle, window) = if ctx.quick {
         (Duration::from_millis(500), Duration::from_secs(2))
     } else {
-        (Duration::from_secs(5), Duration::from_secs(10))
+        (Duration::from_secs(5), Duration::from_secs(35))
     };
     // The per-device cost of fleetlink is measured against a server with no devices at all.
     let (empty, _, _) = start_fleetlink(ctx, 0, None, "127.0.0.1:0")?;
@@ -456,8 +459,14 @@ async fn idle_run(
         _ => proc.rss_bytes()?,
     };
     let started = Instant::now();
+    // fleetlink's idle devices are light ones (the protocol without the SDK), or 100k would not
+    // fit in the load generator's memory beside the server.
+    let mut light = None;
     let holder: Box<dyn std::any::Any> = match &target {
-        Target::Fleet(ready) => Box::new(fleet::connect(&ready.server()?, n, 1_000, None).await?),
+        Target::Fleet(ready) => {
+            light = Some(light::connect(&ready.server()?, n).await?);
+            Box::new(())
+        }
         // A client keep-alive as often as fleetlink's heartbeat (10 s), or idle clients would time out.
         Target::Sink(ready) => {
             Box::new(sink::connect(ready, n, Some(Duration::from_secs(10))).await?)
@@ -488,6 +497,8 @@ async fn idle_run(
     );
     run.extra
         .insert("idle_cpu_pct".into(), (s1 - s0) / seconds * 100.0);
+    run.errors = light.as_ref().map_or(0, |l| l.lost());
+    drop(light);
     drop(holder);
     Ok(run)
 }
@@ -551,26 +562,35 @@ pub async fn commands(ctx: &mut Ctx) -> Result<()> {
 }
 
 /// Scenario 5: restart the server under a streaming fleet; time until all are back.
+/// The reconnect storm's variants: how the devices' SDK resumes its TLS sessions.
+pub const RECONNECT_VARIANTS: [(&str, Resumption); 3] = [
+    ("fleetlink (full handshakes)", Resumption::Off),
+    ("fleetlink (resumed, 1-RTT)", Resumption::Tickets),
+    ("fleetlink (resumed, 0-RTT)", Resumption::ZeroRtt),
+];
+
 pub async fn reconnect(ctx: &mut Ctx) -> Result<()> {
     let devices = ctx.devices.unwrap_or(if ctx.quick { 50 } else { 10_000 });
-    let mut runs = Vec::new();
-    for i in 0..ctx.runs {
-        let r = reconnect_run(ctx, devices).await?;
-        tracing::info!(run = i + 1, extra = ?r.extra, "reconnect run done");
-        runs.push(r);
+    for (system, resumption) in RECONNECT_VARIANTS {
+        let mut runs = Vec::new();
+        for i in 0..ctx.runs {
+            let r = reconnect_run(ctx, devices, resumption).await?;
+            tracing::info!(system, run = i + 1, extra = ?r.extra, "reconnect run done");
+            runs.push(r);
+        }
+        ctx.push("reconnect", system, runs);
     }
-    ctx.push("reconnect", "fleetlink (no 0-RTT)", runs);
     Ok(())
 }
 
 /// Messages per second per device while the server restarts under them.
 pub const RECONNECT_RATE: f64 = 0.2;
 
-async fn reconnect_run(ctx: &mut Ctx, devices: usize) -> Result<Run> {
+async fn reconnect_run(ctx: &mut Ctx, devices: usize, resumption: Resumption) -> Result<Run> {
     let listen = format!("127.0.0.1:{}", crate::procs::free_udp_port()?);
     let (mut proc, ready, data) = start_fleetlink(ctx, devices, None, &listen)?;
     let server = ready.server()?;
-    let clients = fleet::connect(&server, devices, 1_000, None).await?;
+    let clients = fleet::connect_resuming(&server, devices, 1_000, None, resumption).await?;
     let meter = Meter::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     // One message per device every 5 s: at 1 msg/s, 10k SDK devices alone kept the load
@@ -664,6 +684,16 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize) -> Result<Run> {
     run.extra
         .insert("all_online_s".into(), online_s.unwrap_or(streaming_s));
     run.extra.insert("all_streaming_s".into(), streaming_s);
+    // From the moment the new server listens: the storm itself.
+    run.extra.insert(
+        "online_after_ready_s".into(),
+        online_s.unwrap_or(streaming_s) - ready_s,
+    );
+    run.extra
+        .insert("streaming_after_ready_s".into(), streaming_s - ready_s);
+    let zero_rtt: u64 = clients.iter().map(|c| c.stats().zero_rtt_connects).sum();
+    run.extra
+        .insert("zero_rtt_connects".into(), zero_rtt as f64);
     drop(Arc::new(clients));
     Ok(run)
 }

@@ -40,6 +40,8 @@ pub(crate) struct Session {
     pub send: quinn::SendStream,
     pub reader: FrameReader,
     pub welcome: v1::Welcome,
+    /// The Hello went in 0-RTT and the server accepted it.
+    pub zero_rtt: bool,
 }
 
 /// The QUIC and TLS configuration of connections to `server`. A client builds it once and
@@ -62,15 +64,52 @@ pub(crate) async fn open_session(
         .quinn()
         .connect_with(config.clone(), server.addr, &server.server_name)
         .map_err(|e| ClientError::Connection(e.to_string()))?;
-    let conn = connecting.await?;
+    // 0-RTT is possible when the configuration asks for it (`Resumption::ZeroRtt`) and the
+    // server gave us a ticket on an earlier connection.
+    match connecting.into_0rtt() {
+        Ok((conn, accepted)) => {
+            let (send, recv) = send_hello(&conn, &hello).await?;
+            let accepted = accepted.await;
+            tracing::debug!(accepted, "Hello sent in 0-RTT");
+            if accepted {
+                return welcome(conn, send, recv, true).await;
+            }
+            // The server turned 0-RTT down (it lost its sessions in a crash, say) and quinn dropped what
+            // was sent in it: the handshake is done now, so say Hello again in 1-RTT.
+            let (send, recv) = send_hello(&conn, &hello).await?;
+            welcome(conn, send, recv, false).await
+        }
+        Err(connecting) => {
+            tracing::debug!("no 0-RTT");
+            let conn = connecting.await?;
+            let (send, recv) = send_hello(&conn, &hello).await?;
+            welcome(conn, send, recv, false).await
+        }
+    }
+}
+
+async fn send_hello(
+    conn: &quinn::Connection,
+    hello: &Hello,
+) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
     let (mut send, recv) = conn.open_bi().await?;
     write_frame(
         &mut send,
         &ClientControl {
-            msg: Some(client_control::Msg::Hello(hello)),
+            msg: Some(client_control::Msg::Hello(hello.clone())),
         },
     )
     .await?;
+    Ok((send, recv))
+}
+
+/// Reads the server's answer to the Hello.
+async fn welcome(
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    zero_rtt: bool,
+) -> Result<Session, ClientError> {
     let mut reader = FrameReader::new(recv, HANDSHAKE_MAX_FRAME_BYTES);
     let first = match reader.read::<ServerControl>().await {
         Ok(f) => f,
@@ -84,6 +123,7 @@ pub(crate) async fn open_session(
                 send,
                 reader,
                 welcome,
+                zero_rtt,
             })
         }
         Some(server_control::Msg::Reject(r)) => {

@@ -17,7 +17,7 @@ use fleetlink_proto::v1::{
     self, ClientControl, RejectReason, ServerControl, StreamHeader, StreamKind, client_control,
     server_control,
 };
-use fleetlink_transport::{ClientTransport, TransportError, write_frame};
+use fleetlink_transport::{ClientTransport, Resumption, TransportError, write_frame};
 use prost::Message as _;
 use rand::Rng as _;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -59,6 +59,10 @@ pub struct DeviceConfig {
     pub connect_timeout: Duration,
     /// A shared client endpoint (UDP socket); `None` = one of its own.
     pub endpoint: Option<Endpoint>,
+    /// TLS session resumption on reconnect: [`Resumption::Tickets`] by default (a reconnect
+    /// skips the certificate checks); [`Resumption::ZeroRtt`] also sends the Hello in the first
+    /// flight, at the cost of its forward secrecy (see [`Resumption`]).
+    pub resumption: Resumption,
     /// What the device does when it receives a command, by name. Register handlers before
     /// connecting: commands queued while the device was offline arrive right after the Welcome.
     pub commands: CommandHandlers,
@@ -77,6 +81,7 @@ impl DeviceConfig {
             backoff: Backoff::default(),
             connect_timeout: Duration::from_secs(5),
             endpoint: None,
+            resumption: Resumption::default(),
             commands: CommandHandlers::default(),
         }
     }
@@ -114,6 +119,8 @@ pub struct DeviceStats {
     pub acked_seq: u64,
     /// Successful connections (the first one included).
     pub connects: u64,
+    /// Connections whose Hello the server accepted in 0-RTT (see [`Resumption::ZeroRtt`]).
+    pub zero_rtt_connects: u64,
     /// Whether a session is established now.
     pub connected: bool,
     /// Why the last connection ended or failed.
@@ -330,7 +337,11 @@ impl DeviceClient {
                 "connect_timeout must be above 0".into(),
             ));
         }
-        let quic = quic_config(&config.server, &ClientTransport::default())?;
+        let transport = ClientTransport {
+            resumption: config.resumption,
+            ..Default::default()
+        };
+        let quic = quic_config(&config.server, &transport)?;
         let session = connect_once(&endpoint, &config, &quic).await?;
         let last_stored = session.welcome.last_stored_seq;
         let (cmds_tx, cmds_rx) = mpsc::channel(64);
@@ -341,6 +352,7 @@ impl DeviceClient {
         let stats = Arc::new(Mutex::new(DeviceStats {
             acked_seq: last_stored,
             connects: 1,
+            zero_rtt_connects: u64::from(session.zero_rtt),
             connected: true,
             ..Default::default()
         }));
@@ -762,8 +774,10 @@ impl Engine {
             if std::mem::take(&mut counted_first) {
                 // the first session was counted by `connect`
             } else {
+                let zero_rtt = u64::from(s.zero_rtt);
                 self.update_stats(|st| {
                     st.connects += 1;
+                    st.zero_rtt_connects += zero_rtt;
                     st.connected = true;
                 });
             }
@@ -1078,6 +1092,7 @@ impl Engine {
             mut send,
             mut reader,
             welcome,
+            zero_rtt: _,
         } = s;
         // Everything at or below the watermark is stored: forget it; resend the rest.
         self.on_ack(welcome.last_stored_seq);

@@ -21,6 +21,7 @@ pub use device::{
 pub use fleetlink_core::command::CommandState;
 pub use fleetlink_core::{DeviceId, GeoPosition, MetricName, Point, Value};
 pub use fleetlink_proto::v1::{ErrorCode, RejectReason};
+pub use fleetlink_transport::Resumption;
 pub use operator::{
     CommandInfo, CommandRequest, DeviceInfo, EventStream, FleetEvent, Group, JobAction, JobInfo,
     JobSpec, OperatorClient, OperatorConfig, PresenceEvent, PresenceInfo, StoredPoint,

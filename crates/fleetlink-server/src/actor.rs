@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -74,6 +75,10 @@ pub(crate) struct DeviceActor {
     last_values: HashMap<MetricName, (TimeUs, Value)>,
     durable: Arc<DurableSeq>,
     session_kick: Option<oneshot::Sender<Kick>>,
+    /// When the current session last heard a heartbeat (µs since the epoch; 0 = not yet),
+    /// written by the session itself: a heartbeat costs no message to the actor, which folds it
+    /// into `presence` when it needs it ([`Self::fold_heard`]).
+    heard: Arc<AtomicI64>,
     pub(crate) settings: ActorSettings,
     pub(crate) reported: TwinDoc,
     pub(crate) desired: TwinDoc,
@@ -193,6 +198,7 @@ impl DeviceActor {
                 actor: std::sync::OnceLock::new(),
             }),
             session_kick: None,
+            heard: Arc::new(AtomicI64::new(0)),
             settings,
             reported: twin.reported,
             desired: twin.desired,
@@ -208,6 +214,14 @@ impl DeviceActor {
             matching: std::collections::HashSet::new(),
             pending_direct,
             submitting: 0,
+        }
+    }
+
+    /// Brings `presence` up to date with the current session's heartbeats.
+    fn fold_heard(&mut self) {
+        let heard = self.heard.load(Ordering::Relaxed);
+        if let (true, Some(session)) = (heard > 0, self.presence.session()) {
+            self.presence.seen(session, heard);
         }
     }
 
@@ -297,6 +311,7 @@ impl Actor for DeviceActor {
         let check = (self.settings.heartbeat_timeout / 4).max(Duration::from_millis(10));
         ctx.run_interval(check, |actor, _| {
             let timeout_us = actor.settings.heartbeat_timeout.as_micros() as i64;
+            actor.fold_heard();
             let change = actor.presence.check_timeout(now_us(), timeout_us);
             if change.is_some() {
                 actor.kick(
@@ -328,6 +343,8 @@ pub(crate) struct Attached {
     pub accepted: u64,
     /// The durable watermark, for acks.
     pub durable: watch::Receiver<u64>,
+    /// Where the session notes the time of each heartbeat (µs since the epoch).
+    pub heard: Arc<AtomicI64>,
 }
 
 impl Handler<Attach> for DeviceActor {
@@ -352,11 +369,14 @@ impl Handler<Attach> for DeviceActor {
         }
         self.record_presence(true, msg.session, "", msg.remote.to_string());
         self.session_kick = Some(msg.kick);
+        // A fresh cell per session: a replaced session's late heartbeats do not count.
+        self.heard = Arc::new(AtomicI64::new(0));
         self.seq.start_session();
         tracing::info!(device = %self.id, session = msg.session, remote = %msg.remote, "device online");
         MessageResult(Attached {
             accepted: self.seq.accepted(),
             durable: self.durable.seq.subscribe(),
+            heard: self.heard.clone(),
         })
     }
 }
@@ -378,21 +398,6 @@ impl Handler<Detach> for DeviceActor {
             self.session_kick = None;
         }
         self.went_offline(change);
-    }
-}
-
-/// Something (a heartbeat) arrived on a session.
-#[derive(Message)]
-#[rtype(result = "bool")]
-pub(crate) struct Seen {
-    pub session: SessionId,
-}
-
-impl Handler<Seen> for DeviceActor {
-    type Result = bool;
-
-    fn handle(&mut self, msg: Seen, _: &mut Self::Context) -> bool {
-        self.presence.seen(msg.session, now_us())
     }
 }
 
@@ -539,6 +544,7 @@ impl Handler<GetSnapshot> for DeviceActor {
 impl DeviceActor {
     pub(crate) fn snapshot(&mut self) -> Snapshot {
         self.sync_durable();
+        self.fold_heard();
         let mut last_values: Vec<MetricValue> = self
             .last_values
             .iter()

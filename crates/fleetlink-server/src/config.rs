@@ -39,11 +39,22 @@ pub struct ServerConfig {
     pub group_commit_us: u64,
     /// Time a client has to complete its handshake (milliseconds).
     pub handshake_timeout_ms: u32,
-    /// QUIC handshakes in progress at once; a connection attempt beyond them is refused at once
-    /// (QUIC `CONNECTION_REFUSED`, which costs no cryptography) and the client retries after its
-    /// backoff. Without a bound, a reconnect storm queues more handshakes than the server can
+    /// QUIC handshakes in progress at once; further connection attempts wait in the handshake
+    /// queue. Without a bound, a reconnect storm runs more handshakes at once than the server can
     /// finish before the clients give up on them, and every abandoned one was wasted work.
     pub max_handshakes: usize,
+    /// Connection attempts that may wait for one of the `max_handshakes` slots, oldest first;
+    /// an attempt beyond them is refused at once (QUIC `CONNECTION_REFUSED`, which costs no
+    /// cryptography) and the client retries after its backoff. 0 = refuse at once.
+    pub handshake_queue: usize,
+    /// Longest wait in the handshake queue (milliseconds); an attempt that waited longer is
+    /// refused rather than started, as its client is about to give up on it (the Rust SDK's
+    /// `connect_timeout` is 5 s).
+    pub handshake_queue_ms: u32,
+    /// TLS sessions kept for resumption (two per connection; the oldest go first). A graceful
+    /// shutdown saves them for the next start, so a fleet reconnecting to a restarted server
+    /// resumes (and may use 0-RTT). 0 = every connection does a full handshake.
+    pub tls_sessions: usize,
     /// The command outbox (`[commands]` in the TOML file).
     pub commands: CommandsConfig,
     /// Events an operator live stream may fall behind by before it gets an overflow signal.
@@ -152,6 +163,9 @@ impl Default for ServerConfig {
             group_commit_us: 2_000,
             handshake_timeout_ms: 10_000,
             max_handshakes: 256,
+            handshake_queue: 16_384,
+            handshake_queue_ms: 3_000,
+            tls_sessions: 262_144,
             commands: CommandsConfig::default(),
             event_buffer: 4096,
             policy: PolicyConfig::default(),

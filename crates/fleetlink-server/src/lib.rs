@@ -3,6 +3,7 @@
 //! core. The CLI, the tests and (later) the Python bindings embed it through [`Server::start`].
 
 mod actor;
+mod admission;
 mod bridge;
 mod command;
 mod config;
@@ -15,6 +16,7 @@ mod registry;
 mod session;
 mod streams;
 mod tls;
+mod tls_sessions;
 mod twin;
 
 use std::net::SocketAddr;
@@ -28,6 +30,7 @@ use fleetlink_store::{SqliteOptions, SqliteStore, Store, Synchronous};
 use tokio::sync::{oneshot, watch};
 
 pub use config::{CommandsConfig, PolicyConfig, PolicyRuleConfig, ServerConfig};
+pub use tls_sessions::SESSIONS_FILE;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -267,7 +270,11 @@ async fn setup(
         tracing::info!(ca = %ca.display(), "using a development certificate; clients must trust this CA file");
     }
     let idle = config.heartbeat_timeout() * 2;
-    let server_config = tls::quinn_server_config(&material, idle)?;
+    let tls_sessions = Arc::new(tls_sessions::SessionStore::open(
+        &config.data_dir,
+        config.tls_sessions,
+    ));
+    let server_config = tls::quinn_server_config(&material, tls_sessions.clone(), idle)?;
     let endpoint =
         fleetlink_transport::server_endpoint(server_config, config.listen).map_err(|source| {
             ServerError::Io {
@@ -318,8 +325,8 @@ async fn setup(
         registry,
         fleet,
         next_session: AtomicU64::new(1),
-        handshakes: std::sync::atomic::AtomicUsize::new(0),
         shutting_down: shutdown_rx,
+        tls_sessions,
         all_started,
         all_started_tx,
     });
@@ -354,15 +361,40 @@ async fn serve(
         waking.all_started_tx.send_replace(true);
         jobs::resume_all(waking).await;
     });
+    let c = &shared.config;
+    let mut admission = admission::Admission::new(
+        c.max_handshakes,
+        c.handshake_queue,
+        Duration::from_millis(u64::from(c.handshake_queue_ms)),
+    );
     loop {
+        let slots = admission.slots();
+        let expiry = admission.deadline();
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
-                Some(incoming) => { tokio::spawn(session::serve_connection(incoming, shared.clone())); }
+                Some(incoming) => {
+                    if let Some((incoming, permit)) = admission.arrive(incoming, std::time::Instant::now()) {
+                        tokio::spawn(session::serve_connection(incoming, permit, shared.clone()));
+                    }
+                }
                 None => break,
             },
+            Ok(permit) = slots.acquire_owned(), if admission.waiting() => {
+                if let Some(incoming) = admission.next(std::time::Instant::now()) {
+                    tokio::spawn(session::serve_connection(incoming, permit, shared.clone()));
+                }
+            }
+            _ = tokio::time::sleep_until(expiry.unwrap_or_else(std::time::Instant::now).into()), if expiry.is_some() => {
+                admission.expire(std::time::Instant::now());
+            }
             _ = &mut stop => break,
         }
     }
+    // New connection attempts go unanswered from now on rather than refused: their clients keep
+    // retransmitting, a server restarted on the same port answers them, and they keep the
+    // session tickets that a refused attempt would have used up (rustls uses each ticket once).
+    endpoint.set_server_config(None);
+    admission.ignore_all();
     tracing::info!("shutting down");
     let _ = shutdown.send(true);
     for actor in shared.registry.all() {
@@ -373,6 +405,13 @@ async fn serve(
         b"server shutting down",
     );
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    // No handshake runs any more: the devices' sessions go to the next start.
+    match shared.tls_sessions.save() {
+        Ok(n) => tracing::info!(sessions = n, "TLS sessions saved for the next start"),
+        Err(error) => {
+            tracing::warn!(%error, "cannot save the TLS sessions; devices do full handshakes after the restart")
+        }
+    }
 }
 
 /// Writes a file only its owner can read (tokens, private keys).

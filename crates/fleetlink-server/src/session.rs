@@ -19,7 +19,7 @@ use fleetlink_transport::{FrameReader, TransportError, write_frame};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument as _;
 
-use crate::actor::{Attach, Detach, Ingest, Kick, Link, Seen};
+use crate::actor::{Attach, Detach, Ingest, Kick, Link};
 use crate::registry::DeviceRegistry;
 use crate::twin::{Ready, ReportTwin, TwinRequestError};
 use crate::{ServerConfig, now_us};
@@ -32,9 +32,9 @@ pub(crate) struct Shared {
     pub registry: DeviceRegistry,
     pub fleet: Arc<crate::fleet::Fleet>,
     pub next_session: AtomicU64,
-    /// QUIC handshakes in progress (bounded by `config.max_handshakes`).
-    pub handshakes: std::sync::atomic::AtomicUsize,
     pub shutting_down: watch::Receiver<bool>,
+    /// TLS sessions for resumption, saved at shutdown.
+    pub tls_sessions: Arc<crate::tls_sessions::SessionStore>,
     /// Becomes true once every provisioned device has its actor (after start-up).
     pub all_started: watch::Receiver<bool>,
     pub all_started_tx: watch::Sender<bool>,
@@ -73,13 +73,12 @@ impl End {
 }
 
 /// Serves one incoming connection to its end.
-pub(crate) async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+pub(crate) async fn serve_connection(
+    incoming: quinn::Incoming,
+    handshake: crate::admission::HandshakePermit,
+    shared: Arc<Shared>,
+) {
     let remote = incoming.remote_address();
-    let Some(handshake) = HandshakeSlot::take(&shared) else {
-        tracing::debug!(%remote, "too many handshakes in progress; connection refused");
-        incoming.refuse();
-        return;
-    };
     let session: SessionId = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("conn", session, %remote);
     async move {
@@ -154,28 +153,6 @@ pub(crate) async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shar
     }
     .instrument(span)
     .await
-}
-
-/// One of the `max_handshakes` handshakes in progress; freed when dropped.
-struct HandshakeSlot(Arc<Shared>);
-
-impl HandshakeSlot {
-    fn take(shared: &Arc<Shared>) -> Option<Self> {
-        let max = shared.config.max_handshakes;
-        shared
-            .handshakes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Self(shared.clone()))
-    }
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        self.0.handshakes.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// The control stream of a connection.
@@ -346,6 +323,7 @@ async fn device_session(
         }
     };
     let mut durable = attached.durable;
+    let heard = attached.heard;
     // Batches of an earlier connection may still be on their way to disk: announce the watermark
     // only once they are durable, so the device resends exactly what is missing.
     let wait = durable.wait_for(|d| *d >= attached.accepted);
@@ -430,9 +408,9 @@ async fn device_session(
                 Ok(Some(ClientControl {
                     msg: Some(client_control::Msg::Heartbeat(_)),
                 })) => {
-                    if !matches!(actor.send(Seen { session }).await, Ok(true)) {
-                        return End::Closed("replaced".into());
-                    }
+                    // No message to the actor: it reads this when it checks the timeout. (A
+                    // replaced session is kicked by the actor.)
+                    heard.fetch_max(now_us(), std::sync::atomic::Ordering::Relaxed);
                     let hb = ServerControl {
                         msg: Some(server_control::Msg::Heartbeat(v1::Heartbeat {
                             time_us: now_us(),

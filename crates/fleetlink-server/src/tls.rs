@@ -117,6 +117,7 @@ pub(crate) const OPERATOR_BIDI_STREAMS: u32 = 64;
 
 pub(crate) fn quinn_server_config(
     material: &TlsMaterial,
+    sessions: Arc<crate::tls_sessions::SessionStore>,
     idle_timeout: std::time::Duration,
 ) -> Result<quinn::ServerConfig, ServerError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -127,6 +128,12 @@ pub(crate) fn quinn_server_config(
         .with_single_cert(material.certs.clone(), material.key.clone_key())
         .map_err(tls_err)?;
     tls.alpn_protocols = vec![fleetlink_proto::ALPN.to_vec()];
+    // Stateful sessions that outlive a graceful restart (see `tls_sessions`), and 0-RTT for the
+    // devices that ask for it (QUIC allows only 0 or u32::MAX here). Each session resumes once,
+    // so a replayed 0-RTT flight finds none; and a session reads nothing before its handshake has
+    // completed (quinn's `Incoming` resolves only then), so replayed data never reaches us.
+    tls.session_storage = sessions;
+    tls.max_early_data_size = u32::MAX;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();

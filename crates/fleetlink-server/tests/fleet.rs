@@ -539,30 +539,24 @@ async fn a_connect_attempt_to_a_silent_server_ends_at_connect_timeout() {
     }
 }
 
-/// Beyond `max_handshakes` handshakes in progress, a connection attempt is refused at once (QUIC
-/// CONNECTION_REFUSED, no cryptography) instead of queueing work the client may give up on; a
-/// slot frees when its handshake ends, here by timing out.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connection_attempts_beyond_max_handshakes_are_refused() {
-    let ts = start(|c| {
-        c.max_handshakes = 1;
-        c.heartbeat_interval_ms = 200;
-        c.heartbeat_timeout_ms = 500; // the server's QUIC idle timeout is twice this
-    });
-    let op = ts.operator().await;
-    let token = provision(&op, "probe-1").await;
-    op.close();
-    // A client whose handshake never finishes: a relay passes its packets to the server and
-    // drops every answer.
+/// A client whose handshake holds one of the server's handshake slots and never finishes: a
+/// relay passes its packets to the server and drops every answer. Returns once the server has
+/// answered it (so it holds the slot); the handshake then lasts until `handshake_timeout_ms`, or
+/// until the returned task (the relay) is aborted and the server's idle timeout passes.
+async fn stall_one_handshake(ts: &TestServer) -> Stalled {
     let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let relay_addr = relay.local_addr().unwrap();
     let server = ts.address.addr;
+    let (answered_tx, answered) = tokio::sync::oneshot::channel();
     let relaying = tokio::spawn(async move {
+        let mut answered_tx = Some(answered_tx);
         let mut buf = vec![0u8; 65_536];
         loop {
             let (n, from) = relay.recv_from(&mut buf).await.unwrap();
             if from != server {
                 relay.send_to(&buf[..n], server).await.unwrap();
+            } else if let Some(tx) = answered_tx.take() {
+                let _ = tx.send(());
             }
         }
     });
@@ -572,24 +566,98 @@ async fn connection_attempts_beyond_max_handshakes_are_refused() {
         &Default::default(),
     )
     .unwrap();
-    let _attempt = stalled
+    let attempt = stalled
         .connect_with(config, relay_addr, "localhost")
         .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), answered)
+        .await
+        .expect("the server never answered the stalled handshake")
+        .unwrap();
+    Stalled {
+        relaying,
+        _attempt: attempt,
+        _endpoint: stalled,
+    }
+}
+
+/// A stalled handshake: dropping the attempt would close it (and free its slot).
+struct Stalled {
+    relaying: tokio::task::JoinHandle<()>,
+    _attempt: quinn::Connecting,
+    _endpoint: quinn::Endpoint,
+}
+
+/// Beyond `max_handshakes` handshakes in progress, an attempt waits in the handshake queue and
+/// starts as soon as a slot frees (here when the stalled handshake times out), rather than being
+/// refused and sent into its backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_beyond_max_handshakes_waits_for_a_slot() {
+    let ts = start(|c| {
+        c.max_handshakes = 1;
+        c.handshake_timeout_ms = 1_000;
+    });
+    let op = ts.operator().await;
+    let token = provision(&op, "probe-1").await;
+    op.close();
+    let _stalled = stall_one_handshake(&ts).await;
+    let mut device = ts.device_config("probe-1", &token);
+    device.connect_timeout = Duration::from_secs(8);
+    let client = DeviceClient::connect(device)
+        .await
+        .expect("the queued attempt was not served once the slot freed");
+    client.close().await;
+}
+
+/// An attempt that waited `handshake_queue_ms` for a slot is refused (QUIC CONNECTION_REFUSED)
+/// then and there, so its client retries after its backoff instead of running into its connect
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_waited_handshake_queue_ms_is_refused() {
+    let ts = start(|c| {
+        c.max_handshakes = 1;
+        c.handshake_timeout_ms = 30_000;
+        c.handshake_queue_ms = 200;
+    });
+    let op = ts.operator().await;
+    let token = provision(&op, "probe-1").await;
+    op.close();
+    let _stalled = stall_one_handshake(&ts).await;
+    let mut device = ts.device_config("probe-1", &token);
+    device.connect_timeout = Duration::from_secs(20);
+    match DeviceClient::connect(device).await {
+        Err(e) => assert!(
+            e.to_string().contains("refused to accept a new connection"),
+            "expected a refusal, got {e}"
+        ),
+        Ok(_) => panic!("connected while the only handshake slot was taken"),
+    }
+}
+
+/// With no handshake queue, an attempt beyond `max_handshakes` handshakes in progress is refused
+/// at once (no cryptography); a slot frees when its handshake ends, here by timing out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_queue_attempts_beyond_max_handshakes_are_refused() {
+    let ts = start(|c| {
+        c.max_handshakes = 1;
+        c.handshake_queue = 0;
+        c.heartbeat_interval_ms = 200;
+        c.heartbeat_timeout_ms = 500; // the server's QUIC idle timeout is twice this
+    });
+    let op = ts.operator().await;
+    let token = provision(&op, "probe-1").await;
+    op.close();
+    let stalled = stall_one_handshake(&ts).await;
     let mut device = ts.device_config("probe-1", &token);
     device.connect_timeout = Duration::from_secs(2);
-    eventually(Duration::from_secs(10), "a refused connection", || async {
-        match DeviceClient::connect(device.clone()).await {
-            Err(e) if e.to_string().contains("refused to accept a new connection") => true,
-            Ok(client) => {
-                client.close().await; // admitted before the stalled handshake arrived
-                false
-            }
-            Err(_) => false,
-        }
-    })
-    .await;
+    match DeviceClient::connect(device.clone()).await {
+        Err(e) => assert!(
+            e.to_string().contains("refused to accept a new connection"),
+            "expected a refusal, got {e}"
+        ),
+        Ok(_) => panic!("connected while the only handshake slot was taken"),
+    }
     // once the relay stops, the stalled handshake times out and frees its slot
-    relaying.abort();
+    stalled.relaying.abort();
     eventually(
         Duration::from_secs(10),
         "a connection once the slot is free",
@@ -604,4 +672,57 @@ async fn connection_attempts_beyond_max_handshakes_are_refused() {
         },
     )
     .await;
+}
+
+/// A device reconnecting to a restarted server resumes its TLS session from the previous server
+/// (a graceful shutdown saves the sessions in the data dir) and, when it asks for it, says Hello
+/// in 0-RTT; when the sessions are lost the server turns 0-RTT down and the SDK says Hello again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_resumes_the_sessions_of_the_previous_one() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "truck-1").await;
+    op.close();
+    let mut config = ts.device_config("truck-1", &token);
+    config.resumption = fleetlink_client::Resumption::ZeroRtt;
+    config.backoff.initial = Duration::from_millis(20);
+    config.backoff.max = Duration::from_millis(200);
+    let device = DeviceClient::connect(config).await.unwrap();
+    assert_eq!(device.stats().zero_rtt_connects, 0, "no ticket yet");
+
+    let TestServer { server, dir, .. } = ts;
+    let addr = server.local_addr();
+    let restart = |dir: &tempfile::TempDir| {
+        let mut c = fleetlink_server::ServerConfig::local(dir.path());
+        c.listen = addr;
+        c.arbiters = 2;
+        c.io_threads = 2;
+        fleetlink_server::Server::start(c).unwrap()
+    };
+    server.shutdown();
+    let server = restart(&dir);
+    eventually(Duration::from_secs(20), "a reconnect", || async {
+        device.stats().connects >= 2
+    })
+    .await;
+    let s = device.stats();
+    assert_eq!(s.zero_rtt_connects, s.connects - 1, "{s:?}");
+
+    // sessions lost (as in a crash): 0-RTT is turned down, the Hello goes again in 1-RTT
+    server.shutdown();
+    std::fs::remove_file(dir.path().join(fleetlink_server::SESSIONS_FILE)).unwrap();
+    let _server = restart(&dir);
+    let before = device.stats();
+    eventually(Duration::from_secs(20), "a reconnect", || async {
+        let s = device.stats();
+        s.connects > before.connects && s.connected
+    })
+    .await;
+    assert_eq!(device.stats().zero_rtt_connects, before.zero_rtt_connects);
+    device
+        .send(vec![point("speed", 1, Value::Double(1.0))])
+        .await
+        .unwrap();
+    device.flush(Duration::from_secs(10)).await.unwrap();
+    device.close().await;
 }

@@ -92,6 +92,8 @@ pub struct ClientTransport {
     pub keep_alive: Option<Duration>,
     /// Close the connection after this much silence from the server.
     pub idle_timeout: Duration,
+    /// Whether reconnects resume the TLS session.
+    pub resumption: Resumption,
 }
 
 impl Default for ClientTransport {
@@ -99,8 +101,27 @@ impl Default for ClientTransport {
         Self {
             keep_alive: None,
             idle_timeout: Duration::from_secs(60),
+            resumption: Resumption::default(),
         }
     }
+}
+
+/// TLS 1.3 session resumption when a client connects again to a server it connected to before
+/// (the server's sessions outlive its graceful restarts: docs/protocol.md §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Resumption {
+    /// Every connection does a full handshake (certificate signature and chain verification).
+    Off,
+    /// A reconnect resumes the session from the server's last ticket: no certificate signature
+    /// or verification, still an ECDHE exchange, so the traffic stays forward secret.
+    #[default]
+    Tickets,
+    /// As `Tickets`, and the first flight already carries the Hello (0-RTT): the session is
+    /// ready one round trip sooner. 0-RTT data is encrypted with a key derived from the ticket
+    /// alone, so the Hello (and its token) is not forward secret: whoever records it and later
+    /// steals that session from the server can read it. Replays are harmless: each session
+    /// resumes once, and the server reads nothing before the handshake has completed.
+    ZeroRtt,
 }
 
 /// Root certificates from a PEM file's contents (the server's CA).
@@ -133,6 +154,11 @@ pub fn client_config(
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![fleetlink_proto::ALPN.to_vec()];
+    match transport.resumption {
+        Resumption::Off => tls.resumption = rustls::client::Resumption::disabled(),
+        Resumption::Tickets => {} // rustls keeps the last tickets of 256 servers in memory
+        Resumption::ZeroRtt => tls.enable_early_data = true,
+    }
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));

@@ -117,6 +117,7 @@ pub async fn raw_connect(ts: &TestServer, hello: v1::Hello) -> RawClient {
     let transport = ClientTransport {
         keep_alive: Some(Duration::from_millis(50)),
         idle_timeout: Duration::from_secs(30),
+        ..Default::default()
     };
     let config = client_config(roots_from_pem(&ts.address.ca_pem).unwrap(), &transport).unwrap();
     let conn = endpoint
