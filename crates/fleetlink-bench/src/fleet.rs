@@ -106,7 +106,9 @@ fn provision(data: &Path, devices: usize) -> Result<()> {
         let now = fleetlink_server::now_us();
         let mut i = 0;
         while i < devices {
-            let end = (i + 2_000).min(devices);
+            // Each registry write takes SQLite's write lock on a connection of its own: with
+            // thousands at once, a slow disk made some wait past the busy timeout.
+            let end = (i + 64).min(devices);
             let batch = (i..end).map(|i| {
                 store.provision_device(NewDevice {
                     id: device_id(i),
