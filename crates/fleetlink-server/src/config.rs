@@ -51,7 +51,7 @@ pub struct ServerConfig {
     /// refused rather than started, as its client is about to give up on it (the Rust SDK's
     /// `connect_timeout` is 5 s).
     pub handshake_queue_ms: u32,
-    /// TLS sessions kept for resumption (two per connection; the oldest go first). A graceful
+    /// TLS sessions kept for resumption (one per connection; the oldest go first). A graceful
     /// shutdown saves them for the next start, so a fleet reconnecting to a restarted server
     /// resumes (and may use 0-RTT). 0 = every connection does a full handshake.
     pub tls_sessions: usize,

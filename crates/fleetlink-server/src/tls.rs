@@ -134,6 +134,9 @@ pub(crate) fn quinn_server_config(
     // completed (quinn's `Incoming` resolves only then), so replayed data never reaches us.
     tls.session_storage = sessions;
     tls.max_early_data_size = u32::MAX;
+    // One ticket per connection: a device reconnects with it and gets the next one. (rustls'
+    // default of two doubles the store for a spare that only a failed attempt would use.)
+    tls.send_tls13_tickets = 1;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
