@@ -94,7 +94,7 @@ impl SessionStore {
 
     /// Writes the sessions to the data dir for the next start (a graceful shutdown).
     pub(crate) fn save(&self) -> std::io::Result<usize> {
-        let entries: Vec<(Vec<u8>, Vec<u8>)> = match self.inner.lock() {
+        let entries: Vec<Entry> = match self.inner.lock() {
             Ok(s) => s
                 .order
                 .iter()
@@ -128,7 +128,10 @@ impl SessionStore {
     }
 }
 
-fn read_file(path: &Path) -> std::io::Result<Option<Vec<(Vec<u8>, Vec<u8>)>>> {
+/// A session's key and value.
+type Entry = (Vec<u8>, Vec<u8>);
+
+fn read_file(path: &Path) -> std::io::Result<Option<Vec<Entry>>> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
