@@ -338,14 +338,17 @@ impl Device {
         Ok(Some(d.into_any().unbind()))
     }
 
-    /// Counters: points sent/acked/rejected, connects, commands handled, redeliveries.
+    /// Counters: points sent/acked/rejected, highest acked batch, connects (and those whose Hello
+    /// went in 0-RTT), commands handled, redeliveries.
     fn stats(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let s = self.client.stats();
         let d = PyDict::new(py);
         d.set_item("points_sent", s.points_sent)?;
         d.set_item("points_acked", s.points_acked)?;
         d.set_item("points_rejected", s.points_rejected)?;
+        d.set_item("acked_seq", s.acked_seq)?;
         d.set_item("connects", s.connects)?;
+        d.set_item("zero_rtt_connects", s.zero_rtt_connects)?;
         d.set_item("connected", s.connected)?;
         d.set_item("last_error", s.last_error)?;
         d.set_item("commands_handled", s.commands_handled)?;

@@ -61,6 +61,10 @@ pub fn serve(data: &Path, devices: usize, listen: SocketAddr) -> Result<()> {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(ServerConfig::default().max_handshakes),
+        handshake_queue_ms: std::env::var("FLEETLINK_BENCH_HANDSHAKE_QUEUE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(ServerConfig::default().handshake_queue_ms),
         ..Default::default()
     })?;
     let admin_token = std::fs::read_to_string(server.admin_token_file())

@@ -493,19 +493,19 @@ impl Report {
         let _ = writeln!(md, "## 5. Reconnect storm\n");
         let _ = writeln!(
             md,
-            "The server is stopped gracefully under a fleet streaming {} message/s per device and started again on the same port and data. Seconds from the stop request, except the last two columns, which count from the moment the new server listens. The SDK retries with its default backoff (100 ms doubling to 30 s, jittered) and 5 s connect timeout; the server runs `max_handshakes` (256) handshakes at once and queues further attempts (up to 16384, for at most 3 s). Variants: the SDK's `Resumption::Off` (every reconnect a full TLS handshake), `Tickets` (the default: resumed from a session the previous server saved in its data dir at shutdown) and `ZeroRtt` (resumed, Hello in 0-RTT). Streaming = a point acked after the restart. The load generator (one core) does every device's client handshake.\n",
+            "The server is stopped gracefully under a fleet streaming {} message/s per device and started again on the same port and data. Seconds from the stop request, except the last two columns, which count from the moment the new server listens. The SDK retries with its default backoff (100 ms doubling to 30 s, jittered) and 5 s connect timeout; the server runs `max_handshakes` (1024) handshakes at once and queues further attempts (up to 16384, for at most 4 s). CPU columns: each process's CPU from the moment the new server listens until every device streams, per device and as a share of that time (100% = one core busy). Variants: the SDK's `Resumption::Off` (every reconnect a full TLS handshake), `Tickets` (the default: resumed from a session the previous server saved in its data dir at shutdown) and `ZeroRtt` (resumed, Hello in 0-RTT). Streaming = a point acked after the restart. The load generator (one core) does every device's client handshake.\n",
             crate::scenarios::RECONNECT_RATE
         );
         let _ = writeln!(
             md,
-            "| System | Devices | Old server stopped s | New server ready s | All online s | All streaming s | Online after ready s | Streaming after ready s | 0-RTT connects | Lost | Errors |\n|---|---|---|---|---|---|---|---|---|---|---|"
+            "| System | Devices | Old server stopped s | New server ready s | All online s | All streaming s | Online after ready s | Streaming after ready s | 0-RTT connects | Server CPU ms/device | Server busy % | Load generator CPU ms/device | Load generator busy % | Lost | Errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for s in rows {
             let lost: u64 = s.runs.iter().map(|r| r.lost).sum();
             let errors: u64 = s.runs.iter().map(|r| r.errors).sum();
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 s.system,
                 spread(s.extra("devices"), 0),
                 spread(s.extra("stop_s"), 2),
@@ -515,6 +515,10 @@ impl Report {
                 spread(s.extra("online_after_ready_s"), 2),
                 spread(s.extra("streaming_after_ready_s"), 2),
                 spread(s.extra("zero_rtt_connects"), 0),
+                spread(s.extra("server_cpu_ms_per_device"), 3),
+                spread(s.extra("server_busy_pct"), 0),
+                spread(s.extra("client_cpu_ms_per_device"), 3),
+                spread(s.extra("client_busy_pct"), 0),
                 lost,
                 errors
             );

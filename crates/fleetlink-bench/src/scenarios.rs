@@ -572,6 +572,10 @@ pub const RECONNECT_VARIANTS: [(&str, Resumption); 3] = [
 pub async fn reconnect(ctx: &mut Ctx) -> Result<()> {
     let devices = ctx.devices.unwrap_or(if ctx.quick { 50 } else { 10_000 });
     for (system, resumption) in RECONNECT_VARIANTS {
+        // --systems selects variants by a part of their name ("fleetlink", "0-RTT", "full").
+        if !ctx.systems.is_empty() && !ctx.systems.iter().any(|s| system.contains(s.as_str())) {
+            continue;
+        }
         let mut runs = Vec::new();
         for i in 0..ctx.runs {
             let r = reconnect_run(ctx, devices, resumption).await?;
@@ -612,65 +616,70 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize, resumption: Resumption) ->
     let acked_before: Vec<u64> = clients.iter().map(|c| c.stats().points_acked).collect();
     let (proc2, _, _) = start_fleetlink(ctx, devices, Some(data), &listen)?;
     let ready_s = t0.elapsed().as_secs_f64();
-    // Measured by polling the clients' own state (20 ms resolution).
+    // CPU of both sides during the storm, to tell which one bounds it.
+    let me = std::process::id();
+    let (server_cpu0, client_cpu0) = (proc2.cpu_seconds()?, cpu_seconds(me)?);
+    // Measured by polling the clients' own state every 100 ms. Only the clients not back yet are
+    // polled, once each: polling all 10k three times every 20 ms took ~45% of the load
+    // generator's core (a profile: DeviceClient::stats cloning), which the handshakes needed.
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut online_s = None;
     let mut last_log = Instant::now();
+    // Clients not yet back online, and clients not yet streaming (a point acked after the restart).
+    let mut not_online: Vec<usize> = (0..devices).collect();
+    let mut not_streaming: Vec<usize> = (0..devices).collect();
     let streaming_s = loop {
-        let online = clients
-            .iter()
-            .filter(|c| {
-                let s = c.stats();
-                s.connected && s.connects >= 2
-            })
-            .count();
-        if online == devices && online_s.is_none() {
+        not_online.retain(|&i| {
+            let s = clients[i].stats();
+            !(s.connected && s.connects >= 2)
+        });
+        if not_online.is_empty() && online_s.is_none() {
             online_s = Some(t0.elapsed().as_secs_f64());
         }
-        let streaming = clients
-            .iter()
-            .zip(&acked_before)
-            .filter(|(c, before)| c.stats().points_acked > **before)
-            .count();
-        if online == devices && streaming == devices {
+        not_streaming.retain(|&i| clients[i].stats().points_acked <= acked_before[i]);
+        if not_online.is_empty() && not_streaming.is_empty() {
             break t0.elapsed().as_secs_f64();
         }
-        if last_log.elapsed() >= Duration::from_secs(5) {
-            last_log = Instant::now();
-            let errors = clients.iter().filter(|c| !c.stats().connected).fold(
+        let errors_of_the_disconnected = || {
+            clients.iter().fold(
                 std::collections::BTreeMap::<String, usize>::new(),
                 |mut m, c| {
-                    *m.entry(c.stats().last_error.unwrap_or_default())
-                        .or_default() += 1;
+                    let s = c.stats();
+                    if !s.connected {
+                        *m.entry(s.last_error.unwrap_or_default()).or_default() += 1;
+                    }
                     m
                 },
-            );
+            )
+        };
+        if last_log.elapsed() >= Duration::from_secs(5) {
+            last_log = Instant::now();
             tracing::info!(
                 seconds = t0.elapsed().as_secs(),
-                online,
-                streaming,
-                ?errors,
+                online = devices - not_online.len(),
+                streaming = devices - not_streaming.len(),
+                errors = ?errors_of_the_disconnected(),
                 "reconnecting"
             );
         }
         if Instant::now() > deadline {
-            let mut why: std::collections::BTreeMap<String, usize> = Default::default();
-            for c in &clients {
-                let s = c.stats();
-                if !s.connected {
-                    *why.entry(s.last_error.unwrap_or_default()).or_default() += 1;
-                }
-            }
             anyhow::bail!(
-                "after 120 s only {online} of {devices} devices were back and {streaming} streaming; last errors of the others: {why:?}"
+                "after 120 s only {} of {devices} devices were back and {} streaming; last errors of the others: {:?}",
+                devices - not_online.len(),
+                devices - not_streaming.len(),
+                errors_of_the_disconnected()
             );
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let server_cpu_s = proc2.cpu_seconds()? - server_cpu0;
+    let client_cpu_s = cpu_seconds(me)? - client_cpu0;
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(60), driving).await;
     let mut run = Run {
         seconds: streaming_s,
+        server_cpu_s,
+        client_cpu_s,
         sent: meter.sent_total(),
         delivered: meter.delivered_total(),
         lost: meter.sent_total().saturating_sub(meter.delivered_total()),
@@ -691,6 +700,20 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize, resumption: Resumption) ->
     );
     run.extra
         .insert("streaming_after_ready_s".into(), streaming_s - ready_s);
+    // Per device brought back, and the share of the storm each side was busy.
+    let storm_s = (streaming_s - ready_s).max(1e-9);
+    run.extra.insert(
+        "server_cpu_ms_per_device".into(),
+        server_cpu_s * 1e3 / devices as f64,
+    );
+    run.extra.insert(
+        "client_cpu_ms_per_device".into(),
+        client_cpu_s * 1e3 / devices as f64,
+    );
+    run.extra
+        .insert("server_busy_pct".into(), server_cpu_s * 100.0 / storm_s);
+    run.extra
+        .insert("client_busy_pct".into(), client_cpu_s * 100.0 / storm_s);
     let zero_rtt: u64 = clients.iter().map(|c| c.stats().zero_rtt_connects).sum();
     run.extra
         .insert("zero_rtt_connects".into(), zero_rtt as f64);

@@ -625,7 +625,7 @@ class Device:
             yield m
 
     def stats(self) -> dict[str, Any]:
-        """Counters: points_sent, points_acked, points_rejected, connects, connected, commands_handled, ..."""
+        """Counters: points_sent, points_acked, points_rejected, acked_seq, connects, zero_rtt_connects, connected, last_error, commands_handled, command_redeliveries."""
         return self._native.stats()
 
     def close(self) -> None:
