@@ -131,7 +131,10 @@ fn start_fleetlink(
             listen.into(),
         ],
     )?;
-    let line = p.ready_line("READY ", Duration::from_secs(300))?;
+    // Provisioning is one durable registry write (an fsync) per device, ~3 ms here: 100k devices
+    // outlasted a flat 300 s. Room for 10 ms a device on top.
+    let ready_within = Duration::from_secs(300) + Duration::from_millis(10) * devices as u32;
+    let line = p.ready_line("READY ", ready_within)?;
     Ok((p, serde_json::from_str(&line)?, data))
 }
 

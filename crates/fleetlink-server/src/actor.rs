@@ -94,6 +94,9 @@ pub(crate) struct DeviceActor {
     pub(crate) waiters: HashMap<CommandId, Vec<tokio::sync::oneshot::Sender<CommandRecord>>>,
     /// The pending expiry timer: (deadline it fires for, handle).
     pub(crate) expiry: Option<(TimeUs, SpawnHandle)>,
+    /// The heartbeat-timeout check, which runs only while the device is online: an offline
+    /// device (most of a large fleet's, at times) costs no timer.
+    heartbeat_check: Option<SpawnHandle>,
     pub(crate) tags: std::collections::BTreeMap<String, String>,
     pub(crate) attributes: serde_json::Map<String, serde_json::Value>,
     /// Standing queries this device matches now.
@@ -214,7 +217,37 @@ impl DeviceActor {
             matching: std::collections::HashSet::new(),
             pending_direct,
             submitting: 0,
+            heartbeat_check: None,
         }
+    }
+
+    /// Starts the periodic heartbeat-timeout check unless it runs already; it stops itself at
+    /// the first tick that finds the device offline.
+    fn check_heartbeats(&mut self, ctx: &mut Context<Self>) {
+        if self.heartbeat_check.is_some() {
+            return;
+        }
+        let every = (self.settings.heartbeat_timeout / 4).max(Duration::from_millis(10));
+        self.heartbeat_check = Some(ctx.run_interval(every, |actor, ctx| {
+            let timeout_us = actor.settings.heartbeat_timeout.as_micros() as i64;
+            actor.fold_heard();
+            let change = actor.presence.check_timeout(now_us(), timeout_us);
+            if change.is_some() {
+                actor.kick(
+                    ErrorCode::HeartbeatTimeout,
+                    format!(
+                        "no heartbeat for {} ms; reconnect",
+                        actor.settings.heartbeat_timeout.as_millis()
+                    ),
+                );
+            }
+            actor.went_offline(change);
+            if actor.presence.session().is_none()
+                && let Some(check) = actor.heartbeat_check.take()
+            {
+                ctx.cancel_future(check);
+            }
+        }));
     }
 
     /// Brings `presence` up to date with the current session's heartbeats.
@@ -308,22 +341,9 @@ impl Actor for DeviceActor {
         for (id, expires_us) in waiting {
             self.expire_direct_later(id, expires_us, ctx);
         }
-        let check = (self.settings.heartbeat_timeout / 4).max(Duration::from_millis(10));
-        ctx.run_interval(check, |actor, _| {
-            let timeout_us = actor.settings.heartbeat_timeout.as_micros() as i64;
-            actor.fold_heard();
-            let change = actor.presence.check_timeout(now_us(), timeout_us);
-            if change.is_some() {
-                actor.kick(
-                    ErrorCode::HeartbeatTimeout,
-                    format!(
-                        "no heartbeat for {} ms; reconnect",
-                        actor.settings.heartbeat_timeout.as_millis()
-                    ),
-                );
-            }
-            actor.went_offline(change);
-        });
+        if self.presence.session().is_some() {
+            self.check_heartbeats(ctx);
+        }
     }
 }
 
@@ -350,8 +370,9 @@ pub(crate) struct Attached {
 impl Handler<Attach> for DeviceActor {
     type Result = MessageResult<Attach>;
 
-    fn handle(&mut self, msg: Attach, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Attach, ctx: &mut Self::Context) -> Self::Result {
         self.sync_durable();
+        self.check_heartbeats(ctx);
         let change = self
             .presence
             .connect(msg.session, msg.remote.to_string(), now_us());

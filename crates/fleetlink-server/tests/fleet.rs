@@ -135,6 +135,20 @@ async fn presence_goes_offline_on_disconnect_and_on_heartbeat_timeout() {
     let p = op.device(&id_s).await.unwrap().presence;
     assert!(!p.online);
     assert_eq!(p.offline_reason, "timeout");
+
+    // The actor checks heartbeats only while its device is online; the check stopped when
+    // "silent" went offline and must start again when it comes back.
+    let again = raw_connect(&ts, device_hello("silent", &token)).await;
+    assert!(matches!(
+        again.first,
+        Some(v1::ServerControl {
+            msg: Some(server_control::Msg::Welcome(_))
+        })
+    ));
+    assert!(op.device(&id_s).await.unwrap().presence.online);
+    let (code, message) = close_code(&again.conn).await;
+    assert_eq!(code, ErrorCode::HeartbeatTimeout, "{message}");
+    assert!(!op.device(&id_s).await.unwrap().presence.online);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
