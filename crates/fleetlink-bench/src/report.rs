@@ -221,6 +221,14 @@ impl Report {
             .collect();
         for s in idle.iter().filter(|s| s.system == "fleetlink") {
             let f = s.extra("rss_per_conn_kb").median;
+            // Sessions that ended during the window no longer hold their memory: such a run's
+            // RSS per device is too low, and it cannot meet a memory target.
+            let errors: u64 = s.runs.iter().map(|r| r.errors).sum();
+            let caveat = if errors > 0 {
+                format!(" (invalid: {errors} sessions ended during the window)")
+            } else {
+                String::new()
+            };
             if let Some(q) = self.find(&s.scenario, "quinn-sink") {
                 let q = q.extra("rss_per_conn_kb").median;
                 t.push((
@@ -228,14 +236,14 @@ impl Report {
                         "{}: RSS per idle device ≤ raw quinn per connection",
                         s.scenario
                     ),
-                    format!("{f:.1} KB vs {q:.1} KB"),
-                    f <= q,
+                    format!("{f:.1} KB vs {q:.1} KB{caveat}"),
+                    f <= q && errors == 0,
                 ));
             }
             t.push((
                 format!("{} (goal): RSS per idle device ≤ 24 KB", s.scenario),
-                format!("{f:.1} KB"),
-                f <= 24.0,
+                format!("{f:.1} KB{caveat}"),
+                f <= 24.0 && errors == 0,
             ));
         }
         if let Some(s) = self.find("idle-100000", "fleetlink") {
@@ -597,3 +605,78 @@ const METHOD: &str = "- One load generator (`crates/fleetlink-bench`, one tokio 
 - **nats-core**: async-nats, delivered = received by a subscriber of `bench.>`. **nats-jetstream**: file-stored stream, acked publishes (64 in flight per client), delivered = acked.
 - **quinn-sink**: the same QUIC/TLS stack with no actors, protobuf or storage; it acks the count of 100-byte messages read after each chunk. For commands it relays a request to the device's connection and the answer back, the topology of a fleetlink command.
 - Server CPU = utime+stime of the server process from /proc over the measured window (after a warm-up); client CPU the same for the load generator. Losses are counted after a drain: sent − delivered.";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{Run, Series};
+
+    fn idle_series(system: &str, rss_kb: f64, errors: u64) -> Series {
+        let mut run = Run {
+            errors,
+            ..Default::default()
+        };
+        run.extra.insert("rss_per_conn_kb".into(), rss_kb);
+        Series {
+            scenario: "idle-50000".into(),
+            system: system.into(),
+            runs: vec![run],
+        }
+    }
+
+    fn report(series: Vec<Series>) -> Report {
+        Report {
+            generated: String::new(),
+            quick: false,
+            command: String::new(),
+            machine: Machine {
+                cpu: String::new(),
+                cores: 2,
+                memory_gib: 0.0,
+                kernel: String::new(),
+                pinning: String::new(),
+                mosquitto: String::new(),
+                nats_server: String::new(),
+            },
+            ceilings: Ceilings::default(),
+            series,
+            micro: Vec::new(),
+            notes: Vec::new(),
+            failures: Vec::new(),
+            python: Vec::new(),
+            pending: Vec::new(),
+        }
+    }
+
+    fn idle_target(r: &Report) -> (String, bool) {
+        r.targets()
+            .into_iter()
+            .find(|(name, _, _)| {
+                name == "idle-50000: RSS per idle device ≤ raw quinn per connection"
+            })
+            .map(|(_, measured, met)| (measured, met))
+            .expect("the idle memory target")
+    }
+
+    /// Regression: a 50k idle run in which 30k sessions ended reported its (too low) RSS per
+    /// device as meeting the target.
+    #[test]
+    fn an_idle_run_whose_sessions_ended_does_not_meet_the_memory_target() {
+        let (measured, met) = idle_target(&report(vec![
+            idle_series("fleetlink", 34.5, 30_251),
+            idle_series("quinn-sink", 36.8, 0),
+        ]));
+        assert!(!met);
+        assert!(
+            measured.contains("invalid: 30251 sessions ended"),
+            "{measured}"
+        );
+
+        let (measured, met) = idle_target(&report(vec![
+            idle_series("fleetlink", 34.5, 0),
+            idle_series("quinn-sink", 36.8, 0),
+        ]));
+        assert!(met);
+        assert_eq!(measured, "34.5 KB vs 36.8 KB");
+    }
+}
