@@ -21,7 +21,7 @@ use crate::load::{connect_ramp, endpoints_for};
 
 /// Connected light devices; they heartbeat until dropped.
 pub struct LightFleet {
-    tasks: tokio::task::JoinSet<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     lost: Arc<AtomicU64>,
 }
 
@@ -34,7 +34,9 @@ impl LightFleet {
 
 impl Drop for LightFleet {
     fn drop(&mut self) {
-        self.tasks.abort_all();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -50,9 +52,12 @@ pub async fn connect(server: &ServerAddress, n: usize) -> Result<LightFleet> {
         })
         .collect::<Result<_>>()?;
     let (addr, name) = (server.addr, server.server_name.clone());
-    let sessions = connect_ramp(n, move |i| {
+    let lost = Arc::new(AtomicU64::new(0));
+    let counter = lost.clone();
+    let tasks = connect_ramp(n, move |i| {
         let endpoint = endpoints[i % endpoints.len()].clone();
         let name = name.clone();
+        let lost = counter.clone();
         async move {
             let conn = endpoint.connect(addr, &name)?.await?;
             let (mut send, recv) = conn.open_bi().await?;
@@ -72,23 +77,20 @@ pub async fn connect(server: &ServerAddress, n: usize) -> Result<LightFleet> {
                 Some(server_control::Msg::Welcome(w)) => {
                     reader.set_max_frame_bytes(w.max_frame_bytes);
                     let every = Duration::from_millis(u64::from(w.heartbeat_interval_ms));
-                    Ok((conn, send, reader, every))
+                    // Heartbeats start with the session, not once the whole fleet is connected:
+                    // 50k devices take ~45 s to connect, longer than the heartbeat timeout, and
+                    // the first ones were timed out while they waited (30k "errors" at 50k).
+                    Ok(tokio::spawn(async move {
+                        heartbeat(send, reader, every).await;
+                        lost.fetch_add(1, Ordering::Relaxed);
+                        drop(conn);
+                    }))
                 }
                 other => bail!("light device {i}: expected a Welcome, got {other:?}"),
             }
         }
     })
     .await?;
-    let lost = Arc::new(AtomicU64::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    for (conn, send, reader, every) in sessions {
-        let lost = lost.clone();
-        tasks.spawn(async move {
-            heartbeat(send, reader, every).await;
-            lost.fetch_add(1, Ordering::Relaxed);
-            drop(conn);
-        });
-    }
     Ok(LightFleet { tasks, lost })
 }
 
