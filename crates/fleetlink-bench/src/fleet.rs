@@ -51,21 +51,25 @@ impl Ready {
 /// with one IO thread and one arbiter (it is pinned to one core), until stdin closes.
 pub fn serve(data: &Path, devices: usize, listen: SocketAddr) -> Result<()> {
     provision(data, devices)?;
+    // Environment overrides, for experiments with the reconnect storm.
+    fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+    let defaults = ServerConfig::default();
     let server = Server::start(ServerConfig {
         listen,
         data_dir: data.to_path_buf(),
         io_threads: 1,
         arbiters: 1,
-        // for experiments with the reconnect storm
-        max_handshakes: std::env::var("FLEETLINK_BENCH_MAX_HANDSHAKES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(ServerConfig::default().max_handshakes),
-        handshake_queue_ms: std::env::var("FLEETLINK_BENCH_HANDSHAKE_QUEUE_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(ServerConfig::default().handshake_queue_ms),
-        ..Default::default()
+        max_handshakes: env_or("FLEETLINK_BENCH_MAX_HANDSHAKES", defaults.max_handshakes),
+        handshake_queue_ms: env_or(
+            "FLEETLINK_BENCH_HANDSHAKE_QUEUE_MS",
+            defaults.handshake_queue_ms,
+        ),
+        ..defaults
     })?;
     let admin_token = std::fs::read_to_string(server.admin_token_file())
         .context("reading the admin token")?

@@ -623,8 +623,8 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize, resumption: Resumption) ->
     let me = std::process::id();
     let (server_cpu0, client_cpu0) = (proc2.cpu_seconds()?, cpu_seconds(me)?);
     // Measured by polling the clients' own state every 100 ms. Only the clients not back yet are
-    // polled, once each: polling all 10k three times every 20 ms took ~45% of the load
-    // generator's core (a profile: DeviceClient::stats cloning), which the handshakes needed.
+    // polled (at most once per list): polling all 10k three times every 20 ms took ~45% of the
+    // load generator's core (a profile: DeviceClient::stats cloning), which the handshakes needed.
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut online_s = None;
     let mut last_log = Instant::now();
