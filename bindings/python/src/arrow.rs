@@ -6,9 +6,13 @@ use std::sync::{Arc, Mutex};
 
 use arrow_array::builder::{Float64Builder, StringBuilder, TimestampMicrosecondBuilder};
 use arrow_array::ffi_stream::FFI_ArrowArrayStream;
-use arrow_array::{ArrayRef, RecordBatch, RecordBatchIterator};
+use arrow_array::{
+    ArrayRef, Float64Array, RecordBatch, RecordBatchIterator, StringArray,
+    TimestampMicrosecondArray,
+};
+use arrow_buffer::{Buffer, OffsetBuffer, ScalarBuffer};
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
-use fleetlink_client::{StoredPoint, Value};
+use fleetlink_client::{ColumnValues, StoredPoint, TelemetryColumns, Value};
 use pyo3::prelude::*;
 use pyo3::types::PyCapsule;
 
@@ -67,10 +71,57 @@ impl TelemetryBuilder {
     }
 
     pub(crate) fn push(&mut self, device: &str, p: &StoredPoint) -> Result<(), ArrowError> {
+        self.push_value(device, p.metric.as_str(), p.time_us, &p.value)
+    }
+
+    /// Adds a page of column-wise points. Numbers become one record batch built from the page's
+    /// vectors as they are (no per-row work but the int/bool to float conversion).
+    pub(crate) fn push_columns(
+        &mut self,
+        device: &str,
+        page: TelemetryColumns,
+    ) -> Result<(), ArrowError> {
+        let n = page.time_us.len();
+        let value: Vec<f64> = match page.values {
+            ColumnValues::Double(v) => v,
+            ColumnValues::Int(v) => v.into_iter().map(|x| x as f64).collect(),
+            ColumnValues::Bool(v) => v.into_iter().map(|b| if b { 1.0 } else { 0.0 }).collect(),
+            ColumnValues::Other(values) => {
+                for (t, v) in page.time_us.iter().zip(&values) {
+                    self.push_value(device, page.metric.as_str(), *t, v)?;
+                }
+                return Ok(());
+            }
+        };
+        self.seal()?; // keep row order: what was pushed row by row comes first
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(repeated(device, n)),
+            Arc::new(repeated(page.metric.as_str(), n)),
+            Arc::new(
+                TimestampMicrosecondArray::new(ScalarBuffer::from(page.time_us), None)
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(Float64Array::new(ScalarBuffer::from(value), None)),
+            Arc::new(StringArray::new_null(n)),
+            Arc::new(Float64Array::new_null(n)),
+            Arc::new(Float64Array::new_null(n)),
+        ];
+        self.batches
+            .push(RecordBatch::try_new(self.schema.clone(), columns)?);
+        Ok(())
+    }
+
+    fn push_value(
+        &mut self,
+        device: &str,
+        metric: &str,
+        time_us: i64,
+        value: &Value,
+    ) -> Result<(), ArrowError> {
         self.device.append_value(device);
-        self.metric.append_value(p.metric.as_str());
-        self.time.append_value(p.time_us);
-        let (value, text, pos) = match &p.value {
+        self.metric.append_value(metric);
+        self.time.append_value(time_us);
+        let (value, text, pos) = match value {
             Value::Double(x) => (Some(*x), None, None),
             Value::Int(x) => (Some(*x as f64), None, None),
             Value::Bool(x) => (Some(if *x { 1.0 } else { 0.0 }), None, None),
@@ -113,6 +164,15 @@ impl TelemetryBuilder {
             inner: Mutex::new(Some((self.schema, self.batches))),
         })
     }
+}
+
+/// `n` copies of `s`, built as two buffers rather than value by value.
+fn repeated(s: &str, n: usize) -> StringArray {
+    StringArray::new(
+        OffsetBuffer::from_lengths(std::iter::repeat_n(s.len(), n)),
+        Buffer::from_vec(s.repeat(n).into_bytes()),
+        None,
+    )
 }
 
 /// Record batches that Python takes once through `__arrow_c_stream__`

@@ -19,6 +19,19 @@ use crate::errors::{device_id, invalid, to_py};
 use crate::runtime::wait;
 use crate::values::{from_json, value_to_py};
 
+/// Telemetry queries (one per device and metric) that `Client.telemetry` keeps in flight.
+const QUERIES_IN_FLIGHT: usize = 4;
+
+/// Aborts its task when dropped: the caller gave up (an error, or Ctrl-C in Python).
+#[derive(Debug)]
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Where a server is: `fleetlink://host:port` or `host:port`, and the CA to trust.
 pub(crate) fn server_address(
     py: Python<'_>,
@@ -158,6 +171,9 @@ impl Client {
     }
 
     /// Stored telemetry as an Arrow stream (see `arrow::telemetry_schema`).
+    ///
+    /// Each device and metric is one query; raw points come as column pages
+    /// (`OperatorClient::query_telemetry_columns`) and become record batches without per-row work.
     #[pyo3(signature = (devices=None, metrics=None, start_us=None, end_us=None, every_us=None, agg=None))]
     #[allow(clippy::too_many_arguments)] // mirrors the keyword arguments of Client.telemetry
     fn telemetry(
@@ -201,6 +217,31 @@ impl Client {
         let op = self.op.clone();
         let built = wait(py, async move {
             let mut builder = TelemetryBuilder::new();
+            let protocol = |e: arrow_schema::ArrowError| ClientError::Protocol(e.to_string());
+            if let Some(every) = every_us {
+                // downsampled: a point per bucket, few enough for the row form
+                for device in &devices {
+                    for metric in &metrics {
+                        let q = TelemetryQuery {
+                            device: device.clone(),
+                            metric: metric.clone(),
+                            start_us,
+                            end_us,
+                            limit: None,
+                            every: Some(Duration::from_micros(every.unsigned_abs())),
+                            agg: agg.clone(),
+                        };
+                        for p in op.query_telemetry(q).await? {
+                            builder.push(device.as_str(), &p).map_err(protocol)?;
+                        }
+                    }
+                }
+                return builder.finish().map_err(protocol);
+            }
+            // Raw points: column pages, several queries in flight (the server reads and encodes
+            // one while this side decodes another).
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(QUERIES_IN_FLIGHT));
+            let mut queries = Vec::with_capacity(devices.len() * metrics.len());
             for device in &devices {
                 for metric in &metrics {
                     let q = TelemetryQuery {
@@ -209,19 +250,29 @@ impl Client {
                         start_us,
                         end_us,
                         limit: None,
-                        every: every_us.map(|e| Duration::from_micros(e.unsigned_abs())),
-                        agg: agg.clone(),
+                        every: None,
+                        agg: None,
                     };
-                    for p in op.query_telemetry(q).await? {
-                        builder
-                            .push(device.as_str(), &p)
-                            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-                    }
+                    let op = op.clone();
+                    let in_flight = in_flight.clone();
+                    let task = tokio::spawn(async move {
+                        let _permit = in_flight.acquire_owned().await;
+                        op.query_telemetry_columns(q).await
+                    });
+                    queries.push((device.clone(), AbortOnDrop(task)));
                 }
             }
-            builder
-                .finish()
-                .map_err(|e| ClientError::Protocol(e.to_string()))
+            for (device, mut task) in queries {
+                let pages = (&mut task.0)
+                    .await
+                    .map_err(|e| ClientError::Protocol(format!("telemetry query task: {e}")))??;
+                for page in pages {
+                    builder
+                        .push_columns(device.as_str(), page)
+                        .map_err(protocol)?;
+                }
+            }
+            builder.finish().map_err(protocol)
         })?
         .map_err(err)?;
         Ok(built)

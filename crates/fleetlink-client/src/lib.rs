@@ -23,9 +23,9 @@ pub use fleetlink_core::{DeviceId, GeoPosition, MetricName, Point, Value};
 pub use fleetlink_proto::v1::{ErrorCode, RejectReason};
 pub use fleetlink_transport::Resumption;
 pub use operator::{
-    CommandInfo, CommandRequest, DeviceInfo, EventStream, FleetEvent, Group, JobAction, JobInfo,
-    JobSpec, OperatorClient, OperatorConfig, PresenceEvent, PresenceInfo, StoredPoint,
-    Subscription, TelemetryQuery, Twin,
+    ColumnValues, CommandInfo, CommandRequest, DeviceInfo, EventStream, FleetEvent, Group,
+    JobAction, JobInfo, JobSpec, OperatorClient, OperatorConfig, PresenceEvent, PresenceInfo,
+    StoredPoint, Subscription, TelemetryColumns, TelemetryQuery, Twin,
 };
 
 /// Where the server is and how to trust it.

@@ -3,6 +3,7 @@
 //!
 //! See `docs/protocol.md` for which message travels on which stream.
 
+pub mod columns;
 mod framing;
 
 pub use framing::{FrameDecoder, FrameError, LENGTH_PREFIX_BYTES, encode_frame, encoded_frame};

@@ -25,6 +25,9 @@ use fleetlink_store::{CommandFilter, CommandRecord, NewCommand};
 
 /// Points per TelemetryPage frame (well under the frame size limit).
 const POINTS_PER_PAGE: usize = 2_000;
+/// Points of numbers per TelemetryColumns frame: at most ~600 KB (8 bytes of value and up to 10
+/// of time each), under the 1 MiB default frame limit.
+const COLUMN_POINTS_PER_PAGE: usize = 32_768;
 /// Devices per DevicePage frame.
 const DEVICES_PER_PAGE: usize = 200;
 
@@ -360,6 +363,20 @@ async fn query_telemetry(
             )
         })?,
     };
+    if r.columns {
+        if query.every_us.is_some() {
+            return Err(error(
+                ErrorCode::InvalidArgument,
+                "columns are for raw points; ask for downsampled points (every_us) without columns",
+            ));
+        }
+        let metrics = shared
+            .store
+            .query_telemetry_columns(query)
+            .await
+            .map_err(store_error)?;
+        return Ok(column_pages(&device, &metrics));
+    }
     let points = shared
         .store
         .query_telemetry(query)
@@ -385,6 +402,61 @@ async fn query_telemetry(
         pages.push(page(&[]));
     }
     Ok(pages)
+}
+
+/// TelemetryColumns frames for the points of each metric, in order.
+fn column_pages(
+    device: &DeviceId,
+    metrics: &[fleetlink_store::MetricColumns],
+) -> Vec<OperatorResponse> {
+    use fleetlink_proto::columns;
+    use fleetlink_store::ValueColumn;
+    use v1::telemetry_columns::Values;
+
+    let mut pages = Vec::new();
+    for m in metrics {
+        let per_page = match m.values {
+            ValueColumn::Other(_) => POINTS_PER_PAGE,
+            _ => COLUMN_POINTS_PER_PAGE,
+        };
+        let mut from = 0;
+        while from < m.len() {
+            let to = (from + per_page).min(m.len());
+            let values = match &m.values {
+                ValueColumn::Double(v) => Values::Doubles(columns::encode_doubles(&v[from..to])),
+                ValueColumn::Int(v) => Values::Ints(columns::encode_ints(&v[from..to])),
+                ValueColumn::Bool(v) => Values::Bools(columns::encode_bools(&v[from..to])),
+                ValueColumn::Other(v) => Values::Other(v1::ValueList {
+                    values: v[from..to].iter().map(|v| v.to_proto()).collect(),
+                }),
+            };
+            pages.push(OperatorResponse {
+                response: Some(operator_response::Response::TelemetryColumns(
+                    v1::TelemetryColumns {
+                        device_id: device.to_string(),
+                        metric: m.metric.to_string(),
+                        count: (to - from) as u32,
+                        time_us: columns::encode_times(&m.time_us[from..to]),
+                        values: Some(values),
+                    },
+                )),
+            });
+            from = to;
+        }
+    }
+    if pages.is_empty() {
+        // an empty answer is one page of no points
+        pages.push(OperatorResponse {
+            response: Some(operator_response::Response::TelemetryColumns(
+                v1::TelemetryColumns {
+                    device_id: device.to_string(),
+                    values: Some(Values::Doubles(Vec::new())),
+                    ..Default::default()
+                },
+            )),
+        });
+    }
+    pages
 }
 
 async fn provision(

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::*;
 use fleetlink_client::{
-    DeviceClient, DeviceConfig, DeviceId, Endpoint, MetricName, Point, TelemetryQuery, Value,
+    ColumnValues, DeviceClient, DeviceConfig, DeviceId, Endpoint, MetricName, Point,
+    TelemetryQuery, Value,
 };
 use fleetlink_proto::v1::{
     self, ErrorCode, RejectReason, StreamHeader, StreamKind, server_control,
@@ -411,6 +412,108 @@ async fn the_sdk_refuses_bad_points_and_drops_a_batch_the_server_refused() {
         stored.iter().map(|p| p.value.clone()).collect::<Vec<_>>(),
         vec![Value::Double(0.5), Value::Double(0.7)]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn column_pages_carry_the_points_of_the_row_form() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let dev = connect_device(&ts, &op, "logger").await;
+    // 70,000 doubles: three column pages; ints, bools and strings alongside
+    for b in 0..70i64 {
+        let mut points: Vec<Point> = (0..1_000)
+            .map(|k| {
+                let t = 1_700_000_000_000_000 + (b * 1_000 + k) * 1_000;
+                point("volts", t, Value::Double((b * 1_000 + k) as f64 / 4.0))
+            })
+            .collect();
+        let t = 1_700_000_000_000_000 + b;
+        points.push(point("count", t, Value::Int(-b)));
+        points.push(point("open", t, Value::Bool(b % 3 == 0)));
+        points.push(point("state", t, Value::String(format!("s{b}"))));
+        dev.send(points).await.unwrap();
+    }
+    dev.flush(Duration::from_secs(30)).await.unwrap();
+    let all = TelemetryQuery::all(DeviceId::new("logger").unwrap());
+    let rows = op.query_telemetry(all.clone()).await.unwrap();
+    assert_eq!(rows.len(), 70_210);
+    let pages = op.query_telemetry_columns(all.clone()).await.unwrap();
+    let volts_pages = pages
+        .iter()
+        .filter(|p| p.metric.as_str() == "volts")
+        .count();
+    assert_eq!(volts_pages, 3, "32768 points per page");
+    assert!(
+        pages
+            .iter()
+            .any(|p| matches!(p.values, ColumnValues::Int(_)))
+    );
+    assert!(
+        pages
+            .iter()
+            .any(|p| matches!(p.values, ColumnValues::Bool(_)))
+    );
+    assert!(
+        pages
+            .iter()
+            .any(|p| matches!(p.values, ColumnValues::Other(_)))
+    );
+    let flat: Vec<(String, i64, Value)> = pages
+        .iter()
+        .flat_map(|p| {
+            let values: Vec<Value> = match &p.values {
+                ColumnValues::Double(v) => v.iter().map(|&x| Value::Double(x)).collect(),
+                ColumnValues::Int(v) => v.iter().map(|&x| Value::Int(x)).collect(),
+                ColumnValues::Bool(v) => v.iter().map(|&x| Value::Bool(x)).collect(),
+                ColumnValues::Other(v) => v.clone(),
+            };
+            p.time_us
+                .iter()
+                .zip(values)
+                .map(|(t, v)| (p.metric.as_str().to_owned(), *t, v))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let expected: Vec<(String, i64, Value)> = rows
+        .iter()
+        .map(|p| (p.metric.as_str().to_owned(), p.time_us, p.value.clone()))
+        .collect();
+    assert!(
+        flat == expected,
+        "the column form differs from the row form"
+    );
+
+    // a range and a limit apply to columns as to rows
+    let some = TelemetryQuery {
+        metric: Some(MetricName::new("volts").unwrap()),
+        start_us: Some(1_700_000_000_000_000 + 5_000),
+        limit: Some(10),
+        ..all.clone()
+    };
+    let pages = op.query_telemetry_columns(some.clone()).await.unwrap();
+    let rows = op.query_telemetry(some).await.unwrap();
+    assert_eq!(pages.len(), 1);
+    assert_eq!(
+        pages[0].time_us,
+        rows.iter().map(|p| p.time_us).collect::<Vec<_>>()
+    );
+    assert_eq!(pages[0].time_us.len(), 10);
+    // nothing in range: no pages
+    let none = TelemetryQuery {
+        start_us: Some(1),
+        end_us: Some(2),
+        ..all.clone()
+    };
+    assert!(op.query_telemetry_columns(none).await.unwrap().is_empty());
+    // downsampling has no column form
+    let e = op
+        .query_telemetry_columns(TelemetryQuery {
+            every: Some(Duration::from_secs(1)),
+            ..all
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("columns are for raw points"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 //! writer thread that commits telemetry from every device in group commits, and a pool of reader
 //! connections so queries never wait for ingest.
 
+mod chunk;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ use fleetlink_core::twin::TwinDoc;
 use fleetlink_core::value::Batch;
 use fleetlink_core::{DeviceId, MetricName, TimeUs, Value};
 
+pub use chunk::ValueColumn;
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous, WriterHandle};
 
 /// A storage failure.
@@ -316,6 +318,44 @@ pub struct StoredPoint {
     pub value: Value,
 }
 
+/// Stored points of one metric, column by column, in (time, seq) order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricColumns {
+    /// Which metric.
+    pub metric: MetricName,
+    /// Device clock.
+    pub time_us: Vec<TimeUs>,
+    /// Server clock when each point's batch arrived.
+    pub received_us: Vec<TimeUs>,
+    /// Sequence number of each point's batch.
+    pub seq: Vec<u64>,
+    /// The values.
+    pub values: ValueColumn,
+}
+
+impl MetricColumns {
+    /// Points held.
+    pub fn len(&self) -> usize {
+        self.time_us.len()
+    }
+
+    /// No points.
+    pub fn is_empty(&self) -> bool {
+        self.time_us.is_empty()
+    }
+
+    /// The points as rows.
+    pub fn to_points(&self) -> impl Iterator<Item = StoredPoint> + '_ {
+        (0..self.len()).map(|i| StoredPoint {
+            metric: self.metric.clone(),
+            time_us: self.time_us[i],
+            received_us: self.received_us[i],
+            seq: self.seq[i],
+            value: self.values.get(i),
+        })
+    }
+}
+
 /// Which telemetry to read.
 #[derive(Debug, Clone)]
 pub struct TelemetryQuery {
@@ -362,16 +402,6 @@ impl Aggregation {
             "count" => Aggregation::Count,
             _ => return None,
         })
-    }
-
-    pub(crate) fn sql(self) -> &'static str {
-        match self {
-            Aggregation::Mean => "avg",
-            Aggregation::Min => "min",
-            Aggregation::Max => "max",
-            Aggregation::Sum => "sum",
-            Aggregation::Count => "count",
-        }
     }
 }
 
@@ -439,6 +469,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Stored points of one device: grouped by metric (in the order each was first stored), then
     /// ordered by time, then arrival.
     async fn query_telemetry(&self, query: TelemetryQuery) -> Result<Vec<StoredPoint>, StoreError>;
+
+    /// The raw points of [`Store::query_telemetry`] column by column, one entry per metric (in the
+    /// same order; metrics with no point in range are left out). `every_us` and `agg` must be unset:
+    /// downsampled results come from [`Store::query_telemetry`].
+    async fn query_telemetry_columns(
+        &self,
+        query: TelemetryQuery,
+    ) -> Result<Vec<MetricColumns>, StoreError>;
 
     /// Queues a batch for the next group commit. Returns once it is queued; waits while the queue is
     /// full (backpressure). Durability is reported to `batch.listener`. A batch whose sequence is at

@@ -12,16 +12,17 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
+use crate::chunk::{self, Columns, Row};
 use crate::{
-    AppendBatch, CommandFilter, CommandRecord, CommandUpdate, DeviceRecord, DeviceState,
-    DirectRecord, GroupRecord, JobRecord, JobTargetRecord, MetricValue, NewCommand, NewDevice,
-    PresenceRecord, RetainedRecord, Store, StoreError, StoreFuture, StoredPoint, StoredTwin,
-    TelemetryQuery, TwinSide,
+    Aggregation, AppendBatch, CommandFilter, CommandRecord, CommandUpdate, DeviceRecord,
+    DeviceState, DirectRecord, GroupRecord, JobRecord, JobTargetRecord, MetricColumns, MetricValue,
+    NewCommand, NewDevice, PresenceRecord, RetainedRecord, Store, StoreError, StoreFuture,
+    StoredPoint, StoredTwin, TelemetryQuery, TwinSide,
 };
 use fleetlink_core::command::{CommandId, CommandState};
 use fleetlink_core::twin::TwinDoc;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS admin_tokens (
@@ -43,18 +44,17 @@ CREATE TABLE IF NOT EXISTS metrics (
     id    INTEGER PRIMARY KEY,
     name  TEXT NOT NULL UNIQUE
 );
-CREATE TABLE IF NOT EXISTS telemetry (
-    device      INTEGER NOT NULL,
-    metric      INTEGER NOT NULL,
-    time_us     INTEGER NOT NULL,
-    seq         INTEGER NOT NULL,
-    idx         INTEGER NOT NULL,
-    received_us INTEGER NOT NULL,
-    kind        INTEGER NOT NULL,
-    value       ANY,
-    lat REAL, lon REAL, alt REAL, speed REAL, heading REAL, accuracy REAL,
-    PRIMARY KEY (device, metric, time_us, seq, idx)
-) WITHOUT ROWID, STRICT;
+CREATE TABLE IF NOT EXISTS telemetry_chunks (
+    id        INTEGER PRIMARY KEY,
+    device    INTEGER NOT NULL,
+    metric    INTEGER NOT NULL,
+    start_us  INTEGER NOT NULL,
+    end_us    INTEGER NOT NULL,
+    points    INTEGER NOT NULL,
+    data      BLOB NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS telemetry_chunks_by_time
+    ON telemetry_chunks (device, metric, start_us, end_us);
 CREATE TABLE IF NOT EXISTS last_values (
     device   INTEGER NOT NULL,
     metric   INTEGER NOT NULL,
@@ -390,9 +390,183 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tx.execute_batch("ALTER TABLE devices ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}'")?;
     }
     tx.execute_batch(SCHEMA)?;
+    if (1..3).contains(&version) {
+        // version 3 keeps telemetry in chunks instead of a row per point
+        rows_to_chunks(&tx)?;
+    }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
     Ok(())
+}
+
+/// Moves the points of a version 1 or 2 database (a row each in `telemetry`) into chunks.
+fn rows_to_chunks(tx: &Connection) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare(
+        "SELECT device, metric, time_us, seq, idx, received_us, kind, value,
+                lat, lon, alt, speed, heading, accuracy
+         FROM telemetry ORDER BY device, metric, time_us, seq, idx",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut pair: Option<(i64, i64)> = None;
+    let mut pending: Vec<Row<Value>> = Vec::new();
+    let mut moved = 0u64;
+    while let Some(r) = rows.next()? {
+        let this = (r.get(0)?, r.get(1)?);
+        if pair.is_some_and(|p| p != this) || pending.len() == chunk::MAX_POINTS {
+            let (device, metric) = pair.expect("set with the first row");
+            insert_chunk(tx, device, metric, &pending)?;
+            pending.clear();
+        }
+        pair = Some(this);
+        pending.push(Row {
+            time_us: r.get(2)?,
+            seq: r.get::<_, i64>(3)? as u64,
+            idx: r.get::<_, i64>(4)? as u32,
+            received_us: r.get(5)?,
+            value: read_value(r, 6)?,
+        });
+        moved += 1;
+    }
+    if let Some((device, metric)) = pair {
+        insert_chunk(tx, device, metric, &pending)?;
+    }
+    drop(rows);
+    drop(stmt);
+    tx.execute_batch("DROP TABLE telemetry")?;
+    tracing::info!(
+        points = moved,
+        "moved stored telemetry into chunks (schema version 3)"
+    );
+    Ok(())
+}
+
+/// Stores `rows` (one device and metric, in key order, at most `chunk::MAX_POINTS`) as one
+/// chunk; returns its row id.
+fn insert_chunk<V: std::borrow::Borrow<Value>>(
+    conn: &Connection,
+    device: i64,
+    metric: i64,
+    rows: &[Row<V>],
+) -> Result<i64, StoreError> {
+    let start = rows.iter().map(|r| r.time_us).min().unwrap_or_default();
+    let end = rows.iter().map(|r| r.time_us).max().unwrap_or_default();
+    conn.prepare_cached(
+        "INSERT INTO telemetry_chunks (device, metric, start_us, end_us, points, data)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        device,
+        metric,
+        start,
+        end,
+        rows.len() as i64,
+        chunk::encode(rows)
+    ])?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// The raw points of one device and metric with `start_us <= time < end_us`, at most `limit`.
+fn metric_points(
+    conn: &Connection,
+    device: i64,
+    metric: i64,
+    start_us: TimeUs,
+    end_us: TimeUs,
+    limit: Option<usize>,
+) -> Result<Columns, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT start_us, end_us, data FROM telemetry_chunks
+         WHERE device = ?1 AND metric = ?2 AND start_us < ?4 AND end_us >= ?3
+         ORDER BY start_us, id",
+    )?;
+    let mut rows = stmt.query(params![device, metric, start_us, end_us])?;
+    let mut out = Columns::default();
+    let mut sorted = true;
+    let mut latest = TimeUs::MIN; // no point gathered is later than this
+    while let Some(r) = rows.next()? {
+        let (first, last): (TimeUs, TimeUs) = (r.get(0)?, r.get(1)?);
+        if limit.is_some_and(|l| out.len() >= l) && first > latest {
+            break; // every later chunk starts after the points already gathered
+        }
+        let before = out.len();
+        let data = r.get_ref(2)?.as_blob().map_err(corrupt)?;
+        chunk::decode_into(data, &mut out).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if first < start_us || last >= end_us {
+            let keep: Vec<bool> = (0..out.len())
+                .map(|i| i < before || (start_us..end_us).contains(&out.time_us[i]))
+                .collect();
+            out.retain_by(&keep);
+        }
+        if before > 0 && out.len() > before && out.key(before) < out.key(before - 1) {
+            sorted = false;
+        }
+        latest = latest.max(last);
+    }
+    if !sorted {
+        out.sort();
+    }
+    if let Some(limit) = limit {
+        out.truncate(limit);
+    }
+    Ok(out)
+}
+
+/// The metrics a device has points of, as (row id, name), in row id order.
+fn device_metrics(
+    conn: &Connection,
+    device: i64,
+    only: Option<&MetricName>,
+) -> Result<Vec<(i64, MetricName)>, StoreError> {
+    if let Some(name) = only {
+        return Ok(conn
+            .prepare_cached("SELECT id FROM metrics WHERE name = ?1")?
+            .query_row([name.as_str()], |r| r.get(0))
+            .optional()?
+            .map(|id| vec![(id, name.clone())])
+            .unwrap_or_default()); // nobody ever sent this metric
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT m.id, m.name FROM metrics m
+         WHERE EXISTS (SELECT 1 FROM telemetry_chunks c WHERE c.device = ?1 AND c.metric = m.id)
+         ORDER BY m.id",
+    )?;
+    let rows = stmt.query_map([device], |r| Ok((r.get(0)?, metric_name(r.get(1)?)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The raw points of a query, metric by metric.
+fn query_columns(
+    conn: &Connection,
+    device: i64,
+    q: &TelemetryQuery,
+) -> Result<Vec<MetricColumns>, StoreError> {
+    let mut out = Vec::new();
+    let mut left = q.limit;
+    for (metric, name) in device_metrics(conn, device, q.metric.as_ref())? {
+        if left == Some(0) {
+            break;
+        }
+        let points = metric_points(
+            conn,
+            device,
+            metric,
+            q.start_us.unwrap_or(TimeUs::MIN),
+            q.end_us.unwrap_or(TimeUs::MAX),
+            left,
+        )?;
+        if points.len() == 0 {
+            continue;
+        }
+        left = left.map(|l| l - points.len());
+        out.push(MetricColumns {
+            metric: name,
+            time_us: points.time_us,
+            received_us: points.received_us,
+            seq: points.seq,
+            values: points.values,
+        });
+    }
+    Ok(out)
 }
 
 fn job_points(job: &WriterJob) -> usize {
@@ -696,47 +870,70 @@ fn parse_history(text: &str) -> Result<Vec<(CommandState, TimeUs)>, StoreError> 
 fn aggregate(
     conn: &Connection,
     device: i64,
-    metric: Option<i64>,
     q: &TelemetryQuery,
     every: i64,
 ) -> Result<Vec<StoredPoint>, StoreError> {
     let every = every.max(1);
-    let sql = format!(
-        "SELECT m.name, (t.time_us - (((t.time_us % ?5) + ?5) % ?5)) AS bucket, {}(t.value)
-         FROM telemetry t JOIN metrics m ON m.id = t.metric
-         WHERE t.device = ?1 AND (?2 IS NULL OR t.metric = ?2)
-           AND t.time_us >= ?3 AND t.time_us < ?4 AND t.kind IN (?6, ?7, ?8)
-         GROUP BY t.metric, bucket
-         ORDER BY t.metric, bucket
-         LIMIT ?9",
-        q.agg.sql()
-    );
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(
-        params![
+    let mut out = Vec::new();
+    let limit = q.limit.unwrap_or(usize::MAX);
+    for (metric, name) in device_metrics(conn, device, q.metric.as_ref())? {
+        let points = metric_points(
+            conn,
             device,
             metric,
-            q.start_us.unwrap_or(i64::MIN),
-            q.end_us.unwrap_or(i64::MAX),
-            every,
-            ValueKind::Double.code(),
-            ValueKind::Int.code(),
-            ValueKind::Bool.code(),
-            q.limit.map_or(-1, |l| l as i64)
-        ],
-        |r| {
-            let bucket: i64 = r.get(1)?;
-            let value: f64 = r.get(2)?;
-            Ok(StoredPoint {
-                metric: metric_name(r.get(0)?)?,
+            q.start_us.unwrap_or(TimeUs::MIN),
+            q.end_us.unwrap_or(TimeUs::MAX),
+            None,
+        )?;
+        // (bucket, count, sum, min, max) of the bucket being filled; points come in time order
+        let mut current: Option<(TimeUs, u64, f64, f64, f64)> = None;
+        let emit = |b: (TimeUs, u64, f64, f64, f64), out: &mut Vec<StoredPoint>| {
+            let (bucket, n, sum, min, max) = b;
+            let value = match q.agg {
+                Aggregation::Mean => sum / n as f64,
+                Aggregation::Min => min,
+                Aggregation::Max => max,
+                Aggregation::Sum => sum,
+                Aggregation::Count => n as f64,
+            };
+            out.push(StoredPoint {
+                metric: name.clone(),
                 time_us: bucket,
                 received_us: bucket,
                 seq: 0,
                 value: Value::Double(value),
-            })
-        },
-    )?;
-    Ok(rows.collect::<Result<_, _>>()?)
+            });
+        };
+        for i in 0..points.len() {
+            let Some(x) = points.values.number(i) else {
+                continue; // strings and positions have no aggregate
+            };
+            let t = points.time_us[i];
+            let bucket = t - t.rem_euclid(every);
+            match &mut current {
+                Some(c) if c.0 == bucket => {
+                    c.1 += 1;
+                    c.2 += x;
+                    c.3 = c.3.min(x);
+                    c.4 = c.4.max(x);
+                }
+                _ => {
+                    if let Some(done) = current.take() {
+                        emit(done, &mut out);
+                    }
+                    current = Some((bucket, 1, x, x, x));
+                }
+            }
+        }
+        if let Some(done) = current {
+            emit(done, &mut out);
+        }
+        if out.len() >= limit {
+            out.truncate(limit);
+            break;
+        }
+    }
+    Ok(out)
 }
 
 fn load_jobs(
@@ -983,53 +1180,25 @@ impl Store for SqliteStore {
 
     async fn query_telemetry(&self, q: TelemetryQuery) -> Result<Vec<StoredPoint>, StoreError> {
         self.read(move |conn| {
-            let device: i64 = conn
-                .prepare_cached("SELECT id FROM devices WHERE name = ?1")?
-                .query_row([q.device.as_str()], |r| r.get(0))
-                .optional()?
-                .ok_or_else(|| StoreError::UnknownDevice(q.device.clone()))?;
-            let metric: Option<i64> = match &q.metric {
-                None => None,
-                Some(m) => match conn
-                    .prepare_cached("SELECT id FROM metrics WHERE name = ?1")?
-                    .query_row([m.as_str()], |r| r.get(0))
-                    .optional()?
-                {
-                    Some(id) => Some(id),
-                    None => return Ok(Vec::new()), // nobody ever sent this metric
-                },
-            };
+            let device = device_rowid(conn, &q.device)?;
             if let Some(every) = q.every_us {
-                return aggregate(conn, device, metric, &q, every);
+                return aggregate(conn, device, &q, every);
             }
-            let mut stmt = conn.prepare_cached(
-                "SELECT m.name, t.time_us, t.received_us, t.seq, t.kind, t.value,
-                        t.lat, t.lon, t.alt, t.speed, t.heading, t.accuracy
-                 FROM telemetry t JOIN metrics m ON m.id = t.metric
-                 WHERE t.device = ?1 AND (?2 IS NULL OR t.metric = ?2)
-                   AND t.time_us >= ?3 AND t.time_us < ?4
-                 ORDER BY t.device, t.metric, t.time_us, t.seq, t.idx
-                 LIMIT ?5",
-            )?;
-            let rows = stmt.query_map(
-                params![
-                    device,
-                    metric,
-                    q.start_us.unwrap_or(i64::MIN),
-                    q.end_us.unwrap_or(i64::MAX),
-                    q.limit.map_or(-1, |l| l as i64)
-                ],
-                |r| {
-                    Ok(StoredPoint {
-                        metric: metric_name(r.get(0)?)?,
-                        time_us: r.get(1)?,
-                        received_us: r.get(2)?,
-                        seq: r.get::<_, i64>(3)? as u64,
-                        value: read_value(r, 4)?,
-                    })
-                },
-            )?;
-            Ok(rows.collect::<Result<_, _>>()?)
+            Ok(query_columns(conn, device, &q)?
+                .iter()
+                .flat_map(MetricColumns::to_points)
+                .collect())
+        })
+        .await
+    }
+
+    async fn query_telemetry_columns(
+        &self,
+        q: TelemetryQuery,
+    ) -> Result<Vec<MetricColumns>, StoreError> {
+        self.read(move |conn| {
+            let device = device_rowid(conn, &q.device)?;
+            query_columns(conn, device, &q)
         })
         .await
     }
@@ -1497,6 +1666,7 @@ struct Writer {
     /// device name → (row id, highest stored seq)
     devices: HashMap<DeviceId, (i64, u64)>,
     metrics: HashMap<MetricName, i64>,
+    compaction: Compaction,
 }
 
 impl Writer {
@@ -1505,6 +1675,7 @@ impl Writer {
             conn,
             devices: HashMap::new(),
             metrics: HashMap::new(),
+            compaction: Compaction::default(),
         }
     }
 
@@ -1568,8 +1739,10 @@ impl Writer {
                 }
                 Err(error) => {
                     tracing::error!(%error, batches = appends.len(), "group commit failed; the devices will resend");
-                    // The cached watermarks may be ahead of what was rolled back.
+                    // The cached watermarks may be ahead of what was rolled back, and the
+                    // chunks waiting for compaction may not exist.
                     self.devices.clear();
+                    self.compaction = Compaction::default();
                     for finish in finishers {
                         finish(Some(&error));
                     }
@@ -1602,12 +1775,9 @@ impl Writer {
         let mut durable = Vec::with_capacity(jobs.len());
         let mut last: HashMap<(i64, i64), (TimeUs, &Value)> = HashMap::new();
         let mut touched: HashMap<i64, (u64, i64, &DeviceId)> = HashMap::new(); // row id → (seq, points added, id)
+        // Points by device and metric: each group becomes one chunk (or a few, if large).
+        let mut groups: HashMap<(i64, i64), Vec<Row<&Value>>> = HashMap::new();
         {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO telemetry (device, metric, time_us, seq, idx, received_us, kind, value,
-                                        lat, lon, alt, speed, heading, accuracy)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            )?;
             for job in jobs {
                 let (dev, stored_seq) = match self.devices.get(&job.device) {
                     Some(d) => *d,
@@ -1642,23 +1812,13 @@ impl Writer {
                             id
                         }
                     };
-                    let (kind, value, geo) = value_columns(&p.value);
-                    insert.execute(params![
-                        dev,
-                        metric,
-                        p.time_us,
-                        seq as i64,
-                        idx as i64,
-                        job.received_us,
-                        kind,
-                        value,
-                        geo[0],
-                        geo[1],
-                        geo[2],
-                        geo[3],
-                        geo[4],
-                        geo[5]
-                    ])?;
+                    groups.entry((dev, metric)).or_default().push(Row {
+                        time_us: p.time_us,
+                        received_us: job.received_us,
+                        seq,
+                        idx: idx as u32,
+                        value: &p.value,
+                    });
                     let slot = last.entry((dev, metric)).or_insert((p.time_us, &p.value));
                     if p.time_us >= slot.0 {
                         *slot = (p.time_us, &p.value);
@@ -1668,6 +1828,13 @@ impl Writer {
                 t.0 = seq;
                 t.1 += job.batch.points.len() as i64;
                 durable.push(seq);
+            }
+            for ((dev, metric), mut rows) in groups {
+                rows.sort_by_key(Row::key);
+                for part in rows.chunks(chunk::MAX_POINTS) {
+                    let id = insert_chunk(&tx, dev, metric, part)?;
+                    self.compaction.stored(&tx, dev, metric, id, part.len())?;
+                }
             }
             let mut upsert = tx.prepare_cached(
                 "INSERT INTO last_values (device, metric, time_us, kind, value, lat, lon, alt, speed, heading, accuracy)
@@ -1698,4 +1865,102 @@ impl Writer {
         }
         Ok(durable)
     }
+}
+
+/// Chunks below this many points are level 0 (a slow device's commit stores one point per chunk).
+const LEVEL0_POINTS: usize = 32;
+/// Chunks below this many points (and at least `LEVEL0_POINTS`) are level 1.
+const LEVEL1_POINTS: usize = 1_024;
+/// This many chunks of one level, device and metric are merged into fewer, larger ones.
+const MERGE_CHUNKS: usize = 32;
+
+/// Merges the small chunks that devices sending a few points per commit leave behind: every
+/// `MERGE_CHUNKS` level-0 chunks of a device and metric become one chunk of level 1 or more, and
+/// every `MERGE_CHUNKS` level-1 chunks become chunks of `LEVEL1_POINTS` to `chunk::MAX_POINTS`
+/// points. A point is rewritten at most twice, and a long history is read in large chunks.
+///
+/// Which chunks are small is known only for chunks this writer stored: small chunks left by a
+/// previous run stay as they are (readable, only slower to read).
+#[derive(Debug, Default)]
+struct Compaction {
+    /// (device, metric) → row ids of its level-0 and level-1 chunks.
+    small: HashMap<(i64, i64), [Vec<i64>; 2]>,
+}
+
+impl Compaction {
+    /// Notes a chunk just stored; merges when a level is full.
+    fn stored(
+        &mut self,
+        tx: &Connection,
+        device: i64,
+        metric: i64,
+        id: i64,
+        points: usize,
+    ) -> Result<(), StoreError> {
+        let level = match points {
+            p if p < LEVEL0_POINTS => 0,
+            p if p < LEVEL1_POINTS => 1,
+            _ => return Ok(()),
+        };
+        let levels = self.small.entry((device, metric)).or_default();
+        levels[level].push(id);
+        for level in 0..2 {
+            if levels[level].len() < MERGE_CHUNKS {
+                continue;
+            }
+            let ids = std::mem::take(&mut levels[level]);
+            for (id, points) in merge(tx, device, metric, &ids)? {
+                match points {
+                    p if p < LEVEL0_POINTS => levels[0].push(id),
+                    p if p < LEVEL1_POINTS => levels[1].push(id),
+                    _ => {}
+                }
+            }
+        }
+        if levels.iter().all(Vec::is_empty) {
+            self.small.remove(&(device, metric));
+        }
+        Ok(())
+    }
+}
+
+/// Replaces chunks `ids` of one device and metric by as few chunks as hold their points;
+/// returns the new chunks as (row id, points).
+fn merge(
+    tx: &Connection,
+    device: i64,
+    metric: i64,
+    ids: &[i64],
+) -> Result<Vec<(i64, usize)>, StoreError> {
+    let mut columns = Columns::default();
+    {
+        let mut read = tx.prepare_cached(
+            "SELECT data FROM telemetry_chunks WHERE id = ?1 AND device = ?2 AND metric = ?3",
+        )?;
+        let mut delete = tx.prepare_cached("DELETE FROM telemetry_chunks WHERE id = ?1")?;
+        for id in ids {
+            let data: Option<Vec<u8>> = read
+                .query_row(params![id, device, metric], |r| r.get(0))
+                .optional()?;
+            if let Some(data) = data {
+                chunk::decode_into(&data, &mut columns)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                delete.execute([id])?;
+            }
+        }
+    }
+    columns.sort();
+    let rows = columns.into_rows();
+    let mut out = Vec::new();
+    for part in rows.chunks(chunk::MAX_POINTS) {
+        out.push((insert_chunk(tx, device, metric, part)?, part.len()));
+    }
+    tracing::trace!(
+        device,
+        metric,
+        chunks = ids.len(),
+        points = rows.len(),
+        "merged telemetry chunks"
+    );
+    Ok(out)
 }

@@ -505,3 +505,194 @@ async fn a_lone_write_does_not_wait_for_the_group_commit_delay() {
         3
     );
 }
+
+fn all_of(device: &str) -> TelemetryQuery {
+    TelemetryQuery {
+        device: id(device),
+        metric: None,
+        start_us: None,
+        end_us: None,
+        limit: None,
+        every_us: None,
+        agg: Default::default(),
+    }
+}
+
+/// (metric, time, seq) of each point read back, in the order read.
+fn keys(points: &[fleetlink_store::StoredPoint]) -> Vec<(String, i64, u64)> {
+    points
+        .iter()
+        .map(|p| (p.metric.as_str().to_owned(), p.time_us, p.seq))
+        .collect()
+}
+
+#[tokio::test]
+async fn late_points_of_a_slow_device_read_back_in_time_order_from_merged_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    provision(&store, "meter-1").await;
+    let (tx, mut rx) = watch::channel(0);
+    let listener = Arc::new(Watch(tx, Mutex::new(Vec::new())));
+    // 1200 batches of one point each, times shuffled (late history mixed in), every tenth one
+    // at the same time as another point; plus a second metric every 100th batch.
+    let mut expected = Vec::new();
+    for seq in 1..=1200u64 {
+        let t = ((seq * 7919) % 1200) as i64 / if seq % 10 == 0 { 2 } else { 1 };
+        let mut points = vec![point("kwh", t, Value::Int(seq as i64))];
+        expected.push(("kwh".to_owned(), t, seq));
+        if seq % 100 == 0 {
+            points.push(point("volts", -t, Value::Double(seq as f64)));
+            expected.push(("volts".to_owned(), -t, seq));
+        }
+        append(&store, &listener, "meter-1", seq, points).await;
+        if seq % 300 != 0 {
+            // a commit per batch (a slow device), except for a few batches that commit together
+            rx.wait_for(|d| *d >= seq).await.unwrap();
+        }
+    }
+    rx.wait_for(|d| *d >= 1200).await.unwrap();
+    expected.sort_by(|a, b| (&a.0, a.1, a.2).cmp(&(&b.0, b.1, b.2)));
+
+    let all = store.query_telemetry(all_of("meter-1")).await.unwrap();
+    assert_eq!(keys(&all), expected);
+    assert!(all.iter().all(|p| match (p.metric.as_str(), &p.value) {
+        ("kwh", Value::Int(v)) => *v as u64 == p.seq,
+        ("volts", Value::Double(v)) => *v as u64 == p.seq,
+        _ => false,
+    }));
+    let columns = store
+        .query_telemetry_columns(all_of("meter-1"))
+        .await
+        .unwrap();
+    assert_eq!(columns.len(), 2);
+    assert!(matches!(
+        columns[0].values,
+        fleetlink_store::ValueColumn::Int(_)
+    ));
+    let flat: Vec<_> = columns.iter().flat_map(|c| c.to_points()).collect();
+    assert_eq!(flat, all);
+
+    // a time range and a limit cut the same sorted sequence
+    let ranged = store
+        .query_telemetry(TelemetryQuery {
+            metric: Some(MetricName::new("kwh").unwrap()),
+            start_us: Some(300),
+            end_us: Some(310),
+            ..all_of("meter-1")
+        })
+        .await
+        .unwrap();
+    let want: Vec<_> = expected
+        .iter()
+        .filter(|k| k.0 == "kwh" && (300..310).contains(&k.1))
+        .cloned()
+        .collect();
+    assert_eq!(keys(&ranged), want);
+    assert!(!want.is_empty());
+    let limited = store
+        .query_telemetry(TelemetryQuery {
+            limit: Some(25),
+            ..all_of("meter-1")
+        })
+        .await
+        .unwrap();
+    assert_eq!(keys(&limited), expected[..25].to_vec());
+
+    // the small chunks were merged: far fewer chunks than commits
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let (chunks, largest): (i64, i64) = conn
+        .query_row(
+            "SELECT count(*), max(points) FROM telemetry_chunks",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(chunks <= 40, "{chunks} chunks for 1212 points");
+    assert!(largest >= 1_000, "largest chunk {largest} points");
+}
+
+#[tokio::test]
+async fn a_version_2_database_keeps_its_telemetry_when_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    provision(&store, "old-1").await;
+    let writer = store.writer_handle();
+    drop(store);
+    assert!(
+        writer.join(std::time::Duration::from_secs(10)),
+        "the writer stopped"
+    );
+    {
+        // what fleetlink before schema version 3 wrote: a row per point
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE telemetry (
+                device INTEGER NOT NULL, metric INTEGER NOT NULL, time_us INTEGER NOT NULL,
+                seq INTEGER NOT NULL, idx INTEGER NOT NULL, received_us INTEGER NOT NULL,
+                kind INTEGER NOT NULL, value ANY,
+                lat REAL, lon REAL, alt REAL, speed REAL, heading REAL, accuracy REAL,
+                PRIMARY KEY (device, metric, time_us, seq, idx)
+             ) WITHOUT ROWID, STRICT;
+             INSERT INTO metrics (id, name) VALUES (7, 'temp'), (8, 'pos');
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+        let device: i64 = conn
+            .query_row("SELECT id FROM devices WHERE name = 'old-1'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        for i in 0..5000i64 {
+            conn.execute(
+                "INSERT INTO telemetry (device, metric, time_us, seq, idx, received_us, kind, value)
+                 VALUES (?1, 7, ?2, ?3, 0, 99, 1, ?4)",
+                rusqlite::params![device, i * 10, i + 1, i as f64 / 2.0],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO telemetry (device, metric, time_us, seq, idx, received_us, kind, value, lat, lon, speed)
+             VALUES (?1, 8, 5, 1, 1, 99, 5, NULL, 52.5, 13.4, 3.0)",
+            [device],
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    let all = store.query_telemetry(all_of("old-1")).await.unwrap();
+    assert_eq!(all.len(), 5001);
+    assert!(all[..5000].iter().enumerate().all(|(i, p)| {
+        p.metric.as_str() == "temp"
+            && p.time_us == i as i64 * 10
+            && p.seq == i as u64 + 1
+            && p.received_us == 99
+            && p.value == Value::Double(i as f64 / 2.0)
+    }));
+    assert_eq!(
+        all[5000].value,
+        Value::Geo(GeoPosition {
+            lat: 52.5,
+            lon: 13.4,
+            alt_m: None,
+            speed_mps: Some(3.0),
+            heading_deg: None,
+            accuracy_m: None,
+        })
+    );
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
+    let old: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'telemetry'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(old, 0, "the row table is gone");
+}

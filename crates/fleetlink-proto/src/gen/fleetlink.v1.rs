@@ -976,7 +976,7 @@ pub mod operator_request {
 pub struct OperatorResponse {
     #[prost(
         oneof = "operator_response::Response",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
     )]
     pub response: ::core::option::Option<operator_response::Response>,
 }
@@ -1014,6 +1014,8 @@ pub mod operator_response {
         Done(super::Done),
         #[prost(message, tag = "15")]
         Error(super::Error),
+        #[prost(message, tag = "16")]
+        TelemetryColumns(super::TelemetryColumns),
     }
 }
 /// List provisioned devices in id order, with presence and last values.
@@ -1057,6 +1059,10 @@ pub struct QueryTelemetry {
     /// "mean" (default), "min", "max", "sum" or "count".
     #[prost(string, tag = "7")]
     pub agg: ::prost::alloc::string::String,
+    /// Answer with TelemetryColumns pages (one metric each, column by column) instead of
+    /// TelemetryPages: the form for reading many points. Only for raw points (every_us = 0).
+    #[prost(bool, tag = "8")]
+    pub columns: bool,
 }
 /// Create a device and its token. The token is returned once; the server keeps only its hash.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -1164,6 +1170,50 @@ pub struct TelemetryPage {
     pub device_id: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "2")]
     pub points: ::prost::alloc::vec::Vec<StoredPoint>,
+}
+/// Stored points of one metric, column by column: the answer to a QueryTelemetry with `columns`
+/// set. Every column holds `count` entries, in the order of the row form (time, then arrival);
+/// the row form's received_us and seq are left out. A metric with more points than fit one frame
+/// comes in several pages, one after the other; metrics come in the order of the row form.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TelemetryColumns {
+    #[prost(string, tag = "1")]
+    pub device_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub metric: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "3")]
+    pub count: u32,
+    /// Device clock: `count` varints, each the zigzag-encoded (as in sint64) difference between
+    /// this point's time_us and the previous point's (the first one's: to 0).
+    #[prost(bytes = "vec", tag = "4")]
+    pub time_us: ::prost::alloc::vec::Vec<u8>,
+    /// The values, by the metric's type.
+    #[prost(oneof = "telemetry_columns::Values", tags = "5, 6, 7, 8")]
+    pub values: ::core::option::Option<telemetry_columns::Values>,
+}
+/// Nested message and enum types in `TelemetryColumns`.
+pub mod telemetry_columns {
+    /// The values, by the metric's type.
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Values {
+        /// `count` little-endian IEEE 754 doubles, 8 bytes each.
+        #[prost(bytes, tag = "5")]
+        Doubles(::prost::alloc::vec::Vec<u8>),
+        /// `count` little-endian two's complement integers, 8 bytes each.
+        #[prost(bytes, tag = "6")]
+        Ints(::prost::alloc::vec::Vec<u8>),
+        /// `count` bytes, each 0 (false) or 1 (true).
+        #[prost(bytes, tag = "7")]
+        Bools(::prost::alloc::vec::Vec<u8>),
+        /// Strings, positions, or a mix of types: one Value per point.
+        #[prost(message, tag = "8")]
+        Other(super::ValueList),
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ValueList {
+    #[prost(message, repeated, tag = "1")]
+    pub values: ::prost::alloc::vec::Vec<Value>,
 }
 /// Read a device's twin (online or not).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

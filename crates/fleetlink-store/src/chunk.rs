@@ -1,0 +1,638 @@
+//! Telemetry chunks: points of one device and one metric, stored column by column in one blob.
+//!
+//! A chunk is what makes reading history cheap: one SQLite row and one blob per up to
+//! [`MAX_POINTS`] points instead of a B-tree row per point, with delta-encoded clocks (a point
+//! every second costs 3 bytes of time) and numbers packed as they are in memory.
+//!
+//! Layout, version 1 (varints are protobuf's LEB128; "zigzag" ones are signed):
+//!
+//! ```text
+//! u8 format = 1
+//! varint n                               points in the chunk, >= 1
+//! u8 kind                                a ValueKind code shared by every point,
+//!                                        or 0xFF: n kind codes follow, one byte each
+//! n zigzag varints  time_us              deltas, the first one from 0
+//! n zigzag varints  received_us          deltas, the first one from 0
+//! n zigzag varints  seq                  deltas, the first one from 0
+//! n varints         idx                  the point's index in its batch
+//! values, in point order:
+//!   double  8 bytes, little-endian f64   (a chunk of doubles ends in n * 8 contiguous bytes)
+//!   int     8 bytes, little-endian i64
+//!   bool    1 byte, 0 or 1
+//!   string  varint length, UTF-8 bytes
+//!   geo     u8 flags (1 alt, 2 speed, 4 heading, 8 accuracy), lat, lon, then the flagged
+//!           fields, each a little-endian f64
+//! ```
+//!
+//! Points in a chunk are in (time_us, seq, idx) order. Chunks of one metric may overlap in time
+//! (a device that sends buffered history late); readers sort what they gather.
+
+use std::borrow::Borrow;
+
+use fleetlink_core::{GeoPosition, TimeUs, Value, ValueKind};
+use prost::encoding::{decode_varint, encode_varint};
+
+/// The most points one chunk holds (~10–40 KB for numbers).
+pub(crate) const MAX_POINTS: usize = 2_048;
+
+const FORMAT: u8 = 1;
+const MIXED: u8 = 0xFF;
+
+/// One point to encode.
+#[derive(Debug, Clone)]
+pub(crate) struct Row<V> {
+    pub time_us: TimeUs,
+    pub received_us: TimeUs,
+    pub seq: u64,
+    pub idx: u32,
+    pub value: V,
+}
+
+impl<V> Row<V> {
+    pub(crate) fn key(&self) -> (TimeUs, u64, u32) {
+        (self.time_us, self.seq, self.idx)
+    }
+}
+
+/// Values of decoded points: packed when every point has the same numeric kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValueColumn {
+    /// Doubles.
+    Double(Vec<f64>),
+    /// Integers.
+    Int(Vec<i64>),
+    /// Booleans.
+    Bool(Vec<bool>),
+    /// Strings, positions, or a mix of kinds, point by point.
+    Other(Vec<Value>),
+}
+
+impl Default for ValueColumn {
+    fn default() -> Self {
+        ValueColumn::Double(Vec::new())
+    }
+}
+
+impl ValueColumn {
+    /// Points held.
+    pub fn len(&self) -> usize {
+        match self {
+            ValueColumn::Double(v) => v.len(),
+            ValueColumn::Int(v) => v.len(),
+            ValueColumn::Bool(v) => v.len(),
+            ValueColumn::Other(v) => v.len(),
+        }
+    }
+
+    /// No points.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The value at `i` (panics past the end, like indexing).
+    pub fn get(&self, i: usize) -> Value {
+        match self {
+            ValueColumn::Double(v) => Value::Double(v[i]),
+            ValueColumn::Int(v) => Value::Int(v[i]),
+            ValueColumn::Bool(v) => Value::Bool(v[i]),
+            ValueColumn::Other(v) => v[i].clone(),
+        }
+    }
+
+    /// The value at `i` as a number (ints and bools count), `None` for strings and positions.
+    pub fn number(&self, i: usize) -> Option<f64> {
+        match self {
+            ValueColumn::Double(v) => Some(v[i]),
+            ValueColumn::Int(v) => Some(v[i] as f64),
+            ValueColumn::Bool(v) => Some(if v[i] { 1.0 } else { 0.0 }),
+            ValueColumn::Other(v) => match &v[i] {
+                Value::Double(x) => Some(*x),
+                Value::Int(x) => Some(*x as f64),
+                Value::Bool(x) => Some(if *x { 1.0 } else { 0.0 }),
+                Value::String(_) | Value::Geo(_) => None,
+            },
+        }
+    }
+
+    /// Turns packed values into [`ValueColumn::Other`] (before appending another kind).
+    fn make_other(&mut self) -> &mut Vec<Value> {
+        if !matches!(self, ValueColumn::Other(_)) {
+            let values = (0..self.len()).map(|i| self.get(i)).collect();
+            *self = ValueColumn::Other(values);
+        }
+        match self {
+            ValueColumn::Other(v) => v,
+            _ => unreachable!("made Other just above"),
+        }
+    }
+
+    /// Keeps the values at the positions where `keep` is true.
+    pub(crate) fn retain_by(&mut self, keep: &[bool]) {
+        fn go<T>(v: &mut Vec<T>, keep: &[bool]) {
+            let mut i = 0;
+            v.retain(|_| {
+                i += 1;
+                keep[i - 1]
+            });
+        }
+        match self {
+            ValueColumn::Double(v) => go(v, keep),
+            ValueColumn::Int(v) => go(v, keep),
+            ValueColumn::Bool(v) => go(v, keep),
+            ValueColumn::Other(v) => go(v, keep),
+        }
+    }
+
+    /// Reorders the values: position `i` gets the value that was at `order[i]`.
+    pub(crate) fn permute(&mut self, order: &[usize]) {
+        fn go<T: Clone>(v: &mut Vec<T>, order: &[usize]) {
+            *v = order.iter().map(|&i| v[i].clone()).collect();
+        }
+        match self {
+            ValueColumn::Double(v) => go(v, order),
+            ValueColumn::Int(v) => go(v, order),
+            ValueColumn::Bool(v) => go(v, order),
+            ValueColumn::Other(v) => go(v, order),
+        }
+    }
+
+    pub(crate) fn truncate(&mut self, n: usize) {
+        match self {
+            ValueColumn::Double(v) => v.truncate(n),
+            ValueColumn::Int(v) => v.truncate(n),
+            ValueColumn::Bool(v) => v.truncate(n),
+            ValueColumn::Other(v) => v.truncate(n),
+        }
+    }
+}
+
+/// Decoded points, column by column.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Columns {
+    pub time_us: Vec<TimeUs>,
+    pub received_us: Vec<TimeUs>,
+    pub seq: Vec<u64>,
+    pub idx: Vec<u32>,
+    pub values: ValueColumn,
+}
+
+impl Columns {
+    pub(crate) fn len(&self) -> usize {
+        self.time_us.len()
+    }
+
+    pub(crate) fn key(&self, i: usize) -> (TimeUs, u64, u32) {
+        (self.time_us[i], self.seq[i], self.idx[i])
+    }
+
+    /// Keeps the points where `keep` is true.
+    pub(crate) fn retain_by(&mut self, keep: &[bool]) {
+        let mut i = 0;
+        self.time_us.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+        i = 0;
+        self.received_us.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+        i = 0;
+        self.seq.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+        i = 0;
+        self.idx.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+        self.values.retain_by(keep);
+    }
+
+    /// Sorts the points by (time_us, seq, idx).
+    pub(crate) fn sort(&mut self) {
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        order.sort_by_key(|&i| self.key(i));
+        self.time_us = order.iter().map(|&i| self.time_us[i]).collect();
+        self.received_us = order.iter().map(|&i| self.received_us[i]).collect();
+        self.seq = order.iter().map(|&i| self.seq[i]).collect();
+        self.idx = order.iter().map(|&i| self.idx[i]).collect();
+        self.values.permute(&order);
+    }
+
+    pub(crate) fn truncate(&mut self, n: usize) {
+        self.time_us.truncate(n);
+        self.received_us.truncate(n);
+        self.seq.truncate(n);
+        self.idx.truncate(n);
+        self.values.truncate(n);
+    }
+
+    /// The points as rows (for merging chunks).
+    pub(crate) fn into_rows(self) -> Vec<Row<Value>> {
+        (0..self.len())
+            .map(|i| Row {
+                time_us: self.time_us[i],
+                received_us: self.received_us[i],
+                seq: self.seq[i],
+                idx: self.idx[i],
+                value: self.values.get(i),
+            })
+            .collect()
+    }
+}
+
+/// A chunk that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("telemetry chunk: {0}")]
+pub(crate) struct ChunkError(String);
+
+fn zigzag(x: i64) -> u64 {
+    ((x << 1) ^ (x >> 63)) as u64
+}
+
+fn unzigzag(x: u64) -> i64 {
+    ((x >> 1) as i64) ^ -((x & 1) as i64)
+}
+
+/// Encodes `rows` (at least one, in (time_us, seq, idx) order) as one chunk.
+pub(crate) fn encode<V: Borrow<Value>>(rows: &[Row<V>]) -> Vec<u8> {
+    debug_assert!(!rows.is_empty());
+    debug_assert!(rows.windows(2).all(|w| w[0].key() <= w[1].key()));
+    let mut out = Vec::with_capacity(8 + rows.len() * 12);
+    out.push(FORMAT);
+    encode_varint(rows.len() as u64, &mut out);
+    let first = rows[0].value.borrow().kind();
+    if rows.iter().all(|r| r.value.borrow().kind() == first) {
+        out.push(first.code() as u8);
+    } else {
+        out.push(MIXED);
+        out.extend(rows.iter().map(|r| r.value.borrow().kind().code() as u8));
+    }
+    let mut previous = 0i64;
+    for r in rows {
+        encode_varint(zigzag(r.time_us.wrapping_sub(previous)), &mut out);
+        previous = r.time_us;
+    }
+    previous = 0;
+    for r in rows {
+        encode_varint(zigzag(r.received_us.wrapping_sub(previous)), &mut out);
+        previous = r.received_us;
+    }
+    previous = 0;
+    for r in rows {
+        let seq = r.seq as i64;
+        encode_varint(zigzag(seq.wrapping_sub(previous)), &mut out);
+        previous = seq;
+    }
+    for r in rows {
+        encode_varint(u64::from(r.idx), &mut out);
+    }
+    for r in rows {
+        match r.value.borrow() {
+            Value::Double(x) => out.extend_from_slice(&x.to_le_bytes()),
+            Value::Int(x) => out.extend_from_slice(&x.to_le_bytes()),
+            Value::Bool(x) => out.push(u8::from(*x)),
+            Value::String(s) => {
+                encode_varint(s.len() as u64, &mut out);
+                out.extend_from_slice(s.as_bytes());
+            }
+            Value::Geo(g) => {
+                let optional = [g.alt_m, g.speed_mps, g.heading_deg, g.accuracy_m];
+                let flags = optional
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.is_some())
+                    .fold(0u8, |f, (i, _)| f | (1 << i));
+                out.push(flags);
+                out.extend_from_slice(&g.lat.to_le_bytes());
+                out.extend_from_slice(&g.lon.to_le_bytes());
+                for v in optional.into_iter().flatten() {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+    }
+    out
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn varint(&mut self) -> Result<u64, ChunkError> {
+        decode_varint(&mut self.buf).map_err(|e| ChunkError(e.to_string()))
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], ChunkError> {
+        if self.buf.len() < n {
+            return Err(ChunkError(format!(
+                "{n} bytes needed, {} left",
+                self.buf.len()
+            )));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, ChunkError> {
+        Ok(self.bytes(1)?[0])
+    }
+
+    fn f64(&mut self) -> Result<f64, ChunkError> {
+        let b = self.bytes(8)?;
+        Ok(f64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+
+    fn deltas(&mut self, n: usize, out: &mut Vec<i64>) -> Result<(), ChunkError> {
+        out.reserve(n);
+        let mut value = 0i64;
+        for _ in 0..n {
+            value = value.wrapping_add(unzigzag(self.varint()?));
+            out.push(value);
+        }
+        Ok(())
+    }
+}
+
+fn kind_of(code: u8) -> Result<ValueKind, ChunkError> {
+    ValueKind::from_code(i64::from(code))
+        .ok_or_else(|| ChunkError(format!("unknown value kind {code}")))
+}
+
+/// Appends the points of chunk `data` to `out`.
+pub(crate) fn decode_into(data: &[u8], out: &mut Columns) -> Result<(), ChunkError> {
+    let mut r = Reader { buf: data };
+    let format = r.u8()?;
+    if format != FORMAT {
+        return Err(ChunkError(format!("unknown chunk format {format}")));
+    }
+    let n = usize::try_from(r.varint()?).map_err(|_| ChunkError("too many points".into()))?;
+    if n == 0 || n > data.len() {
+        return Err(ChunkError(format!(
+            "{n} points in a {} byte chunk",
+            data.len()
+        )));
+    }
+    let kind_code = r.u8()?;
+    let kinds: Option<Vec<ValueKind>> = if kind_code == MIXED {
+        Some(
+            r.bytes(n)?
+                .iter()
+                .map(|&k| kind_of(k))
+                .collect::<Result<_, _>>()?,
+        )
+    } else {
+        None
+    };
+    let uniform = match kinds {
+        None => Some(kind_of(kind_code)?),
+        Some(_) => None,
+    };
+    if out.values.is_empty() {
+        // the first chunk decides how values are held
+        out.values = match uniform {
+            Some(ValueKind::Int) => ValueColumn::Int(Vec::with_capacity(n)),
+            Some(ValueKind::Bool) => ValueColumn::Bool(Vec::with_capacity(n)),
+            Some(ValueKind::Double) => ValueColumn::Double(Vec::with_capacity(n)),
+            _ => ValueColumn::Other(Vec::with_capacity(n)),
+        };
+    }
+    r.deltas(n, &mut out.time_us)?;
+    r.deltas(n, &mut out.received_us)?;
+    let start = out.seq.len();
+    let mut seqs = Vec::with_capacity(n);
+    r.deltas(n, &mut seqs)?;
+    out.seq.extend(seqs.into_iter().map(|s| s as u64));
+    debug_assert_eq!(out.seq.len(), start + n);
+    out.idx.reserve(n);
+    for _ in 0..n {
+        let idx = u32::try_from(r.varint()?).map_err(|_| ChunkError("idx above u32".into()))?;
+        out.idx.push(idx);
+    }
+    // Packed fast paths: a chunk of one numeric kind appended to values of the same kind.
+    match (uniform, &mut out.values) {
+        (Some(ValueKind::Double), ValueColumn::Double(v)) => {
+            let b = r.bytes(n * 8)?;
+            v.extend(
+                b.chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))),
+            );
+            return finish(r);
+        }
+        (Some(ValueKind::Int), ValueColumn::Int(v)) => {
+            let b = r.bytes(n * 8)?;
+            v.extend(
+                b.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))),
+            );
+            return finish(r);
+        }
+        (Some(ValueKind::Bool), ValueColumn::Bool(v)) => {
+            v.extend(r.bytes(n)?.iter().map(|&b| b != 0));
+            return finish(r);
+        }
+        _ => {}
+    }
+    let values = out.values.make_other();
+    values.reserve(n);
+    for i in 0..n {
+        let kind = match (&kinds, uniform) {
+            (Some(k), _) => k[i],
+            (None, Some(k)) => k,
+            (None, None) => unreachable!("either one kind or a kind per point"),
+        };
+        values.push(match kind {
+            ValueKind::Double => Value::Double(r.f64()?),
+            ValueKind::Int => {
+                Value::Int(i64::from_le_bytes(r.bytes(8)?.try_into().expect("8 bytes")))
+            }
+            ValueKind::Bool => Value::Bool(r.u8()? != 0),
+            ValueKind::String => {
+                let len = usize::try_from(r.varint()?)
+                    .map_err(|_| ChunkError("string too long".into()))?;
+                let s = std::str::from_utf8(r.bytes(len)?)
+                    .map_err(|e| ChunkError(format!("string: {e}")))?;
+                Value::String(s.to_owned())
+            }
+            ValueKind::Geo => {
+                let flags = r.u8()?;
+                let lat = r.f64()?;
+                let lon = r.f64()?;
+                let mut opt = [None; 4];
+                for (bit, slot) in opt.iter_mut().enumerate() {
+                    if flags & (1 << bit) != 0 {
+                        *slot = Some(r.f64()?);
+                    }
+                }
+                Value::Geo(GeoPosition {
+                    lat,
+                    lon,
+                    alt_m: opt[0],
+                    speed_mps: opt[1],
+                    heading_deg: opt[2],
+                    accuracy_m: opt[3],
+                })
+            }
+        });
+    }
+    finish(r)
+}
+
+fn finish(r: Reader<'_>) -> Result<(), ChunkError> {
+    if r.buf.is_empty() {
+        Ok(())
+    } else {
+        Err(ChunkError(format!(
+            "{} bytes after the last value",
+            r.buf.len()
+        )))
+    }
+}
+
+/// Decodes one chunk.
+#[cfg(test)]
+pub(crate) fn decode(data: &[u8]) -> Result<Columns, ChunkError> {
+    let mut out = Columns::default();
+    decode_into(data, &mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn row(time_us: i64, seq: u64, idx: u32, value: Value) -> Row<Value> {
+        Row {
+            time_us,
+            received_us: 1_700_000_000_000_000 + seq as i64,
+            seq,
+            idx,
+            value,
+        }
+    }
+
+    fn roundtrip(rows: &[Row<Value>]) -> Vec<Row<Value>> {
+        decode(&encode(rows)).expect("decodes").into_rows()
+    }
+
+    fn same(a: &[Row<Value>], b: &[Row<Value>]) -> bool {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(x, y)| {
+                x.key() == y.key() && x.received_us == y.received_us && x.value == y.value
+            })
+    }
+
+    #[test]
+    fn doubles_decode_packed_and_cost_a_few_bytes_of_clock_each() {
+        let rows: Vec<_> = (0..1000)
+            .map(|i| {
+                row(
+                    1_700_000_000_000_000 + i * 1_000_000,
+                    7,
+                    i as u32,
+                    Value::Double(i as f64 / 3.0),
+                )
+            })
+            .collect();
+        let data = encode(&rows);
+        // 8 bytes of value, 3 of time delta, 1 each of received, seq and idx (2 for idx >= 128)
+        assert!(data.len() < rows.len() * 16, "{} bytes", data.len());
+        let decoded = decode(&data).unwrap();
+        assert!(matches!(decoded.values, ValueColumn::Double(_)));
+        assert!(same(&decoded.into_rows(), &rows));
+    }
+
+    #[test]
+    fn every_kind_and_a_mix_of_kinds_roundtrip() {
+        let geo = Value::Geo(GeoPosition {
+            lat: 52.5,
+            lon: 13.4,
+            alt_m: None,
+            speed_mps: Some(12.5),
+            heading_deg: None,
+            accuracy_m: Some(3.0),
+        });
+        for values in [
+            vec![Value::Int(-5), Value::Int(i64::MAX), Value::Int(i64::MIN)],
+            vec![Value::Bool(true), Value::Bool(false)],
+            vec![Value::String("héllo".into()), Value::String(String::new())],
+            vec![geo.clone(), geo.clone()],
+            vec![
+                Value::Double(1.5),
+                Value::Int(2),
+                Value::String("x".into()),
+                geo,
+                Value::Bool(true),
+            ],
+        ] {
+            let rows: Vec<_> = values
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| row(-3 + i as i64, u64::MAX - 10 + i as u64, 0, v))
+                .collect();
+            assert!(same(&roundtrip(&rows), &rows));
+        }
+    }
+
+    #[test]
+    fn chunks_of_one_kind_append_packed_and_a_second_kind_unpacks() {
+        let mut out = Columns::default();
+        decode_into(&encode(&[row(1, 1, 0, Value::Int(1))]), &mut out).unwrap();
+        decode_into(&encode(&[row(2, 2, 0, Value::Int(2))]), &mut out).unwrap();
+        assert_eq!(out.values, ValueColumn::Int(vec![1, 2]));
+        decode_into(&encode(&[row(3, 3, 0, Value::Double(3.5))]), &mut out).unwrap();
+        assert_eq!(
+            out.values,
+            ValueColumn::Other(vec![Value::Int(1), Value::Int(2), Value::Double(3.5)])
+        );
+        assert_eq!(out.time_us, [1, 2, 3]);
+    }
+
+    #[test]
+    fn damaged_chunks_are_errors_not_panics() {
+        let data = encode(&[
+            row(1, 1, 0, Value::String("abc".into())),
+            row(2, 1, 1, Value::Double(1.0)),
+        ]);
+        for cut in 0..data.len() {
+            assert!(
+                decode(&data[..cut]).is_err(),
+                "a chunk cut at {cut} decoded"
+            );
+        }
+        let mut longer = data.clone();
+        longer.push(0);
+        assert!(decode(&longer).is_err());
+        let mut other_format = data;
+        other_format[0] = 9;
+        let e = decode(&other_format).unwrap_err();
+        assert!(e.to_string().contains("unknown chunk format 9"), "{e}");
+    }
+
+    proptest! {
+        #[test]
+        fn any_sorted_rows_roundtrip(
+            mut points in prop::collection::vec(
+                (any::<i64>(), any::<i64>(), any::<u64>(), 0u32..10_000, prop_oneof![
+                    any::<f64>().prop_filter("finite", |x| x.is_finite()).prop_map(Value::Double),
+                    any::<i64>().prop_map(Value::Int),
+                    any::<bool>().prop_map(Value::Bool),
+                    ".{0,20}".prop_map(Value::String),
+                ]),
+                1..200,
+            )
+        ) {
+            points.sort_by_key(|p| (p.0, p.2, p.3));
+            let rows: Vec<_> = points
+                .into_iter()
+                .map(|(time_us, received_us, seq, idx, value)| Row { time_us, received_us, seq, idx, value })
+                .collect();
+            prop_assert!(same(&roundtrip(&rows), &rows));
+        }
+    }
+}
