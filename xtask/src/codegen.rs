@@ -30,6 +30,8 @@ pub fn generate(root: &Path) -> Result<BTreeMap<String, String>> {
     fs::create_dir_all(&tmp)?;
     let mut config = prost_build::Config::new();
     config.out_dir(&tmp);
+    // column pages are sliced out of the received frame, not copied
+    config.bytes([".fleetlink.v1.TelemetryColumns"]);
     config.compile_fds(fds).context("running prost-build")?;
 
     let mut out = BTreeMap::new();

@@ -43,7 +43,7 @@ pub struct PythonBench {
     pub ingest_s: f64,
     /// `Client.telemetry` into a pyarrow Table, per run (s).
     pub telemetry_s: Vec<f64>,
-    /// `pandas.read_sql` of the same rows from the SQLite file, per run (s).
+    /// `pandas.read_sql` of the same rows from a row-per-point SQLite table, per run (s).
     pub read_sql_s: Vec<f64>,
 }
 
@@ -355,7 +355,7 @@ impl Report {
             let _ = writeln!(md, "## 6. Python: telemetry into pyarrow\n");
             let _ = writeln!(
                 md,
-                "`Client.telemetry` (Arrow built in Rust, handed over through the C stream interface) against `pandas.read_sql` on the same rows of the embedded SQLite file; release build of the bindings; median (min–max) of the runs.\n"
+                "`Client.telemetry` (Arrow built in Rust, handed over through the C stream interface) against `pandas.read_sql` of the same rows from a row-per-point SQLite table (fleetlink stores chunks, so the peer table is written from the first result); release build of the bindings; median (min–max) of the runs.\n"
             );
             let _ = writeln!(
                 md,

@@ -43,7 +43,18 @@ pub fn decode_times(mut data: &[u8], count: usize) -> Result<Vec<i64>, ColumnErr
     let mut out = Vec::with_capacity(count);
     let mut t = 0i64;
     for _ in 0..count {
-        let z = decode_varint(&mut data).map_err(|e| error("time_us", e.to_string()))?;
+        // one- and two-byte varints (most deltas) without the general decoder
+        let z = match *data {
+            [a, ..] if a < 0x80 => {
+                data = &data[1..];
+                u64::from(a)
+            }
+            [a, b, ..] if b < 0x80 => {
+                data = &data[2..];
+                u64::from(a & 0x7F) | (u64::from(b) << 7)
+            }
+            _ => decode_varint(&mut data).map_err(|e| error("time_us", e.to_string()))?,
+        };
         t = t.wrapping_add(((z >> 1) as i64) ^ -((z & 1) as i64));
         out.push(t);
     }
@@ -128,6 +139,20 @@ mod tests {
             .collect();
         let data = encode_times(&times);
         assert!(data.len() <= 10 + 999 * 3, "{} bytes", data.len());
+        assert_eq!(decode_times(&data, times.len()).unwrap(), times);
+    }
+
+    #[test]
+    fn one_two_and_three_byte_deltas_decode() {
+        let times: Vec<i64> = [0i64, 5, -60, 100, 8_000, -8_000, 9_000_000, 1]
+            .iter()
+            .scan(0i64, |t, d| {
+                *t += d;
+                Some(*t)
+            })
+            .collect();
+        let data = encode_times(&times);
+        assert_eq!(data.len(), 1 + 1 + 1 + 2 + 2 + 2 + 4 + 1);
         assert_eq!(decode_times(&data, times.len()).unwrap(), times);
     }
 

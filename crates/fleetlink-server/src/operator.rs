@@ -423,9 +423,11 @@ fn column_pages(
         while from < m.len() {
             let to = (from + per_page).min(m.len());
             let values = match &m.values {
-                ValueColumn::Double(v) => Values::Doubles(columns::encode_doubles(&v[from..to])),
-                ValueColumn::Int(v) => Values::Ints(columns::encode_ints(&v[from..to])),
-                ValueColumn::Bool(v) => Values::Bools(columns::encode_bools(&v[from..to])),
+                ValueColumn::Double(v) => {
+                    Values::Doubles(columns::encode_doubles(&v[from..to]).into())
+                }
+                ValueColumn::Int(v) => Values::Ints(columns::encode_ints(&v[from..to]).into()),
+                ValueColumn::Bool(v) => Values::Bools(columns::encode_bools(&v[from..to]).into()),
                 ValueColumn::Other(v) => Values::Other(v1::ValueList {
                     values: v[from..to].iter().map(|v| v.to_proto()).collect(),
                 }),
@@ -436,7 +438,7 @@ fn column_pages(
                         device_id: device.to_string(),
                         metric: m.metric.to_string(),
                         count: (to - from) as u32,
-                        time_us: columns::encode_times(&m.time_us[from..to]),
+                        time_us: columns::encode_times(&m.time_us[from..to]).into(),
                         values: Some(values),
                     },
                 )),
@@ -450,7 +452,7 @@ fn column_pages(
             response: Some(operator_response::Response::TelemetryColumns(
                 v1::TelemetryColumns {
                     device_id: device.to_string(),
-                    values: Some(Values::Doubles(Vec::new())),
+                    values: Some(Values::Doubles(Default::default())),
                     ..Default::default()
                 },
             )),

@@ -11,10 +11,12 @@
 //! varint n                               points in the chunk, >= 1
 //! u8 kind                                a ValueKind code shared by every point,
 //!                                        or 0xFF: n kind codes follow, one byte each
-//! n zigzag varints  time_us              deltas, the first one from 0
-//! n zigzag varints  received_us          deltas, the first one from 0
-//! n zigzag varints  seq                  deltas, the first one from 0
-//! n varints         idx                  the point's index in its batch
+//! four sections, each a varint byte length followed by n varints:
+//!   time_us          zigzag deltas, the first one from 0
+//!   received_us      zigzag deltas, the first one from 0
+//!   seq              zigzag deltas, the first one from 0
+//!   idx              the point's index in its batch
+//!                    (the lengths let a reader that needs only times skip the other clocks)
 //! values, in point order:
 //!   double  8 bytes, little-endian f64   (a chunk of doubles ends in n * 8 contiguous bytes)
 //!   int     8 bytes, little-endian i64
@@ -270,25 +272,35 @@ pub(crate) fn encode<V: Borrow<Value>>(rows: &[Row<V>]) -> Vec<u8> {
         out.push(MIXED);
         out.extend(rows.iter().map(|r| r.value.borrow().kind().code() as u8));
     }
+    let mut section = Vec::with_capacity(rows.len() * 3);
+    let put = |section: &mut Vec<u8>, out: &mut Vec<u8>| {
+        encode_varint(section.len() as u64, out);
+        out.extend_from_slice(section);
+        section.clear();
+    };
     let mut previous = 0i64;
     for r in rows {
-        encode_varint(zigzag(r.time_us.wrapping_sub(previous)), &mut out);
+        encode_varint(zigzag(r.time_us.wrapping_sub(previous)), &mut section);
         previous = r.time_us;
     }
+    put(&mut section, &mut out);
     previous = 0;
     for r in rows {
-        encode_varint(zigzag(r.received_us.wrapping_sub(previous)), &mut out);
+        encode_varint(zigzag(r.received_us.wrapping_sub(previous)), &mut section);
         previous = r.received_us;
     }
+    put(&mut section, &mut out);
     previous = 0;
     for r in rows {
         let seq = r.seq as i64;
-        encode_varint(zigzag(seq.wrapping_sub(previous)), &mut out);
+        encode_varint(zigzag(seq.wrapping_sub(previous)), &mut section);
         previous = seq;
     }
+    put(&mut section, &mut out);
     for r in rows {
-        encode_varint(u64::from(r.idx), &mut out);
+        encode_varint(u64::from(r.idx), &mut section);
     }
+    put(&mut section, &mut out);
     for r in rows {
         match r.value.borrow() {
             Value::Double(x) => out.extend_from_slice(&x.to_le_bytes()),
@@ -322,8 +334,29 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    #[inline]
     fn varint(&mut self) -> Result<u64, ChunkError> {
-        decode_varint(&mut self.buf).map_err(|e| ChunkError(e.to_string()))
+        // one- and two-byte varints (most clock deltas) without the general decoder
+        match *self.buf {
+            [a, ..] if a < 0x80 => {
+                self.buf = &self.buf[1..];
+                Ok(u64::from(a))
+            }
+            [a, b, ..] if b < 0x80 => {
+                self.buf = &self.buf[2..];
+                Ok(u64::from(a & 0x7F) | (u64::from(b) << 7))
+            }
+            _ => decode_varint(&mut self.buf).map_err(|e| ChunkError(e.to_string())),
+        }
+    }
+
+    /// The next section: a varint byte length, then that many bytes.
+    fn section(&mut self) -> Result<Reader<'a>, ChunkError> {
+        let len =
+            usize::try_from(self.varint()?).map_err(|_| ChunkError("section too long".into()))?;
+        Ok(Reader {
+            buf: self.bytes(len)?,
+        })
     }
 
     fn bytes(&mut self, n: usize) -> Result<&'a [u8], ChunkError> {
@@ -347,14 +380,16 @@ impl<'a> Reader<'a> {
         Ok(f64::from_le_bytes(b.try_into().expect("8 bytes")))
     }
 
+    /// A section of `n` zigzag deltas, appended to `out` as values.
     fn deltas(&mut self, n: usize, out: &mut Vec<i64>) -> Result<(), ChunkError> {
+        let mut section = self.section()?;
         out.reserve(n);
         let mut value = 0i64;
         for _ in 0..n {
-            value = value.wrapping_add(unzigzag(self.varint()?));
+            value = value.wrapping_add(unzigzag(section.varint()?));
             out.push(value);
         }
-        Ok(())
+        finish(section)
     }
 }
 
@@ -363,8 +398,9 @@ fn kind_of(code: u8) -> Result<ValueKind, ChunkError> {
         .ok_or_else(|| ChunkError(format!("unknown value kind {code}")))
 }
 
-/// Appends the points of chunk `data` to `out`.
-pub(crate) fn decode_into(data: &[u8], out: &mut Columns) -> Result<(), ChunkError> {
+/// Appends the points of chunk `data` to `out`: every column, or (`arrival` false) only times and
+/// values, leaving `received_us`, `seq` and `idx` as they are.
+pub(crate) fn decode_into(data: &[u8], out: &mut Columns, arrival: bool) -> Result<(), ChunkError> {
     let mut r = Reader { buf: data };
     let format = r.u8()?;
     if format != FORMAT {
@@ -402,16 +438,22 @@ pub(crate) fn decode_into(data: &[u8], out: &mut Columns) -> Result<(), ChunkErr
         };
     }
     r.deltas(n, &mut out.time_us)?;
-    r.deltas(n, &mut out.received_us)?;
-    let start = out.seq.len();
-    let mut seqs = Vec::with_capacity(n);
-    r.deltas(n, &mut seqs)?;
-    out.seq.extend(seqs.into_iter().map(|s| s as u64));
-    debug_assert_eq!(out.seq.len(), start + n);
-    out.idx.reserve(n);
-    for _ in 0..n {
-        let idx = u32::try_from(r.varint()?).map_err(|_| ChunkError("idx above u32".into()))?;
-        out.idx.push(idx);
+    if arrival {
+        r.deltas(n, &mut out.received_us)?;
+        let mut seqs = Vec::with_capacity(n);
+        r.deltas(n, &mut seqs)?;
+        out.seq.extend(seqs.into_iter().map(|s| s as u64));
+        let mut idx = r.section()?;
+        out.idx.reserve(n);
+        for _ in 0..n {
+            let i = u32::try_from(idx.varint()?).map_err(|_| ChunkError("idx above u32".into()))?;
+            out.idx.push(i);
+        }
+        finish(idx)?;
+    } else {
+        for _ in 0..3 {
+            r.section()?;
+        }
     }
     // Packed fast paths: a chunk of one numeric kind appended to values of the same kind.
     match (uniform, &mut out.values) {
@@ -497,7 +539,7 @@ fn finish(r: Reader<'_>) -> Result<(), ChunkError> {
 #[cfg(test)]
 pub(crate) fn decode(data: &[u8]) -> Result<Columns, ChunkError> {
     let mut out = Columns::default();
-    decode_into(data, &mut out)?;
+    decode_into(data, &mut out, true)?;
     Ok(out)
 }
 
@@ -582,10 +624,10 @@ mod tests {
     #[test]
     fn chunks_of_one_kind_append_packed_and_a_second_kind_unpacks() {
         let mut out = Columns::default();
-        decode_into(&encode(&[row(1, 1, 0, Value::Int(1))]), &mut out).unwrap();
-        decode_into(&encode(&[row(2, 2, 0, Value::Int(2))]), &mut out).unwrap();
+        decode_into(&encode(&[row(1, 1, 0, Value::Int(1))]), &mut out, true).unwrap();
+        decode_into(&encode(&[row(2, 2, 0, Value::Int(2))]), &mut out, true).unwrap();
         assert_eq!(out.values, ValueColumn::Int(vec![1, 2]));
-        decode_into(&encode(&[row(3, 3, 0, Value::Double(3.5))]), &mut out).unwrap();
+        decode_into(&encode(&[row(3, 3, 0, Value::Double(3.5))]), &mut out, true).unwrap();
         assert_eq!(
             out.values,
             ValueColumn::Other(vec![Value::Int(1), Value::Int(2), Value::Double(3.5)])

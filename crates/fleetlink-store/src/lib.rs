@@ -318,17 +318,14 @@ pub struct StoredPoint {
     pub value: Value,
 }
 
-/// Stored points of one metric, column by column, in (time, seq) order.
+/// Stored points of one metric, column by column, in (time, seq) order: times and values (the
+/// row form, [`StoredPoint`], also has arrival times and batch seqs).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricColumns {
     /// Which metric.
     pub metric: MetricName,
     /// Device clock.
     pub time_us: Vec<TimeUs>,
-    /// Server clock when each point's batch arrived.
-    pub received_us: Vec<TimeUs>,
-    /// Sequence number of each point's batch.
-    pub seq: Vec<u64>,
     /// The values.
     pub values: ValueColumn,
 }
@@ -342,17 +339,6 @@ impl MetricColumns {
     /// No points.
     pub fn is_empty(&self) -> bool {
         self.time_us.is_empty()
-    }
-
-    /// The points as rows.
-    pub fn to_points(&self) -> impl Iterator<Item = StoredPoint> + '_ {
-        (0..self.len()).map(|i| StoredPoint {
-            metric: self.metric.clone(),
-            time_us: self.time_us[i],
-            received_us: self.received_us[i],
-            seq: self.seq[i],
-            value: self.values.get(i),
-        })
     }
 }
 

@@ -465,7 +465,8 @@ fn insert_chunk<V: std::borrow::Borrow<Value>>(
     Ok(conn.last_insert_rowid())
 }
 
-/// The raw points of one device and metric with `start_us <= time < end_us`, at most `limit`.
+/// The raw points of one device and metric with `start_us <= time < end_us`, at most `limit`:
+/// every column, or (`arrival` false) times and values only.
 fn metric_points(
     conn: &Connection,
     device: i64,
@@ -473,6 +474,7 @@ fn metric_points(
     start_us: TimeUs,
     end_us: TimeUs,
     limit: Option<usize>,
+    arrival: bool,
 ) -> Result<Columns, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT start_us, end_us, data FROM telemetry_chunks
@@ -490,15 +492,23 @@ fn metric_points(
         }
         let before = out.len();
         let data = r.get_ref(2)?.as_blob().map_err(corrupt)?;
-        chunk::decode_into(data, &mut out).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        chunk::decode_into(data, &mut out, arrival)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         if first < start_us || last >= end_us {
             let keep: Vec<bool> = (0..out.len())
                 .map(|i| i < before || (start_us..end_us).contains(&out.time_us[i]))
                 .collect();
             out.retain_by(&keep);
         }
-        if before > 0 && out.len() > before && out.key(before) < out.key(before - 1) {
-            sorted = false;
+        if before > 0 && out.len() > before {
+            if !arrival && out.time_us[before] <= out.time_us[before - 1] {
+                // chunks overlap: ordering them takes seq and idx
+                drop(rows);
+                return metric_points(conn, device, metric, start_us, end_us, limit, true);
+            }
+            if arrival && out.key(before) < out.key(before - 1) {
+                sorted = false;
+            }
         }
         latest = latest.max(last);
     }
@@ -534,12 +544,13 @@ fn device_metrics(
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// The raw points of a query, metric by metric.
+/// The raw points of a query, metric by metric (`arrival`: with `received_us`, `seq`, `idx`).
 fn query_columns(
     conn: &Connection,
     device: i64,
     q: &TelemetryQuery,
-) -> Result<Vec<MetricColumns>, StoreError> {
+    arrival: bool,
+) -> Result<Vec<(MetricName, Columns)>, StoreError> {
     let mut out = Vec::new();
     let mut left = q.limit;
     for (metric, name) in device_metrics(conn, device, q.metric.as_ref())? {
@@ -553,18 +564,13 @@ fn query_columns(
             q.start_us.unwrap_or(TimeUs::MIN),
             q.end_us.unwrap_or(TimeUs::MAX),
             left,
+            arrival,
         )?;
         if points.len() == 0 {
             continue;
         }
         left = left.map(|l| l - points.len());
-        out.push(MetricColumns {
-            metric: name,
-            time_us: points.time_us,
-            received_us: points.received_us,
-            seq: points.seq,
-            values: points.values,
-        });
+        out.push((name, points));
     }
     Ok(out)
 }
@@ -884,6 +890,7 @@ fn aggregate(
             q.start_us.unwrap_or(TimeUs::MIN),
             q.end_us.unwrap_or(TimeUs::MAX),
             None,
+            false,
         )?;
         // (bucket, count, sum, min, max) of the bucket being filled; points come in time order
         let mut current: Option<(TimeUs, u64, f64, f64, f64)> = None;
@@ -1184,10 +1191,17 @@ impl Store for SqliteStore {
             if let Some(every) = q.every_us {
                 return aggregate(conn, device, &q, every);
             }
-            Ok(query_columns(conn, device, &q)?
-                .iter()
-                .flat_map(MetricColumns::to_points)
-                .collect())
+            let mut points = Vec::new();
+            for (metric, c) in query_columns(conn, device, &q, true)? {
+                points.extend((0..c.len()).map(|i| StoredPoint {
+                    metric: metric.clone(),
+                    time_us: c.time_us[i],
+                    received_us: c.received_us[i],
+                    seq: c.seq[i],
+                    value: c.values.get(i),
+                }));
+            }
+            Ok(points)
         })
         .await
     }
@@ -1198,7 +1212,14 @@ impl Store for SqliteStore {
     ) -> Result<Vec<MetricColumns>, StoreError> {
         self.read(move |conn| {
             let device = device_rowid(conn, &q.device)?;
-            query_columns(conn, device, &q)
+            Ok(query_columns(conn, device, &q, false)?
+                .into_iter()
+                .map(|(metric, c)| MetricColumns {
+                    metric,
+                    time_us: c.time_us,
+                    values: c.values,
+                })
+                .collect())
         })
         .await
     }
@@ -1867,28 +1888,33 @@ impl Writer {
     }
 }
 
-/// Chunks below this many points are level 0 (a slow device's commit stores one point per chunk).
-const LEVEL0_POINTS: usize = 32;
-/// Chunks below this many points (and at least `LEVEL0_POINTS`) are level 1.
-const LEVEL1_POINTS: usize = 1_024;
-/// This many chunks of one level, device and metric are merged into fewer, larger ones.
+/// Chunks below this many points are tiny (a slow device's commit stores one point per chunk).
+const TINY_POINTS: usize = 32;
+/// Chunks below this many points are small; merges make chunks of this size up to
+/// `chunk::MAX_POINTS`.
+const SMALL_POINTS: usize = 1_024;
+/// This many tiny (or small) chunks in a row are merged into fewer, larger ones.
 const MERGE_CHUNKS: usize = 32;
 
-/// Merges the small chunks that devices sending a few points per commit leave behind: every
-/// `MERGE_CHUNKS` level-0 chunks of a device and metric become one chunk of level 1 or more, and
-/// every `MERGE_CHUNKS` level-1 chunks become chunks of `LEVEL1_POINTS` to `chunk::MAX_POINTS`
-/// points. A point is rewritten at most twice, and a long history is read in large chunks.
+/// Merges the small chunks that devices sending a few points per commit leave behind.
+///
+/// Per device and metric the writer keeps the small chunks stored since the last large one, in the
+/// order stored (for a device whose clock moves forward, also the order in time). When the newest
+/// `MERGE_CHUNKS` or more of them in a row are tiny, they become one chunk; when `MERGE_CHUNKS` small
+/// chunks are kept, they become chunks of `SMALL_POINTS` to `chunk::MAX_POINTS` points. Only runs of
+/// consecutive chunks are merged, so merged chunks never interleave in time with chunks left out
+/// (a reader would have to sort), and a point is rewritten about twice.
 ///
 /// Which chunks are small is known only for chunks this writer stored: small chunks left by a
 /// previous run stay as they are (readable, only slower to read).
 #[derive(Debug, Default)]
 struct Compaction {
-    /// (device, metric) → row ids of its level-0 and level-1 chunks.
-    small: HashMap<(i64, i64), [Vec<i64>; 2]>,
+    /// (device, metric) → its small chunks since its last large one, as (row id, points).
+    small: HashMap<(i64, i64), Vec<(i64, usize)>>,
 }
 
 impl Compaction {
-    /// Notes a chunk just stored; merges when a level is full.
+    /// Notes a chunk just stored; merges runs that are long enough.
     fn stored(
         &mut self,
         tx: &Connection,
@@ -1897,27 +1923,32 @@ impl Compaction {
         id: i64,
         points: usize,
     ) -> Result<(), StoreError> {
-        let level = match points {
-            p if p < LEVEL0_POINTS => 0,
-            p if p < LEVEL1_POINTS => 1,
-            _ => return Ok(()),
-        };
-        let levels = self.small.entry((device, metric)).or_default();
-        levels[level].push(id);
-        for level in 0..2 {
-            if levels[level].len() < MERGE_CHUNKS {
-                continue;
-            }
-            let ids = std::mem::take(&mut levels[level]);
-            for (id, points) in merge(tx, device, metric, &ids)? {
-                match points {
-                    p if p < LEVEL0_POINTS => levels[0].push(id),
-                    p if p < LEVEL1_POINTS => levels[1].push(id),
-                    _ => {}
-                }
-            }
+        if points >= SMALL_POINTS {
+            // the chunks before a large one stay as they are
+            self.small.remove(&(device, metric));
+            return Ok(());
         }
-        if levels.iter().all(Vec::is_empty) {
+        let kept = self.small.entry((device, metric)).or_default();
+        kept.push((id, points));
+        let tiny = kept
+            .iter()
+            .rev()
+            .take_while(|(_, p)| *p < TINY_POINTS)
+            .count();
+        if tiny >= MERGE_CHUNKS {
+            let run = kept.split_off(kept.len() - tiny);
+            let ids: Vec<i64> = run.iter().map(|(id, _)| *id).collect();
+            kept.extend(merge(tx, device, metric, &ids)?);
+        }
+        if kept.len() >= MERGE_CHUNKS {
+            let ids: Vec<i64> = kept.drain(..).map(|(id, _)| id).collect();
+            kept.extend(merge(tx, device, metric, &ids)?);
+        }
+        // only what follows the last large chunk is kept
+        if let Some(last_large) = kept.iter().rposition(|(_, p)| *p >= SMALL_POINTS) {
+            kept.drain(..=last_large);
+        }
+        if kept.is_empty() {
             self.small.remove(&(device, metric));
         }
         Ok(())
@@ -1943,7 +1974,7 @@ fn merge(
                 .query_row(params![id, device, metric], |r| r.get(0))
                 .optional()?;
             if let Some(data) = data {
-                chunk::decode_into(&data, &mut columns)
+                chunk::decode_into(&data, &mut columns, true)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 delete.execute([id])?;
             }

@@ -570,8 +570,17 @@ async fn late_points_of_a_slow_device_read_back_in_time_order_from_merged_chunks
         columns[0].values,
         fleetlink_store::ValueColumn::Int(_)
     ));
-    let flat: Vec<_> = columns.iter().flat_map(|c| c.to_points()).collect();
-    assert_eq!(flat, all);
+    let flat: Vec<_> = columns
+        .iter()
+        .flat_map(|c| {
+            (0..c.len()).map(|i| (c.metric.as_str().to_owned(), c.time_us[i], c.values.get(i)))
+        })
+        .collect();
+    let rows: Vec<_> = all
+        .iter()
+        .map(|p| (p.metric.as_str().to_owned(), p.time_us, p.value.clone()))
+        .collect();
+    assert_eq!(flat, rows);
 
     // a time range and a limit cut the same sorted sequence
     let ranged = store
@@ -695,4 +704,50 @@ async fn a_version_2_database_keeps_its_telemetry_when_opened() {
         )
         .unwrap();
     assert_eq!(old, 0, "the row table is gone");
+}
+
+#[tokio::test]
+async fn merged_chunks_of_a_device_whose_clock_moves_forward_do_not_overlap() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    provision(&store, "gauge-1").await;
+    let (tx, mut rx) = watch::channel(0);
+    let listener = Arc::new(Watch(tx, Mutex::new(Vec::new())));
+    // a commit per batch; most batches hold one point, every 50th holds 40 (a level-1 chunk that
+    // arrives while 17 one-point chunks wait for their merge)
+    let mut t = 0i64;
+    for seq in 1..=3000u64 {
+        let n = if seq % 50 == 0 { 40 } else { 1 };
+        let points = (0..n)
+            .map(|_| {
+                t += 1_000;
+                point("level", t, Value::Double(t as f64))
+            })
+            .collect();
+        append(&store, &listener, "gauge-1", seq, points).await;
+        rx.wait_for(|d| *d >= seq).await.unwrap();
+    }
+    let all = store.query_telemetry(all_of("gauge-1")).await.unwrap();
+    assert_eq!(all.len(), 3000 + 60 * 39);
+    assert!(all.windows(2).all(|w| w[0].time_us < w[1].time_us));
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT start_us, end_us, points FROM telemetry_chunks ORDER BY start_us")
+        .unwrap();
+    let chunks: Vec<(i64, i64, i64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for w in chunks.windows(2) {
+        assert!(
+            w[1].0 > w[0].1,
+            "chunk {:?} overlaps chunk {:?}",
+            w[1],
+            w[0]
+        );
+    }
+    assert!(chunks.len() < 60, "{} chunks", chunks.len());
 }

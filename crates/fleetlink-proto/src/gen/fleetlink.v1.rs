@@ -1174,7 +1174,8 @@ pub struct TelemetryPage {
 /// Stored points of one metric, column by column: the answer to a QueryTelemetry with `columns`
 /// set. Every column holds `count` entries, in the order of the row form (time, then arrival);
 /// the row form's received_us and seq are left out. A metric with more points than fit one frame
-/// comes in several pages, one after the other; metrics come in the order of the row form.
+/// comes in several pages, one after the other; metrics come in the order of the row form. No
+/// points at all: one page with count 0 and no metric.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct TelemetryColumns {
     #[prost(string, tag = "1")]
@@ -1185,8 +1186,8 @@ pub struct TelemetryColumns {
     pub count: u32,
     /// Device clock: `count` varints, each the zigzag-encoded (as in sint64) difference between
     /// this point's time_us and the previous point's (the first one's: to 0).
-    #[prost(bytes = "vec", tag = "4")]
-    pub time_us: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "bytes", tag = "4")]
+    pub time_us: ::prost::bytes::Bytes,
     /// The values, by the metric's type.
     #[prost(oneof = "telemetry_columns::Values", tags = "5, 6, 7, 8")]
     pub values: ::core::option::Option<telemetry_columns::Values>,
@@ -1198,13 +1199,13 @@ pub mod telemetry_columns {
     pub enum Values {
         /// `count` little-endian IEEE 754 doubles, 8 bytes each.
         #[prost(bytes, tag = "5")]
-        Doubles(::prost::alloc::vec::Vec<u8>),
+        Doubles(::prost::bytes::Bytes),
         /// `count` little-endian two's complement integers, 8 bytes each.
         #[prost(bytes, tag = "6")]
-        Ints(::prost::alloc::vec::Vec<u8>),
+        Ints(::prost::bytes::Bytes),
         /// `count` bytes, each 0 (false) or 1 (true).
         #[prost(bytes, tag = "7")]
-        Bools(::prost::alloc::vec::Vec<u8>),
+        Bools(::prost::bytes::Bytes),
         /// Strings, positions, or a mix of types: one Value per point.
         #[prost(message, tag = "8")]
         Other(super::ValueList),
