@@ -704,18 +704,7 @@ impl OperatorClient {
         &self,
         q: TelemetryQuery,
     ) -> Result<Vec<StoredPoint>, ClientError> {
-        let req = v1::QueryTelemetry {
-            device_id: q.device.to_string(),
-            metric: q.metric.map(|m| m.to_string()).unwrap_or_default(),
-            start_us: q.start_us.unwrap_or(0),
-            end_us: q.end_us.unwrap_or(0),
-            limit: q.limit.unwrap_or(0),
-            every_us: q.every.map_or(0, |e| {
-                i64::try_from(e.as_micros()).unwrap_or(i64::MAX).max(1)
-            }),
-            agg: q.agg.unwrap_or_default(),
-            columns: false,
-        };
+        let req = query_request(q, false);
         let mut out = Vec::new();
         for r in self
             .request(operator_request::Request::QueryTelemetry(req))
@@ -749,18 +738,7 @@ impl OperatorClient {
         use fleetlink_proto::columns;
         use v1::telemetry_columns::Values;
 
-        let req = v1::QueryTelemetry {
-            device_id: q.device.to_string(),
-            metric: q.metric.map(|m| m.to_string()).unwrap_or_default(),
-            start_us: q.start_us.unwrap_or(0),
-            end_us: q.end_us.unwrap_or(0),
-            limit: q.limit.unwrap_or(0),
-            every_us: q.every.map_or(0, |e| {
-                i64::try_from(e.as_micros()).unwrap_or(i64::MAX).max(1)
-            }),
-            agg: q.agg.unwrap_or_default(),
-            columns: true,
-        };
+        let req = query_request(q, true);
         let protocol = |e: columns::ColumnError| ClientError::Protocol(e.to_string());
         let mut out = Vec::new();
         for r in self
@@ -1312,6 +1290,22 @@ impl OperatorClient {
     /// Closes the session.
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"operator closing");
+    }
+}
+
+/// The QueryTelemetry request for `q`, answered in rows or (`columns`) in column pages.
+fn query_request(q: TelemetryQuery, columns: bool) -> v1::QueryTelemetry {
+    v1::QueryTelemetry {
+        device_id: q.device.to_string(),
+        metric: q.metric.map(|m| m.to_string()).unwrap_or_default(),
+        start_us: q.start_us.unwrap_or(0),
+        end_us: q.end_us.unwrap_or(0),
+        limit: q.limit.unwrap_or(0),
+        every_us: q.every.map_or(0, |e| {
+            i64::try_from(e.as_micros()).unwrap_or(i64::MAX).max(1)
+        }),
+        agg: q.agg.unwrap_or_default(),
+        columns,
     }
 }
 
