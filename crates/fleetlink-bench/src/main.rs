@@ -16,6 +16,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
+
+/// The allocator of `fleetlink serve` (crates/fleetlink-cli), for the server processes this
+/// binary runs; the load generator and the quinn sink use it too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]

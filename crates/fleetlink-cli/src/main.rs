@@ -10,6 +10,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+
+/// mimalloc, not glibc's malloc: the server's IO thread allocates the points its store writer
+/// frees, and glibc's arenas spent ~15% of a flood's server CPU on that (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fleetlink_client::{
     DeviceId, MetricName, OperatorClient, OperatorConfig, ServerAddress, TelemetryQuery, Value,

@@ -214,6 +214,9 @@ impl Columns {
 
     /// Sorts the points by (time_us, seq, idx).
     pub(crate) fn sort(&mut self) {
+        if (1..self.len()).all(|i| self.key(i - 1) <= self.key(i)) {
+            return;
+        }
         let mut order: Vec<usize> = (0..self.len()).collect();
         order.sort_by_key(|&i| self.key(i));
         self.time_us = order.iter().map(|&i| self.time_us[i]).collect();
@@ -535,6 +538,159 @@ fn finish(r: Reader<'_>) -> Result<(), ChunkError> {
     }
 }
 
+/// A chunk made by [`concat`].
+#[derive(Debug)]
+pub(crate) struct Joined {
+    pub data: Vec<u8>,
+    pub points: usize,
+    pub start_us: TimeUs,
+    pub end_us: TimeUs,
+}
+
+/// The clocks of one chunk and where its values start, for [`concat`].
+struct Parts<'a> {
+    kind: u8,
+    time_us: Vec<i64>,
+    received_us: Vec<i64>,
+    seq: Vec<i64>,
+    idx: Vec<u64>,
+    values: &'a [u8],
+}
+
+fn parts(data: &[u8]) -> Result<Parts<'_>, ChunkError> {
+    let mut r = Reader { buf: data };
+    let format = r.u8()?;
+    if format != FORMAT {
+        return Err(ChunkError(format!("unknown chunk format {format}")));
+    }
+    let n = usize::try_from(r.varint()?).map_err(|_| ChunkError("too many points".into()))?;
+    if n == 0 || n > data.len() {
+        return Err(ChunkError(format!(
+            "{n} points in a {} byte chunk",
+            data.len()
+        )));
+    }
+    let kind = r.u8()?;
+    if kind == MIXED {
+        r.bytes(n)?;
+    }
+    let mut p = Parts {
+        kind,
+        time_us: Vec::new(),
+        received_us: Vec::new(),
+        seq: Vec::new(),
+        idx: Vec::with_capacity(n),
+        values: &[],
+    };
+    r.deltas(n, &mut p.time_us)?;
+    r.deltas(n, &mut p.received_us)?;
+    r.deltas(n, &mut p.seq)?;
+    let mut idx = r.section()?;
+    for _ in 0..n {
+        p.idx.push(idx.varint()?);
+    }
+    finish(idx)?;
+    p.values = r.buf;
+    if kind != MIXED {
+        // walk the values, so that a damaged chunk is refused rather than copied on
+        let kind = kind_of(kind)?;
+        for _ in 0..n {
+            match kind {
+                ValueKind::Double | ValueKind::Int => {
+                    r.bytes(8)?;
+                }
+                ValueKind::Bool => {
+                    r.u8()?;
+                }
+                ValueKind::String => {
+                    // lengths only: readers check the UTF-8 when they decode
+                    let len = usize::try_from(r.varint()?)
+                        .map_err(|_| ChunkError("string too long".into()))?;
+                    r.bytes(len)?;
+                }
+                ValueKind::Geo => {
+                    let flags = r.u8()?;
+                    r.bytes(8 * (2 + (flags & 0x0F).count_ones() as usize))?;
+                }
+            }
+        }
+        finish(r)?;
+    }
+    Ok(p)
+}
+
+/// Joins chunks whose points follow one another (each chunk's first point at or after the
+/// previous chunk's last, in (time_us, seq, idx) order) and share one value kind into one chunk,
+/// without decoding the values: the clocks are re-encoded, the value bytes copied. `None` when
+/// the chunks do not qualify (a mix of kinds, or points that interleave); merge them by decoding.
+pub(crate) fn concat(chunks: &[&[u8]]) -> Result<Option<Joined>, ChunkError> {
+    let mut all: Vec<Parts<'_>> = Vec::with_capacity(chunks.len());
+    for data in chunks {
+        let p = parts(data)?;
+        if p.kind == MIXED {
+            return Ok(None);
+        }
+        if let Some(prev) = all.last() {
+            let last = prev.time_us.len() - 1;
+            let before = (prev.time_us[last], prev.seq[last] as u64, prev.idx[last]);
+            let after = (p.time_us[0], p.seq[0] as u64, p.idx[0]);
+            if p.kind != prev.kind || after < before {
+                return Ok(None);
+            }
+        }
+        all.push(p);
+    }
+    let Some(first) = all.first() else {
+        return Ok(None);
+    };
+    let points: usize = all.iter().map(|p| p.time_us.len()).sum();
+    let value_bytes: usize = all.iter().map(|p| p.values.len()).sum();
+    let mut out = Vec::with_capacity(16 + points * 6 + value_bytes);
+    out.push(FORMAT);
+    encode_varint(points as u64, &mut out);
+    out.push(first.kind);
+    let mut section = Vec::with_capacity(points * 3);
+    for column in 0..3 {
+        let mut previous = 0i64;
+        for p in &all {
+            let values = match column {
+                0 => &p.time_us,
+                1 => &p.received_us,
+                _ => &p.seq,
+            };
+            for &v in values {
+                encode_varint(zigzag(v.wrapping_sub(previous)), &mut section);
+                previous = v;
+            }
+        }
+        encode_varint(section.len() as u64, &mut out);
+        out.extend_from_slice(&section);
+        section.clear();
+    }
+    for p in &all {
+        for &i in &p.idx {
+            encode_varint(i, &mut section);
+        }
+    }
+    encode_varint(section.len() as u64, &mut out);
+    out.extend_from_slice(&section);
+    for p in &all {
+        out.extend_from_slice(p.values);
+    }
+    let start_us = first.time_us[0];
+    let end_us = all
+        .last()
+        .and_then(|p| p.time_us.last())
+        .copied()
+        .unwrap_or(start_us);
+    Ok(Some(Joined {
+        data: out,
+        points,
+        start_us,
+        end_us,
+    }))
+}
+
 /// Decodes one chunk.
 #[cfg(test)]
 pub(crate) fn decode(data: &[u8]) -> Result<Columns, ChunkError> {
@@ -656,6 +812,55 @@ mod tests {
         assert!(e.to_string().contains("unknown chunk format 9"), "{e}");
     }
 
+    #[test]
+    fn concat_joins_consecutive_chunks_of_one_kind_as_decoding_would() {
+        for values in [
+            vec![Value::Double(1.5), Value::Double(-2.0), Value::Double(3.0)],
+            vec![Value::Int(1), Value::Int(-2), Value::Int(3)],
+            vec![Value::Bool(true), Value::Bool(false), Value::Bool(true)],
+            vec![
+                Value::String("a".into()),
+                Value::String(String::new()),
+                Value::String("ccc".into()),
+            ],
+        ] {
+            let rows: Vec<_> = values
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| row(10 + i as i64, 100 + i as u64, 0, v))
+                .collect();
+            let (a, b) = (encode(&rows[..1]), encode(&rows[1..]));
+            let joined = concat(&[&a, &b]).unwrap().expect("joins");
+            assert_eq!(joined.points, 3);
+            assert_eq!((joined.start_us, joined.end_us), (10, 12));
+            assert_eq!(
+                joined.data,
+                encode(&rows),
+                "the same bytes as one chunk of all the points"
+            );
+        }
+    }
+
+    #[test]
+    fn concat_leaves_interleaved_or_mixed_chunks_to_the_decoding_merge() {
+        let a = encode(&[row(5, 1, 0, Value::Int(1))]);
+        let b = encode(&[row(4, 2, 0, Value::Int(2))]);
+        assert!(
+            concat(&[&a, &b]).unwrap().is_none(),
+            "b's point is older than a's"
+        );
+        let c = encode(&[row(6, 2, 0, Value::Double(2.0))]);
+        assert!(concat(&[&a, &c]).unwrap().is_none(), "two kinds");
+        let mixed = encode(&[row(7, 3, 0, Value::Int(1)), row(8, 3, 1, Value::Bool(true))]);
+        assert!(concat(&[&a, &mixed]).unwrap().is_none());
+        let mut damaged = encode(&[row(9, 4, 0, Value::String("abc".into()))]);
+        damaged.pop();
+        assert!(
+            concat(&[&a, &damaged]).is_err(),
+            "a damaged chunk is an error, not copied"
+        );
+    }
+
     proptest! {
         #[test]
         fn any_sorted_rows_roundtrip(
@@ -675,6 +880,29 @@ mod tests {
                 .map(|(time_us, received_us, seq, idx, value)| Row { time_us, received_us, seq, idx, value })
                 .collect();
             prop_assert!(same(&roundtrip(&rows), &rows));
+        }
+
+        /// Joining a run of chunks cut from sorted points gives the chunk of all the points.
+        #[test]
+        fn concat_of_a_cut_run_is_the_chunk_of_the_whole_run(
+            mut points in prop::collection::vec((any::<i64>(), any::<i64>(), any::<u64>(), 0u32..10_000, any::<i64>()), 2..200),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 1..5),
+        ) {
+            points.sort_by_key(|p| (p.0, p.2, p.3));
+            let rows: Vec<_> = points
+                .into_iter()
+                .map(|(time_us, received_us, seq, idx, v)| Row { time_us, received_us, seq, idx, value: Value::Int(v) })
+                .collect();
+            let mut at: Vec<usize> = cuts.iter().map(|c| 1 + c.index(rows.len() - 1)).collect();
+            at.push(0);
+            at.push(rows.len());
+            at.sort_unstable();
+            at.dedup();
+            let encoded: Vec<Vec<u8>> = at.windows(2).map(|w| encode(&rows[w[0]..w[1]])).collect();
+            let parts: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+            let joined = concat(&parts).unwrap().expect("a sorted run joins");
+            prop_assert_eq!(joined.data, encode(&rows));
+            prop_assert_eq!(joined.points, rows.len());
         }
     }
 }

@@ -1,6 +1,9 @@
 //! The embedded store: SQLite (bundled) in WAL mode. Schema in ARCHITECTURE.md ("Storage").
 
 use std::collections::{BTreeMap, HashMap};
+
+/// The writer's maps, looked up per point: foldhash, not SipHash.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -253,6 +256,9 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let mut conn = open_connection(&path, options.synchronous)?;
         migrate(&mut conn)?;
+        // The writer's page cache: 64 MiB (SQLite's default is 2 MiB), so that a commit touching
+        // many devices reads their index and last-value pages from memory, not from the file.
+        conn.pragma_update(None, "cache_size", -65_536)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let max_points = options.max_commit_points.max(1);
         let delay = options.commit_delay;
@@ -1685,8 +1691,8 @@ impl Store for SqliteStore {
 struct Writer {
     conn: Connection,
     /// device name → (row id, highest stored seq)
-    devices: HashMap<DeviceId, (i64, u64)>,
-    metrics: HashMap<MetricName, i64>,
+    devices: FastMap<DeviceId, (i64, u64)>,
+    metrics: FastMap<MetricName, i64>,
     compaction: Compaction,
 }
 
@@ -1694,8 +1700,8 @@ impl Writer {
     fn new(conn: Connection) -> Self {
         Self {
             conn,
-            devices: HashMap::new(),
-            metrics: HashMap::new(),
+            devices: FastMap::default(),
+            metrics: FastMap::default(),
             compaction: Compaction::default(),
         }
     }
@@ -1794,10 +1800,10 @@ impl Writer {
             finishers.push(job(&tx));
         }
         let mut durable = Vec::with_capacity(jobs.len());
-        let mut last: HashMap<(i64, i64), (TimeUs, &Value)> = HashMap::new();
-        let mut touched: HashMap<i64, (u64, i64, &DeviceId)> = HashMap::new(); // row id → (seq, points added, id)
+        let mut last: FastMap<(i64, i64), (TimeUs, &Value)> = FastMap::default();
+        let mut touched: FastMap<i64, (u64, i64, &DeviceId)> = FastMap::default(); // row id → (seq, points added, id)
         // Points by device and metric: each group becomes one chunk (or a few, if large).
-        let mut groups: HashMap<(i64, i64), Vec<Row<&Value>>> = HashMap::new();
+        let mut groups: FastMap<(i64, i64), Vec<Row<&Value>>> = FastMap::default();
         {
             for job in jobs {
                 let (dev, stored_seq) = match self.devices.get(&job.device) {
@@ -1910,7 +1916,7 @@ const MERGE_CHUNKS: usize = 32;
 #[derive(Debug, Default)]
 struct Compaction {
     /// (device, metric) → its small chunks since its last large one, as (row id, points).
-    small: HashMap<(i64, i64), Vec<(i64, usize)>>,
+    small: FastMap<(i64, i64), Vec<(i64, usize)>>,
 }
 
 impl Compaction {
@@ -1957,40 +1963,88 @@ impl Compaction {
 
 /// Replaces chunks `ids` of one device and metric by as few chunks as hold their points;
 /// returns the new chunks as (row id, points).
+///
+/// Chunks that follow one another in time and hold one kind of value are joined without
+/// decoding their values ([`chunk::concat`]), the common case of a device sending in order;
+/// others are decoded, sorted and encoded again.
 fn merge(
     tx: &Connection,
     device: i64,
     metric: i64,
     ids: &[i64],
 ) -> Result<Vec<(i64, usize)>, StoreError> {
-    let mut columns = Columns::default();
+    let corrupt = |e: chunk::ChunkError| StoreError::Corrupt(e.to_string());
+    let mut stored: Vec<(usize, Vec<u8>)> = Vec::with_capacity(ids.len());
     {
         let mut read = tx.prepare_cached(
-            "SELECT data FROM telemetry_chunks WHERE id = ?1 AND device = ?2 AND metric = ?3",
+            "SELECT points, data FROM telemetry_chunks WHERE id = ?1 AND device = ?2 AND metric = ?3",
         )?;
         let mut delete = tx.prepare_cached("DELETE FROM telemetry_chunks WHERE id = ?1")?;
         for id in ids {
-            let data: Option<Vec<u8>> = read
-                .query_row(params![id, device, metric], |r| r.get(0))
+            let found: Option<(i64, Vec<u8>)> = read
+                .query_row(params![id, device, metric], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            if let Some(data) = data {
-                chunk::decode_into(&data, &mut columns, true)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if let Some((points, data)) = found {
+                stored.push((usize::try_from(points).unwrap_or(usize::MAX), data));
                 delete.execute([id])?;
             }
         }
     }
-    columns.sort();
-    let rows = columns.into_rows();
-    let mut out = Vec::new();
-    for part in rows.chunks(chunk::MAX_POINTS) {
-        out.push((insert_chunk(tx, device, metric, part)?, part.len()));
+    // Groups of whole chunks of at most MAX_POINTS points, joined as they are when they can be.
+    let mut groups: Vec<Vec<&[u8]>> = Vec::new();
+    let mut in_group = usize::MAX;
+    for (points, data) in &stored {
+        if in_group.saturating_add(*points) > chunk::MAX_POINTS {
+            groups.push(Vec::new());
+            in_group = 0;
+        }
+        in_group += points;
+        groups.last_mut().expect("a group was started").push(data);
     }
+    let mut joined = Vec::with_capacity(groups.len());
+    for group in &groups {
+        match chunk::concat(group).map_err(corrupt)? {
+            Some(j) => joined.push(j),
+            None => {
+                joined.clear();
+                break;
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if joined.len() == groups.len() {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO telemetry_chunks (device, metric, start_us, end_us, points, data)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for j in joined {
+            insert.execute(params![
+                device,
+                metric,
+                j.start_us,
+                j.end_us,
+                j.points as i64,
+                j.data
+            ])?;
+            out.push((tx.last_insert_rowid(), j.points));
+        }
+    } else {
+        let mut columns = Columns::default();
+        for (_, data) in &stored {
+            chunk::decode_into(data, &mut columns, true).map_err(corrupt)?;
+        }
+        columns.sort();
+        let rows = columns.into_rows();
+        for part in rows.chunks(chunk::MAX_POINTS) {
+            out.push((insert_chunk(tx, device, metric, part)?, part.len()));
+        }
+    }
+    let points: usize = out.iter().map(|(_, p)| p).sum();
     tracing::trace!(
         device,
         metric,
         chunks = ids.len(),
-        points = rows.len(),
+        points,
         "merged telemetry chunks"
     );
     Ok(out)
