@@ -1896,20 +1896,22 @@ impl Writer {
 
 /// Chunks below this many points are tiny (a slow device's commit stores one point per chunk).
 const TINY_POINTS: usize = 32;
-/// Chunks below this many points are small; merges make chunks of this size up to
-/// `chunk::MAX_POINTS`.
+/// Chunks below this many points are small; the small chunks of a device and metric are merged
+/// once they hold this many points together.
 const SMALL_POINTS: usize = 1_024;
-/// This many tiny (or small) chunks in a row are merged into fewer, larger ones.
-const MERGE_CHUNKS: usize = 32;
+/// This many tiny chunks in a row are merged into one (which bounds the chunks a slow device
+/// leaves behind before its small chunks add up to `SMALL_POINTS`).
+const MERGE_CHUNKS: usize = 128;
 
 /// Merges the small chunks that devices sending a few points per commit leave behind.
 ///
 /// Per device and metric the writer keeps the small chunks stored since the last large one, in the
-/// order stored (for a device whose clock moves forward, also the order in time). When the newest
-/// `MERGE_CHUNKS` or more of them in a row are tiny, they become one chunk; when `MERGE_CHUNKS` small
-/// chunks are kept, they become chunks of `SMALL_POINTS` to `chunk::MAX_POINTS` points. Only runs of
-/// consecutive chunks are merged, so merged chunks never interleave in time with chunks left out
-/// (a reader would have to sort), and a point is rewritten about twice.
+/// order stored (for a device whose clock moves forward, also the order in time). Once they hold
+/// `SMALL_POINTS` points together they become one chunk of `SMALL_POINTS` to `chunk::MAX_POINTS`
+/// points; before that, a run of `MERGE_CHUNKS` tiny chunks in a row becomes one chunk. A device
+/// sending 8 points or more per commit has each point rewritten once; a slow one, twice. Only runs
+/// of consecutive chunks are merged, so merged chunks never interleave in time with chunks left
+/// out (a reader would have to sort).
 ///
 /// Which chunks are small is known only for chunks this writer stored: small chunks left by a
 /// previous run stay as they are (readable, only slower to read).
@@ -1936,19 +1938,21 @@ impl Compaction {
         }
         let kept = self.small.entry((device, metric)).or_default();
         kept.push((id, points));
-        let tiny = kept
-            .iter()
-            .rev()
-            .take_while(|(_, p)| *p < TINY_POINTS)
-            .count();
-        if tiny >= MERGE_CHUNKS {
-            let run = kept.split_off(kept.len() - tiny);
-            let ids: Vec<i64> = run.iter().map(|(id, _)| *id).collect();
-            kept.extend(merge(tx, device, metric, &ids)?);
-        }
-        if kept.len() >= MERGE_CHUNKS {
+        let total: usize = kept.iter().map(|(_, p)| p).sum();
+        if total >= SMALL_POINTS {
             let ids: Vec<i64> = kept.drain(..).map(|(id, _)| id).collect();
             kept.extend(merge(tx, device, metric, &ids)?);
+        } else {
+            let tiny = kept
+                .iter()
+                .rev()
+                .take_while(|(_, p)| *p < TINY_POINTS)
+                .count();
+            if tiny >= MERGE_CHUNKS {
+                let run = kept.split_off(kept.len() - tiny);
+                let ids: Vec<i64> = run.iter().map(|(id, _)| *id).collect();
+                kept.extend(merge(tx, device, metric, &ids)?);
+            }
         }
         // only what follows the last large chunk is kept
         if let Some(last_large) = kept.iter().rposition(|(_, p)| *p >= SMALL_POINTS) {
