@@ -51,7 +51,7 @@ impl Ready {
 /// with one IO thread and one arbiter (it is pinned to one core), until stdin closes.
 pub fn serve(data: &Path, devices: usize, listen: SocketAddr) -> Result<()> {
     provision(data, devices)?;
-    // Environment overrides, for experiments with the reconnect storm.
+    // Environment overrides, for experiments (the reconnect storm, group commits).
     fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         std::env::var(name)
             .ok()
@@ -69,6 +69,7 @@ pub fn serve(data: &Path, devices: usize, listen: SocketAddr) -> Result<()> {
             "FLEETLINK_BENCH_HANDSHAKE_QUEUE_MS",
             defaults.handshake_queue_ms,
         ),
+        group_commit_us: env_or("FLEETLINK_BENCH_GROUP_COMMIT_US", defaults.group_commit_us),
         ..defaults
     })?;
     let admin_token = std::fs::read_to_string(server.admin_token_file())
