@@ -401,22 +401,25 @@ fn kind_of(code: u8) -> Result<ValueKind, ChunkError> {
         .ok_or_else(|| ChunkError(format!("unknown value kind {code}")))
 }
 
-/// Appends the points of chunk `data` to `out`: every column, or (`arrival` false) only times and
-/// values, leaving `received_us`, `seq` and `idx` as they are.
-pub(crate) fn decode_into(data: &[u8], out: &mut Columns, arrival: bool) -> Result<(), ChunkError> {
-    let mut r = Reader { buf: data };
+/// A chunk's format byte, point count and kind code (checked): (points, kind code).
+fn header(r: &mut Reader<'_>) -> Result<(usize, u8), ChunkError> {
+    let size = r.buf.len();
     let format = r.u8()?;
     if format != FORMAT {
         return Err(ChunkError(format!("unknown chunk format {format}")));
     }
     let n = usize::try_from(r.varint()?).map_err(|_| ChunkError("too many points".into()))?;
-    if n == 0 || n > data.len() {
-        return Err(ChunkError(format!(
-            "{n} points in a {} byte chunk",
-            data.len()
-        )));
+    if n == 0 || n > size {
+        return Err(ChunkError(format!("{n} points in a {size} byte chunk")));
     }
-    let kind_code = r.u8()?;
+    Ok((n, r.u8()?))
+}
+
+/// Appends the points of chunk `data` to `out`: every column, or (`arrival` false) only times and
+/// values, leaving `received_us`, `seq` and `idx` as they are.
+pub(crate) fn decode_into(data: &[u8], out: &mut Columns, arrival: bool) -> Result<(), ChunkError> {
+    let mut r = Reader { buf: data };
+    let (n, kind_code) = header(&mut r)?;
     let kinds: Option<Vec<ValueKind>> = if kind_code == MIXED {
         Some(
             r.bytes(n)?
@@ -559,18 +562,7 @@ struct Parts<'a> {
 
 fn parts(data: &[u8]) -> Result<Parts<'_>, ChunkError> {
     let mut r = Reader { buf: data };
-    let format = r.u8()?;
-    if format != FORMAT {
-        return Err(ChunkError(format!("unknown chunk format {format}")));
-    }
-    let n = usize::try_from(r.varint()?).map_err(|_| ChunkError("too many points".into()))?;
-    if n == 0 || n > data.len() {
-        return Err(ChunkError(format!(
-            "{n} points in a {} byte chunk",
-            data.len()
-        )));
-    }
-    let kind = r.u8()?;
+    let (n, kind) = header(&mut r)?;
     if kind == MIXED {
         r.bytes(n)?;
     }
