@@ -1,9 +1,6 @@
 //! The embedded store: SQLite (bundled) in WAL mode. Schema in ARCHITECTURE.md ("Storage").
 
 use std::collections::{BTreeMap, HashMap};
-
-/// The writer's maps, looked up per point: foldhash, not SipHash.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +21,9 @@ use crate::{
 };
 use fleetlink_core::command::{CommandId, CommandState};
 use fleetlink_core::twin::TwinDoc;
+
+/// The writer's maps, looked up per point: foldhash, not SipHash.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 const SCHEMA_VERSION: i64 = 3;
 
@@ -463,18 +463,31 @@ fn insert_chunk<V: std::borrow::Borrow<Value>>(
 ) -> Result<i64, StoreError> {
     let start = rows.iter().map(|r| r.time_us).min().unwrap_or_default();
     let end = rows.iter().map(|r| r.time_us).max().unwrap_or_default();
+    insert_encoded(
+        conn,
+        device,
+        metric,
+        (start, end),
+        rows.len(),
+        &chunk::encode(rows),
+    )
+}
+
+/// Stores an encoded chunk of `points` points spanning `span` (first and last time); returns its
+/// row id.
+fn insert_encoded(
+    conn: &Connection,
+    device: i64,
+    metric: i64,
+    span: (TimeUs, TimeUs),
+    points: usize,
+    data: &[u8],
+) -> Result<i64, StoreError> {
     conn.prepare_cached(
         "INSERT INTO telemetry_chunks (device, metric, start_us, end_us, points, data)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
-    .execute(params![
-        device,
-        metric,
-        start,
-        end,
-        rows.len() as i64,
-        chunk::encode(rows)
-    ])?;
+    .execute(params![device, metric, span.0, span.1, points as i64, data])?;
     Ok(conn.last_insert_rowid())
 }
 
@@ -2024,20 +2037,10 @@ fn merge(
     }
     let mut out = Vec::new();
     if joined.len() == groups.len() {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO telemetry_chunks (device, metric, start_us, end_us, points, data)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
         for j in joined {
-            insert.execute(params![
-                device,
-                metric,
-                j.start_us,
-                j.end_us,
-                j.points as i64,
-                j.data
-            ])?;
-            out.push((tx.last_insert_rowid(), j.points));
+            let span = (j.start_us, j.end_us);
+            let id = insert_encoded(tx, device, metric, span, j.points, &j.data)?;
+            out.push((id, j.points));
         }
     } else {
         let mut columns = Columns::default();
