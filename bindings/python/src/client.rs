@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use fleetlink_client::{
     ClientError, CommandInfo, CommandRequest, CommandState, DeviceInfo, EventStream, FleetEvent,
-    JobAction, JobInfo, JobSpec, MetricName, OperatorClient, OperatorConfig, ServerAddress,
-    Subscription as Stream, TelemetryQuery,
+    JobAction, JobInfo, JobSpec, MetricName, NewDeviceSpec, OperatorClient, OperatorConfig,
+    ServerAddress, Subscription as Stream, TelemetryQuery,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -411,6 +411,32 @@ impl Client {
             op.provision_device_with(&id, tags, attributes).await
         })?
         .map_err(err)
+    }
+
+    /// Creates up to 1000 devices in one server transaction, all or none; returns their tokens
+    /// in order. Each device is (id, tags, attributes as a JSON object).
+    fn provision_many(
+        &self,
+        py: Python<'_>,
+        devices: Vec<(String, BTreeMap<String, String>, String)>,
+    ) -> PyResult<Vec<String>> {
+        let mut specs = Vec::with_capacity(devices.len());
+        for (id, tags, attributes_json) in devices {
+            let id = crate::errors::device_id(py, &id)?;
+            let attributes = match serde_json::from_str(&attributes_json) {
+                Ok(serde_json::Value::Object(m)) => m,
+                _ => return Err(invalid(py, format!("attributes of {id} must be a dict"))),
+            };
+            specs.push(NewDeviceSpec {
+                id,
+                tags,
+                attributes,
+            });
+        }
+        let op = self.op.clone();
+        let provisioned =
+            wait(py, async move { op.provision_devices(specs).await })?.map_err(err)?;
+        Ok(provisioned.into_iter().map(|(_, token)| token).collect())
     }
 
     /// Opens a live stream.

@@ -47,6 +47,20 @@ def test_connect_provision_device_send_flush_telemetry(server: fleetlink.Server)
     run(main())
 
 
+def test_provision_many(server: fleetlink.Server) -> None:
+    async def main() -> None:
+        async with await connect(server) as client:
+            creds = await client.provision_many(f"truck-{i}" for i in range(3))
+            assert [c["device_id"] for c in creds] == ["truck-0", "truck-1", "truck-2"]
+            async with await aio.Device.connect(**creds[2]) as truck:
+                assert truck.id == "truck-2"
+            with pytest.raises(fleetlink.Conflict, match="truck-0 already exists"):
+                await client.provision_many(["truck-9", "truck-0"])
+            assert [d["id"] for d in await client.devices()] == ["truck-0", "truck-1", "truck-2"]
+
+    run(main())
+
+
 def test_auth_errors(server: fleetlink.Server) -> None:
     async def main() -> None:
         with pytest.raises(fleetlink.AuthError):

@@ -115,6 +115,35 @@ def test_provision_returns_credentials_for_device_connect(client: fleetlink.Clie
         assert device["tags"] == {"region": "north"}
 
 
+def test_provision_many_creates_every_device_or_none(client: fleetlink.Client, server: fleetlink.Server) -> None:
+    client.provision("taken")
+    with pytest.raises(fleetlink.Conflict, match="device taken already exists"):
+        client.provision_many(["pump-1", {"id": "taken"}, "pump-2"])
+    with pytest.raises(fleetlink.InvalidArgument, match="pump-1 is given twice"):
+        client.provision_many(["pump-1", "pump-1"])
+    with pytest.raises(TypeError, match="device id must be a str, not int"):
+        client.provision_many([{"id": 7}])
+    with pytest.raises(TypeError, match=r"unknown device field\(s\) \['tag'\]"):
+        client.provision_many([{"id": "pump-1", "tag": {}}])
+    with pytest.raises(ValueError, match="1 to 1000 devices, not 1001"):
+        client.provision_many(f"pump-{i}" for i in range(1001))
+    assert [d["id"] for d in client.devices()] == ["taken"]
+
+    creds = client.provision_many(
+        ["pump-2", {"id": "pump-1", "tags": {"site": "north"}, "attributes": {"kw": 7}}, *(f"valve-{i}" for i in range(998))]
+    )
+    assert len(creds) == 1000
+    assert [c["device_id"] for c in creds[:3]] == ["pump-2", "pump-1", "valve-0"]
+    assert creds[1]["url"] == server.url and creds[1]["ca"] == Path(server.ca_cert).read_bytes()
+    assert len({c["token"] for c in creds}) == 1000
+    with fleetlink.Device.connect(**creds[1]) as pump:
+        assert pump.id == "pump-1"
+        [info] = [d for d in client.devices() if d["id"] == "pump-1"]
+        assert info["tags"] == {"site": "north"} and info["attributes"] == {"kw": 7}
+        assert info["online"] is True
+    assert len(client.devices()) == 1001
+
+
 def test_device_stats_say_connected_once_connect_returned(client: fleetlink.Client, server: fleetlink.Server) -> None:
     # Regression (found by this test, fixed): DeviceClient::connect returns with its session established, but the counters
     # start at zero and the background engine sets connects/connected a moment later, so about

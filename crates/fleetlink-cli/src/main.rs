@@ -5,8 +5,9 @@
 mod fleet_ops;
 mod ops;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -209,6 +210,16 @@ enum DeviceCommand {
         #[arg(long)]
         attributes: Option<String>,
     },
+    /// Create many devices from a file of JSON lines, `{"id": "...", "tags": {...},
+    /// "attributes": {...}}` (tags and attributes optional), 1000 per server transaction.
+    /// Prints `{"id": "...", "token": "..."}` per device as JSON lines (the tokens are shown
+    /// once), each batch as soon as it is created.
+    Import {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The file, or `-` for standard input.
+        file: PathBuf,
+    },
     /// Change a device's tags and attributes.
     Update {
         #[command(flatten)]
@@ -381,6 +392,34 @@ async fn run(command: Command) -> Result<()> {
                 .await?;
             eprintln!("device {id} provisioned; its token (shown once):");
             println!("{token}");
+            Ok(())
+        }
+        Command::Device {
+            command: DeviceCommand::Import { conn, file },
+        } => {
+            let specs = read_device_specs(&file)?;
+            let op = conn.operator().await?;
+            let mut done = 0;
+            for batch in specs.chunks(fleetlink_client::MAX_PROVISION_BATCH) {
+                let tokens = op.provision_devices(batch.to_vec()).await.with_context(|| {
+                    format!(
+                        "importing devices {}..{} (the {done} before them were created and printed)",
+                        done + 1,
+                        done + batch.len()
+                    )
+                })?;
+                let mut out = std::io::stdout().lock();
+                for (id, token) in tokens {
+                    serde_json::to_writer(
+                        &mut out,
+                        &serde_json::json!({"id": id.as_str(), "token": token}),
+                    )?;
+                    writeln!(out)?;
+                }
+                out.flush()?;
+                done += batch.len();
+            }
+            eprintln!("{done} devices provisioned");
             Ok(())
         }
         Command::Device {
@@ -709,4 +748,53 @@ async fn telemetry(
         eprintln!("no points");
     }
     Ok(())
+}
+
+/// The devices of a `fleetlink device import` file (JSON lines), checked before any is created.
+fn read_device_specs(file: &Path) -> anyhow::Result<Vec<fleetlink_client::NewDeviceSpec>> {
+    let text = if file == Path::new("-") {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let mut specs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{} line {}", file.display(), i + 1);
+        let serde_json::Value::Object(mut l) = serde_json::from_str(line).with_context(at)? else {
+            anyhow::bail!("{}: not a JSON object", at());
+        };
+        let id = match l.remove("id") {
+            Some(serde_json::Value::String(id)) => DeviceId::new(id).with_context(at)?,
+            _ => anyhow::bail!("{}: \"id\" must be a string", at()),
+        };
+        let tags = match l.remove("tags") {
+            None => Default::default(),
+            Some(serde_json::Value::Object(t)) => t
+                .into_iter()
+                .map(|(k, v)| match v {
+                    serde_json::Value::String(v) => Ok((k, v)),
+                    _ => anyhow::bail!("{}: tag {k:?} must be a string", at()),
+                })
+                .collect::<anyhow::Result<_>>()?,
+            Some(_) => anyhow::bail!("{}: \"tags\" must be an object of strings", at()),
+        };
+        let attributes = match l.remove("attributes") {
+            None => serde_json::Map::new(),
+            Some(serde_json::Value::Object(a)) => a,
+            Some(_) => anyhow::bail!("{}: \"attributes\" must be an object", at()),
+        };
+        if let Some(k) = l.keys().next() {
+            anyhow::bail!("{}: unknown field {k:?} (id, tags, attributes)", at());
+        }
+        specs.push(fleetlink_client::NewDeviceSpec {
+            id,
+            tags,
+            attributes,
+        });
+    }
+    anyhow::ensure!(!specs.is_empty(), "{} holds no devices", file.display());
+    Ok(specs)
 }

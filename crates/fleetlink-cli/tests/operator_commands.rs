@@ -385,3 +385,96 @@ async fn query_group_policy_publish_watch_and_job_from_the_command_line() {
     .unwrap()
     .unwrap();
 }
+
+/// `fleetlink device import`: a JSON-lines file in, a token per device out (JSON lines); a file
+/// with a bad line creates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_import_from_a_json_lines_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(ServerConfig::local(dir.path())).unwrap();
+    let address =
+        ServerAddress::local(server.local_addr(), server.ca_cert_path().unwrap()).unwrap();
+    let op = OperatorClient::connect(OperatorConfig {
+        server: address.clone(),
+        token: server.created_admin_token().unwrap().to_owned(),
+    })
+    .await
+    .unwrap();
+
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"id\": \"pump-1\"}\n{\"id\": \"pump-2\", \"tag\": {}}\n",
+    )
+    .unwrap();
+    let out = cli(
+        &server,
+        dir.path(),
+        &["device", "import", bad.to_str().unwrap()],
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.jsonl line 2: unknown field \"tag\""),
+        "{err}"
+    );
+    assert!(op.list_devices(None, None).await.unwrap().is_empty());
+
+    // 1203 devices: two server transactions
+    let good = dir.path().join("fleet.jsonl");
+    let mut lines = String::from(
+        "\n{\"id\": \"pump-0\", \"tags\": {\"site\": \"north\"}, \"attributes\": {\"kw\": 7}}\n",
+    );
+    for i in 1..1203 {
+        lines.push_str(&format!("{{\"id\": \"pump-{i}\"}}\n"));
+    }
+    std::fs::write(&good, lines).unwrap();
+    let out = cli(
+        &server,
+        dir.path(),
+        &["device", "import", good.to_str().unwrap()],
+    )
+    .await;
+    let created: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(created.len(), 1203);
+    assert_eq!(created[0]["id"], "pump-0");
+    assert_eq!(created[1202]["id"], "pump-1202");
+    let pump0 = op.device(&DeviceId::new("pump-0").unwrap()).await.unwrap();
+    assert_eq!(pump0.tags["site"], "north");
+    assert_eq!(pump0.attributes["kw"], 7);
+    let last = &created[1202];
+    let device = DeviceClient::connect(DeviceConfig::new(
+        address.clone(),
+        DeviceId::new(last["id"].as_str().unwrap()).unwrap(),
+        last["token"].as_str().unwrap(),
+    ))
+    .await
+    .unwrap();
+    device.close().await;
+    assert_eq!(op.list_devices(None, None).await.unwrap().len(), 1203);
+
+    // the same file again: the first batch's ids are taken, nothing more is created
+    let out = cli(
+        &server,
+        dir.path(),
+        &["device", "import", good.to_str().unwrap()],
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("importing devices 1..1000"), "{err}");
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(op.list_devices(None, None).await.unwrap().len(), 1203);
+    op.close();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || server.shutdown()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+}

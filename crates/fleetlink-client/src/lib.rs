@@ -20,12 +20,13 @@ pub use device::{
 };
 pub use fleetlink_core::command::CommandState;
 pub use fleetlink_core::{DeviceId, GeoPosition, MetricName, Point, Value};
+pub use fleetlink_proto::MAX_PROVISION_BATCH;
 pub use fleetlink_proto::v1::{ErrorCode, RejectReason};
 pub use fleetlink_transport::Resumption;
 pub use operator::{
     ColumnValues, CommandInfo, CommandRequest, DeviceInfo, EventStream, FleetEvent, Group,
-    JobAction, JobInfo, JobSpec, OperatorClient, OperatorConfig, PresenceEvent, PresenceInfo,
-    StoredPoint, Subscription, TelemetryColumns, TelemetryQuery, Twin,
+    JobAction, JobInfo, JobSpec, NewDeviceSpec, OperatorClient, OperatorConfig, PresenceEvent,
+    PresenceInfo, StoredPoint, Subscription, TelemetryColumns, TelemetryQuery, Twin,
 };
 
 /// Where the server is and how to trust it.

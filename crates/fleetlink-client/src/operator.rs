@@ -596,10 +596,34 @@ fn fleet_event(e: v1::Event) -> Result<Option<FleetEvent>, ClientError> {
     }))
 }
 
+/// A device to create with [`OperatorClient::provision_devices`].
+#[derive(Debug, Clone)]
+pub struct NewDeviceSpec {
+    /// Its id.
+    pub id: DeviceId,
+    /// Free key/value tags.
+    pub tags: BTreeMap<String, String>,
+    /// Attributes, a JSON object (empty = none).
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+}
+
+impl NewDeviceSpec {
+    /// A device with no tags or attributes.
+    pub fn new(id: DeviceId) -> Self {
+        Self {
+            id,
+            tags: BTreeMap::new(),
+            attributes: serde_json::Map::new(),
+        }
+    }
+}
+
 /// An operator session.
 #[derive(Debug)]
 pub struct OperatorClient {
     conn: quinn::Connection,
+    /// The server's frame size limit, from its Welcome.
+    max_frame_bytes: u32,
     _control: quinn::SendStream,
     _endpoint: Endpoint,
 }
@@ -621,6 +645,7 @@ impl OperatorClient {
         .await?;
         Ok(Self {
             conn: session.conn,
+            max_frame_bytes: session.welcome.max_frame_bytes,
             _control: session.send,
             _endpoint: endpoint,
         })
@@ -824,6 +849,58 @@ impl OperatorClient {
             None => Err(ClientError::Protocol(
                 "no response to ProvisionDevice".into(),
             )),
+        }
+    }
+
+    /// Creates up to [`fleetlink_proto::MAX_PROVISION_BATCH`] devices in one server transaction
+    /// (all of them or, on any error, none); returns each device's token, in the order given.
+    /// Import a larger fleet in several calls, keeping each call's tokens before the next.
+    pub async fn provision_devices(
+        &self,
+        devices: Vec<NewDeviceSpec>,
+    ) -> Result<Vec<(DeviceId, String)>, ClientError> {
+        let n = devices.len();
+        if n == 0 || n > fleetlink_proto::MAX_PROVISION_BATCH {
+            return Err(ClientError::InvalidArgument(format!(
+                "provision_devices takes 1 to {} devices, not {n}",
+                fleetlink_proto::MAX_PROVISION_BATCH
+            )));
+        }
+        let req = v1::ProvisionDevices {
+            devices: devices
+                .into_iter()
+                .map(|d| v1::ProvisionDevice {
+                    device_id: d.id.to_string(),
+                    tags: d.tags.into_iter().collect(),
+                    attributes_json: serde_json::Value::Object(d.attributes).to_string(),
+                })
+                .collect(),
+        };
+        let len = prost::Message::encoded_len(&req);
+        if len > self.max_frame_bytes as usize {
+            return Err(ClientError::InvalidArgument(format!(
+                "these {n} devices take {len} bytes, more than the server's frame limit of {}: \
+                 provision fewer at a time",
+                self.max_frame_bytes
+            )));
+        }
+        match self
+            .single(operator_request::Request::ProvisionDevices(req))
+            .await?
+        {
+            operator_response::Response::ProvisionedDevices(p) if p.devices.len() == n => p
+                .devices
+                .into_iter()
+                .map(|p| {
+                    let id = DeviceId::new(p.device_id)
+                        .map_err(|e| ClientError::Protocol(format!("provisioned device: {e}")))?;
+                    Ok((id, p.token))
+                })
+                .collect(),
+            operator_response::Response::ProvisionedDevices(p) => Err(ClientError::Protocol(
+                format!("{} tokens for {n} devices", p.devices.len()),
+            )),
+            other => Err(unexpected(&other)),
         }
     }
 

@@ -27,6 +27,9 @@ pub const ALPN: &[u8] = b"fleetlink/1";
 /// in `Welcome.max_frame_bytes`.
 pub const DEFAULT_MAX_FRAME_BYTES: u32 = 1024 * 1024;
 
+/// Devices one operator `ProvisionDevices` request may create.
+pub const MAX_PROVISION_BATCH: usize = 1000;
+
 /// Frame size limit for the handshake, before the server announced its own.
 pub const HANDSHAKE_MAX_FRAME_BYTES: u32 = 16 * 1024;
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use fleetlink_core::credentials::Token;
 use fleetlink_core::presence::{PresenceState, SessionId};
 use fleetlink_core::{DeviceId, MetricName};
+use fleetlink_proto::MAX_PROVISION_BATCH;
 use fleetlink_proto::v1::{
     self, ClientControl, ErrorCode, OperatorRequest, OperatorResponse, ServerControl,
     client_control, operator_request, operator_response, server_control,
@@ -174,6 +175,7 @@ async fn handle(shared: &Arc<Shared>, req: operator_request::Request) -> Vec<Ope
         Request::GetDevice(r) => get_device(shared, r).await,
         Request::QueryTelemetry(r) => query_telemetry(shared, r).await,
         Request::ProvisionDevice(r) => provision(shared, r).await,
+        Request::ProvisionDevices(r) => provision_many(shared, r).await,
         Request::GetTwin(r) => get_twin(shared, r).await,
         Request::UpdateDesired(r) => update_desired(shared, r).await,
         Request::SendCommand(r) => send_command(shared, r).await,
@@ -461,10 +463,8 @@ fn column_pages(
     pages
 }
 
-async fn provision(
-    shared: &Shared,
-    r: v1::ProvisionDevice,
-) -> Result<Vec<OperatorResponse>, RequestError> {
+/// A checked `ProvisionDevice`, with its fresh token.
+fn new_device(r: v1::ProvisionDevice, created_us: i64) -> Result<(NewDevice, Token), RequestError> {
     let id = device_id(&r.device_id)?;
     let token = new_token();
     let attributes = if r.attributes_json.trim().is_empty() {
@@ -485,12 +485,21 @@ async fn provision(
         .map_err(|e| error(ErrorCode::InvalidArgument, format!("attributes: {e}")))?;
     check_tags(r.tags.iter())?;
     let device = NewDevice {
-        id: id.clone(),
+        id,
         token_hash: token.hash(),
         tags: r.tags.into_iter().collect(),
         attributes,
-        created_us: now_us(),
+        created_us,
     };
+    Ok((device, token))
+}
+
+async fn provision(
+    shared: &Shared,
+    r: v1::ProvisionDevice,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    let (device, token) = new_device(r, now_us())?;
+    let id = device.id.clone();
     shared
         .store
         .provision_device(device)
@@ -507,6 +516,60 @@ async fn provision(
             device_id: id.to_string(),
             token: token.as_str().to_owned(),
         })),
+    }])
+}
+
+/// A fleet import: up to [`MAX_PROVISION_BATCH`] devices in one store transaction, all or none.
+async fn provision_many(
+    shared: &Shared,
+    r: v1::ProvisionDevices,
+) -> Result<Vec<OperatorResponse>, RequestError> {
+    let n = r.devices.len();
+    if n == 0 || n > MAX_PROVISION_BATCH {
+        return Err(error(
+            ErrorCode::InvalidArgument,
+            format!("provision_devices takes 1 to {MAX_PROVISION_BATCH} devices, not {n}"),
+        ));
+    }
+    let now = now_us();
+    let mut devices = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    let mut seen = std::collections::HashSet::with_capacity(n);
+    for (i, d) in r.devices.into_iter().enumerate() {
+        let (device, token) = new_device(d, now).map_err(|mut e| {
+            e.message = format!("device {i}: {}", e.message);
+            e
+        })?;
+        if !seen.insert(device.id.clone()) {
+            return Err(error(
+                ErrorCode::InvalidArgument,
+                format!("device {i}: {} is given twice", device.id),
+            ));
+        }
+        devices.push(device);
+        tokens.push(token);
+    }
+    let states = shared
+        .store
+        .provision_devices(devices)
+        .await
+        .map_err(store_error)?;
+    let mut provisioned = Vec::with_capacity(n);
+    for (state, token) in states.into_iter().zip(tokens) {
+        let id = state.record.id.clone();
+        shared.registry.start(state).map_err(store_error)?;
+        provisioned.push(v1::Provisioned {
+            device_id: id.to_string(),
+            token: token.as_str().to_owned(),
+        });
+    }
+    tracing::info!(devices = n, "devices provisioned");
+    Ok(vec![OperatorResponse {
+        response: Some(operator_response::Response::ProvisionedDevices(
+            v1::ProvisionedDevices {
+                devices: provisioned,
+            },
+        )),
     }])
 }
 

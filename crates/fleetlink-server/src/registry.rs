@@ -97,7 +97,7 @@ impl DeviceRegistry {
 
     /// Starts the actor of `state`'s device on the arbiter its id hashes to, unless one was
     /// started meanwhile (then that one is the answer: its state is at least as new).
-    fn start(&self, state: DeviceState) -> Result<Addr<DeviceActor>, StoreError> {
+    pub(crate) fn start(&self, state: DeviceState) -> Result<Addr<DeviceActor>, StoreError> {
         let DeviceState {
             record,
             twin,

@@ -843,3 +843,152 @@ async fn a_restarted_server_resumes_the_sessions_of_the_previous_one() {
     device.flush(Duration::from_secs(10)).await.unwrap();
     device.close().await;
 }
+
+/// An operator's raw `OperatorRequest`, for requests the SDK refuses to send; the answer's frames.
+async fn raw_operator_request(
+    ts: &TestServer,
+    request: v1::operator_request::Request,
+) -> Vec<v1::OperatorResponse> {
+    let operator = raw_connect(
+        ts,
+        v1::Hello {
+            role: v1::Role::Operator.into(),
+            device_id: String::new(),
+            ..device_hello("", &ts.admin_token)
+        },
+    )
+    .await;
+    let (mut send, recv) = operator.conn.open_bi().await.unwrap();
+    write_frame(
+        &mut send,
+        &v1::OperatorRequest {
+            request: Some(request),
+        },
+    )
+    .await
+    .unwrap();
+    send.finish().unwrap();
+    let mut reader = fleetlink_transport::FrameReader::new(recv, 1 << 24);
+    let mut out = Vec::new();
+    while let Some(r) = reader.read::<v1::OperatorResponse>().await.unwrap() {
+        out.push(r);
+    }
+    out
+}
+
+fn error_of(frames: &[v1::OperatorResponse]) -> (ErrorCode, String) {
+    match frames {
+        [
+            v1::OperatorResponse {
+                response: Some(v1::operator_response::Response::Error(e)),
+            },
+        ] => (ErrorCode::try_from(e.code).unwrap(), e.message.clone()),
+        other => panic!("expected one error frame, got {other:?}"),
+    }
+}
+
+/// A fleet import: every device of a request is created in one transaction, with a token that
+/// connects and an actor that queries see; a request with any bad device creates none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provision_devices_creates_every_device_of_a_request_or_none() {
+    use fleetlink_client::{ClientError, NewDeviceSpec};
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    provision(&op, "taken").await;
+    let spec = |id: &str| {
+        let mut s = NewDeviceSpec::new(DeviceId::new(id).unwrap());
+        s.tags.insert("batch".into(), "one".into());
+        s
+    };
+
+    let err = op
+        .provision_devices(vec![spec("imp-1"), spec("taken"), spec("imp-2")])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Server { code: ErrorCode::AlreadyExists, message } if message.contains("taken")),
+        "{err}"
+    );
+    let mut bad = spec("imp-2");
+    bad.attributes.insert("a".repeat(300), serde_json::json!(1));
+    let err = op
+        .provision_devices(vec![spec("imp-1"), bad])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Server { code: ErrorCode::InvalidArgument, message } if message.starts_with("device 1: attributes")),
+        "{err}"
+    );
+    let err = op
+        .provision_devices(vec![spec("imp-1"), spec("imp-1")])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Server { code: ErrorCode::InvalidArgument, message } if message == "device 1: imp-1 is given twice"),
+        "{err}"
+    );
+    let (devices, _) = op
+        .query_devices(r#"tag.batch == "one""#, None, 0)
+        .await
+        .unwrap();
+    assert!(devices.is_empty(), "a refused import created {devices:?}");
+
+    let ids = ["imp-3", "imp-1", "imp-2"];
+    let created = op
+        .provision_devices(ids.iter().map(|id| spec(id)).collect())
+        .await
+        .unwrap();
+    assert_eq!(
+        created
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    let (devices, _) = op
+        .query_devices(r#"tag.batch == "one""#, None, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        devices.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        ["imp-1", "imp-2", "imp-3"]
+    );
+    for (id, token) in &created {
+        let device = DeviceClient::connect(ts.device_config(id.as_str(), token))
+            .await
+            .unwrap();
+        device.close().await;
+    }
+
+    // The SDK refuses empty and oversized requests; so does the server.
+    let err = op.provision_devices(Vec::new()).await.unwrap_err();
+    assert!(matches!(err, ClientError::InvalidArgument(_)), "{err}");
+    let too_many = v1::ProvisionDevices {
+        devices: (0..=fleetlink_proto::MAX_PROVISION_BATCH)
+            .map(|i| v1::ProvisionDevice {
+                device_id: format!("many-{i}"),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let (code, message) = error_of(
+        &raw_operator_request(
+            &ts,
+            v1::operator_request::Request::ProvisionDevices(too_many),
+        )
+        .await,
+    );
+    assert_eq!(code, ErrorCode::InvalidArgument);
+    assert_eq!(
+        message,
+        "provision_devices takes 1 to 1000 devices, not 1001"
+    );
+    let (code, _) = error_of(
+        &raw_operator_request(
+            &ts,
+            v1::operator_request::Request::ProvisionDevices(Default::default()),
+        )
+        .await,
+    );
+    assert_eq!(code, ErrorCode::InvalidArgument);
+}

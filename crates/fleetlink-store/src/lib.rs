@@ -419,6 +419,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Creates a device. Fails with [`StoreError::DeviceExists`] if the id is taken.
     async fn provision_device(&self, device: NewDevice) -> Result<(), StoreError>;
 
+    /// Creates many devices in one transaction (an import): all of them, or none if any id is
+    /// taken ([`StoreError::DeviceExists`] names the first) or appears twice. Returns the new
+    /// devices' state, in the order given, for their actors.
+    async fn provision_devices(
+        &self,
+        devices: Vec<NewDevice>,
+    ) -> Result<Vec<DeviceState>, StoreError>;
+
     /// The token hash of a device, `None` if it is not provisioned.
     async fn device_token_hash(&self, id: &DeviceId) -> Result<Option<TokenHash>, StoreError>;
 

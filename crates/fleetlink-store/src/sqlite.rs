@@ -1096,6 +1096,51 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn provision_devices(
+        &self,
+        devices: Vec<NewDevice>,
+    ) -> Result<Vec<DeviceState>, StoreError> {
+        let rows = devices
+            .into_iter()
+            .map(|d| {
+                let tags = serde_json::to_string(&d.tags)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let attributes = serde_json::Value::Object(d.attributes).to_string();
+                Ok((d.id, d.token_hash, tags, attributes, d.created_us))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut rowids = Vec::with_capacity(rows.len());
+            {
+                let mut insert = tx.prepare(
+                    "INSERT INTO devices (name, token_hash, tags, attributes, created_us) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(name) DO NOTHING RETURNING id",
+                )?;
+                for (id, hash, tags, attributes, created_us) in &rows {
+                    let rowid: Option<i64> = insert
+                        .query_row(
+                            params![id.as_str(), &hash.as_bytes()[..], tags, attributes, created_us],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    // none: taken before, or earlier in this list; the transaction rolls back
+                    rowids.push(rowid.ok_or_else(|| StoreError::DeviceExists(id.clone()))?);
+                }
+            }
+            let mut states = Vec::with_capacity(rows.len());
+            for rowid in rowids {
+                let (rowid, record) = load_devices(&tx, "WHERE id = ?1", &[&rowid])?
+                    .pop()
+                    .ok_or_else(|| StoreError::Corrupt(format!("device row {rowid} vanished")))?;
+                states.push(state_of(&tx, rowid, record)?);
+            }
+            tx.commit()?;
+            Ok(states)
+        })
+        .await
+    }
+
     async fn device_token_hash(&self, id: &DeviceId) -> Result<Option<TokenHash>, StoreError> {
         let id = id.clone();
         self.read(move |conn| {

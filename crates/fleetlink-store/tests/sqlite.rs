@@ -253,6 +253,70 @@ async fn admin_tokens_verify_and_unknown_devices_are_reported() {
     );
 }
 
+#[tokio::test]
+async fn a_device_import_creates_every_device_or_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("fleet.db"), SqliteOptions::default()).unwrap();
+    provision(&store, "taken").await;
+    let new = |name: &str, byte: u8| NewDevice {
+        id: id(name),
+        token_hash: Token::from_random_bytes([byte; 32]).hash(),
+        tags: BTreeMap::from([("site".into(), name.into())]),
+        attributes: serde_json::json!({"n": byte}).as_object().unwrap().clone(),
+        created_us: 7,
+    };
+    // one id taken: nothing is created
+    let err = store
+        .provision_devices(vec![new("d1", 1), new("taken", 2), new("d3", 3)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::DeviceExists(d) if d.as_str() == "taken"),
+        "{err}"
+    );
+    // one id twice: nothing is created
+    let err = store
+        .provision_devices(vec![new("d1", 1), new("d1", 2)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::DeviceExists(d) if d.as_str() == "d1"),
+        "{err}"
+    );
+    for name in ["d1", "d3"] {
+        assert!(store.device_token_hash(&id(name)).await.unwrap().is_none());
+    }
+    // all new: every device, in order, with its state for the actor
+    let states = store
+        .provision_devices(vec![new("d3", 3), new("d1", 1), new("d2", 2)])
+        .await
+        .unwrap();
+    assert_eq!(
+        states
+            .iter()
+            .map(|s| s.record.id.as_str())
+            .collect::<Vec<_>>(),
+        ["d3", "d1", "d2"]
+    );
+    for (state, byte) in states.iter().zip([3u8, 1, 2]) {
+        assert_eq!(state.record.created_us, 7);
+        assert_eq!(state.record.tags["site"], state.record.id.as_str());
+        assert_eq!(state.record.attributes["n"], byte);
+        assert_eq!(state.record.last_seq, 0);
+        assert_eq!(state.record.point_count, 0);
+        assert!(state.open_commands.is_empty());
+        assert_eq!(
+            store.device_token_hash(&state.record.id).await.unwrap(),
+            Some(Token::from_random_bytes([byte; 32]).hash())
+        );
+    }
+    let all = store.list_devices(None, None).await.unwrap();
+    assert_eq!(
+        all.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        ["d1", "d2", "d3", "taken"]
+    );
+}
+
 /// Queued writes that read before they write (a device lookup, then an insert) used to fail at
 /// once with "database is locked" when a registry write committed in between: the writer's
 /// transaction must take the write lock up front and wait for it.

@@ -22,7 +22,7 @@ import re as _re
 import shutil as _shutil
 import tempfile as _tempfile
 import time as _time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -391,6 +391,33 @@ class Client:
         url, device_id, token (shown once: the server keeps only a hash) and ca."""
         token = self._native.provision(device_id, dict(tags or {}), _dumps(dict(attributes or {}), "attributes"))
         return {"url": self._url, "device_id": device_id, "token": token, "ca": self._ca}
+
+    def provision_many(self, devices: Iterable[str | Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Creates up to 1000 devices in one server transaction: all of them or, if any id is
+        taken, given twice or invalid, none (and raises). Each device is an id or a mapping with
+        ``id`` and optional ``tags`` and ``attributes``. Returns their credentials in order, as
+        ``provision`` does. Import a larger fleet in several calls, keeping each call's
+        credentials (the tokens are shown once)."""
+        rows = []
+        for d in devices:
+            if isinstance(d, str):
+                rows.append((d, {}, "{}"))
+            elif isinstance(d, Mapping):
+                unknown = set(d) - {"id", "tags", "attributes"}
+                if unknown:
+                    raise TypeError(f"unknown device field(s) {sorted(unknown)} (id, tags, attributes)")
+                if not isinstance(d.get("id"), str):
+                    raise TypeError(f"device id must be a str, not {type(d.get('id')).__name__}")
+                rows.append((d["id"], dict(d.get("tags") or {}), _dumps(dict(d.get("attributes") or {}), "attributes")))
+            else:
+                raise TypeError(f"a device is an id or a mapping, not {type(d).__name__}")
+        if not 1 <= len(rows) <= 1000:
+            raise ValueError(f"provision_many takes 1 to 1000 devices, not {len(rows)}: call it once per batch")
+        tokens = self._native.provision_many(rows)
+        return [
+            {"url": self._url, "device_id": row[0], "token": token, "ca": self._ca}
+            for row, token in zip(rows, tokens)
+        ]
 
     def put_group(self, name: str, members: Sequence[str] = (), query: str | None = None) -> None:
         """Creates or replaces a group: static (``members``) or dynamic (``query``)."""

@@ -68,6 +68,8 @@ class Client:
         """A device's commands, newest first."""
     def provision(self, device_id: str, tags: dict[str, str], attributes_json: str) -> str:
         """Creates a device; returns its token."""
+    def provision_many(self, devices: list[tuple[str, dict[str, str], str]]) -> list[str]:
+        """Creates up to 1000 devices in one transaction; returns their tokens in order."""
     def subscribe(self, stream: str, query: str = "", metrics: list[str] = ..., job_id: int = 0) -> Subscription:
         """Opens a live stream."""
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> str:

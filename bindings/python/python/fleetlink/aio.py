@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,11 @@ class AsyncClient:
     async def provision(self, device_id: str, tags: Mapping[str, str] | None = None, attributes: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """See ``Client.provision``."""
         return await asyncio.to_thread(self._inner.provision, device_id, tags, attributes)
+
+    async def provision_many(self, devices: Iterable[str | Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """See ``Client.provision_many``."""
+        devices = list(devices)
+        return await asyncio.to_thread(self._inner.provision_many, devices)
 
     async def put_group(self, name: str, members: Sequence[str] = (), query: str | None = None) -> None:
         """See ``Client.put_group``."""

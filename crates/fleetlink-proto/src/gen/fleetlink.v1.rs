@@ -910,7 +910,7 @@ impl StreamKind {
 pub struct OperatorRequest {
     #[prost(
         oneof = "operator_request::Request",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26"
     )]
     pub request: ::core::option::Option<operator_request::Request>,
 }
@@ -968,6 +968,8 @@ pub mod operator_request {
         ReloadPolicy(super::ReloadPolicy),
         #[prost(message, tag = "25")]
         Publish(super::OperatorPublish),
+        #[prost(message, tag = "26")]
+        ProvisionDevices(super::ProvisionDevices),
     }
 }
 /// One or more of these answer an OperatorRequest; the server then finishes the stream.
@@ -976,7 +978,7 @@ pub mod operator_request {
 pub struct OperatorResponse {
     #[prost(
         oneof = "operator_response::Response",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
     )]
     pub response: ::core::option::Option<operator_response::Response>,
 }
@@ -1016,6 +1018,8 @@ pub mod operator_response {
         Error(super::Error),
         #[prost(message, tag = "16")]
         TelemetryColumns(super::TelemetryColumns),
+        #[prost(message, tag = "17")]
+        ProvisionedDevices(super::ProvisionedDevices),
     }
 }
 /// List provisioned devices in id order, with presence and last values.
@@ -1084,6 +1088,18 @@ pub struct Provisioned {
     pub device_id: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub token: ::prost::alloc::string::String,
+}
+/// Creates up to 1000 devices in one transaction (a fleet import): all of them, or none.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ProvisionDevices {
+    #[prost(message, repeated, tag = "1")]
+    pub devices: ::prost::alloc::vec::Vec<ProvisionDevice>,
+}
+/// The answer to ProvisionDevices: a token per device, in the order of the request.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ProvisionedDevices {
+    #[prost(message, repeated, tag = "1")]
+    pub devices: ::prost::alloc::vec::Vec<Provisioned>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Presence {
