@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use arrow_array::builder::{Float64Builder, StringBuilder, TimestampMicrosecondBuilder};
 use arrow_array::ffi_stream::FFI_ArrowArrayStream;
 use arrow_array::{
-    ArrayRef, Float64Array, RecordBatch, RecordBatchIterator, StringArray,
+    Array as _, ArrayRef, Float64Array, RecordBatch, RecordBatchIterator, StringArray,
     TimestampMicrosecondArray,
 };
 use arrow_buffer::{Buffer, OffsetBuffer, ScalarBuffer};
@@ -52,6 +52,12 @@ pub(crate) struct TelemetryBuilder {
     lat: Float64Builder,
     lon: Float64Builder,
     rows: usize,
+    /// Columns that repeat one value down a page (device, metric) or are all null, built once
+    /// at the longest page length seen and sliced for each page: slices share the buffers, so
+    /// a page of numbers costs no per-row work for them.
+    repeats: std::collections::HashMap<String, StringArray>,
+    null_text: StringArray,
+    null_f64: Float64Array,
 }
 
 impl TelemetryBuilder {
@@ -67,7 +73,31 @@ impl TelemetryBuilder {
             lat: Float64Builder::new(),
             lon: Float64Builder::new(),
             rows: 0,
+            repeats: std::collections::HashMap::new(),
+            null_text: StringArray::new_null(0),
+            null_f64: Float64Array::new_null(0),
         }
+    }
+
+    /// `n` copies of `s`, a slice of a shared array.
+    fn repeated(&mut self, s: &str, n: usize) -> StringArray {
+        match self.repeats.get(s) {
+            Some(a) if a.len() >= n => a.slice(0, n),
+            _ => {
+                let a = repeated(s, n);
+                self.repeats.insert(s.to_owned(), a.clone());
+                a
+            }
+        }
+    }
+
+    /// `n` nulls, slices of shared arrays: (text, float).
+    fn nulls(&mut self, n: usize) -> (StringArray, Float64Array) {
+        if self.null_f64.len() < n {
+            self.null_text = StringArray::new_null(n);
+            self.null_f64 = Float64Array::new_null(n);
+        }
+        (self.null_text.slice(0, n), self.null_f64.slice(0, n))
     }
 
     pub(crate) fn push(&mut self, device: &str, p: &StoredPoint) -> Result<(), ArrowError> {
@@ -94,17 +124,18 @@ impl TelemetryBuilder {
             }
         };
         self.seal()?; // keep row order: what was pushed row by row comes first
+        let (null_text, null_f64) = self.nulls(n);
         let columns: Vec<ArrayRef> = vec![
-            Arc::new(repeated(device, n)),
-            Arc::new(repeated(page.metric.as_str(), n)),
+            Arc::new(self.repeated(device, n)),
+            Arc::new(self.repeated(page.metric.as_str(), n)),
             Arc::new(
                 TimestampMicrosecondArray::new(ScalarBuffer::from(page.time_us), None)
                     .with_timezone("UTC"),
             ),
             Arc::new(Float64Array::new(ScalarBuffer::from(value), None)),
-            Arc::new(StringArray::new_null(n)),
-            Arc::new(Float64Array::new_null(n)),
-            Arc::new(Float64Array::new_null(n)),
+            Arc::new(null_text),
+            Arc::new(null_f64.clone()),
+            Arc::new(null_f64),
         ];
         self.batches
             .push(RecordBatch::try_new(self.schema.clone(), columns)?);

@@ -269,3 +269,34 @@ def test_device_stats_count_points(make_device) -> None:
     assert stats["points_acked"] == 3
     assert stats["points_rejected"] == 0
     assert stats["points_sent"] == 3, stats
+
+
+def test_long_histories_come_in_column_pages_with_the_right_device_and_metric(client: fleetlink.Client, make_device) -> None:
+    # 40,000 speeds take two column pages (32,768 a page) and 5,000 rpms one; the device and
+    # metric columns of a page are slices of one shared array per value, of the longest page
+    # seen: a shorter page, another device or metric must still read its own name on every row.
+    long_name = make_device("truck-with-a-long-name")
+    short = make_device("t2")
+    for i in range(40_000):
+        long_name.send({"speed": float(i), "rpm": i} if i < 5_000 else {"speed": float(i)}, ts=BASE_US + i)
+    for i in range(36_000):
+        short.send({"speed": -float(i)}, ts=BASE_US + i)
+    long_name.flush(timeout=60)
+    short.flush(timeout=60)
+
+    table = client.telemetry()
+    assert table.num_rows == 81_000
+    rows = list(zip(table.column("device").to_pylist(), table.column("metric").to_pylist(), table.column("value").to_pylist()))
+    counts: dict[tuple[str, str], int] = {}
+    for device, metric, value in rows:
+        counts[(device, metric)] = counts.get((device, metric), 0) + 1
+        if device == "t2":
+            assert metric == "speed" and value <= 0
+        else:
+            assert metric in ("speed", "rpm") and value >= 0
+    assert counts == {("truck-with-a-long-name", "speed"): 40_000, ("truck-with-a-long-name", "rpm"): 5_000, ("t2", "speed"): 36_000}
+    for column in ("text", "lat", "lon"):
+        assert table.column(column).null_count == 81_000
+    polars = pytest.importorskip("polars")
+    frame = polars.from_arrow(table)
+    assert frame.filter(polars.col("device") == "t2").height == 36_000

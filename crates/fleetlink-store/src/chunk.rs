@@ -187,6 +187,23 @@ impl Columns {
         (self.time_us[i], self.seq[i], self.idx[i])
     }
 
+    /// Room for `n` more points: times and values (held as doubles until a chunk says
+    /// otherwise), and with `arrival` the arrival columns too.
+    pub(crate) fn reserve(&mut self, n: usize, arrival: bool) {
+        self.time_us.reserve(n);
+        if arrival {
+            self.received_us.reserve(n);
+            self.seq.reserve(n);
+            self.idx.reserve(n);
+        }
+        match &mut self.values {
+            ValueColumn::Double(v) => v.reserve(n),
+            ValueColumn::Int(v) => v.reserve(n),
+            ValueColumn::Bool(v) => v.reserve(n),
+            ValueColumn::Other(v) => v.reserve(n),
+        }
+    }
+
     /// Keeps the points where `keep` is true.
     pub(crate) fn retain_by(&mut self, keep: &[bool]) {
         let mut i = 0;
@@ -434,13 +451,24 @@ pub(crate) fn decode_into(data: &[u8], out: &mut Columns, arrival: bool) -> Resu
         None => Some(kind_of(kind_code)?),
         Some(_) => None,
     };
-    if out.values.is_empty() {
-        // the first chunk decides how values are held
+    if out.values.is_empty()
+        && !matches!(
+            (uniform, &out.values),
+            (Some(ValueKind::Double), ValueColumn::Double(_))
+        )
+    {
+        // the first chunk decides how values are held (empty columns hold doubles, with the
+        // room `Columns::reserve` made)
+        let room = match &out.values {
+            ValueColumn::Double(v) => v.capacity(),
+            _ => 0,
+        }
+        .max(n);
         out.values = match uniform {
-            Some(ValueKind::Int) => ValueColumn::Int(Vec::with_capacity(n)),
-            Some(ValueKind::Bool) => ValueColumn::Bool(Vec::with_capacity(n)),
-            Some(ValueKind::Double) => ValueColumn::Double(Vec::with_capacity(n)),
-            _ => ValueColumn::Other(Vec::with_capacity(n)),
+            Some(ValueKind::Int) => ValueColumn::Int(Vec::with_capacity(room)),
+            Some(ValueKind::Bool) => ValueColumn::Bool(Vec::with_capacity(room)),
+            Some(ValueKind::Double) => ValueColumn::Double(Vec::with_capacity(room)),
+            _ => ValueColumn::Other(Vec::with_capacity(room)),
         };
     }
     r.deltas(n, &mut out.time_us)?;

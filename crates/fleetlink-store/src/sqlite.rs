@@ -507,8 +507,19 @@ fn metric_points(
          WHERE device = ?1 AND metric = ?2 AND start_us < ?4 AND end_us >= ?3
          ORDER BY start_us, id",
     )?;
+    // The points of the matching chunks, to size the columns once (a long history grows them
+    // to hundreds of MB: regrowing copies and faults every page again).
+    let total: i64 = conn
+        .prepare_cached(
+            "SELECT coalesce(sum(points), 0) FROM telemetry_chunks
+             WHERE device = ?1 AND metric = ?2 AND start_us < ?4 AND end_us >= ?3",
+        )?
+        .query_row(params![device, metric, start_us, end_us], |r| r.get(0))?;
+    let total = usize::try_from(total).unwrap_or(0);
+    let total = limit.map_or(total, |l| total.min(l));
     let mut rows = stmt.query(params![device, metric, start_us, end_us])?;
     let mut out = Columns::default();
+    out.reserve(total, arrival);
     let mut sorted = true;
     let mut latest = TimeUs::MIN; // no point gathered is later than this
     while let Some(r) = rows.next()? {
