@@ -27,6 +27,33 @@ async fn cli(server: &Server, dir: &std::path::Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// A server on 127.0.0.1:0 in a temporary data dir, its address and an operator of it.
+async fn start() -> (tempfile::TempDir, Server, ServerAddress, OperatorClient) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(ServerConfig::local(dir.path())).unwrap();
+    let address =
+        ServerAddress::local(server.local_addr(), server.ca_cert_path().unwrap()).unwrap();
+    let op = OperatorClient::connect(OperatorConfig {
+        server: address.clone(),
+        token: server.created_admin_token().unwrap().to_owned(),
+    })
+    .await
+    .unwrap();
+    (dir, server, address, op)
+}
+
+/// Closes the operator and shuts the server down (off the async runtime, within 10 s).
+async fn stop(server: Server, op: OperatorClient) {
+    op.close();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || server.shutdown()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+}
+
 fn stdout(out: &Output) -> String {
     assert!(
         out.status.success(),
@@ -38,16 +65,7 @@ fn stdout(out: &Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twin_command_and_presence_from_the_command_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(ServerConfig::local(dir.path())).unwrap();
-    let address =
-        ServerAddress::local(server.local_addr(), server.ca_cert_path().unwrap()).unwrap();
-    let op = OperatorClient::connect(OperatorConfig {
-        server: address.clone(),
-        token: server.created_admin_token().unwrap().to_owned(),
-    })
-    .await
-    .unwrap();
+    let (dir, server, address, op) = start().await;
     let out = cli(&server, dir.path(), &["device", "add", "gate-7"]).await;
     let token = stdout(&out).trim().to_owned();
 
@@ -182,14 +200,7 @@ async fn twin_command_and_presence_from_the_command_line() {
     let text = stdout(&out);
     assert!(text.contains("online"), "{text}");
     assert!(text.contains("closed"), "{text}");
-    op.close();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::task::spawn_blocking(move || server.shutdown()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    stop(server, op).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,16 +401,7 @@ async fn query_group_policy_publish_watch_and_job_from_the_command_line() {
 /// with a bad line creates nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_import_from_a_json_lines_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(ServerConfig::local(dir.path())).unwrap();
-    let address =
-        ServerAddress::local(server.local_addr(), server.ca_cert_path().unwrap()).unwrap();
-    let op = OperatorClient::connect(OperatorConfig {
-        server: address.clone(),
-        token: server.created_admin_token().unwrap().to_owned(),
-    })
-    .await
-    .unwrap();
+    let (dir, server, address, op) = start().await;
 
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(
@@ -469,12 +471,5 @@ async fn device_import_from_a_json_lines_file() {
     assert!(err.contains("importing devices 1..1000"), "{err}");
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(op.list_devices(None, None).await.unwrap().len(), 1203);
-    op.close();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::task::spawn_blocking(move || server.shutdown()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    stop(server, op).await;
 }
