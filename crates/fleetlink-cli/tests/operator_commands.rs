@@ -42,9 +42,14 @@ async fn start() -> (tempfile::TempDir, Server, ServerAddress, OperatorClient) {
     (dir, server, address, op)
 }
 
-/// Closes the operator and shuts the server down (off the async runtime, within 10 s).
+/// Closes the operator and shuts the server down.
 async fn stop(server: Server, op: OperatorClient) {
     op.close();
+    shutdown(server).await;
+}
+
+/// Shuts the server down, off the async runtime, within 10 s.
+async fn shutdown(server: Server) {
     tokio::time::timeout(
         Duration::from_secs(10),
         tokio::task::spawn_blocking(move || server.shutdown()),
@@ -388,13 +393,14 @@ async fn query_group_policy_publish_watch_and_job_from_the_command_line() {
     for dev in devices {
         dev.close().await;
     }
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::task::spawn_blocking(move || server.shutdown()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    shutdown(server).await;
+}
+
+/// Runs `fleetlink device import FILE`, which must fail; its standard error.
+async fn import_fails(server: &Server, dir: &std::path::Path, file: &std::path::Path) -> String {
+    let out = cli(server, dir, &["device", "import", file.to_str().unwrap()]).await;
+    assert!(!out.status.success(), "the import succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// `fleetlink device import`: a JSON-lines file in, a token per device out (JSON lines); a file
@@ -409,14 +415,7 @@ async fn device_import_from_a_json_lines_file() {
         "{\"id\": \"pump-1\"}\n{\"id\": \"pump-2\", \"tag\": {}}\n",
     )
     .unwrap();
-    let out = cli(
-        &server,
-        dir.path(),
-        &["device", "import", bad.to_str().unwrap()],
-    )
-    .await;
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = import_fails(&server, dir.path(), &bad).await;
     assert!(
         err.contains("bad.jsonl line 2: unknown field \"tag\""),
         "{err}"
@@ -460,14 +459,7 @@ async fn device_import_from_a_json_lines_file() {
     assert_eq!(op.list_devices(None, None).await.unwrap().len(), 1203);
 
     // the same file again: the first batch's ids are taken, nothing more is created
-    let out = cli(
-        &server,
-        dir.path(),
-        &["device", "import", good.to_str().unwrap()],
-    )
-    .await;
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = import_fails(&server, dir.path(), &good).await;
     assert!(err.contains("importing devices 1..1000"), "{err}");
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(op.list_devices(None, None).await.unwrap().len(), 1203);
