@@ -1084,27 +1084,7 @@ fn load_commands(
 #[async_trait]
 impl Store for SqliteStore {
     async fn provision_device(&self, device: NewDevice) -> Result<(), StoreError> {
-        let tags =
-            serde_json::to_string(&device.tags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let attributes = serde_json::Value::Object(device.attributes.clone()).to_string();
-        self.write(move |conn| {
-            let inserted = conn.execute(
-                "INSERT INTO devices (name, token_hash, tags, attributes, created_us) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT(name) DO NOTHING",
-                params![
-                    device.id.as_str(),
-                    &device.token_hash.as_bytes()[..],
-                    tags,
-                    attributes,
-                    device.created_us
-                ],
-            )?;
-            if inserted == 0 {
-                return Err(StoreError::DeviceExists(device.id));
-            }
-            Ok(())
-        })
-        .await
+        self.provision_devices(vec![device]).await.map(drop)
     }
 
     async fn provision_devices(
