@@ -630,18 +630,19 @@ async fn device_session(
             }
         }
     };
-    // Pinned here and selected by reference: moved into the select, they would take room twice.
+    // The writer outlives the select (it hands back the send stream to close with an error); the
+    // others are pinned in this block and dropped at its end, before `out_tx` below.
     tokio::pin!(writer);
     let end = {
         tokio::pin!(control_reader, telemetry, kick_rx);
         tokio::select! {
-        end = &mut control_reader => end,
-        end = &mut telemetry => end,
-        kick = &mut kick_rx => match kick {
-            Ok(k) => End::Kicked(k),
-            Err(_) => End::Closed("actor stopped".into()),
-        },
-        _ = &mut writer => End::Closed("control stream closed".into()),
+            end = &mut control_reader => end,
+            end = &mut telemetry => end,
+            kick = &mut kick_rx => match kick {
+                Ok(k) => End::Kicked(k),
+                Err(_) => End::Closed("actor stopped".into()),
+            },
+            _ = &mut writer => End::Closed("control stream closed".into()),
         }
     };
     drop(out_tx);
