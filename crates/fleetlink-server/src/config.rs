@@ -32,6 +32,12 @@ pub struct ServerConfig {
     pub arbiters: usize,
     /// Tokio worker threads for QUIC IO; 0 = one per core.
     pub io_threads: usize,
+    /// Run QUIC IO, the sessions and every device actor on one thread (a current-thread tokio
+    /// runtime driven by the actix system thread), so that handing a batch from a session to its
+    /// actor and the ack back costs no thread wake-up. For a machine or container with one core;
+    /// `arbiters` and `io_threads` are then unused. The store's writer and readers keep their
+    /// own threads. Also chosen when both `arbiters` and `io_threads` are 0 on a one-core machine.
+    pub single_thread: bool,
     /// `normal` (survives a process crash) or `full` (also survives power loss, slower).
     pub synchronous: String,
     /// Group commit: how long (µs) the store writer waits for more batches when its queue runs
@@ -159,6 +165,7 @@ impl Default for ServerConfig {
             max_batch_points: 10_000,
             arbiters: 0,
             io_threads: 0,
+            single_thread: false,
             synchronous: "normal".into(),
             group_commit_us: 2_000,
             handshake_timeout_ms: 10_000,
@@ -192,6 +199,11 @@ impl ServerConfig {
             data_dir: data_dir.into(),
             ..Self::default()
         }
+    }
+
+    /// Whether IO, sessions and actors share one thread on a machine with `cores` cores.
+    pub(crate) fn runs_single_thread(&self, cores: usize) -> bool {
+        self.single_thread || (cores == 1 && self.arbiters == 0 && self.io_threads == 0)
     }
 
     pub(crate) fn validate(&self) -> Result<(), ServerError> {
@@ -268,6 +280,17 @@ impl ServerConfig {
 #[cfg(test)]
 mod group_commit_tests {
     use super::*;
+
+    #[test]
+    fn single_thread_when_asked_or_on_one_core_with_default_thread_counts() {
+        let defaults = ServerConfig::default();
+        assert!(!defaults.runs_single_thread(2));
+        assert!(defaults.runs_single_thread(1), "one core, nothing set");
+        let asked: ServerConfig = toml::from_str("single_thread = true").expect("parses");
+        assert!(asked.runs_single_thread(8));
+        let threads: ServerConfig = toml::from_str("io_threads = 2").expect("parses");
+        assert!(!threads.runs_single_thread(1), "threads asked for are kept");
+    }
 
     #[test]
     fn group_commit_defaults_to_two_ms_and_refuses_more_than_a_second() {

@@ -175,9 +175,17 @@ fn run(
     } else {
         config.io_threads
     };
+    let single = config.runs_single_thread(cores);
     let system = actix::System::with_tokio_rt(move || {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(io_threads)
+        let mut builder = if single {
+            // driven by this thread (the actix system's), which also runs every actor
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(io_threads);
+            b
+        };
+        builder
             .thread_name("fleetlink-io")
             .enable_all()
             .build()
@@ -292,7 +300,19 @@ async fn setup(
     } else {
         config.arbiters
     };
-    let arbiters: Vec<actix::Arbiter> = (0..n_arbiters).map(|_| actix::Arbiter::new()).collect();
+    let single = config.runs_single_thread(cores);
+    // Arbiters of their own, or (single thread) the system's, which runs on this thread with
+    // the IO runtime.
+    let arbiters: Vec<actix::Arbiter> = if single {
+        Vec::new()
+    } else {
+        (0..n_arbiters).map(|_| actix::Arbiter::new()).collect()
+    };
+    let handles = if single {
+        vec![actix::Arbiter::current()]
+    } else {
+        arbiters.iter().map(actix::Arbiter::handle).collect()
+    };
     let fleet = fleet::Fleet::new(config.event_buffer);
     fleet.bridge.set_policy(config.policy.build()?);
     fleet.bridge.load_retained(store.retained().await?);
@@ -316,7 +336,7 @@ async fn setup(
         max_frame_bytes: config.max_frame_bytes,
         io: tokio::runtime::Handle::current(),
     };
-    let registry = registry::DeviceRegistry::new(&arbiters, store.clone(), settings);
+    let registry = registry::DeviceRegistry::new(handles, store.clone(), settings);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (all_started_tx, all_started) = watch::channel(false);
     let shared = Arc::new(session::Shared {
@@ -330,7 +350,11 @@ async fn setup(
         all_started,
         all_started_tx,
     });
-    tracing::info!(%local_addr, arbiters = n_arbiters, "fleetlink server listening");
+    if single {
+        tracing::info!(%local_addr, "fleetlink server listening (IO and actors on one thread)");
+    } else {
+        tracing::info!(%local_addr, arbiters = n_arbiters, "fleetlink server listening");
+    }
     Ok((
         endpoint,
         shared,

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
-use actix::{Actor, Addr, Arbiter};
+use actix::{Actor, Addr};
 use fleetlink_core::DeviceId;
 use fleetlink_store::{DeviceState, Store, StoreError};
 
@@ -24,13 +24,13 @@ pub(crate) struct DeviceRegistry {
 
 impl DeviceRegistry {
     pub(crate) fn new(
-        arbiters: &[Arbiter],
+        arbiters: Vec<actix::ArbiterHandle>,
         store: Arc<dyn Store>,
         settings: ActorSettings,
     ) -> Self {
         Self {
             actors: Mutex::new(HashMap::new()),
-            arbiters: arbiters.iter().map(Arbiter::handle).collect(),
+            arbiters,
             store,
             settings,
         }

@@ -819,3 +819,79 @@ async fn shutdown_returns_after_the_last_queued_write() {
     }
     drop(devices);
 }
+
+/// `single_thread`: IO, sessions and every actor on the actix system's thread. Telemetry is
+/// stored and acked, commands go both ways, the server stops cleanly, and a restarted one (also
+/// single-threaded) reads what the first stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_thread_server_stores_telemetry_runs_commands_and_restarts() {
+    use fleetlink_client::{MetricName, Point, TelemetryQuery, Value};
+
+    let ts = start(|c| c.single_thread = true);
+    let op = ts.operator().await;
+    let token = provision(&op, "mixer-1").await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let dev = DeviceClient::connect(echo_device(
+        ts.device_config("mixer-1", &token),
+        runs.clone(),
+    ))
+    .await
+    .unwrap();
+    let points: Vec<Point> = (0..50)
+        .map(|t| Point {
+            metric: MetricName::new("rpm").unwrap(),
+            time_us: 1_000 + t,
+            value: Value::Int(t * 10),
+        })
+        .collect();
+    for chunk in points.chunks(10) {
+        dev.send(chunk.to_vec()).await.unwrap();
+    }
+    dev.flush(WAIT).await.unwrap();
+    assert_eq!(dev.stats().points_acked, 50);
+    let result = op
+        .run_command(
+            CommandRequest::new(id("mixer-1"), "echo").args(json!({"speed": 3})),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(result, json!({"echo": {"speed": 3}}));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    dev.close().await;
+    op.close();
+
+    let TestServer { server, dir, .. } = ts;
+    server.shutdown();
+    let mut config = ServerConfig::local(dir.path());
+    config.single_thread = true;
+    let again = Server::start(config).unwrap();
+    let address =
+        fleetlink_client::ServerAddress::local(again.local_addr(), again.ca_cert_path().unwrap())
+            .unwrap();
+    let admin = std::fs::read_to_string(dir.path().join(fleetlink_server::ADMIN_TOKEN_FILE))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let op = OperatorClient::connect(fleetlink_client::OperatorConfig {
+        server: address,
+        token: admin,
+    })
+    .await
+    .unwrap();
+    let stored = op
+        .query_telemetry(TelemetryQuery::all(id("mixer-1")))
+        .await
+        .unwrap();
+    let got: Vec<(i64, Value)> = stored
+        .iter()
+        .map(|p| (p.time_us, p.value.clone()))
+        .collect();
+    let want: Vec<(i64, Value)> = points
+        .iter()
+        .map(|p| (p.time_us, p.value.clone()))
+        .collect();
+    assert_eq!(got, want);
+    op.close();
+    again.shutdown();
+}
