@@ -13,7 +13,7 @@ use fleetlink_core::presence::{OfflineReason, Presence, PresenceChange, SessionI
 use fleetlink_core::seq::{SeqRegression, SeqVerdict, SeqWindow};
 use fleetlink_core::twin::TwinDoc;
 use fleetlink_core::value::{Batch, MetricTypes, ValueError};
-use fleetlink_core::{DeviceId, MetricName, TimeUs, Value};
+use fleetlink_core::{DeviceId, MetricName, Point, TimeUs, Value};
 use fleetlink_proto::v1::ErrorCode;
 use fleetlink_store::{
     AppendBatch, CommandRecord, DurabilityListener, MetricValue, PresenceRecord, Store, StoreError,
@@ -480,15 +480,7 @@ impl Handler<Ingest> for DeviceActor {
             return ready(Err(e.into()));
         }
         let _ = self.seq.offer(seq);
-        for p in &msg.batch.points {
-            let slot = self
-                .last_values
-                .entry(p.metric.clone())
-                .or_insert((i64::MIN, p.value.clone()));
-            if p.time_us >= slot.0 {
-                *slot = (p.time_us, p.value.clone());
-            }
-        }
+        update_last_values(&mut self.last_values, &msg.batch.points);
         crate::fleet::publish(&self.settings.fleet.bus.telemetry, Some(&self.id), || {
             fleetlink_proto::v1::event::Event::Telemetry(fleetlink_proto::v1::TelemetryEvent {
                 device_id: self.id.to_string(),
@@ -514,6 +506,33 @@ impl Handler<Ingest> for DeviceActor {
         AtomicResponse::new(Box::pin(
             async move { store.append(job).await.map_err(IngestError::from) }.into_actor(self),
         ))
+    }
+}
+
+/// Keeps, per metric, the value of the latest point (by time; of equal times, the later one in
+/// the batch). One copy of a value per metric a batch carries, not per point: a batch is often
+/// hundreds of points of one metric, and string values are copied on the heap.
+fn update_last_values(last: &mut HashMap<MetricName, (TimeUs, Value)>, points: &[Point]) {
+    // metric → index of its latest point in the batch
+    let mut latest: HashMap<&MetricName, usize> = HashMap::new();
+    for (i, p) in points.iter().enumerate() {
+        let at = latest.entry(&p.metric).or_insert(i);
+        if p.time_us >= points[*at].time_us {
+            *at = i;
+        }
+    }
+    for (metric, at) in latest {
+        let p = &points[at];
+        match last.get_mut(metric) {
+            Some(slot) => {
+                if p.time_us >= slot.0 {
+                    *slot = (p.time_us, p.value.clone());
+                }
+            }
+            None => {
+                last.insert(metric.clone(), (p.time_us, p.value.clone()));
+            }
+        }
     }
 }
 
@@ -624,5 +643,51 @@ impl Handler<Shutdown> for DeviceActor {
             ErrorCode::ShuttingDown,
             "the server is shutting down; reconnect later".into(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(metric: &str, time_us: TimeUs, v: i64) -> Point {
+        Point {
+            metric: MetricName::new(metric).expect("valid"),
+            time_us,
+            value: Value::Int(v),
+        }
+    }
+
+    fn get(last: &HashMap<MetricName, (TimeUs, Value)>, metric: &str) -> (TimeUs, Value) {
+        last[&MetricName::new(metric).expect("valid")].clone()
+    }
+
+    #[test]
+    fn last_values_keep_the_latest_point_of_each_metric() {
+        let mut last = HashMap::new();
+        // out of order in the batch; of two points at the same time, the later one in the batch
+        update_last_values(
+            &mut last,
+            &[
+                p("speed", 30, 3),
+                p("rpm", 5, 50),
+                p("speed", 10, 1),
+                p("speed", 30, 4),
+                p("speed", 20, 2),
+            ],
+        );
+        assert_eq!(last.len(), 2);
+        assert_eq!(get(&last, "speed"), (30, Value::Int(4)));
+        assert_eq!(get(&last, "rpm"), (5, Value::Int(50)));
+        // a later batch with older points (buffered history) does not replace newer values;
+        // one at the same time does, as a later point would
+        update_last_values(&mut last, &[p("speed", 25, 9), p("rpm", 5, 51)]);
+        assert_eq!(get(&last, "speed"), (30, Value::Int(4)));
+        assert_eq!(get(&last, "rpm"), (5, Value::Int(51)));
+        // many metrics in one batch
+        let many: Vec<Point> = (0..500).map(|i| p(&format!("m{i}"), i, i)).collect();
+        update_last_values(&mut last, &many);
+        assert_eq!(last.len(), 502);
+        assert_eq!(get(&last, "m499"), (499, Value::Int(499)));
     }
 }
