@@ -48,8 +48,8 @@ impl Ready {
 }
 
 /// The `serve-fleetlink` child: provisions devices `0..devices` (if not yet), serves on `listen`
-/// on one thread for IO, sessions and actors (`single_thread`: it is pinned to one core; set
-/// `FLEETLINK_BENCH_SINGLE_THREAD=false` for one IO thread and one arbiter), until stdin closes.
+/// with one IO thread and one arbiter (it is pinned to one core; `FLEETLINK_BENCH_SINGLE_THREAD=true`
+/// runs IO and actors on one thread instead), until stdin closes.
 pub fn serve(data: &Path, devices: usize, listen: SocketAddr) -> Result<()> {
     provision(data, devices)?;
     // Environment overrides, for experiments (the reconnect storm, group commits).
@@ -65,7 +65,7 @@ pub fn serve(data: &Path, devices: usize, listen: SocketAddr) -> Result<()> {
         data_dir: data.to_path_buf(),
         io_threads: 1,
         arbiters: 1,
-        single_thread: env_or("FLEETLINK_BENCH_SINGLE_THREAD", true),
+        single_thread: env_or("FLEETLINK_BENCH_SINGLE_THREAD", false),
         max_handshakes: env_or("FLEETLINK_BENCH_MAX_HANDSHAKES", defaults.max_handshakes),
         handshake_queue_ms: env_or(
             "FLEETLINK_BENCH_HANDSHAKE_QUEUE_MS",

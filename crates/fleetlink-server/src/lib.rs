@@ -175,7 +175,7 @@ fn run(
     } else {
         config.io_threads
     };
-    let single = config.runs_single_thread(cores);
+    let single = config.runs_single_thread();
     let system = actix::System::with_tokio_rt(move || {
         let mut builder = if single {
             // driven by this thread (the actix system's), which also runs every actor
@@ -300,7 +300,7 @@ async fn setup(
     } else {
         config.arbiters
     };
-    let single = config.runs_single_thread(cores);
+    let single = config.runs_single_thread();
     // Arbiters of their own, or (single thread) the system's, which runs on this thread with
     // the IO runtime.
     let arbiters: Vec<actix::Arbiter> = if single {
