@@ -37,7 +37,8 @@ pub struct ServerConfig {
     /// actor and the ack back costs no thread wake-up. For a machine or container with one core;
     /// `arbiters` and `io_threads` are then unused. The store's writer and readers keep their
     /// own threads. A trade-off, measured on one pinned core: ~4% less CPU per message under steady
-    /// load, but a reconnect storm of 10k devices took twice the CPU per device (ARCHITECTURE.md).
+    /// load, but a reconnect storm of 10k devices took twice the CPU per device and the command
+    /// round trip's p99 grew fourfold (ARCHITECTURE.md).
     pub single_thread: bool,
     /// `normal` (survives a process crash) or `full` (also survives power loss, slower).
     pub synchronous: String,

@@ -66,14 +66,7 @@ async fn two_hundred_devices_every_point_is_stored_exactly_once() {
 
     for (d, dev) in devices.iter().enumerate() {
         assert_eq!(dev.stats().points_acked, POINTS as u64);
-        let stored = op
-            .query_telemetry(TelemetryQuery::all(dev.id().clone()))
-            .await
-            .unwrap();
-        let got: Vec<(i64, Value)> = stored
-            .iter()
-            .map(|p| (p.time_us, p.value.clone()))
-            .collect();
+        let got = stored_points(&op, dev.id()).await;
         let want: Vec<(i64, Value)> = (0..POINTS)
             .map(|t| (1_000 + t, Value::Int(d as i64 * 1_000_000 + t)))
             .collect();

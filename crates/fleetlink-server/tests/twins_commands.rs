@@ -825,7 +825,7 @@ async fn shutdown_returns_after_the_last_queued_write() {
 /// single-threaded) reads what the first stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_thread_server_stores_telemetry_runs_commands_and_restarts() {
-    use fleetlink_client::{MetricName, Point, TelemetryQuery, Value};
+    use fleetlink_client::{MetricName, Point, Value};
 
     let ts = start(|c| c.single_thread = true);
     let op = ts.operator().await;
@@ -879,14 +879,7 @@ async fn a_single_thread_server_stores_telemetry_runs_commands_and_restarts() {
     })
     .await
     .unwrap();
-    let stored = op
-        .query_telemetry(TelemetryQuery::all(id("mixer-1")))
-        .await
-        .unwrap();
-    let got: Vec<(i64, Value)> = stored
-        .iter()
-        .map(|p| (p.time_us, p.value.clone()))
-        .collect();
+    let got = stored_points(&op, &id("mixer-1")).await;
     let want: Vec<(i64, Value)> = points
         .iter()
         .map(|p| (p.time_us, p.value.clone()))

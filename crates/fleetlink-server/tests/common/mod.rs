@@ -68,6 +68,19 @@ impl TestServer {
     }
 }
 
+/// Every stored point of `id` as (time, value), in time order.
+pub async fn stored_points(
+    op: &OperatorClient,
+    id: &DeviceId,
+) -> Vec<(i64, fleetlink_client::Value)> {
+    op.query_telemetry(fleetlink_client::TelemetryQuery::all(id.clone()))
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| (p.time_us, p.value.clone()))
+        .collect()
+}
+
 pub async fn provision(op: &OperatorClient, id: &str) -> String {
     op.provision_device(&DeviceId::new(id).unwrap(), BTreeMap::new())
         .await
