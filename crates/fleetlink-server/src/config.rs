@@ -203,11 +203,6 @@ impl ServerConfig {
         }
     }
 
-    /// Whether IO, sessions and actors share one thread.
-    pub(crate) fn runs_single_thread(&self) -> bool {
-        self.single_thread
-    }
-
     pub(crate) fn validate(&self) -> Result<(), ServerError> {
         let bad = |m: String| Err(ServerError::Config(m));
         if self.cert.is_some() != self.key.is_some() {
@@ -285,9 +280,9 @@ mod group_commit_tests {
 
     #[test]
     fn single_thread_only_when_asked() {
-        assert!(!ServerConfig::default().runs_single_thread());
+        assert!(!ServerConfig::default().single_thread);
         let asked: ServerConfig = toml::from_str("single_thread = true").expect("parses");
-        assert!(asked.runs_single_thread());
+        assert!(asked.single_thread);
     }
 
     #[test]

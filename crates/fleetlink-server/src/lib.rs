@@ -175,7 +175,7 @@ fn run(
     } else {
         config.io_threads
     };
-    let single = config.runs_single_thread();
+    let single = config.single_thread;
     let system = actix::System::with_tokio_rt(move || {
         let mut builder = if single {
             // driven by this thread (the actix system's), which also runs every actor
@@ -300,18 +300,15 @@ async fn setup(
     } else {
         config.arbiters
     };
-    let single = config.runs_single_thread();
+    let single = config.single_thread;
     // Arbiters of their own, or (single thread) the system's, which runs on this thread with
     // the IO runtime.
-    let arbiters: Vec<actix::Arbiter> = if single {
-        Vec::new()
+    let (arbiters, handles): (Vec<actix::Arbiter>, _) = if single {
+        (Vec::new(), vec![actix::Arbiter::current()])
     } else {
-        (0..n_arbiters).map(|_| actix::Arbiter::new()).collect()
-    };
-    let handles = if single {
-        vec![actix::Arbiter::current()]
-    } else {
-        arbiters.iter().map(actix::Arbiter::handle).collect()
+        let own: Vec<actix::Arbiter> = (0..n_arbiters).map(|_| actix::Arbiter::new()).collect();
+        let handles = own.iter().map(actix::Arbiter::handle).collect();
+        (own, handles)
     };
     let fleet = fleet::Fleet::new(config.event_buffer);
     fleet.bridge.set_policy(config.policy.build()?);
