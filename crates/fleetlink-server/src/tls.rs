@@ -115,19 +115,28 @@ pub(crate) const DEVICE_UNI_STREAMS: u32 = 2;
 /// Request streams an authenticated operator may have open at once.
 pub(crate) const OPERATOR_BIDI_STREAMS: u32 = 64;
 
+/// TLS 1.3 with [`fleetlink_transport::crypto_provider`], our certificate and ALPN. The server
+/// picks the suite by its own order (AES-128-GCM first, see that function), whatever a client
+/// prefers: the handshakes of a reconnect storm are the server's CPU, not the clients'.
+fn rustls_server_config(material: &TlsMaterial) -> Result<rustls::ServerConfig, ServerError> {
+    let mut tls =
+        rustls::ServerConfig::builder_with_provider(fleetlink_transport::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_no_client_auth()
+            .with_single_cert(material.certs.clone(), material.key.clone_key())
+            .map_err(tls_err)?;
+    tls.alpn_protocols = vec![fleetlink_proto::ALPN.to_vec()];
+    tls.ignore_client_order = true;
+    Ok(tls)
+}
+
 pub(crate) fn quinn_server_config(
     material: &TlsMaterial,
     sessions: Arc<crate::tls_sessions::SessionStore>,
     idle_timeout: std::time::Duration,
 ) -> Result<quinn::ServerConfig, ServerError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls_err)?
-        .with_no_client_auth()
-        .with_single_cert(material.certs.clone(), material.key.clone_key())
-        .map_err(tls_err)?;
-    tls.alpn_protocols = vec![fleetlink_proto::ALPN.to_vec()];
+    let mut tls = rustls_server_config(material)?;
     // Stateful sessions that outlive a graceful restart (see `tls_sessions`), and 0-RTT for the
     // devices that ask for it (QUIC allows only 0 or u32::MAX here). Each session resumes once,
     // so a replayed 0-RTT flight finds none; and a session reads nothing before its handshake has
@@ -149,4 +158,66 @@ pub(crate) fn quinn_server_config(
         .max_concurrent_uni_streams(DEVICE_UNI_STREAMS.into());
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::crypto::ring::cipher_suite;
+
+    /// Runs a TLS handshake between `client` and `server` in memory.
+    fn handshake(client: &mut rustls::ClientConnection, server: &mut rustls::ServerConnection) {
+        for _ in 0..10 {
+            if !client.is_handshaking() && !server.is_handshaking() {
+                return;
+            }
+            let mut wire = Vec::new();
+            client.write_tls(&mut wire).unwrap();
+            server.read_tls(&mut wire.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            let mut wire = Vec::new();
+            server.write_tls(&mut wire).unwrap();
+            client.read_tls(&mut wire.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+        }
+        panic!("the handshake did not finish in 10 round trips");
+    }
+
+    /// The server picks AES-128-GCM/SHA-256 even for a client that prefers AES-256-GCM/SHA-384
+    /// (ring's default order): the cheaper suite on the server's CPU.
+    #[test]
+    fn the_server_picks_aes_128_gcm_whatever_the_client_prefers() {
+        let dir = tempfile::tempdir().unwrap();
+        let material = dev_certificate(dir.path()).unwrap();
+        let server_config = Arc::new(rustls_server_config(&material).unwrap());
+        let roots =
+            fleetlink_transport::roots_from_pem(&fs::read(dir.path().join("ca.pem")).unwrap())
+                .unwrap();
+        let provider = rustls::crypto::ring::default_provider();
+        assert_eq!(
+            provider.cipher_suites[0].suite(),
+            cipher_suite::TLS13_AES_256_GCM_SHA384.suite(),
+            "this test needs a client that prefers AES-256"
+        );
+        let mut client_config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client_config.alpn_protocols = vec![fleetlink_proto::ALPN.to_vec()];
+        let mut client =
+            rustls::ClientConnection::new(Arc::new(client_config), "localhost".try_into().unwrap())
+                .unwrap();
+        let mut server = rustls::ServerConnection::new(server_config).unwrap();
+        handshake(&mut client, &mut server);
+        let suite = |c: Option<rustls::SupportedCipherSuite>| c.map(|s| s.suite());
+        assert_eq!(
+            suite(server.negotiated_cipher_suite()),
+            Some(cipher_suite::TLS13_AES_128_GCM_SHA256.suite())
+        );
+        assert_eq!(
+            suite(client.negotiated_cipher_suite()),
+            suite(server.negotiated_cipher_suite())
+        );
+    }
 }
