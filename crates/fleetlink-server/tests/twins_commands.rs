@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use fleetlink_client::{
-    ClientError, CommandFailure, CommandRequest, CommandState, DesiredState, DeviceClient,
-    DeviceConfig, DeviceId, OperatorClient,
+    ClientError, CommandFailure, CommandInfo, CommandRequest, CommandState, DesiredState,
+    DeviceClient, DeviceConfig, DeviceId, OperatorClient,
 };
 use fleetlink_proto::v1::ErrorCode;
 use fleetlink_server::{Server, ServerConfig};
@@ -285,6 +285,91 @@ async fn a_command_to_an_offline_device_is_delivered_when_it_connects() {
     assert_eq!(
         page.iter().map(|c| c.id).collect::<Vec<_>>(),
         vec![all[2].id, all[3].id]
+    );
+    dev.close().await;
+}
+
+/// What the store holds of a command (not the actor's live state).
+async fn stored_command(op: &OperatorClient, device: &DeviceId, id: u64) -> CommandInfo {
+    op.list_commands(device, None, None, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| c.id == id)
+        .expect("the command is in the store")
+}
+
+fn states(c: &CommandInfo) -> Vec<CommandState> {
+    c.history.iter().map(|h| h.0).collect()
+}
+
+/// A command answered at once is written once, when it finishes, and its stored history still
+/// holds the delivery; one still running after the delivery write delay (50 ms) is stored as
+/// delivered while it runs, so a restart would find it delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_holds_every_delivery_of_a_command() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "gate-1").await;
+    let gate = id("gate-1");
+    let (release, released) = watch::channel(false);
+    let config = echo_device(
+        ts.device_config("gate-1", &token),
+        Arc::new(AtomicUsize::new(0)),
+    )
+    .on_command("hold", move |_| {
+        let mut released = released.clone();
+        async move {
+            let _ = released.wait_for(|r| *r).await;
+            Ok(json!("released"))
+        }
+    });
+    let dev = DeviceClient::connect(config).await.unwrap();
+    let quick = op
+        .send_command(CommandRequest::new(gate.clone(), "echo").args(json!(1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        op.wait_command(quick.id, WAIT).await.unwrap().state,
+        CommandState::Succeeded
+    );
+    let stored = stored_command(&op, &gate, quick.id).await;
+    assert_eq!(
+        states(&stored),
+        vec![
+            CommandState::Queued,
+            CommandState::Delivered,
+            CommandState::Succeeded
+        ]
+    );
+    assert_eq!(stored.attempts, 1);
+
+    let held = op
+        .send_command(CommandRequest::new(gate.clone(), "hold"))
+        .await
+        .unwrap();
+    eventually(WAIT, "the running command stored as delivered", || async {
+        stored_command(&op, &gate, held.id).await.state == CommandState::Delivered
+    })
+    .await;
+    let stored = stored_command(&op, &gate, held.id).await;
+    assert_eq!(
+        states(&stored),
+        vec![CommandState::Queued, CommandState::Delivered]
+    );
+    assert_eq!(stored.attempts, 1);
+    release.send_replace(true);
+    assert_eq!(
+        op.wait_command(held.id, WAIT).await.unwrap().result,
+        Some(json!("released"))
+    );
+    assert_eq!(
+        states(&stored_command(&op, &gate, held.id).await),
+        vec![
+            CommandState::Queued,
+            CommandState::Delivered,
+            CommandState::Succeeded
+        ]
     );
     dev.close().await;
 }

@@ -205,8 +205,9 @@ pub struct CommandUpdate {
     pub id: CommandId,
     /// The new state.
     pub state: CommandState,
-    /// When it changed.
-    pub at_us: TimeUs,
+    /// Every state so far with its time, `state` last. Written as given (it replaces the stored
+    /// history), so an update may carry states that were never written on their own.
+    pub history: Vec<(CommandState, TimeUs)>,
     /// Deliveries so far.
     pub attempts: u32,
     /// The handler's result (JSON text).

@@ -1629,27 +1629,22 @@ impl Store for SqliteStore {
 
     fn update_command(&self, u: CommandUpdate) -> StoreFuture<()> {
         self.control(move |conn| {
-            let history: String = conn
-                .prepare_cached("SELECT history FROM commands WHERE id = ?1")?
-                .query_row([u.id as i64], |r| r.get(0))
-                .optional()?
-                .ok_or(StoreError::UnknownCommand(u.id))?;
-            let mut history = parse_history(&history)?;
-            if history.last().map(|h| h.0) != Some(u.state) {
-                history.push((u.state, u.at_us));
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE commands SET state = ?2, attempts = ?3, result = ?4, error = ?5, history = ?6
+                     WHERE id = ?1",
+                )?
+                .execute(params![
+                    u.id as i64,
+                    u.state.name(),
+                    u.attempts,
+                    u.result_json,
+                    u.error,
+                    history_json(&u.history)
+                ])?;
+            if changed == 0 {
+                return Err(StoreError::UnknownCommand(u.id));
             }
-            conn.prepare_cached(
-                "UPDATE commands SET state = ?2, attempts = ?3, result = ?4, error = ?5, history = ?6
-                 WHERE id = ?1",
-            )?
-            .execute(params![
-                u.id as i64,
-                u.state.name(),
-                u.attempts,
-                u.result_json,
-                u.error,
-                history_json(&history)
-            ])?;
             Ok(())
         })
     }
