@@ -231,7 +231,7 @@ async fn a_command_to_an_offline_device_is_delivered_when_it_connects() {
     assert_eq!(done.state, CommandState::Succeeded);
     assert_eq!(done.result, Some(json!({"echo": {"n": 7}})));
     assert_eq!(
-        done.history.iter().map(|h| h.0).collect::<Vec<_>>(),
+        states(&done),
         vec![
             CommandState::Queued,
             CommandState::Delivered,
