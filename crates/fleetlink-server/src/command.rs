@@ -53,10 +53,10 @@ pub(crate) enum CommandError {
 /// Most commands finish well within it (a round trip to the device), and their final state is
 /// then written once, with the whole history (delivered included): one commit per command fewer,
 /// which was 7% of the server's CPU per command and ~9% of its p99 round trip in the benchmark.
-/// What a server crash within this window costs: the store still says `queued` with one attempt
-/// fewer, so the command goes to the device again after the restart with the same id (the SDK
-/// answers a redelivery without running the handler again). The actor's live state, which
-/// operators read for unfinished commands, is never behind.
+/// What a server stop or crash within this window costs: the store still says `queued` with one
+/// attempt fewer, so the command goes to the device again after the restart with the same id
+/// (the SDK answers a redelivery without running the handler again). The actor's live state,
+/// which operators read for unfinished commands, is never behind.
 pub(crate) const DELIVERY_WRITE_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl DeviceActor {
