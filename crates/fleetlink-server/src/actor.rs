@@ -37,6 +37,8 @@ pub(crate) struct ActorSettings {
     pub fleet: Arc<crate::fleet::Fleet>,
     pub heartbeat_timeout: Duration,
     pub outbox_limits: OutboxLimits,
+    /// See `CommandsConfig::delivery_write_delay_ms`.
+    pub delivery_write_delay: Duration,
     pub max_frame_bytes: u32,
     /// The QUIC IO runtime: command streams are served there.
     pub io: tokio::runtime::Handle,
@@ -638,6 +640,12 @@ impl Handler<Shutdown> for DeviceActor {
                 .presence
                 .disconnect(session, OfflineReason::ServerShutdown, now_us());
             self.went_offline(change);
+        }
+        // Deliveries still inside their write delay: written now, so the next start finds them.
+        for record in self.open.values() {
+            if record.state == fleetlink_core::command::CommandState::Delivered {
+                self.persist(crate::command::update_of(record));
+            }
         }
         self.kick(
             ErrorCode::ShuttingDown,

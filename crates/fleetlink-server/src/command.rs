@@ -48,17 +48,6 @@ pub(crate) enum CommandError {
     Finished { id: CommandId, state: CommandState },
 }
 
-/// How long a delivered command may run before its delivery is written to the store.
-///
-/// Most commands finish well within it (a round trip to the device), and their final state is
-/// then written once, with the whole history (delivered included): one commit per command fewer,
-/// which was 7% of the server's CPU per command and ~9% of its p99 round trip in the benchmark.
-/// What a server stop or crash within this window costs: the store still says `queued` with one
-/// attempt fewer, so the command goes to the device again after the restart with the same id
-/// (the SDK answers a redelivery without running the handler again). The actor's live state,
-/// which operators read for unfinished commands, is never behind.
-pub(crate) const DELIVERY_WRITE_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
-
 impl DeviceActor {
     /// Writes every command the outbox lets go now to the device, if it is reachable.
     pub(crate) fn dispatch_commands(&mut self, ctx: &mut Context<Self>) {
@@ -88,8 +77,10 @@ impl DeviceActor {
             let attempt = record.attempts;
             let record = record.clone();
             self.command_changed(&record);
-            // Written only if the command is still running a moment later: see DELIVERY_WRITE_DELAY.
-            ctx.run_later(DELIVERY_WRITE_DELAY, move |actor, _| {
+            // Written only if the command is still running a moment later (most finish sooner
+            // and are then written once, with their whole history, one commit fewer; a stop
+            // writes the ones still waiting): see `CommandsConfig::delivery_write_delay_ms`.
+            ctx.run_later(self.settings.delivery_write_delay, move |actor, _| {
                 if let Some(r) = actor.open.get(&id)
                     && r.attempts == attempt
                 {
@@ -124,7 +115,7 @@ impl DeviceActor {
 
     /// Queues a state change for the store; failures are logged (the command is then redelivered
     /// or expired after a restart, never lost).
-    fn persist(&self, update: CommandUpdate) {
+    pub(crate) fn persist(&self, update: CommandUpdate) {
         let write = self.store.update_command(update);
         let device = self.id.clone();
         actix::spawn(async move {
@@ -226,7 +217,7 @@ impl DeviceActor {
     }
 }
 
-fn update_of(record: &CommandRecord) -> CommandUpdate {
+pub(crate) fn update_of(record: &CommandRecord) -> CommandUpdate {
     CommandUpdate {
         id: record.id,
         state: record.state,

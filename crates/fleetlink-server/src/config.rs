@@ -142,6 +142,10 @@ pub struct CommandsConfig {
     pub max_deadline_s: u64,
     /// Unfinished (queued or delivered) commands a device may have; more are refused.
     pub max_pending_per_device: usize,
+    /// A delivery is written to the store only if the command is still running this long after
+    /// it went out (milliseconds); a command that finishes sooner is written once, when it
+    /// finishes, with its whole history. 0 = write every delivery at once.
+    pub delivery_write_delay_ms: u64,
 }
 
 impl Default for CommandsConfig {
@@ -150,6 +154,7 @@ impl Default for CommandsConfig {
             default_timeout_s: 3_600,
             max_deadline_s: 7 * 24 * 3_600,
             max_pending_per_device: 1_000,
+            delivery_write_delay_ms: 50,
         }
     }
 }

@@ -330,6 +330,7 @@ async fn setup(
         fleet: fleet.clone(),
         heartbeat_timeout: config.heartbeat_timeout(),
         outbox_limits: config.outbox_limits(),
+        delivery_write_delay: Duration::from_millis(config.commands.delivery_write_delay_ms),
         max_frame_bytes: config.max_frame_bytes,
         io: tokio::runtime::Handle::current(),
     };

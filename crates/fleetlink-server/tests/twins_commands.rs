@@ -684,6 +684,48 @@ async fn operator_for(server: &Server, dir: &tempfile::TempDir) -> OperatorClien
     .unwrap()
 }
 
+/// A delivery still waiting for its write (`delivery_write_delay_ms`) when the server stops is
+/// written by the stop: the next start finds the command delivered, its attempt counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_writes_the_deliveries_still_waiting_for_their_write() {
+    let ts = start(|c| c.commands.delivery_write_delay_ms = 600_000);
+    let op = ts.operator().await;
+    let token = provision(&op, "valve-1").await;
+    let valve = id("valve-1");
+    let dev = DeviceClient::connect(blocking_device(
+        ts.device_config("valve-1", &token),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(Notify::new()),
+    ))
+    .await
+    .unwrap();
+    let sent = op
+        .send_command(CommandRequest::new(valve.clone(), "slow"))
+        .await
+        .unwrap();
+    wait_state(&op, sent.id, CommandState::Delivered).await;
+    assert_eq!(
+        stored_command(&op, &valve, sent.id).await.state,
+        CommandState::Queued,
+        "the delivery waits for its write"
+    );
+    dev.close().await;
+    let dir = ts.dir;
+    let addr = ts.server.local_addr();
+    op.close();
+    ts.server.shutdown();
+    let restarted = restart(&dir, addr);
+    let op = operator_for(&restarted, &dir).await;
+    let stored = stored_command(&op, &valve, sent.id).await;
+    assert_eq!(
+        states(&stored),
+        vec![CommandState::Queued, CommandState::Delivered]
+    );
+    assert_eq!(stored.attempts, 1);
+    op.close();
+    restarted.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_reaches_a_terminal_state_across_a_server_restart() {
     let ts = start(|_| {});
