@@ -1181,8 +1181,12 @@ impl Engine {
                 }
             }
         });
+        // A heartbeat goes out only after an interval without a telemetry ack: an acked batch was
+        // seen by the server (protocol §6), so a device streaming at least once per interval
+        // sends no heartbeats at all (three packets each, with the server's answer and its ACK).
         let hb_every = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
         let mut heartbeat = tokio::time::interval_at(Instant::now() + hb_every, hb_every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A server that vanished (killed, network gone) sends no close: declare it dead after the
         // heartbeat timeout without any frame from it.
         let silence = Duration::from_millis(u64::from(welcome.heartbeat_timeout_ms.max(200)));
@@ -1268,7 +1272,12 @@ impl Engine {
                         last_heard = Instant::now();
                         let before = self.unacked.len();
                         self.on_ack(seq);
-                        sent = sent.saturating_sub(before - self.unacked.len());
+                        let freed = before - self.unacked.len();
+                        // a batch written on this connection reached the server: it counts as seen
+                        if freed > 0 && sent > 0 {
+                            heartbeat.reset();
+                        }
+                        sent = sent.saturating_sub(freed);
                     }
                     Some(Event::Lost(e)) => break SessionEnd::Lost(self.close_reason(&conn, e)),
                     None => break SessionEnd::Lost(ClientError::Connection("control stream reader stopped".into())),
