@@ -34,6 +34,59 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((utime + stime) / clock_ticks_cached())
 }
 
+/// Packets this machine has sent: UDP datagrams and TCP segments, from /proc/net/snmp. On
+/// loopback every packet is sent once, by the client or by the server, so the change over a
+/// window counts both directions of a benchmark's traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PacketsSent {
+    pub udp: u64,
+    pub tcp: u64,
+    /// UDP datagrams dropped because a socket's receive buffer was full (`RcvbufErrors`).
+    pub udp_dropped: u64,
+}
+
+impl PacketsSent {
+    pub fn now() -> Result<Self> {
+        Self::parse(&std::fs::read_to_string("/proc/net/snmp").context("reading /proc/net/snmp")?)
+    }
+
+    /// Reads `Udp: OutDatagrams` and `Tcp: OutSegs` (each protocol is a header line of field
+    /// names followed by a line of values).
+    fn parse(snmp: &str) -> Result<Self> {
+        let field = |proto: &str, name: &str| -> Result<u64> {
+            let prefix = format!("{proto}:");
+            let mut lines = snmp.lines().filter(|l| l.starts_with(&prefix));
+            let (names, values) = (lines.next(), lines.next());
+            let (Some(names), Some(values)) = (names, values) else {
+                anyhow::bail!("no {proto} lines in /proc/net/snmp");
+            };
+            let at = names
+                .split_whitespace()
+                .position(|n| n == name)
+                .with_context(|| format!("no {proto} {name} in /proc/net/snmp"))?;
+            let value = values
+                .split_whitespace()
+                .nth(at)
+                .with_context(|| format!("no value for {proto} {name}"))?;
+            Ok(value.parse()?)
+        };
+        Ok(Self {
+            udp: field("Udp", "OutDatagrams")?,
+            tcp: field("Tcp", "OutSegs")?,
+            udp_dropped: field("Udp", "RcvbufErrors")?,
+        })
+    }
+
+    /// Packets sent since `earlier`.
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            udp: self.udp.saturating_sub(earlier.udp),
+            tcp: self.tcp.saturating_sub(earlier.tcp),
+            udp_dropped: self.udp_dropped.saturating_sub(earlier.udp_dropped),
+        }
+    }
+}
+
 fn clock_ticks_cached() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *TICKS.get_or_init(clock_ticks)
@@ -230,5 +283,55 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packets_sent_are_read_by_field_name() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 2 64\n\
+Tcp: RtoAlgorithm InSegs OutSegs RetransSegs\nTcp: 1 5094 3074 7\n\
+Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors\nUdp: 17108595 35305 488145 17655811 488144\n\
+UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors\nUdpLite: 1 2 3 4 5\n";
+        let p = PacketsSent::parse(snmp).unwrap();
+        assert_eq!(
+            p,
+            PacketsSent {
+                udp: 17_655_811,
+                tcp: 3_074,
+                udp_dropped: 488_144
+            }
+        );
+        let later = PacketsSent {
+            udp: p.udp + 30,
+            tcp: p.tcp + 4,
+            udp_dropped: p.udp_dropped,
+        };
+        assert_eq!(
+            later.since(p),
+            PacketsSent {
+                udp: 30,
+                tcp: 4,
+                udp_dropped: 0
+            }
+        );
+        let err = PacketsSent::parse("Ip: a\nIp: 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no Udp lines"), "{err}");
+    }
+
+    #[test]
+    fn a_datagram_sent_on_loopback_is_counted() {
+        let before = PacketsSent::now().unwrap();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(b"ping", rx.local_addr().unwrap()).unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(rx.recv(&mut buf).unwrap(), 4);
+        assert!(PacketsSent::now().unwrap().since(before).udp >= 1);
     }
 }

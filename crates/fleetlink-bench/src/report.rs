@@ -428,14 +428,14 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "| System | Delivered msg/s | Msgs per server CPU-s | Server µs/msg | Server CPU-s | Client CPU-s | p50 µs | p99 µs | p99.9 µs | Server RSS MiB | Lost | Errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "| System | Delivered msg/s | Msgs per server CPU-s | Server µs/msg | Server CPU-s | Client CPU-s | p50 µs | p99 µs | p99.9 µs | Server RSS MiB | Packets/msg | UDP drops | Lost | Errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for s in rows {
             let lost: u64 = s.runs.iter().map(|r| r.lost).sum();
             let errors: u64 = s.runs.iter().map(|r| r.errors).sum();
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 s.system,
                 spread(s.spread(|r| r.msgs_per_s()), 0),
                 spread(s.spread(|r| r.msgs_per_server_cpu_s()), 0),
@@ -446,6 +446,8 @@ impl Report {
                 spread(s.spread(|r| r.p99_us as f64), 0),
                 spread(s.spread(|r| r.p999_us as f64), 0),
                 spread(s.spread(|r| r.server_rss as f64 / 1048576.0), 1),
+                spread(s.extra("packets_per_msg"), 2),
+                spread(s.extra("udp_dropped"), 0),
                 lost,
                 errors
             );
@@ -604,7 +606,8 @@ const METHOD: &str = "- One load generator (`crates/fleetlink-bench`, one tokio 
 - **mosquitto-qos0 / qos1**: rumqttc clients, persistence off; delivered = received by a subscriber of `bench/#`, latency from publish to that delivery.
 - **nats-core**: async-nats, delivered = received by a subscriber of `bench.>`. **nats-jetstream**: file-stored stream, acked publishes (64 in flight per client), delivered = acked.
 - **quinn-sink**: the same QUIC/TLS stack with no actors, protobuf or storage; it acks the count of 100-byte messages read after each chunk. For commands it relays a request to the device's connection and the answer back, the topology of a fleetlink command.
-- Server CPU = utime+stime of the server process from /proc over the measured window (after a warm-up); client CPU the same for the load generator. Losses are counted after a drain: sent − delivered.";
+- Server CPU = utime+stime of the server process from /proc over the measured window (after a warm-up); client CPU the same for the load generator. Losses are counted after a drain: sent − delivered.
+- Packets/msg (flood, slow devices) = packets sent on loopback by clients and server together over the window, from /proc/net/snmp (UDP datagrams for QUIC, TCP segments with their ACKs for MQTT and NATS), per delivered message. UDP drops = datagrams the kernel dropped for a full socket receive buffer over the window (`RcvbufErrors`, all sockets): a sign that a receiver was saturated.";
 
 #[cfg(test)]
 mod tests {

@@ -10,7 +10,7 @@ use fleetlink_client::Resumption;
 use tokio::sync::watch;
 
 use crate::load::Load;
-use crate::procs::{Proc, cpu_seconds};
+use crate::procs::{PacketsSent, Proc, cpu_seconds};
 use crate::stats::{Meter, Run, Series};
 use crate::{fleet, light, mqtt, nats, sink};
 
@@ -251,21 +251,24 @@ async fn throughput_run(
     let driver = start_load(system, &target, load, &meter, stop_rx).await?;
     tokio::time::sleep(warmup).await;
     let me = std::process::id();
-    let (d0, s0, c0, k0, t0) = (
+    let (d0, s0, c0, k0, n0, t0) = (
         meter.delivered_total(),
         proc.cpu_seconds()?,
         cpu_seconds(me)?,
         meter.errors_total(),
+        PacketsSent::now()?,
         Instant::now(),
     );
     meter.reset_latency();
     tokio::time::sleep(window).await;
-    let (d1, s1, c1, t1) = (
+    let (d1, s1, c1, n1, t1) = (
         meter.delivered_total(),
         proc.cpu_seconds()?,
         cpu_seconds(me)?,
+        PacketsSent::now()?,
         Instant::now(),
     );
+    let packets = n1.since(n0);
     let rss = proc.rss_bytes()?;
     let (p50_us, p99_us, p999_us) = meter.percentiles();
     let _ = stop_tx.send(true);
@@ -282,10 +285,22 @@ async fn throughput_run(
         last = now;
     }
     let sent = meter.sent_total();
+    let delivered = d1 - d0;
+    // QUIC is UDP; MQTT and NATS are TCP (segments, ACKs included).
+    let own = match system {
+        System::Fleetlink | System::QuinnSink => packets.udp,
+        _ => packets.tcp,
+    };
+    let mut extra = std::collections::BTreeMap::new();
+    extra.insert(
+        "packets_per_msg".into(),
+        own as f64 / delivered.max(1) as f64,
+    );
+    extra.insert("udp_dropped".into(), packets.udp_dropped as f64);
     Ok(Run {
         seconds: (t1 - t0).as_secs_f64(),
         sent,
-        delivered: d1 - d0,
+        delivered,
         lost: sent.saturating_sub(meter.delivered_total()),
         errors: meter.errors_total() - k0,
         server_cpu_s: s1 - s0,
@@ -294,7 +309,7 @@ async fn throughput_run(
         p50_us,
         p99_us,
         p999_us,
-        extra: Default::default(),
+        extra,
     })
 }
 
@@ -308,6 +323,10 @@ fn log_run(scenario: &str, system: System, i: usize, r: &Run) {
         server_us_per_msg = format!("{:.2}", r.server_us_per_msg()),
         p50_us = r.p50_us,
         p99_us = r.p99_us,
+        packets_per_msg = format!(
+            "{:.2}",
+            r.extra.get("packets_per_msg").copied().unwrap_or(f64::NAN)
+        ),
         lost = r.lost,
         errors = r.errors,
         "run done"
