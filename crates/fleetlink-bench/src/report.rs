@@ -157,6 +157,15 @@ fn spread(s: Spread, digits: usize) -> String {
     }
 }
 
+/// A figure only some scenarios measure (e.g. packets, not counted for commands): "–" where not.
+fn measured(s: &Series, key: &str, digits: usize) -> String {
+    if s.runs.iter().any(|r| r.extra.contains_key(key)) {
+        spread(s.extra(key), digits)
+    } else {
+        "–".into()
+    }
+}
+
 impl Report {
     fn find(&self, scenario: &str, system: &str) -> Option<&Series> {
         self.series
@@ -446,8 +455,8 @@ impl Report {
                 spread(s.spread(|r| r.p99_us as f64), 0),
                 spread(s.spread(|r| r.p999_us as f64), 0),
                 spread(s.spread(|r| r.server_rss as f64 / 1048576.0), 1),
-                spread(s.extra("packets_per_msg"), 2),
-                spread(s.extra("udp_dropped"), 0),
+                measured(s, "packets_per_msg", 2),
+                measured(s, "udp_dropped", 0),
                 lost,
                 errors
             );
@@ -681,5 +690,39 @@ mod tests {
         ]));
         assert!(met);
         assert_eq!(measured, "34.5 KB vs 36.8 KB");
+    }
+
+    /// Packets per message are shown where they were counted (slow devices), "–" where not
+    /// (commands), never as a measured 0.
+    #[test]
+    fn packets_per_message_show_only_where_counted() {
+        let run = |packets: Option<f64>| {
+            let mut r = Run {
+                seconds: 1.0,
+                delivered: 100,
+                ..Default::default()
+            };
+            if let Some(p) = packets {
+                r.extra.insert("packets_per_msg".into(), p);
+                r.extra.insert("udp_dropped".into(), 7.0);
+            }
+            r
+        };
+        let series = |scenario: &str, packets| Series {
+            scenario: scenario.into(),
+            system: "fleetlink".into(),
+            runs: vec![run(packets)],
+        };
+        let mut md = String::new();
+        let r = report(vec![series("slow", Some(3.25)), series("commands", None)]);
+        r.throughput_table(&mut md, "slow", "slow");
+        r.throughput_table(&mut md, "commands", "commands");
+        let rows: Vec<&str> = md
+            .lines()
+            .filter(|l| l.starts_with("| fleetlink"))
+            .collect();
+        assert_eq!(rows.len(), 2, "{md}");
+        assert!(rows[0].ends_with("| 3.25 | 7 | 0 | 0 |"), "{}", rows[0]);
+        assert!(rows[1].ends_with("| – | – | 0 | 0 |"), "{}", rows[1]);
     }
 }
