@@ -303,8 +303,9 @@ impl Client {
         from_json(py, &twin_json(&t))
     }
 
-    /// Queues a command; returns it as a dict.
-    #[pyo3(signature = (device, name, args_json, deadline_s=None, idempotency_key=None, concurrent=false))]
+    /// Queues a command; returns it as a dict: once stored, or with `wait_s` once it finished or
+    /// `wait_s` passed (one request for waits up to 10 minutes).
+    #[pyo3(signature = (device, name, args_json, deadline_s=None, idempotency_key=None, concurrent=false, wait_s=None))]
     #[allow(clippy::too_many_arguments)] // mirrors the keyword arguments of Client.send_command
     fn send_command(
         &self,
@@ -315,6 +316,7 @@ impl Client {
         deadline_s: Option<f64>,
         idempotency_key: Option<String>,
         concurrent: bool,
+        wait_s: Option<f64>,
     ) -> PyResult<Py<PyAny>> {
         let id = device_id(py, device)?;
         let args: serde_json::Value = serde_json::from_str(args_json)
@@ -325,8 +327,15 @@ impl Client {
         }
         req.idempotency_key = idempotency_key;
         req.concurrent = concurrent;
+        let wait_for = wait_s.map(|w| secs(py, w, "timeout")).transpose()?;
         let op = self.op.clone();
-        let c = wait(py, async move { op.send_command(req).await })?.map_err(err)?;
+        let c = wait(py, async move {
+            match wait_for {
+                None => op.send_command(req).await,
+                Some(t) => op.send_command_and_wait(req, t).await,
+            }
+        })?
+        .map_err(err)?;
         from_json(py, &command_json(&c))
     }
 

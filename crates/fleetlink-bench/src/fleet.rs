@@ -303,8 +303,9 @@ async fn watch_acks(
     }
 }
 
-/// Commands through an operator to devices answering `ping`, one at a time; returns the
-/// round-trip meter (operator send → device handler → durable result → operator).
+/// Commands through an operator to devices answering `ping`, one at a time (`run_command`: one
+/// request, answered with the result); returns the round-trip meter (operator send → device
+/// handler → durable result → operator).
 pub async fn command_round_trips(
     server: &ServerAddress,
     admin_token: &str,
@@ -325,16 +326,9 @@ pub async fn command_round_trips(
         meter.sent(1);
         let mut req = fleetlink_client::CommandRequest::new(device, "ping");
         req.args = serde_json::json!({ "k": k });
-        let result = async {
-            let info = op.send_command(req).await?;
-            op.wait_command(info.id, Duration::from_secs(10)).await
-        }
-        .await;
-        match result {
-            Ok(info) if info.state == fleetlink_client::CommandState::Succeeded => {
-                meter.delivered_since(t)
-            }
-            _ => meter.error(),
+        match op.run_command(req, Duration::from_secs(10)).await {
+            Ok(_) => meter.delivered_since(t),
+            Err(_) => meter.error(),
         }
     }
     Ok(())

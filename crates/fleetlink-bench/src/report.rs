@@ -157,7 +157,7 @@ fn spread(s: Spread, digits: usize) -> String {
     }
 }
 
-/// A figure only some scenarios measure (e.g. packets, not counted for commands): "–" where not.
+/// A figure only some runs measure (packets, counted since the harness could): "–" where not.
 fn measured(s: &Series, key: &str, digits: usize) -> String {
     if s.runs.iter().any(|r| r.extra.contains_key(key)) {
         spread(s.extra(key), digits)
@@ -616,7 +616,7 @@ const METHOD: &str = "- One load generator (`crates/fleetlink-bench`, one tokio 
 - **nats-core**: async-nats, delivered = received by a subscriber of `bench.>`. **nats-jetstream**: file-stored stream, acked publishes (64 in flight per client), delivered = acked.
 - **quinn-sink**: the same QUIC/TLS stack with no actors, protobuf or storage; it acks the count of 100-byte messages read after each chunk. For commands it relays a request to the device's connection and the answer back, the topology of a fleetlink command.
 - Server CPU = utime+stime of the server process from /proc over the measured window (after a warm-up); client CPU the same for the load generator. Losses are counted after a drain: sent − delivered.
-- Packets/msg (flood, slow devices) = packets sent on loopback by clients and server together over the window, from /proc/net/snmp (UDP datagrams for QUIC, TCP segments with their ACKs for MQTT and NATS), per delivered message. UDP drops = datagrams the kernel dropped for a full socket receive buffer over the window (`RcvbufErrors`, all sockets): a sign that a receiver was saturated.";
+- Packets/msg (flood, slow devices, commands) = packets sent on loopback by clients and server together over the window, from /proc/net/snmp (UDP datagrams for QUIC, TCP segments with their ACKs for MQTT and NATS), per delivered message (per round trip for commands, the idle devices' heartbeats and keep-alives included). UDP drops = datagrams the kernel dropped for a full socket receive buffer over the window (`RcvbufErrors`, all sockets): a sign that a receiver was saturated.";
 
 #[cfg(test)]
 mod tests {
@@ -692,8 +692,8 @@ mod tests {
         assert_eq!(measured, "34.5 KB vs 36.8 KB");
     }
 
-    /// Packets per message are shown where they were counted (slow devices), "–" where not
-    /// (commands), never as a measured 0.
+    /// Packets per message are shown where they were counted, "–" where not (a run recorded
+    /// before they were counted), never as a measured 0.
     #[test]
     fn packets_per_message_show_only_where_counted() {
         let run = |packets: Option<f64>| {

@@ -538,7 +538,7 @@ pub async fn commands(ctx: &mut Ctx) -> Result<()> {
             let (proc, target) = start(ctx, system, devices)?;
             let meter = Meter::new();
             let me = std::process::id();
-            let (s0, c0, t0);
+            let (s0, c0, t0, n0);
             let holder: Box<dyn std::any::Any> = match &target {
                 Target::Fleet(ready) => {
                     let server = ready.server()?;
@@ -546,6 +546,7 @@ pub async fn commands(ctx: &mut Ctx) -> Result<()> {
                         fleet::connect(&server, devices, 1_000, Some(fleet::ping_handlers()))
                             .await?;
                     (s0, c0, t0) = (proc.cpu_seconds()?, cpu_seconds(me)?, Instant::now());
+                    n0 = PacketsSent::now()?;
                     fleet::command_round_trips(&server, &ready.admin_token, devices, count, &meter)
                         .await?;
                     Box::new(clients)
@@ -554,11 +555,15 @@ pub async fn commands(ctx: &mut Ctx) -> Result<()> {
                     let conns = sink::connect(ready, devices + 1, None).await?;
                     sink::register(&conns[..devices]).await?;
                     (s0, c0, t0) = (proc.cpu_seconds()?, cpu_seconds(me)?, Instant::now());
+                    n0 = PacketsSent::now()?;
                     sink::request_round_trips(&conns[devices], devices, count, &meter).await?;
                     Box::new(conns)
                 }
                 Target::Tcp(_) => unreachable!("commands run on fleetlink and the sink"),
             };
+            // UDP datagrams on loopback both ways, heartbeats and keep-alives of the idle
+            // devices included: the packets a round trip costs.
+            let packets = PacketsSent::now()?.since(n0);
             let (p50_us, p99_us, p999_us) = meter.percentiles();
             let r = Run {
                 seconds: t0.elapsed().as_secs_f64(),
@@ -572,7 +577,15 @@ pub async fn commands(ctx: &mut Ctx) -> Result<()> {
                 p50_us,
                 p99_us,
                 p999_us,
-                extra: [("devices".to_owned(), devices as f64)].into(),
+                extra: [
+                    ("devices".to_owned(), devices as f64),
+                    (
+                        "packets_per_msg".to_owned(),
+                        packets.udp as f64 / meter.delivered_total().max(1) as f64,
+                    ),
+                    ("udp_dropped".to_owned(), packets.udp_dropped as f64),
+                ]
+                .into(),
             };
             drop(holder);
             log_run("commands", system, i, &r);

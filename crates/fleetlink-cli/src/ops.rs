@@ -215,12 +215,11 @@ pub(crate) async fn command(command: CommandCommand) -> Result<()> {
             req.idempotency_key = idempotency_key;
             req.concurrent = concurrent;
             let op = conn.operator().await?;
-            let sent = op.send_command(req).await?;
             let Some(wait) = wait else {
-                print_command(&sent, json);
+                print_command(&op.send_command(req).await?, json);
                 return Ok(());
             };
-            let done = op.wait_command(sent.id, wait).await?;
+            let done = op.send_command_and_wait(req, wait).await?;
             print_command(&done, json);
             require_success(&done)
         }

@@ -618,6 +618,9 @@ impl NewDeviceSpec {
     }
 }
 
+/// The longest wait one `WaitCommand` (or `SendCommand.wait_ms`) may ask the server for.
+const MAX_WAIT: Duration = Duration::from_secs(600);
+
 /// An operator session.
 #[derive(Debug)]
 pub struct OperatorClient {
@@ -960,6 +963,15 @@ impl OperatorClient {
 
     /// Queues a command; returns once it is durably stored (state queued, or delivered already).
     pub async fn send_command(&self, request: CommandRequest) -> Result<CommandInfo, ClientError> {
+        self.submit_command(request, 0).await
+    }
+
+    /// `SendCommand`, answered once stored (`wait_ms` 0) or once finished (at most `wait_ms`).
+    async fn submit_command(
+        &self,
+        request: CommandRequest,
+        wait_ms: u32,
+    ) -> Result<CommandInfo, ClientError> {
         let deadline_us = match request.timeout {
             None => 0,
             Some(t) => {
@@ -973,6 +985,7 @@ impl OperatorClient {
             deadline_us,
             idempotency_key: request.idempotency_key.unwrap_or_default(),
             concurrent: request.concurrent,
+            wait_ms,
         }))
         .await
     }
@@ -1036,6 +1049,33 @@ impl OperatorClient {
         .await
     }
 
+    /// Sends a command and waits until it finishes or `timeout` passes, and returns it either
+    /// way (check [`CommandState::is_terminal`]): [`Self::send_command`] then
+    /// [`Self::wait_command`] in one request (a `SendCommand` with `wait_ms`) when `timeout` is
+    /// at most 10 minutes, with `WaitCommand`s after that for longer ones.
+    pub async fn send_command_and_wait(
+        &self,
+        request: CommandRequest,
+        timeout: Duration,
+    ) -> Result<CommandInfo, ClientError> {
+        let started = std::time::Instant::now();
+        let first = timeout.min(MAX_WAIT);
+        let mut info = self
+            .submit_command(
+                request,
+                u32::try_from(first.as_millis()).unwrap_or(u32::MAX),
+            )
+            .await?;
+        while !info.state.is_terminal() {
+            let left = timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            info = self.wait_command(info.id, left.min(MAX_WAIT)).await?;
+        }
+        Ok(info)
+    }
+
     /// Sends a command and waits for its result: the handler's JSON result if it succeeded,
     /// [`ClientError::Command`] if it failed, was rejected, expired or was cancelled, and
     /// [`ClientError::Timeout`] if it is still running after `timeout`.
@@ -1044,8 +1084,7 @@ impl OperatorClient {
         request: CommandRequest,
         timeout: Duration,
     ) -> Result<serde_json::Value, ClientError> {
-        let sent = self.send_command(request).await?;
-        let done = self.wait_command(sent.id, timeout).await?;
+        let done = self.send_command_and_wait(request, timeout).await?;
         match done.state {
             CommandState::Succeeded => Ok(done.result.unwrap_or(serde_json::Value::Null)),
             s if s.is_terminal() => Err(ClientError::Command {

@@ -426,21 +426,22 @@ pub(crate) async fn device_command(
         created_us: now,
         deadline_us: now + timeout_us,
     };
-    let record = target
-        .send(crate::command::SubmitCommand(new))
+    let submitted = target
+        .send(crate::command::SubmitCommand { new, watch: true })
         .await
         .map_err(|e| refused(ErrorCode::Unavailable, e.to_string()))?
         .map_err(|e| refused(crate::operator::command_error_code(&e), e.to_string()))?;
-    let command_id = record.id;
+    let command_id = submitted.record.id;
     let requester = id.clone();
     let request_id = request.request_id;
     tokio::spawn(async move {
-        let done = match target.send(crate::command::WatchCommand(command_id)).await {
-            Ok(Some(rx)) => rx.await.ok(),
-            _ => None,
+        let done = match submitted.done {
+            Some(rx) => rx.await.ok(),
+            None => None,
         };
         let done = match done {
             Some(d) => Some(d),
+            None if submitted.record.state.is_terminal() => Some(submitted.record),
             None => shared.store.command(command_id).await.ok().flatten(),
         };
         let Some(done) = done else { return };

@@ -360,15 +360,50 @@ impl Handler<Delivered> for DeviceActor {
     }
 }
 
-/// An operator queues a command.
+/// An operator, a device (bridge) or a job queues a command; with `watch`, the answer also
+/// carries a receiver for the command's final state, so that sending and waiting take one
+/// message to the actor and no read of the store.
 #[derive(Message)]
-#[rtype(result = "Result<CommandRecord, CommandError>")]
-pub(crate) struct SubmitCommand(pub NewCommand);
+#[rtype(result = "Result<Submitted, CommandError>")]
+pub(crate) struct SubmitCommand {
+    pub new: NewCommand,
+    pub watch: bool,
+}
+
+/// A queued command (or the one its idempotency key already made).
+#[derive(Debug)]
+pub(crate) struct Submitted {
+    /// Its state when the answer left the actor.
+    pub record: CommandRecord,
+    /// With `SubmitCommand::watch`: its final state, once durable. `None` when it had finished
+    /// already (`record` is then final) or the actor stopped.
+    pub done: Option<oneshot::Receiver<CommandRecord>>,
+}
+
+impl DeviceActor {
+    /// The answer to a `SubmitCommand` for `record`, watching it if asked to and unfinished.
+    fn submitted(&mut self, record: CommandRecord, watch: bool) -> Submitted {
+        let record = self.open.get(&record.id).cloned().unwrap_or(record);
+        let done = (watch && !record.state.is_terminal())
+            .then(|| {
+                let (tx, rx) = oneshot::channel();
+                if self.open.contains_key(&record.id) {
+                    self.waiters.entry(record.id).or_default().push(tx);
+                } else {
+                    self.settling.get_mut(&record.id)?.push(tx);
+                }
+                Some(rx)
+            })
+            .flatten();
+        Submitted { record, done }
+    }
+}
 
 impl Handler<SubmitCommand> for DeviceActor {
-    type Result = ResponseActFuture<Self, Result<CommandRecord, CommandError>>;
+    type Result = ResponseActFuture<Self, Result<Submitted, CommandError>>;
 
-    fn handle(&mut self, SubmitCommand(new): SubmitCommand, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: SubmitCommand, _: &mut Self::Context) -> Self::Result {
+        let SubmitCommand { new, watch } = msg;
         // The same key again: the command it made, unfinished (here) or finished (in the store).
         if let Some(key) = &new.idempotency_key
             && let Some(same) = self
@@ -376,7 +411,8 @@ impl Handler<SubmitCommand> for DeviceActor {
                 .values()
                 .find(|r| r.idempotency_key.as_deref() == Some(key.as_str()))
         {
-            return Box::pin(fut::ready(Ok(same.clone())));
+            let same = same.clone();
+            return Box::pin(fut::ready(Ok(self.submitted(same, watch))));
         }
         let limits = self.settings.outbox_limits;
         let pending = self.outbox.len() + self.submitting;
@@ -404,12 +440,17 @@ impl Handler<SubmitCommand> for DeviceActor {
                         None => Err(refused.into()),
                     }
                 }
-                .into_actor(self),
+                .into_actor(self)
+                .map(
+                    move |found: Result<CommandRecord, CommandError>, actor, _| {
+                        Ok(actor.submitted(found?, watch))
+                    },
+                ),
             );
         }
         self.submitting += 1;
         let insert = self.store.insert_command(new);
-        Box::pin(insert.into_actor(self).map(|inserted, actor, ctx| {
+        Box::pin(insert.into_actor(self).map(move |inserted, actor, ctx| {
             actor.submitting -= 1;
             let (record, created) = inserted?;
             if created {
@@ -419,10 +460,12 @@ impl Handler<SubmitCommand> for DeviceActor {
                     .push(record.id, record.concurrent, record.deadline_us);
                 actor.open.insert(record.id, record.clone());
                 actor.command_changed(&record);
+                // The delivery runs on the IO runtime: its result comes back as a message,
+                // after this handler has registered the watch below.
                 actor.dispatch_commands(ctx);
                 actor.schedule_expiry(ctx);
             }
-            Ok(actor.open.get(&record.id).cloned().unwrap_or(record))
+            Ok(actor.submitted(record, watch))
         }))
     }
 }

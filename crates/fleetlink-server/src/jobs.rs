@@ -414,12 +414,14 @@ impl Runner {
                     created_us: now,
                     deadline_us: now + timeout_us,
                 };
-                let submitted = actor.send(crate::command::SubmitCommand(new)).await;
+                let submitted = actor
+                    .send(crate::command::SubmitCommand { new, watch: false })
+                    .await;
                 if *self.shared.shutting_down.borrow() {
                     return; // not a failure of the target: the next start resumes it
                 }
                 match submitted {
-                    Ok(Ok(record)) => {
+                    Ok(Ok(crate::command::Submitted { record, .. })) => {
                         self.commands.insert(target.clone(), record.id);
                         self.save_target(&target, TargetState::Running, Some(record.id));
                         self.watch(target, record.id);

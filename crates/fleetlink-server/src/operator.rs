@@ -672,6 +672,7 @@ async fn send_command(
 ) -> Result<Vec<OperatorResponse>, RequestError> {
     crate::command::check_command_name(&r.name)
         .map_err(|m| error(ErrorCode::InvalidArgument, m))?;
+    check_wait_ms("wait_ms", r.wait_ms)?;
     if r.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
         return Err(error(
             ErrorCode::InvalidArgument,
@@ -708,12 +709,47 @@ async fn send_command(
         created_us: now,
         deadline_us,
     };
-    let record = actor
-        .send(SubmitCommand(new))
+    let submitted = actor
+        .send(SubmitCommand {
+            new,
+            watch: r.wait_ms > 0,
+        })
         .await
         .map_err(mailbox_error)?
         .map_err(command_error)?;
+    let record = match submitted.done {
+        Some(done) => finished_within(shared, submitted.record.id, done, r.wait_ms).await?,
+        None => submitted.record,
+    };
     respond(operator_response::Response::Command(command_info(&record)))
+}
+
+/// The final state of a watched command, or after `wait_ms` (or when the actor stopped) its
+/// state in the store.
+async fn finished_within(
+    shared: &Shared,
+    id: u64,
+    done: tokio::sync::oneshot::Receiver<CommandRecord>,
+    wait_ms: u32,
+) -> Result<CommandRecord, RequestError> {
+    let timeout = std::time::Duration::from_millis(u64::from(wait_ms));
+    match tokio::time::timeout(timeout, done).await {
+        Ok(Ok(record)) => Ok(record),
+        _ => stored_command(shared, id).await,
+    }
+}
+
+/// Longest wait a WaitCommand or SendCommand may ask for.
+const MAX_WAIT_MS: u32 = 600_000;
+
+fn check_wait_ms(field: &str, ms: u32) -> Result<(), RequestError> {
+    if ms > MAX_WAIT_MS {
+        return Err(error(
+            ErrorCode::InvalidArgument,
+            format!("{field} {ms} is above the maximum of {MAX_WAIT_MS}; wait again instead"),
+        ));
+    }
+    Ok(())
 }
 
 async fn stored_command(shared: &Shared, id: u64) -> Result<CommandRecord, RequestError> {
@@ -797,22 +833,11 @@ async fn cancel_command(
     respond(operator_response::Response::Command(command_info(&record)))
 }
 
-/// Longest wait a WaitCommand may ask for.
-const MAX_WAIT_MS: u32 = 600_000;
-
 async fn wait_command(
     shared: &Shared,
     r: v1::WaitCommand,
 ) -> Result<Vec<OperatorResponse>, RequestError> {
-    if r.timeout_ms > MAX_WAIT_MS {
-        return Err(error(
-            ErrorCode::InvalidArgument,
-            format!(
-                "timeout_ms {} is above the maximum of {MAX_WAIT_MS}; wait again instead",
-                r.timeout_ms
-            ),
-        ));
-    }
+    check_wait_ms("timeout_ms", r.timeout_ms)?;
     let record = stored_command(shared, r.command_id).await?;
     if record.state.is_terminal() {
         return respond(operator_response::Response::Command(command_info(&record)));
@@ -822,13 +847,9 @@ async fn wait_command(
         .send(WatchCommand(r.command_id))
         .await
         .map_err(mailbox_error)?;
-    let timeout = std::time::Duration::from_millis(u64::from(r.timeout_ms));
     let record = match watch {
-        Some(done) => match tokio::time::timeout(timeout, done).await {
-            Ok(Ok(record)) => record,
-            // Timed out, or the actor stopped: answer with what is stored.
-            _ => stored_command(shared, r.command_id).await?,
-        },
+        // Timed out, or the actor stopped: answered with what is stored.
+        Some(done) => finished_within(shared, r.command_id, done, r.timeout_ms).await?,
         // Finished between the two reads: the store has its final state now.
         None => stored_command(shared, r.command_id).await?,
     };

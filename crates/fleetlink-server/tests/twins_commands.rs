@@ -14,7 +14,9 @@ use fleetlink_client::{
     ClientError, CommandFailure, CommandInfo, CommandRequest, CommandState, DesiredState,
     DeviceClient, DeviceConfig, DeviceId, OperatorClient,
 };
-use fleetlink_proto::v1::ErrorCode;
+use fleetlink_proto::v1::{
+    ErrorCode, OperatorRequest, OperatorResponse, operator_request, operator_response,
+};
 use fleetlink_server::{Server, ServerConfig};
 use serde_json::json;
 use tokio::sync::{Notify, watch};
@@ -537,6 +539,158 @@ async fn serial_commands_run_in_order_concurrent_ones_beside_them() {
 
 /// The device can be running a command before its `delivered` state is committed; reading the
 /// command then gives the owner's live state, not the store's older one.
+/// `SendCommand` with `wait_ms` on a raw operator stream: one request, one answer.
+async fn raw_send_command(
+    ts: &TestServer,
+    r: fleetlink_proto::v1::SendCommand,
+) -> OperatorResponse {
+    let operator = raw_connect(
+        ts,
+        fleetlink_proto::v1::Hello {
+            role: fleetlink_proto::v1::Role::Operator.into(),
+            device_id: String::new(),
+            ..device_hello("", &ts.admin_token)
+        },
+    )
+    .await;
+    let (mut send, recv) = operator.conn.open_bi().await.unwrap();
+    let request = OperatorRequest {
+        request: Some(operator_request::Request::SendCommand(r)),
+    };
+    fleetlink_transport::write_frame(&mut send, &request)
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let mut reader = fleetlink_transport::FrameReader::new(recv, 1 << 20);
+    let answer = reader.read::<OperatorResponse>().await.unwrap().unwrap();
+    assert!(reader.read::<OperatorResponse>().await.unwrap().is_none());
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_and_wait_answers_with_the_final_state_in_one_request() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "pump-1").await;
+    let pump = id("pump-1");
+
+    // Offline: answered after the wait with the state it is in.
+    let queued = op
+        .send_command_and_wait(queued_again(&pump), Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(queued.state, CommandState::Queued);
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(Notify::new());
+    let config = blocking_device(
+        ts.device_config("pump-1", &token),
+        runs.clone(),
+        release.clone(),
+    );
+    let dev = DeviceClient::connect(echo_device(config, Arc::new(AtomicUsize::new(0))))
+        .await
+        .unwrap();
+    // The queued one runs now and holds the serial line: a concurrent echo goes beside it and
+    // is answered finished, with its result and whole history, by the one request.
+    let echo = CommandRequest::new(pump.clone(), "echo")
+        .args(json!({"n": 1}))
+        .concurrent();
+    let done = op.send_command_and_wait(echo, WAIT).await.unwrap();
+    assert_eq!(done.state, CommandState::Succeeded);
+    assert_eq!(done.result, Some(json!({"echo": {"n": 1}})));
+    assert_eq!(
+        states(&done),
+        vec![
+            CommandState::Queued,
+            CommandState::Delivered,
+            CommandState::Succeeded
+        ]
+    );
+    // Still running when the wait ends: answered `delivered`, not an error.
+    let running = op
+        .send_command_and_wait(queued_again(&pump), Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(
+        running.id, queued.id,
+        "the idempotency key names the first command"
+    );
+    assert_eq!(running.state, CommandState::Delivered);
+    // Released while a second request with the same key waits: that one gets the final state.
+    let waiting = op.send_command_and_wait(queued_again(&pump), WAIT);
+    let (finished, ()) = tokio::join!(waiting, async {
+        eventually(WAIT, "the handler ran", || async {
+            runs.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        release.notify_one();
+    });
+    let finished = finished.unwrap();
+    assert_eq!(finished.id, queued.id);
+    assert_eq!(finished.state, CommandState::Succeeded);
+    assert_eq!(finished.result, Some(json!({"done": queued.id})));
+    // Finished already: answered at once with the stored record.
+    let again = op
+        .send_command_and_wait(queued_again(&pump), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.id, again.state),
+        (queued.id, CommandState::Succeeded)
+    );
+
+    // On the wire: one SendCommand with wait_ms, one answer holding the final state.
+    let answer = raw_send_command(
+        &ts,
+        fleetlink_proto::v1::SendCommand {
+            device_id: "pump-1".into(),
+            name: "echo".into(),
+            args_json: "2".into(),
+            concurrent: true,
+            wait_ms: 10_000,
+            ..Default::default()
+        },
+    )
+    .await;
+    match answer.response {
+        Some(operator_response::Response::Command(c)) => {
+            assert_eq!(c.state(), fleetlink_proto::v1::CommandState::Succeeded);
+            assert_eq!(c.result_json, r#"{"echo":2}"#);
+        }
+        other => panic!("expected a CommandInfo, got {other:?}"),
+    }
+    let too_long = raw_send_command(
+        &ts,
+        fleetlink_proto::v1::SendCommand {
+            device_id: "pump-1".into(),
+            name: "echo".into(),
+            wait_ms: 600_001,
+            ..Default::default()
+        },
+    )
+    .await;
+    match too_long.response {
+        Some(operator_response::Response::Error(e)) => {
+            assert_eq!(e.code(), ErrorCode::InvalidArgument);
+            assert_eq!(
+                e.message,
+                "wait_ms 600001 is above the maximum of 600000; wait again instead"
+            );
+        }
+        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+    }
+    dev.close().await;
+}
+
+/// The first `slow` command of `send_and_wait_answers_with_the_final_state_in_one_request`, sent
+/// again by its idempotency key.
+fn queued_again(device: &DeviceId) -> CommandRequest {
+    let mut req = CommandRequest::new(device.clone(), "slow");
+    req.idempotency_key = Some("slow-1".into());
+    req
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_command_reads_as_delivered_before_the_store_commits_it() {
     let ts = start(|_| {});

@@ -460,11 +460,9 @@ class Client:
     ) -> CommandHandle:
         """Queues a command and returns a handle at once (``wait=True``: after it finished or
         ``timeout`` passed). ``deadline``: seconds until it expires (default: the server's)."""
-        info = self._native.send_command(device, name, _dumps(args, "args"), deadline, idempotency_key, concurrent)
-        handle = CommandHandle(self, info)
-        if wait:
-            handle.info = self._native.wait_command(handle.id, _timeout(timeout))
-        return handle
+        wait_s = _timeout(timeout) if wait else None
+        info = self._native.send_command(device, name, _dumps(args, "args"), deadline, idempotency_key, concurrent, wait_s)
+        return CommandHandle(self, info)
 
     def commands(self, device: str, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """A device's commands, newest first."""

@@ -56,8 +56,10 @@ class Client:
         deadline_s: float | None = None,
         idempotency_key: str | None = None,
         concurrent: bool = False,
+        wait_s: float | None = None,
     ) -> dict[str, Any]:
-        """Queues a command; returns its record."""
+        """Queues a command; returns its record once stored, or with ``wait_s`` once it finished or
+        ``wait_s`` passed (one request)."""
     def get_command(self, id: int) -> dict[str, Any]:
         """One command's record."""
     def wait_command(self, id: int, timeout_s: float) -> dict[str, Any]:

@@ -1270,6 +1270,11 @@ pub struct SendCommand {
     /// Run as soon as delivered, beside other commands, instead of one at a time in order.
     #[prost(bool, tag = "6")]
     pub concurrent: bool,
+    /// 0 = answer once the command is stored. Otherwise answer once it is finished (its final state
+    /// durable), or after this many milliseconds with its current state, as a WaitCommand sent right
+    /// after would; at most 600000.
+    #[prost(uint32, tag = "7")]
+    pub wait_ms: u32,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetCommand {
