@@ -67,6 +67,7 @@ pub async fn connect(server: &ServerAddress, n: usize) -> Result<LightFleet> {
                 device_id: device_id(i).to_string(),
                 token: token(i).as_str().to_owned(),
                 client_name: "fleetlink-bench light device".into(),
+                early_command_fin: false, // it runs no commands
             };
             let hello = ClientControl {
                 msg: Some(client_control::Msg::Hello(hello)),

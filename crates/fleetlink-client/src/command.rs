@@ -250,20 +250,30 @@ impl CommandRunner {
         let id = request.command_id;
         tracing::debug!(%device, command = id, name = %request.name, attempt = request.attempt, "command received");
         let mut result = self.start(&request);
+        let stopped = send.stopped();
         let cancelled = async {
-            // The server never finishes its side before our answer. A reset with the cancel code
-            // means cancelled or expired; any other end is a lost connection (the command will
-            // be delivered again, so its handler keeps running).
-            loop {
-                match reader.read::<v1::CommandResult>().await {
-                    Ok(Some(_)) => continue,
-                    Err(TransportError::Read(quinn::ReadError::Reset(code)))
-                        if code.into_inner() == u64::from(COMMAND_CANCELLED_CODE) =>
-                    {
-                        return true;
+            // A cancel (or expiry) is the cancel code on either side: the server resets its
+            // side and stops ours. Its side may end with a FIN right after the request (§10.2),
+            // which says nothing; any other end is a lost connection (the command will be
+            // delivered again, so its handler keeps running).
+            let read_side = async {
+                loop {
+                    match reader.read::<v1::CommandResult>().await {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => std::future::pending::<()>().await,
+                        Err(TransportError::Read(quinn::ReadError::Reset(code))) => {
+                            return code.into_inner() == u64::from(COMMAND_CANCELLED_CODE);
+                        }
+                        Err(_) => return false,
                     }
-                    Ok(None) | Err(_) => return false,
                 }
+            };
+            let stop_side = async {
+                matches!(stopped.await, Ok(Some(code)) if code.into_inner() == u64::from(COMMAND_CANCELLED_CODE))
+            };
+            tokio::select! {
+                c = read_side => c,
+                c = stop_side => c,
             }
         };
         let answer = tokio::select! {

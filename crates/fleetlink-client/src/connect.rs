@@ -151,5 +151,7 @@ pub(crate) fn hello(role: v1::Role, device_id: &str, token: &str) -> Hello {
         device_id: device_id.to_owned(),
         token: token.to_owned(),
         client_name: concat!("fleetlink-rust/", env!("CARGO_PKG_VERSION")).to_owned(),
+        // the command runner reads past the server's FIN and watches for STOP_SENDING
+        early_command_fin: role == v1::Role::Device,
     }
 }

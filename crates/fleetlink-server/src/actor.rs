@@ -63,6 +63,9 @@ pub(crate) struct StoredState {
 pub(crate) struct Link {
     pub session: SessionId,
     pub conn: quinn::Connection,
+    /// The device's Hello set `early_command_fin`: a command stream's server side ends with the
+    /// request.
+    pub early_command_fin: bool,
     /// The latest twin delta; the session writes every change of it to the control stream.
     pub delta: watch::Sender<Option<fleetlink_proto::v1::TwinDelta>>,
 }

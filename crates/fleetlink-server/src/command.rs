@@ -54,6 +54,7 @@ impl DeviceActor {
         let Some(link) = &self.link else { return };
         let conn = link.conn.clone();
         let session = link.session;
+        let early_fin = link.early_command_fin;
         let now = now_us();
         for id in self.outbox.dispatch(now) {
             let Some(record) = self.open.get_mut(&id) else {
@@ -94,7 +95,7 @@ impl DeviceActor {
             let max_frame = self.settings.max_frame_bytes;
             let conn = conn.clone();
             self.settings.io.spawn(async move {
-                let delivery = deliver(conn, request, cancel_rx, max_frame).await;
+                let delivery = deliver(conn, request, cancel_rx, max_frame, early_fin).await;
                 let _ = addr
                     .send(Delivered {
                         id,
@@ -243,11 +244,14 @@ pub(crate) enum Delivery {
 
 /// Opens the command's stream, writes the request and reads the answer. A cancel resets the
 /// stream both ways with [`COMMAND_CANCELLED_CODE`], which the device sees as a cancellation.
+/// With `early_fin` (the device's Hello allowed it) the request goes with the FIN of our side:
+/// the device's ACK of a FIN sent after its result would cost a packet per command.
 async fn deliver(
     conn: quinn::Connection,
     request: v1::CommandRequest,
     cancel: oneshot::Receiver<()>,
     max_frame_bytes: u32,
+    early_fin: bool,
 ) -> Delivery {
     let id = request.command_id;
     // Only a sent signal cancels; a dropped sender (the actor let go of the link) does not: the
@@ -272,6 +276,9 @@ async fn deliver(
         };
         write_frame(&mut send, &header).await?;
         write_frame(&mut send, &request).await?;
+        if early_fin {
+            let _ = send.finish();
+        }
         reader.read::<v1::CommandResult>().await
     };
     let answer = tokio::select! {

@@ -139,7 +139,9 @@ pub(crate) fn serve_connection(
             Ok(Role::Device) => match Box::pin(authenticate_device(&shared, &hello)).await {
                 Ok(id) => {
                     let span = tracing::info_span!("device", device = %id);
-                    let device = device_session(conn, control, shared, session, id).instrument(span);
+                    let early_fin = hello.early_command_fin;
+                    let device = device_session(conn, control, shared, session, id, early_fin)
+                        .instrument(span);
                     device.await
                 }
                 Err((reason, message, retry)) => reject(&conn, control, reason, message, retry).await,
@@ -312,6 +314,7 @@ async fn device_session(
     shared: Arc<Shared>,
     session: SessionId,
     id: DeviceId,
+    early_command_fin: bool,
 ) {
     let Control {
         mut send,
@@ -398,6 +401,7 @@ async fn device_session(
     let link = Link {
         session,
         conn: conn.clone(),
+        early_command_fin,
         delta: delta_tx,
     };
     // One queue of frames for the control stream: the session's own answers and what the bridge

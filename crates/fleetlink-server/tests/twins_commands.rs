@@ -15,7 +15,8 @@ use fleetlink_client::{
     DeviceClient, DeviceConfig, DeviceId, OperatorClient,
 };
 use fleetlink_proto::v1::{
-    ErrorCode, OperatorRequest, OperatorResponse, operator_request, operator_response,
+    CommandResult, ErrorCode, OperatorRequest, OperatorResponse, StreamHeader, StreamKind,
+    operator_request, operator_response,
 };
 use fleetlink_server::{Server, ServerConfig};
 use serde_json::json;
@@ -681,6 +682,113 @@ async fn send_and_wait_answers_with_the_final_state_in_one_request() {
         other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
     }
     dev.close().await;
+}
+
+/// A raw device's next command stream: the header, then the request.
+async fn next_command(
+    dev: &RawClient,
+) -> (
+    quinn::SendStream,
+    fleetlink_transport::FrameReader,
+    fleetlink_proto::v1::CommandRequest,
+) {
+    let (send, recv) = tokio::time::timeout(WAIT, dev.conn.accept_bi())
+        .await
+        .expect("no command stream")
+        .unwrap();
+    let mut reader = fleetlink_transport::FrameReader::new(recv, 1 << 20);
+    let header = reader.read::<StreamHeader>().await.unwrap().unwrap();
+    assert_eq!(header.kind(), StreamKind::Command);
+    let request = reader
+        .read::<fleetlink_proto::v1::CommandRequest>()
+        .await
+        .unwrap()
+        .unwrap();
+    (send, reader, request)
+}
+
+async fn answer(send: &mut quinn::SendStream, request: &fleetlink_proto::v1::CommandRequest) {
+    let result = fleetlink_proto::v1::CommandResult {
+        command_id: request.command_id,
+        outcome: fleetlink_proto::v1::CommandOutcome::Succeeded.into(),
+        result_json: r#""ok""#.into(),
+        error: String::new(),
+    };
+    fleetlink_transport::write_frame(send, &result)
+        .await
+        .unwrap();
+    send.finish().unwrap();
+}
+
+/// A device whose Hello sets `early_command_fin` gets each command stream's server side finished
+/// with the request, and a cancel as STOP_SENDING (code 1) on its side; one that does not (the
+/// version 1 baseline) sees the FIN only after its result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_finishes_a_command_stream_early_only_for_devices_that_asked() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    for (name, early) in [("early-1", true), ("late-1", false)] {
+        let token = provision(&op, name).await;
+        let dev = raw_connect(
+            &ts,
+            fleetlink_proto::v1::Hello {
+                early_command_fin: early,
+                ..device_hello(name, &token)
+            },
+        )
+        .await;
+        let req = CommandRequest::new(id(name), "ping").concurrent();
+        let run = op.send_command_and_wait(req, WAIT);
+        let device = async {
+            let (mut send, mut reader, request) = next_command(&dev).await;
+            if early {
+                let end = reader.read::<CommandResult>().await.unwrap();
+                assert!(end.is_none(), "{name}: the request came without its FIN");
+            } else {
+                let more = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    reader.read::<CommandResult>(),
+                )
+                .await;
+                assert!(
+                    more.is_err(),
+                    "{name}: the server's side ended before the result: {more:?}"
+                );
+            }
+            answer(&mut send, &request).await;
+            if !early {
+                let end = tokio::time::timeout(WAIT, reader.read::<CommandResult>())
+                    .await
+                    .expect("no FIN after the result")
+                    .unwrap();
+                assert!(end.is_none());
+            }
+        };
+        let (done, ()) = tokio::join!(run, device);
+        let done = done.unwrap();
+        assert_eq!(done.state, CommandState::Succeeded, "{name}");
+        assert_eq!(done.result, Some(json!("ok")));
+
+        // A cancel while the device runs it: STOP_SENDING with code 1 on the device's side,
+        // whether or not the server's side had ended.
+        let sent = op
+            .send_command(CommandRequest::new(id(name), "ping"))
+            .await
+            .unwrap();
+        let (send, _reader, request) = next_command(&dev).await;
+        assert_eq!(request.command_id, sent.id);
+        let cancelled = op.cancel_command(sent.id).await.unwrap();
+        assert_eq!(cancelled.state, CommandState::Cancelled);
+        let code = tokio::time::timeout(WAIT, send.stopped())
+            .await
+            .expect("the device's side was never stopped")
+            .unwrap();
+        assert_eq!(
+            code.map(|c| c.into_inner()),
+            Some(u64::from(fleetlink_proto::COMMAND_CANCELLED_CODE)),
+            "{name}"
+        );
+    }
 }
 
 /// The first `slow` command of `send_and_wait_answers_with_the_final_state_in_one_request`, sent

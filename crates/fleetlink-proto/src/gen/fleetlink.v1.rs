@@ -508,6 +508,12 @@ pub struct Hello {
     /// Free text that names the client software, for logs ("fleetlink-rust/0.1.0").
     #[prost(string, tag = "5")]
     pub client_name: ::prost::alloc::string::String,
+    /// (ROLE_DEVICE) The device reads on past the end (FIN) of the server's side of a command
+    /// stream and takes STOP_SENDING with code 1 on its own side as a cancel (protocol.md §10.2).
+    /// The server then finishes its side right after the CommandRequest, which saves the device's
+    /// connection a packet per command. false: the server finishes its side after the result.
+    #[prost(bool, tag = "6")]
+    pub early_command_fin: bool,
 }
 /// The server accepted the Hello.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
