@@ -94,7 +94,7 @@ pub(crate) struct DeviceActor {
     /// Commands written to the device now: dropping the sender cancels the delivery.
     pub(crate) in_flight: HashMap<CommandId, tokio::sync::oneshot::Sender<()>>,
     /// Finished commands whose final state is not durable yet, and who waits for them.
-    pub(crate) settling: HashMap<CommandId, Vec<tokio::sync::oneshot::Sender<CommandRecord>>>,
+    pub(crate) settling: HashMap<CommandId, crate::command::Settling>,
     /// Operators waiting for an unfinished command.
     pub(crate) waiters: HashMap<CommandId, Vec<tokio::sync::oneshot::Sender<CommandRecord>>>,
     /// The pending expiry timer: (deadline it fires for, handle).

@@ -7,8 +7,10 @@
 //! may cancel it. A lost connection leaves it `delivered` and it is written again on the next
 //! connection; the SDK answers a redelivery from its cache without running the handler again.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use actix::dev::SendError;
 use actix::prelude::*;
 use fleetlink_core::command::{CommandEvent, CommandId, CommandState, OutboxError, transition};
 use fleetlink_core::presence::SessionId;
@@ -96,13 +98,16 @@ impl DeviceActor {
             let conn = conn.clone();
             self.settings.io.spawn(async move {
                 let delivery = deliver(conn, request, cancel_rx, max_frame, early_fin).await;
-                let _ = addr
-                    .send(Delivered {
-                        id,
-                        session,
-                        delivery,
-                    })
-                    .await;
+                let delivered = Delivered {
+                    id,
+                    session,
+                    delivery,
+                };
+                // Not waiting for the handler (its answer would wake this thread for nothing),
+                // unless the mailbox is full.
+                if let Err(SendError::Full(delivered)) = addr.try_send(delivered) {
+                    let _ = addr.send(delivered).await;
+                }
             });
         }
     }
@@ -164,22 +169,20 @@ impl DeviceActor {
         if let Some(cancel) = self.in_flight.remove(&id) {
             let _ = cancel.send(());
         }
-        let waiters = self.waiters.remove(&id).unwrap_or_default();
-        self.settling.insert(id, waiters);
-        let write = self.store.update_command(update);
+        // Its waiters are answered by the store's writer the moment the final state is durable:
+        // no hop back through this actor's thread (one thread wake-up less per command).
+        self.settling.retain(|_, s| !s.is_settled());
+        let settling = Settling::new(self.waiters.remove(&id).unwrap_or_default());
+        self.settling.insert(id, settling.clone());
         let settled = record.clone();
         let device = self.id.clone();
-        ctx.spawn(
-            async move {
-                if let Err(error) = write.await {
+        self.store.update_command_then(
+            update,
+            Box::new(move |written| {
+                if let Err(error) = written {
                     tracing::error!(%device, %error, command = id, "cannot store a command's final state");
                 }
-            }
-            .into_actor(self)
-            .map(move |(), actor, _| {
-                for waiter in actor.settling.remove(&id).unwrap_or_default() {
-                    let _ = waiter.send(settled.clone());
-                }
+                settling.settle(&settled);
             }),
         );
         self.dispatch_commands(ctx); // the next serial command may go now
@@ -215,6 +218,43 @@ impl DeviceActor {
             let _ = self.advance(id, CommandEvent::Expire, None, error, ctx);
         }
         self.schedule_expiry(ctx);
+    }
+}
+
+/// Those waiting for a command whose final state is being written. Whoever learns that the
+/// write is durable (the store's writer thread) answers them; a waiter that comes later finds it
+/// settled and reads the store instead.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Settling(Arc<Mutex<Option<Vec<oneshot::Sender<CommandRecord>>>>>);
+
+impl Settling {
+    fn new(waiters: Vec<oneshot::Sender<CommandRecord>>) -> Self {
+        Self(Arc::new(Mutex::new(Some(waiters))))
+    }
+
+    /// Adds a waiter; gives it back once settled (the store then has the final state).
+    pub(crate) fn join(
+        &self,
+        waiter: oneshot::Sender<CommandRecord>,
+    ) -> Result<(), oneshot::Sender<CommandRecord>> {
+        match self.0.lock().as_deref_mut() {
+            Ok(Some(waiters)) => {
+                waiters.push(waiter);
+                Ok(())
+            }
+            _ => Err(waiter),
+        }
+    }
+
+    fn settle(&self, record: &CommandRecord) {
+        let waiters = self.0.lock().ok().and_then(|mut w| w.take());
+        for waiter in waiters.unwrap_or_default() {
+            let _ = waiter.send(record.clone());
+        }
+    }
+
+    fn is_settled(&self) -> bool {
+        self.0.lock().map_or(true, |w| w.is_none())
     }
 }
 
@@ -397,7 +437,7 @@ impl DeviceActor {
                 if self.open.contains_key(&record.id) {
                     self.waiters.entry(record.id).or_default().push(tx);
                 } else {
-                    self.settling.get_mut(&record.id)?.push(tx);
+                    self.settling.get(&record.id)?.join(tx).ok()?;
                 }
                 Some(rx)
             })
@@ -506,8 +546,8 @@ impl Handler<CancelCommand> for DeviceActor {
         let error = Some("cancelled by an operator".to_owned());
         let record = self.advance(id, CommandEvent::Cancel, None, error, ctx);
         let (tx, rx) = oneshot::channel();
-        if let Some(waiters) = self.settling.get_mut(&id) {
-            waiters.push(tx);
+        if let Some(settling) = self.settling.get(&id) {
+            let _ = settling.join(tx); // settled already: `record` is durable
         }
         Box::pin(async move {
             let record = record?;
@@ -542,10 +582,9 @@ impl Handler<WatchCommand> for DeviceActor {
         let (tx, rx) = oneshot::channel();
         if self.open.contains_key(&id) {
             self.waiters.entry(id).or_default().push(tx);
-        } else if let Some(waiters) = self.settling.get_mut(&id) {
-            waiters.push(tx);
         } else {
-            return None;
+            // settled already, or finished long ago: the store has its final state
+            self.settling.get(&id)?.join(tx).ok()?;
         }
         Some(rx)
     }

@@ -57,6 +57,9 @@ pub enum StoreError {
 /// durable (or failed).
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
 
+/// Told the outcome of a queued write once it is durable (or failed).
+pub type OnDurable = Box<dyn FnOnce(Result<(), StoreError>) + Send + 'static>;
+
 /// A named set of devices: static (listed members) or dynamic (a query, stored as its text).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupRecord {
@@ -550,6 +553,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Records a state change of a command (queued write).
     fn update_command(&self, update: CommandUpdate) -> StoreFuture<()>;
+
+    /// [`Store::update_command`], telling `on_durable` the outcome instead of returning a future:
+    /// on the store's own thread where it has one (the SQLite writer, right after the commit), so
+    /// that whoever `on_durable` wakes is the first thread woken. The default awaits the write on
+    /// a task of the current tokio runtime.
+    fn update_command_then(&self, update: CommandUpdate, on_durable: OnDurable) {
+        let write = self.update_command(update);
+        tokio::spawn(async move { on_durable(write.await) });
+    }
 
     /// One command.
     async fn command(&self, id: CommandId) -> Result<Option<CommandRecord>, StoreError>;

@@ -16,8 +16,8 @@ use crate::chunk::{self, Columns, Row};
 use crate::{
     Aggregation, AppendBatch, CommandFilter, CommandRecord, CommandUpdate, DeviceRecord,
     DeviceState, DirectRecord, GroupRecord, JobRecord, JobTargetRecord, MetricColumns, MetricValue,
-    NewCommand, NewDevice, PresenceRecord, RetainedRecord, Store, StoreError, StoreFuture,
-    StoredPoint, StoredTwin, TelemetryQuery, TwinSide,
+    NewCommand, NewDevice, OnDurable, PresenceRecord, RetainedRecord, Store, StoreError,
+    StoreFuture, StoredPoint, StoredTwin, TelemetryQuery, TwinSide,
 };
 use fleetlink_core::command::{CommandId, CommandState};
 use fleetlink_core::twin::TwinDoc;
@@ -234,6 +234,26 @@ struct Inner {
 /// Runs inside the writer's transaction (under a savepoint); returns what to do once the
 /// transaction committed (`None`) or failed (`Some(error)`).
 type ControlJob = Box<dyn FnOnce(&Connection) -> Finisher + Send>;
+
+/// Calls its function once: with the outcome, or with [`StoreError::Closed`] if it is dropped
+/// before (its job was never run: the writer stopped).
+struct CalledOnce<T, D: FnOnce(Result<T, StoreError>)>(Option<D>, std::marker::PhantomData<fn(T)>);
+
+impl<T, D: FnOnce(Result<T, StoreError>)> CalledOnce<T, D> {
+    fn call(mut self, outcome: Result<T, StoreError>) {
+        if let Some(done) = self.0.take() {
+            done(outcome);
+        }
+    }
+}
+
+impl<T, D: FnOnce(Result<T, StoreError>)> Drop for CalledOnce<T, D> {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            done(Err(StoreError::Closed));
+        }
+    }
+}
 type Finisher = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
 enum WriterJob {
@@ -332,21 +352,32 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
+        self.control_then(f, move |outcome| {
+            let _ = tx.send(outcome);
+        });
+        Box::pin(async move { rx.await.map_err(|_| StoreError::Closed)? })
+    }
+
+    /// [`Self::control`], calling `done` with the outcome on the writer thread after the commit
+    /// (at once with [`StoreError::Closed`] if the writer has stopped).
+    fn control_then<T, F, D>(&self, f: F, done: D)
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        D: FnOnce(Result<T, StoreError>) + Send + 'static,
+    {
+        let done = CalledOnce(Some(done), std::marker::PhantomData);
         let job: ControlJob = Box::new(move |conn: &Connection| -> Finisher {
             let result = in_savepoint(conn, f);
             Box::new(move |commit_error: Option<&StoreError>| {
-                let outcome = match (commit_error, result) {
+                done.call(match (commit_error, result) {
                     (Some(e), _) => Err(StoreError::CommitFailed(e.to_string())),
                     (None, r) => r,
-                };
-                let _ = tx.send(outcome);
+                });
             })
         });
-        let queued = self.inner.writes.send(WriterJob::Control(job));
-        Box::pin(async move {
-            queued.map_err(|_| StoreError::Closed)?;
-            rx.await.map_err(|_| StoreError::Closed)?
-        })
+        // A writer that is gone drops the job, and with it `done`, which then says so.
+        let _ = self.inner.writes.send(WriterJob::Control(job));
     }
 
     /// Runs `f` on a short-lived connection that writes registry data (devices, tokens). Telemetry
@@ -1628,25 +1659,11 @@ impl Store for SqliteStore {
     }
 
     fn update_command(&self, u: CommandUpdate) -> StoreFuture<()> {
-        self.control(move |conn| {
-            let changed = conn
-                .prepare_cached(
-                    "UPDATE commands SET state = ?2, attempts = ?3, result = ?4, error = ?5, history = ?6
-                     WHERE id = ?1",
-                )?
-                .execute(params![
-                    u.id as i64,
-                    u.state.name(),
-                    u.attempts,
-                    u.result_json,
-                    u.error,
-                    history_json(&u.history)
-                ])?;
-            if changed == 0 {
-                return Err(StoreError::UnknownCommand(u.id));
-            }
-            Ok(())
-        })
+        self.control(move |conn| write_command_update(conn, &u))
+    }
+
+    fn update_command_then(&self, u: CommandUpdate, on_durable: OnDurable) {
+        self.control_then(move |conn| write_command_update(conn, &u), on_durable);
     }
 
     async fn command(&self, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
@@ -2093,4 +2110,25 @@ fn merge(
         "merged telemetry chunks"
     );
     Ok(out)
+}
+
+/// One command's new state (`Store::update_command`).
+fn write_command_update(conn: &Connection, u: &CommandUpdate) -> Result<(), StoreError> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE commands SET state = ?2, attempts = ?3, result = ?4, error = ?5, history = ?6
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            u.id as i64,
+            u.state.name(),
+            u.attempts,
+            u.result_json,
+            u.error,
+            history_json(&u.history)
+        ])?;
+    if changed == 0 {
+        return Err(StoreError::UnknownCommand(u.id));
+    }
+    Ok(())
 }

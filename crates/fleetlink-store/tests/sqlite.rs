@@ -819,3 +819,70 @@ async fn merged_chunks_of_a_device_whose_clock_moves_forward_do_not_overlap() {
     assert!(chunks.len() < 5 + 8 + 128, "{} chunks", chunks.len());
     assert!(chunks.iter().filter(|c| c.2 >= 1_024).count() >= 4);
 }
+
+/// `update_command_then` tells its callback on the writer's thread, after the commit: a read
+/// made from inside the callback already sees the new state; an unknown command is an error.
+#[tokio::test]
+async fn update_command_then_answers_from_the_writer_once_durable() {
+    use fleetlink_core::command::CommandState;
+    use fleetlink_store::{CommandUpdate, NewCommand};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    provision(&store, "valve-1").await;
+    let (command, _) = store
+        .insert_command(NewCommand {
+            device: id("valve-1"),
+            name: "open".into(),
+            args_json: "{}".into(),
+            idempotency_key: None,
+            concurrent: false,
+            created_us: 1,
+            deadline_us: i64::MAX,
+        })
+        .await
+        .unwrap();
+    let update = |id| CommandUpdate {
+        id,
+        state: CommandState::Succeeded,
+        history: vec![(CommandState::Queued, 1), (CommandState::Succeeded, 2)],
+        attempts: 1,
+        result_json: Some("true".into()),
+        error: None,
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let reader = path.clone();
+    store.update_command_then(
+        update(command.id),
+        Box::new(move |written| {
+            // Another connection, on this thread: what it reads is committed.
+            let conn = rusqlite::Connection::open(&reader).unwrap();
+            let state: String = conn
+                .query_row(
+                    "SELECT state FROM commands WHERE id = ?1",
+                    [command.id as i64],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            let thread = std::thread::current().name().map(str::to_owned);
+            let _ = tx.send((written, state, thread));
+        }),
+    );
+    let (written, state, thread) = rx.await.unwrap();
+    written.unwrap();
+    assert_eq!(state, "succeeded");
+    assert_eq!(thread.as_deref(), Some("fleetlink-store-writer"));
+
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    store.update_command_then(
+        update(command.id + 100),
+        Box::new(move |written| {
+            let _ = tx.send(written);
+        }),
+    );
+    match rx.await.unwrap() {
+        Err(StoreError::UnknownCommand(unknown)) => assert_eq!(unknown, command.id + 100),
+        other => panic!("expected an unknown command, got {other:?}"),
+    }
+}
