@@ -357,7 +357,7 @@ impl Report {
         self.throughput_table(
             &mut md,
             "commands",
-            "4. Command round trip (many devices connected; one request at a time)",
+            "4. Command round trip (many devices connected; one request at a time: 10000 per run, 50 with --quick)",
         );
         self.reconnect_table(&mut md);
         if !self.python.is_empty() {

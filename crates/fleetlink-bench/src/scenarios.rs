@@ -527,7 +527,11 @@ async fn idle_run(
 
 /// Scenario 4: command round trip with many devices connected.
 pub async fn commands(ctx: &mut Ctx) -> Result<()> {
-    let (devices, count) = if ctx.quick { (50, 50) } else { (10_000, 2_000) };
+    let (devices, count) = if ctx.quick {
+        (50, 50)
+    } else {
+        (10_000, 10_000)
+    };
     let devices = ctx.devices.unwrap_or(devices);
     for system in [System::Fleetlink, System::QuinnSink] {
         if !ctx.wants(system) {
