@@ -28,6 +28,14 @@ fn id(s: &str) -> DeviceId {
     DeviceId::new(s).unwrap()
 }
 
+/// A server, an operator, and one provisioned device: its token and id.
+async fn with_device(name: &str) -> (TestServer, OperatorClient, String, DeviceId) {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, name).await;
+    (ts, op, token, id(name))
+}
+
 /// Waits until the device's desired state satisfies `check`.
 async fn desired_where(
     rx: &mut watch::Receiver<Option<DesiredState>>,
@@ -62,10 +70,7 @@ fn server_error(e: ClientError) -> (ErrorCode, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twin_round_trip_and_delta_on_reconnect() {
-    let ts = start(|_| {});
-    let op = ts.operator().await;
-    let token = provision(&op, "truck-1").await;
-    let truck = id("truck-1");
+    let (ts, op, token, truck) = with_device("truck-1").await;
 
     let dev = DeviceClient::connect(ts.device_config("truck-1", &token))
         .await
@@ -199,10 +204,7 @@ fn echo_device(config: DeviceConfig, runs: Arc<AtomicUsize>) -> DeviceConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_to_an_offline_device_is_delivered_when_it_connects() {
-    let ts = start(|_| {});
-    let op = ts.operator().await;
-    let token = provision(&op, "pump-1").await;
-    let pump = id("pump-1");
+    let (ts, op, token, pump) = with_device("pump-1").await;
 
     let sent = op
         .send_command(CommandRequest::new(pump.clone(), "echo").args(json!({"n": 7})))
@@ -231,16 +233,7 @@ async fn a_command_to_an_offline_device_is_delivered_when_it_connects() {
     .await
     .unwrap();
     let done = op.wait_command(sent.id, WAIT).await.unwrap();
-    assert_eq!(done.state, CommandState::Succeeded);
-    assert_eq!(done.result, Some(json!({"echo": {"n": 7}})));
-    assert_eq!(
-        states(&done),
-        vec![
-            CommandState::Queued,
-            CommandState::Delivered,
-            CommandState::Succeeded
-        ]
-    );
+    assert_succeeded_first_time(&done, json!({"echo": {"n": 7}}));
     assert_eq!(done.attempts, 1);
 
     let failed = op.wait_command(failing.id, WAIT).await.unwrap();
@@ -292,6 +285,20 @@ async fn a_command_to_an_offline_device_is_delivered_when_it_connects() {
     dev.close().await;
 }
 
+/// `done` succeeded with `result` on its first delivery: queued, delivered, succeeded.
+fn assert_succeeded_first_time(done: &CommandInfo, result: serde_json::Value) {
+    assert_eq!(done.state, CommandState::Succeeded);
+    assert_eq!(done.result, Some(result));
+    assert_eq!(
+        states(done),
+        vec![
+            CommandState::Queued,
+            CommandState::Delivered,
+            CommandState::Succeeded
+        ]
+    );
+}
+
 /// What the store holds of a command (not the actor's live state).
 async fn stored_command(op: &OperatorClient, device: &DeviceId, id: u64) -> CommandInfo {
     op.list_commands(device, None, None, 0)
@@ -311,10 +318,7 @@ fn states(c: &CommandInfo) -> Vec<CommandState> {
 /// delivered while it runs, so a restart would find it delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_holds_every_delivery_of_a_command() {
-    let ts = start(|_| {});
-    let op = ts.operator().await;
-    let token = provision(&op, "gate-1").await;
-    let gate = id("gate-1");
+    let (ts, op, token, gate) = with_device("gate-1").await;
     let (release, released) = watch::channel(false);
     let config = echo_device(
         ts.device_config("gate-1", &token),
@@ -570,10 +574,7 @@ async fn raw_send_command(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_and_wait_answers_with_the_final_state_in_one_request() {
-    let ts = start(|_| {});
-    let op = ts.operator().await;
-    let token = provision(&op, "pump-1").await;
-    let pump = id("pump-1");
+    let (ts, op, token, pump) = with_device("pump-1").await;
 
     // Offline: answered after the wait with the state it is in.
     let queued = op
@@ -598,16 +599,7 @@ async fn send_and_wait_answers_with_the_final_state_in_one_request() {
         .args(json!({"n": 1}))
         .concurrent();
     let done = op.send_command_and_wait(echo, WAIT).await.unwrap();
-    assert_eq!(done.state, CommandState::Succeeded);
-    assert_eq!(done.result, Some(json!({"echo": {"n": 1}})));
-    assert_eq!(
-        states(&done),
-        vec![
-            CommandState::Queued,
-            CommandState::Delivered,
-            CommandState::Succeeded
-        ]
-    );
+    assert_succeeded_first_time(&done, json!({"echo": {"n": 1}}));
     // Still running when the wait ends: answered `delivered`, not an error.
     let running = op
         .send_command_and_wait(queued_again(&pump), Duration::from_millis(100))
@@ -1073,10 +1065,7 @@ async fn every_command_reaches_a_terminal_state_across_a_server_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_history_records_why_each_connection_ended() {
-    let ts = start(|_| {});
-    let op = ts.operator().await;
-    let token = provision(&op, "van-1").await;
-    let van = id("van-1");
+    let (ts, op, token, van) = with_device("van-1").await;
     let first = DeviceClient::connect(ts.device_config("van-1", &token))
         .await
         .unwrap();
