@@ -224,7 +224,7 @@ impl DeviceActor {
 /// Those waiting for a command whose final state is being written. Whoever learns that the
 /// write is durable (the store's writer thread) answers them; a waiter that comes later finds it
 /// settled and reads the store instead.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct Settling(Arc<Mutex<Option<Vec<oneshot::Sender<CommandRecord>>>>>);
 
 impl Settling {
@@ -432,17 +432,21 @@ impl DeviceActor {
     fn submitted(&mut self, record: CommandRecord, watch: bool) -> Submitted {
         let record = self.open.get(&record.id).cloned().unwrap_or(record);
         let done = (watch && !record.state.is_terminal())
-            .then(|| {
-                let (tx, rx) = oneshot::channel();
-                if self.open.contains_key(&record.id) {
-                    self.waiters.entry(record.id).or_default().push(tx);
-                } else {
-                    self.settling.get(&record.id)?.join(tx).ok()?;
-                }
-                Some(rx)
-            })
+            .then(|| self.watch_final(record.id))
             .flatten();
         Submitted { record, done }
+    }
+
+    /// A receiver for the final state of a command that is unfinished or still being written;
+    /// `None` once it is settled or unknown here (the store then has its final state).
+    fn watch_final(&mut self, id: CommandId) -> Option<oneshot::Receiver<CommandRecord>> {
+        let (tx, rx) = oneshot::channel();
+        if self.open.contains_key(&id) {
+            self.waiters.entry(id).or_default().push(tx);
+        } else {
+            self.settling.get(&id)?.join(tx).ok()?;
+        }
+        Some(rx)
     }
 }
 
@@ -579,13 +583,6 @@ impl Handler<WatchCommand> for DeviceActor {
     type Result = Option<oneshot::Receiver<CommandRecord>>;
 
     fn handle(&mut self, WatchCommand(id): WatchCommand, _: &mut Self::Context) -> Self::Result {
-        let (tx, rx) = oneshot::channel();
-        if self.open.contains_key(&id) {
-            self.waiters.entry(id).or_default().push(tx);
-        } else {
-            // settled already, or finished long ago: the store has its final state
-            self.settling.get(&id)?.join(tx).ok()?;
-        }
-        Some(rx)
+        self.watch_final(id)
     }
 }

@@ -234,6 +234,7 @@ struct Inner {
 /// Runs inside the writer's transaction (under a savepoint); returns what to do once the
 /// transaction committed (`None`) or failed (`Some(error)`).
 type ControlJob = Box<dyn FnOnce(&Connection) -> Finisher + Send>;
+type Finisher = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
 /// Calls its function once: with the outcome, or with [`StoreError::Closed`] if it is dropped
 /// before (its job was never run: the writer stopped).
@@ -254,7 +255,6 @@ impl<T, D: FnOnce(Result<T, StoreError>)> Drop for CalledOnce<T, D> {
         }
     }
 }
-type Finisher = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
 enum WriterJob {
     Append(AppendBatch, OwnedSemaphorePermit),
