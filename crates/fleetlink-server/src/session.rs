@@ -3,7 +3,7 @@
 //! of the device themselves.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use fleetlink_core::DeviceId;
@@ -19,7 +19,8 @@ use fleetlink_transport::{FrameReader, TransportError, write_frame};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument as _;
 
-use crate::actor::{Attach, Detach, Ingest, Kick, Link};
+use crate::actor::{Attach, Detach, DeviceActor, Ingest, Kick, Link};
+use crate::bridge::BridgeSender;
 use crate::registry::DeviceRegistry;
 use crate::twin::{Ready, ReportTwin, TwinRequestError};
 use crate::{ServerConfig, now_us};
@@ -72,12 +73,10 @@ impl End {
     }
 }
 
-/// Serves one incoming connection to its end.
-///
-/// Every connected device holds this future (its task) for as long as it is connected, so its
-/// size is memory per device: the steps before and around the running session are boxed (see
-/// [`Rare`]), and so is the `Incoming`, which the future would otherwise keep to its end. The
-/// task is 2,944 bytes (4,096 before these were boxed; `-Zprint-type-sizes`).
+/// Serves one incoming connection: its handshake, then an operator session to its end, or a
+/// device session handed to a task of its own ([`run_device`]), so that a connected device does
+/// not keep the handshake's state (this task is 896 bytes, the device's 1,280;
+/// `-Zprint-type-sizes`).
 pub(crate) fn serve_connection(
     incoming: quinn::Incoming,
     handshake: crate::admission::HandshakePermit,
@@ -138,11 +137,15 @@ pub(crate) fn serve_connection(
         match Role::try_from(hello.role) {
             Ok(Role::Device) => match Box::pin(authenticate_device(&shared, &hello)).await {
                 Ok(id) => {
+                    // The running session gets a task of its own, and this one ends: what the
+                    // handshake needed (the Hello, the steps above) is not kept for as long as
+                    // the device stays connected.
                     let span = tracing::info_span!("device", device = %id);
                     let early_fin = hello.early_command_fin;
-                    let device = device_session(conn, control, shared, session, id, early_fin)
-                        .instrument(span);
-                    device.await
+                    let start = start_device(conn, control, shared, session, id, early_fin);
+                    if let Some(running) = Box::pin(start.instrument(span.clone())).await {
+                        tokio::spawn(run_device(running).instrument(span));
+                    }
                 }
                 Err((reason, message, retry)) => reject(&conn, control, reason, message, retry).await,
             },
@@ -308,20 +311,38 @@ async fn send_error(
     conn.close(crate::close_code(code), message.as_bytes());
 }
 
-async fn device_session(
+/// A device session past its handshake, as [`run_device`] takes it over.
+struct Running {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    reader: FrameReader,
+    shared: Arc<Shared>,
+    session: SessionId,
+    id: DeviceId,
+    actor: actix::Addr<DeviceActor>,
+    durable: watch::Receiver<u64>,
+    heard: Arc<AtomicI64>,
+    delta_rx: watch::Receiver<Option<v1::TwinDelta>>,
+    out_tx: BridgeSender,
+    out_rx: mpsc::Receiver<Box<ServerControl>>,
+    kick_rx: oneshot::Receiver<Kick>,
+}
+
+/// Attaches an authenticated device to its actor and welcomes it; `None` if the connection was
+/// rejected or lost on the way. Runs on the connection's handshake task, boxed (see [`Rare`]).
+async fn start_device(
     conn: quinn::Connection,
     control: Control,
     shared: Arc<Shared>,
     session: SessionId,
     id: DeviceId,
     early_command_fin: bool,
-) {
+) -> Option<Box<Running>> {
     let Control {
         mut send,
         mut reader,
     } = control;
-    // Until the session runs, each step is boxed (see `Rare`): only the running session stays inline.
-    let actor = match Box::pin(shared.registry.get_or_start(&id)).await {
+    let actor = match shared.registry.get_or_start(&id).await {
         Ok(a) => a,
         Err(e) => {
             let reason = if matches!(e, StoreError::UnknownDevice(_)) {
@@ -329,75 +350,66 @@ async fn device_session(
             } else {
                 RejectReason::ServerBusy
             };
-            return reject(
-                &conn,
-                Control { send, reader },
-                reason,
-                e.to_string(),
-                1_000,
-            )
-            .await;
+            let control = Control { send, reader };
+            reject(&conn, control, reason, e.to_string(), 1_000).await;
+            return None;
         }
     };
     let (kick_tx, kick_rx) = oneshot::channel();
-    let attached = match Box::pin(actor.send(Attach {
+    let attach = Attach {
         session,
         remote: conn.remote_address(),
         kick: kick_tx,
-    }))
-    .await
-    {
+    };
+    let attached = match actor.send(attach).await {
         Ok(a) => a,
         Err(e) => {
-            return reject(
+            let control = Control { send, reader };
+            reject(
                 &conn,
-                Control { send, reader },
+                control,
                 RejectReason::ServerBusy,
                 e.to_string(),
                 1_000,
             )
             .await;
+            return None;
         }
     };
     let mut durable = attached.durable;
-    let heard = attached.heard;
     // Batches of an earlier connection may still be on their way to disk: announce the watermark
     // only once they are durable, so the device resends exactly what is missing.
     let wait = durable.wait_for(|d| *d >= attached.accepted);
     let settled = matches!(
-        Box::pin(tokio::time::timeout(Duration::from_secs(10), wait)).await,
+        tokio::time::timeout(Duration::from_secs(10), wait).await,
         Ok(Ok(_))
     );
     if !settled {
-        let _ = Box::pin(actor.send(Detach {
-            session,
-            reason: OfflineReason::Error,
-        }))
-        .await;
+        let _ = actor
+            .send(Detach {
+                session,
+                reason: OfflineReason::Error,
+            })
+            .await;
         let m = "earlier telemetry of this device is still being stored".to_owned();
-        return reject(
-            &conn,
-            Control { send, reader },
-            RejectReason::ServerBusy,
-            m,
-            1_000,
-        )
-        .await;
+        let control = Control { send, reader };
+        reject(&conn, control, RejectReason::ServerBusy, m, 1_000).await;
+        return None;
     }
     let last_stored = *durable.borrow_and_update();
-    let welcome_frame = welcome(&shared, session, last_stored);
-    if let Err(e) = Box::pin(write_frame(&mut send, &welcome_frame)).await {
+    if let Err(e) = write_frame(&mut send, &welcome(&shared, session, last_stored)).await {
         tracing::debug!(error = %e, "cannot send the Welcome");
-        let _ = Box::pin(actor.send(Detach {
-            session,
-            reason: OfflineReason::Closed,
-        }))
-        .await;
-        return;
+        let _ = actor
+            .send(Detach {
+                session,
+                reason: OfflineReason::Closed,
+            })
+            .await;
+        return None;
     }
     reader.set_max_frame_bytes(shared.config.max_frame_bytes);
     tracing::debug!(last_stored, "welcome sent");
-    let (delta_tx, mut delta_rx) = watch::channel(None);
+    let (delta_tx, delta_rx) = watch::channel(None);
     let link = Link {
         session,
         conn: conn.clone(),
@@ -405,15 +417,49 @@ async fn device_session(
         delta: delta_tx,
     };
     // One queue of frames for the control stream: the session's own answers and what the bridge
-    // hands over (which it drops, rather than wait, once BRIDGE_QUEUE frames are waiting). Boxed:
-    // a channel allocates a block of 32 slots up front (see bridge::BridgeSender).
-    let (out_tx, mut out_rx) = mpsc::channel::<Box<ServerControl>>(crate::bridge::BRIDGE_QUEUE);
+    // hands over (which it drops, rather than wait, once BRIDGE_QUEUE frames are waiting).
+    let (out_tx, out_rx) = mpsc::channel::<Box<ServerControl>>(crate::bridge::BRIDGE_QUEUE);
     shared.fleet.bridge.link(&id, session, out_tx.clone());
-    if Box::pin(actor.send(Ready(link))).await.is_err() {
+    if actor.send(Ready(link)).await.is_err() {
         shared.fleet.bridge.unlink(&id, session);
-        return;
+        return None;
     }
+    Some(Box::new(Running {
+        conn,
+        send,
+        reader,
+        shared,
+        session,
+        id,
+        actor,
+        durable,
+        heard: attached.heard,
+        delta_rx,
+        out_tx,
+        out_rx,
+        kick_rx,
+    }))
+}
 
+/// A running device session, to its end: its own task, held by every connected device, so its
+/// size is memory per device. Steps a session takes rarely or once are boxed (see [`Rare`]), and
+/// so is each telemetry stream; the task is 1,280 bytes (`-Zprint-type-sizes`).
+async fn run_device(running: Box<Running>) {
+    let Running {
+        conn,
+        mut send,
+        mut reader,
+        shared,
+        session,
+        id,
+        actor,
+        mut durable,
+        heard,
+        mut delta_rx,
+        out_tx,
+        mut out_rx,
+        kick_rx,
+    } = *running;
     // Everything this session sends on the control stream goes through here: acks coalesced,
     // and of twin deltas only the latest.
     let writer = async move {
@@ -441,146 +487,8 @@ async fn device_session(
     };
     let control_reader = async {
         loop {
-            match reader.read::<ClientControl>().await {
-                Ok(Some(ClientControl {
-                    msg: Some(client_control::Msg::Heartbeat(_)),
-                })) => {
-                    // No message to the actor: it reads this when it checks the timeout. (A
-                    // replaced session is kicked by the actor.)
-                    heard.fetch_max(now_us(), std::sync::atomic::Ordering::Relaxed);
-                    let hb = ServerControl {
-                        msg: Some(server_control::Msg::Heartbeat(v1::Heartbeat {
-                            time_us: now_us(),
-                        })),
-                    };
-                    if out_tx.send(Box::new(hb)).await.is_err() {
-                        return End::Closed("control stream closed".into());
-                    }
-                }
-                Ok(Some(ClientControl {
-                    msg: Some(client_control::Msg::TwinReport(report)),
-                })) => {
-                    // Rare requests are boxed: the session's future (held by every idle device) stays small.
-                    let ack = match Box::pin(report_twin(&actor, session, &report)).await {
-                        Ok(version) => v1::TwinReportAck {
-                            request_id: report.request_id,
-                            reported_version: version,
-                            error: None,
-                        },
-                        Err(TwinRequestError::NotCurrent) => {
-                            return End::Closed("replaced".into());
-                        }
-                        Err(e) => v1::TwinReportAck {
-                            request_id: report.request_id,
-                            reported_version: 0,
-                            error: Some(v1::Error {
-                                code: twin_error_code(&e).into(),
-                                message: e.to_string(),
-                            }),
-                        },
-                    };
-                    let ack = ServerControl {
-                        msg: Some(server_control::Msg::TwinReportAck(ack)),
-                    };
-                    if out_tx.send(Box::new(ack)).await.is_err() {
-                        return End::Closed("control stream closed".into());
-                    }
-                }
-                Ok(Some(ClientControl {
-                    msg: Some(client_control::Msg::Publish(p)),
-                })) => {
-                    let r = Box::pin(crate::bridge::publish(
-                        &shared,
-                        Some((&id, &actor)),
-                        &p.topic,
-                        p.payload,
-                        p.retain,
-                    ))
-                    .await;
-                    if out_tx
-                        .send(Box::new(bridge_ack(p.request_id, r)))
-                        .await
-                        .is_err()
-                    {
-                        return End::Closed("control stream closed".into());
-                    }
-                }
-                Ok(Some(ClientControl {
-                    msg: Some(client_control::Msg::Subscribe(sub)),
-                })) => {
-                    let r =
-                        Box::pin(crate::bridge::subscribe(&shared, &id, &actor, &sub.filter)).await;
-                    let (ack, retained) = match r {
-                        Ok(retained) => (
-                            bridge_ack(sub.request_id, Ok(retained.len() as u64)),
-                            retained,
-                        ),
-                        Err(e) => (bridge_ack(sub.request_id, Err(e)), Vec::new()),
-                    };
-                    if out_tx.send(Box::new(ack)).await.is_err() {
-                        return End::Closed("control stream closed".into());
-                    }
-                    for m in retained {
-                        let frame = ServerControl {
-                            msg: Some(server_control::Msg::TopicMessage(m)),
-                        };
-                        if out_tx.send(Box::new(frame)).await.is_err() {
-                            return End::Closed("control stream closed".into());
-                        }
-                    }
-                }
-                Ok(Some(ClientControl {
-                    msg: Some(client_control::Msg::Unsubscribe(u)),
-                })) => {
-                    let r = crate::bridge::unsubscribe(&shared, &id, &u.filter).map(u64::from);
-                    if out_tx
-                        .send(Box::new(bridge_ack(u.request_id, r)))
-                        .await
-                        .is_err()
-                    {
-                        return End::Closed("control stream closed".into());
-                    }
-                }
-                Ok(Some(ClientControl {
-                    msg: Some(client_control::Msg::SendDirect(d)),
-                })) => {
-                    let request_id = d.request_id;
-                    let r = Box::pin(crate::bridge::send_direct(&shared, &id, &actor, d)).await;
-                    if out_tx
-                        .send(Box::new(bridge_ack(request_id, r)))
-                        .await
-                        .is_err()
-                    {
-                        return End::Closed("control stream closed".into());
-                    }
-                }
-                Ok(Some(ClientControl {
-                    msg: Some(client_control::Msg::DeviceCommand(c)),
-                })) => {
-                    let request_id = c.request_id;
-                    let r = Box::pin(crate::bridge::device_command(
-                        shared.clone(),
-                        &id,
-                        &actor,
-                        c,
-                    ))
-                    .await;
-                    if out_tx
-                        .send(Box::new(bridge_ack(request_id, r)))
-                        .await
-                        .is_err()
-                    {
-                        return End::Closed("control stream closed".into());
-                    }
-                }
-                Ok(Some(ClientControl {
-                    msg: Some(client_control::Msg::Hello(_)),
-                })) => {
-                    return End::Error(
-                        ErrorCode::ProtocolViolation,
-                        "a second Hello on an established session".into(),
-                    );
-                }
+            let msg = match reader.read::<ClientControl>().await {
+                Ok(Some(ClientControl { msg: Some(m) })) => m,
                 Ok(Some(ClientControl { msg: None })) => {
                     return End::Error(
                         ErrorCode::UnknownMessage,
@@ -589,6 +497,17 @@ async fn device_session(
                 }
                 Ok(None) => return End::Closed("control stream finished by the device".into()),
                 Err(e) => return End::from_transport(e),
+            };
+            // Heartbeats, the one request every device keeps sending, are answered inline.
+            let answered = if matches!(msg, client_control::Msg::Heartbeat(_)) {
+                drop(msg);
+                queue(&out_tx, Box::new(heartbeat(&heard))).await
+            } else {
+                let ctx = (&shared, &id, &actor, session, &*heard);
+                Box::pin(request(ctx, &out_tx, msg)).await
+            };
+            if let Err(end) = answered {
+                return end;
             }
         }
     };
@@ -598,39 +517,8 @@ async fn device_session(
                 Ok(s) => s,
                 Err(e) => return End::Closed(e.to_string()),
             };
-            let mut stream = FrameReader::new(stream, shared.config.max_frame_bytes);
-            match stream.read::<StreamHeader>().await {
-                Ok(Some(h)) if h.kind == i32::from(StreamKind::Telemetry) => {}
-                Ok(Some(h)) => {
-                    return End::Error(
-                        ErrorCode::UnknownMessage,
-                        format!("unknown stream kind {} in StreamHeader", h.kind),
-                    );
-                }
-                Ok(None) => continue,
-                Err(e) => return End::from_transport(e),
-            }
-            let max_points = shared.config.max_batch_points as usize;
-            loop {
-                let batch = match stream.read::<TelemetryBatch>().await {
-                    Ok(Some(b)) => b,
-                    Ok(None) => break,
-                    Err(e) => return End::from_transport(e),
-                };
-                let batch = match Batch::from_proto(batch, max_points) {
-                    Ok(b) => b,
-                    Err(e) => return End::Error(ErrorCode::InvalidValue, e.to_string()),
-                };
-                match actor.send(Ingest { session, batch }).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return End::Error(e.code(), e.to_string()),
-                    Err(e) => {
-                        return End::Error(
-                            ErrorCode::Internal,
-                            format!("device actor unavailable: {e}"),
-                        );
-                    }
-                }
+            if let Err(end) = Box::pin(telemetry(&shared, &actor, session, stream)).await {
+                return end;
             }
         }
     };
@@ -674,6 +562,165 @@ async fn device_session(
         }
     };
     let _ = Box::pin(actor.send(Detach { session, reason })).await;
+}
+
+/// Queues `frame` for the control stream, waiting (boxed) only while the queue is full.
+async fn queue(out: &BridgeSender, frame: Box<ServerControl>) -> Result<(), End> {
+    match out.try_send(frame) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Full(frame)) => Box::pin(out.send(frame))
+            .await
+            .map_err(|_| End::Closed("control stream closed".into())),
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(End::Closed("control stream closed".into()))
+        }
+    }
+}
+
+/// Notes that the device was heard from, and makes the heartbeat's answer. No message to the
+/// actor: it reads `heard` when it checks the timeout. (A replaced session is kicked by the actor.)
+fn heartbeat(heard: &AtomicI64) -> ServerControl {
+    heard.fetch_max(now_us(), Ordering::Relaxed);
+    ServerControl {
+        msg: Some(server_control::Msg::Heartbeat(v1::Heartbeat {
+            time_us: now_us(),
+        })),
+    }
+}
+
+/// A running session's own parts, as a request needs them: the shared state, the device, its
+/// actor, the session and its heartbeat clock.
+type SessionCtx<'a> = (
+    &'a Arc<Shared>,
+    &'a DeviceId,
+    &'a actix::Addr<DeviceActor>,
+    SessionId,
+    &'a AtomicI64,
+);
+
+/// Serves one request of the control stream and queues its answer; boxed by the session (see
+/// [`Rare`]), which answers heartbeats inline.
+async fn request(
+    (shared, id, actor, session, heard): SessionCtx<'_>,
+    out_tx: &BridgeSender,
+    msg: client_control::Msg,
+) -> Result<(), End> {
+    use client_control::Msg;
+    let answer = match msg {
+        Msg::Heartbeat(_) => heartbeat(heard),
+        Msg::TwinReport(report) => {
+            let ack = match report_twin(actor, session, &report).await {
+                Ok(version) => v1::TwinReportAck {
+                    request_id: report.request_id,
+                    reported_version: version,
+                    error: None,
+                },
+                Err(TwinRequestError::NotCurrent) => {
+                    return Err(End::Closed("replaced".into()));
+                }
+                Err(e) => v1::TwinReportAck {
+                    request_id: report.request_id,
+                    reported_version: 0,
+                    error: Some(v1::Error {
+                        code: twin_error_code(&e).into(),
+                        message: e.to_string(),
+                    }),
+                },
+            };
+            ServerControl {
+                msg: Some(server_control::Msg::TwinReportAck(ack)),
+            }
+        }
+        Msg::Publish(p) => {
+            let r =
+                crate::bridge::publish(shared, Some((id, actor)), &p.topic, p.payload, p.retain)
+                    .await;
+            bridge_ack(p.request_id, r)
+        }
+        Msg::Subscribe(sub) => {
+            let (ack, retained) =
+                match crate::bridge::subscribe(shared, id, actor, &sub.filter).await {
+                    Ok(retained) => (
+                        bridge_ack(sub.request_id, Ok(retained.len() as u64)),
+                        retained,
+                    ),
+                    Err(e) => (bridge_ack(sub.request_id, Err(e)), Vec::new()),
+                };
+            queue(out_tx, Box::new(ack)).await?;
+            for m in retained {
+                let frame = ServerControl {
+                    msg: Some(server_control::Msg::TopicMessage(m)),
+                };
+                queue(out_tx, Box::new(frame)).await?;
+            }
+            return Ok(());
+        }
+        Msg::Unsubscribe(u) => {
+            let r = crate::bridge::unsubscribe(shared, id, &u.filter).map(u64::from);
+            bridge_ack(u.request_id, r)
+        }
+        Msg::SendDirect(d) => {
+            let request_id = d.request_id;
+            let r = crate::bridge::send_direct(shared, id, actor, d).await;
+            bridge_ack(request_id, r)
+        }
+        Msg::DeviceCommand(c) => {
+            let request_id = c.request_id;
+            let r = crate::bridge::device_command(shared.clone(), id, actor, c).await;
+            bridge_ack(request_id, r)
+        }
+        Msg::Hello(_) => {
+            return Err(End::Error(
+                ErrorCode::ProtocolViolation,
+                "a second Hello on an established session".into(),
+            ));
+        }
+    };
+    queue(out_tx, Box::new(answer)).await
+}
+
+/// Reads one telemetry stream to its end, handing each batch to the device's actor. Boxed, one
+/// per stream: a session waiting for its next stream does not hold a batch's state.
+async fn telemetry(
+    shared: &Shared,
+    actor: &actix::Addr<DeviceActor>,
+    session: SessionId,
+    stream: quinn::RecvStream,
+) -> Result<(), End> {
+    let mut stream = FrameReader::new(stream, shared.config.max_frame_bytes);
+    match stream.read::<StreamHeader>().await {
+        Ok(Some(h)) if h.kind == i32::from(StreamKind::Telemetry) => {}
+        Ok(Some(h)) => {
+            return Err(End::Error(
+                ErrorCode::UnknownMessage,
+                format!("unknown stream kind {} in StreamHeader", h.kind),
+            ));
+        }
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(End::from_transport(e)),
+    }
+    let max_points = shared.config.max_batch_points as usize;
+    loop {
+        let batch = match stream.read::<TelemetryBatch>().await {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(End::from_transport(e)),
+        };
+        let batch = match Batch::from_proto(batch, max_points) {
+            Ok(b) => b,
+            Err(e) => return Err(End::Error(ErrorCode::InvalidValue, e.to_string())),
+        };
+        match actor.send(Ingest { session, batch }).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(End::Error(e.code(), e.to_string())),
+            Err(e) => {
+                return Err(End::Error(
+                    ErrorCode::Internal,
+                    format!("device actor unavailable: {e}"),
+                ));
+            }
+        }
+    }
 }
 
 fn bridge_ack(request_id: u64, r: Result<u64, crate::bridge::Refused>) -> ServerControl {
