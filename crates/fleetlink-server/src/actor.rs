@@ -102,7 +102,7 @@ pub(crate) struct DeviceActor {
     /// The heartbeat-timeout check, which runs only while the device is online: an offline
     /// device (most of a large fleet's, at times) costs no timer.
     heartbeat_check: Option<SpawnHandle>,
-    pub(crate) tags: std::collections::BTreeMap<String, String>,
+    pub(crate) tags: crate::facts::Tags,
     pub(crate) attributes: serde_json::Map<String, serde_json::Value>,
     /// Standing queries this device matches now.
     pub(crate) matching: std::collections::HashSet<u64>,
@@ -217,7 +217,7 @@ impl DeviceActor {
             settling: HashMap::new(),
             waiters: HashMap::new(),
             expiry: None,
-            tags,
+            tags: tags.into(),
             attributes,
             matching: std::collections::HashSet::new(),
             pending_direct,
@@ -604,7 +604,7 @@ impl DeviceActor {
             presence: self.presence.clone(),
             last_values,
             durable_seq: self.seq.durable(),
-            tags: self.tags.clone(),
+            tags: self.tags.to_map(),
             attributes: self.attributes.clone(),
             groups: self.groups(),
         }

@@ -14,6 +14,40 @@ use fleetlink_store::StoreError;
 use crate::actor::DeviceActor;
 use crate::fleet::{MatchChange, StandingQuery};
 
+/// A device's tags, sorted by key, in one allocation of their size. The actor of every
+/// provisioned device holds them: a `BTreeMap` would allocate a node of eleven entries (544
+/// bytes) for a device with a single tag.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Tags(Box<[(String, String)]>);
+
+impl Tags {
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
+        let i = self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok()?;
+        Some(self.0[i].1.as_str())
+    }
+
+    /// Removes the `remove` keys, then sets `set` (so a key in both is set).
+    pub(crate) fn update(&mut self, set: BTreeMap<String, String>, remove: &[String]) {
+        let mut map = self.to_map();
+        for k in remove {
+            map.remove(k);
+        }
+        map.extend(set);
+        *self = Tags::from(map);
+    }
+
+    pub(crate) fn to_map(&self) -> BTreeMap<String, String> {
+        self.0.iter().cloned().collect()
+    }
+}
+
+impl From<BTreeMap<String, String>> for Tags {
+    fn from(map: BTreeMap<String, String>) -> Self {
+        // in key order, as the map iterates
+        Tags(map.into_iter().collect())
+    }
+}
+
 /// A borrowed view of an actor's state for the query evaluator.
 pub(crate) struct ActorFacts<'a>(pub &'a DeviceActor);
 
@@ -41,7 +75,7 @@ impl DeviceFacts for ActorFacts<'_> {
         self.0.is_online()
     }
     fn tag(&self, key: &str) -> Option<&str> {
-        self.0.tags.get(key).map(String::as_str)
+        self.0.tags.get(key)
     }
     fn attribute(&self, path: &str) -> Option<serde_json::Value> {
         json_path(&self.0.attributes, path)
@@ -174,16 +208,13 @@ impl Handler<UpdateMeta> for DeviceActor {
     type Result = ResponseFuture<Result<(), StoreError>>;
 
     fn handle(&mut self, msg: UpdateMeta, _: &mut Self::Context) -> Self::Result {
-        for k in &msg.remove_tags {
-            self.tags.remove(k);
-        }
-        self.tags.extend(msg.set_tags);
+        self.tags.update(msg.set_tags, &msg.remove_tags);
         if let Some(patch) = &msg.attributes_patch {
             merge_patch(&mut self.attributes, patch.as_map());
         }
         let write = self
             .store
-            .update_device(&self.id, self.tags.clone(), self.attributes.clone());
+            .update_device(&self.id, self.tags.to_map(), self.attributes.clone());
         self.facts_changed(Reads {
             tags: true,
             attributes: true,
@@ -273,12 +304,49 @@ impl Handler<GetFacts> for DeviceActor {
         MessageResult(OwnedFacts {
             id: self.id.to_string(),
             online: self.is_online(),
-            tags: self.tags.clone(),
+            tags: self.tags.to_map(),
             attributes: self.attributes.clone(),
             groups: self.groups(),
             metrics: self.metric_map(),
             reported: self.reported.clone(),
             desired: self.desired.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn tags_answer_like_the_map_they_were_made_from() {
+        let source = map(&[("site", "north"), ("bench", "yes"), ("model", "x2")]);
+        let tags = Tags::from(source.clone());
+        for (k, v) in &source {
+            assert_eq!(tags.get(k), Some(v.as_str()));
+        }
+        assert_eq!(tags.get("absent"), None);
+        assert_eq!(tags.get(""), None);
+        assert_eq!(tags.to_map(), source);
+        assert_eq!(Tags::default().get("site"), None);
+    }
+
+    #[test]
+    fn tag_updates_remove_then_set() {
+        let mut tags = Tags::from(map(&[("a", "1"), ("b", "2"), ("c", "3")]));
+        let removed = ["a".to_owned(), "c".to_owned(), "never-set".to_owned()];
+        tags.update(map(&[("c", "30"), ("d", "4")]), &removed);
+        assert_eq!(tags.to_map(), map(&[("b", "2"), ("c", "30"), ("d", "4")]));
+        // still sorted: a key before every other is found
+        tags.update(map(&[("0", "zero")]), &[]);
+        assert_eq!(tags.get("0"), Some("zero"));
+        assert_eq!(tags.get("d"), Some("4"));
     }
 }
