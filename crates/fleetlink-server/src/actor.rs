@@ -84,7 +84,7 @@ pub(crate) struct DeviceActor {
     /// written by the session itself: a heartbeat costs no message to the actor, which folds it
     /// into `presence` when it needs it ([`Self::fold_heard`]).
     heard: Arc<AtomicI64>,
-    pub(crate) settings: ActorSettings,
+    pub(crate) settings: Arc<ActorSettings>,
     pub(crate) reported: TwinDoc,
     pub(crate) desired: TwinDoc,
     pub(crate) link: Option<Link>,
@@ -169,7 +169,7 @@ impl DeviceActor {
         id: DeviceId,
         store: Arc<dyn Store>,
         stored: StoredState,
-        settings: ActorSettings,
+        settings: Arc<ActorSettings>,
     ) -> Self {
         let StoredState {
             last_presence,

@@ -19,7 +19,8 @@ pub(crate) struct DeviceRegistry {
     actors: Mutex<HashMap<DeviceId, Addr<DeviceActor>>>,
     arbiters: Vec<actix::ArbiterHandle>,
     store: Arc<dyn Store>,
-    settings: ActorSettings,
+    /// One copy for every actor: a device's actor is memory for as long as the server runs.
+    settings: Arc<ActorSettings>,
 }
 
 impl DeviceRegistry {
@@ -32,7 +33,7 @@ impl DeviceRegistry {
             actors: Mutex::new(HashMap::new()),
             arbiters,
             store,
-            settings,
+            settings: Arc::new(settings),
         }
     }
 
