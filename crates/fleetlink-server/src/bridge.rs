@@ -18,7 +18,6 @@ use fleetlink_core::presence::SessionId;
 use fleetlink_core::topic::{Topic, TopicFilter, TopicIndex};
 use fleetlink_proto::v1::{self, ErrorCode, ServerControl, server_control};
 use fleetlink_store::{DirectRecord, NewCommand, RetainedRecord};
-use tokio::sync::mpsc;
 
 use crate::actor::DeviceActor;
 use crate::facts::{GetFacts, OwnedFacts};
@@ -26,9 +25,7 @@ use crate::now_us;
 use crate::session::Shared;
 
 /// Messages a connected device's session writes on its control stream, from the bridge.
-/// Frames are boxed: a channel allocates its first block of slots up front, and at a hundred
-/// thousand idle sessions every byte of a slot counts.
-pub(crate) type BridgeSender = mpsc::Sender<Box<ServerControl>>;
+pub(crate) type BridgeSender = crate::outq::Sender;
 
 /// Room in each session's bridge queue.
 pub(crate) const BRIDGE_QUEUE: usize = 1_024;
@@ -127,11 +124,11 @@ impl Bridge {
         match tx {
             Some(tx) => match tx.try_send(Box::new(frame)) {
                 Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(crate::outq::TrySendError::Full(_)) => {
                     tracing::warn!(device = %device, "bridge queue full: a message to this device was dropped");
                     false
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(crate::outq::TrySendError::Closed(_)) => false,
             },
             None => false,
         }

@@ -12,6 +12,7 @@ mod facts;
 mod fleet;
 mod jobs;
 mod operator;
+mod outq;
 mod registry;
 mod session;
 mod streams;

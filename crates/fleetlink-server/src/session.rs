@@ -16,7 +16,7 @@ use fleetlink_proto::v1::{
 use fleetlink_proto::{HANDSHAKE_MAX_FRAME_BYTES, PROTOCOL_VERSION, SUPPORTED_VERSIONS};
 use fleetlink_store::{Store, StoreError};
 use fleetlink_transport::{FrameReader, TransportError, write_frame};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tracing::Instrument as _;
 
 use crate::actor::{Attach, Detach, DeviceActor, Ingest, Kick, Link};
@@ -324,7 +324,7 @@ struct Running {
     heard: Arc<AtomicI64>,
     delta_rx: watch::Receiver<Option<v1::TwinDelta>>,
     out_tx: BridgeSender,
-    out_rx: mpsc::Receiver<Box<ServerControl>>,
+    out_rx: crate::outq::Receiver,
     kick_rx: oneshot::Receiver<Kick>,
 }
 
@@ -418,7 +418,7 @@ async fn start_device(
     };
     // One queue of frames for the control stream: the session's own answers and what the bridge
     // hands over (which it drops, rather than wait, once BRIDGE_QUEUE frames are waiting).
-    let (out_tx, out_rx) = mpsc::channel::<Box<ServerControl>>(crate::bridge::BRIDGE_QUEUE);
+    let (out_tx, out_rx) = crate::outq::channel(crate::bridge::BRIDGE_QUEUE);
     shared.fleet.bridge.link(&id, session, out_tx.clone());
     if actor.send(Ready(link)).await.is_err() {
         shared.fleet.bridge.unlink(&id, session);
@@ -568,10 +568,10 @@ async fn run_device(running: Box<Running>) {
 async fn queue(out: &BridgeSender, frame: Box<ServerControl>) -> Result<(), End> {
     match out.try_send(frame) {
         Ok(()) => Ok(()),
-        Err(mpsc::error::TrySendError::Full(frame)) => Box::pin(out.send(frame))
+        Err(crate::outq::TrySendError::Full(frame)) => Box::pin(out.send(frame))
             .await
             .map_err(|_| End::Closed("control stream closed".into())),
-        Err(mpsc::error::TrySendError::Closed(_)) => {
+        Err(crate::outq::TrySendError::Closed(_)) => {
             Err(End::Closed("control stream closed".into()))
         }
     }
