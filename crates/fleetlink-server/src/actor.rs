@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -121,20 +121,83 @@ impl std::fmt::Debug for DeviceActor {
     }
 }
 
-/// The device's durable watermark, written by the store writer, read by the actor and sessions.
+/// The device's durable watermark, written by the store writer, read by the actor and watched by
+/// the device's session ([`DurableWatch`]) for its acks. An atomic and one `Notify`: every
+/// provisioned device has one, and a tokio `watch` channel would be ~340 bytes.
 #[derive(Debug)]
 pub(crate) struct DurableSeq {
-    seq: watch::Sender<u64>,
+    seq: AtomicU64,
+    grew: tokio::sync::Notify,
     actor: std::sync::OnceLock<Recipient<StorageFailed>>,
+}
+
+impl DurableSeq {
+    fn new(seq: u64) -> Self {
+        Self {
+            seq: AtomicU64::new(seq),
+            grew: tokio::sync::Notify::new(),
+            actor: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+}
+
+/// A session's watch on its device's [`DurableSeq`]: what it has seen so far.
+#[derive(Debug)]
+pub(crate) struct DurableWatch {
+    durable: Arc<DurableSeq>,
+    seen: u64,
+}
+
+impl DurableWatch {
+    pub(crate) fn new(durable: Arc<DurableSeq>) -> Self {
+        let seen = durable.get();
+        Self { durable, seen }
+    }
+
+    /// The watermark now, marked as seen.
+    pub(crate) fn current(&mut self) -> u64 {
+        self.seen = self.seen.max(self.durable.get());
+        self.seen
+    }
+
+    /// Waits until the watermark is at least `seq`. Cancel safe.
+    pub(crate) async fn reaches(&mut self, seq: u64) {
+        while self.current() < seq {
+            self.wait_above(self.seen).await;
+        }
+    }
+
+    /// Waits until the watermark moves past what was seen, and returns it (marked as seen).
+    /// Cancel safe.
+    pub(crate) async fn changed(&mut self) -> u64 {
+        let seen = self.seen;
+        self.wait_above(seen).await;
+        self.current()
+    }
+
+    async fn wait_above(&self, seen: u64) {
+        loop {
+            let grew = self.durable.grew.notified();
+            tokio::pin!(grew);
+            // registered before the check: an advance after it wakes us
+            grew.as_mut().enable();
+            if self.durable.get() > seen {
+                return;
+            }
+            grew.await;
+        }
+    }
 }
 
 impl DurabilityListener for DurableSeq {
     fn durable(&self, seq: u64) {
-        self.seq.send_if_modified(|d| {
-            let grew = seq > *d;
-            *d = (*d).max(seq);
-            grew
-        });
+        if self.seq.fetch_max(seq, Ordering::AcqRel) < seq {
+            self.grew.notify_waiters();
+        }
     }
 
     fn failed(&self, seq: u64, error: &StoreError) {
@@ -193,7 +256,6 @@ impl DeviceActor {
             types.insert(v.metric.clone(), v.value.kind());
             last_values.insert(v.metric, (v.time_us, v.value));
         }
-        let (seq_tx, _) = watch::channel(last_seq);
         Self {
             id,
             store,
@@ -201,10 +263,7 @@ impl DeviceActor {
             seq: SeqWindow::new(last_seq),
             types,
             last_values,
-            durable: Arc::new(DurableSeq {
-                seq: seq_tx,
-                actor: std::sync::OnceLock::new(),
-            }),
+            durable: Arc::new(DurableSeq::new(last_seq)),
             session_kick: None,
             heard: Arc::new(AtomicI64::new(0)),
             settings,
@@ -269,7 +328,7 @@ impl DeviceActor {
     }
 
     fn sync_durable(&mut self) {
-        let durable = *self.durable.seq.borrow();
+        let durable = self.durable.get();
         self.seq.mark_durable(durable);
     }
 
@@ -367,7 +426,7 @@ pub(crate) struct Attached {
     /// Highest batch handed to storage when the session attached; the Welcome waits until it is durable.
     pub accepted: u64,
     /// The durable watermark, for acks.
-    pub durable: watch::Receiver<u64>,
+    pub durable: DurableWatch,
     /// Where the session notes the time of each heartbeat (µs since the epoch).
     pub heard: Arc<AtomicI64>,
 }
@@ -401,7 +460,7 @@ impl Handler<Attach> for DeviceActor {
         tracing::info!(device = %self.id, session = msg.session, remote = %msg.remote, "device online");
         MessageResult(Attached {
             accepted: self.seq.accepted(),
-            durable: self.durable.seq.subscribe(),
+            durable: DurableWatch::new(self.durable.clone()),
             heard: self.heard.clone(),
         })
     }
@@ -700,5 +759,42 @@ mod tests {
         update_last_values(&mut last, &many);
         assert_eq!(last.len(), 502);
         assert_eq!(get(&last, "m499"), (499, Value::Int(499)));
+    }
+
+    #[tokio::test]
+    async fn a_durable_watch_wakes_on_every_advance_and_sees_the_latest() {
+        let durable = Arc::new(DurableSeq::new(5));
+        let mut watch = DurableWatch::new(durable.clone());
+        assert_eq!(watch.current(), 5);
+        // nothing new: a wait (abandoned, as a select! branch that lost) does not complete
+        let abandoned =
+            tokio::time::timeout(std::time::Duration::from_millis(1), watch.changed()).await;
+        assert!(abandoned.is_err());
+        // an advance wakes a waiter on another task
+        let writer = durable.clone();
+        let waiter = tokio::spawn(async move {
+            let first = watch.changed().await;
+            (first, watch)
+        });
+        tokio::task::yield_now().await;
+        writer.durable(7);
+        let (first, mut watch) = waiter.await.unwrap();
+        assert_eq!(first, 7);
+        // a lower or equal watermark is not a change; several advances read as the latest
+        writer.durable(6);
+        writer.durable(7);
+        assert_eq!(durable.get(), 7);
+        writer.durable(8);
+        writer.durable(9);
+        assert_eq!(watch.changed().await, 9);
+        // reaching a watermark already passed returns at once; a later one waits for it
+        watch.reaches(3).await;
+        let reach = tokio::spawn(async move { watch.reaches(12).await });
+        tokio::task::yield_now().await;
+        writer.durable(11);
+        tokio::task::yield_now().await;
+        assert!(!reach.is_finished(), "11 is not 12 yet");
+        writer.durable(12);
+        reach.await.unwrap();
     }
 }

@@ -320,7 +320,7 @@ struct Running {
     session: SessionId,
     id: DeviceId,
     actor: actix::Addr<DeviceActor>,
-    durable: watch::Receiver<u64>,
+    durable: crate::actor::DurableWatch,
     heard: Arc<AtomicI64>,
     delta_rx: watch::Receiver<Option<v1::TwinDelta>>,
     out_tx: BridgeSender,
@@ -379,11 +379,10 @@ async fn start_device(
     let mut durable = attached.durable;
     // Batches of an earlier connection may still be on their way to disk: announce the watermark
     // only once they are durable, so the device resends exactly what is missing.
-    let wait = durable.wait_for(|d| *d >= attached.accepted);
-    let settled = matches!(
-        tokio::time::timeout(Duration::from_secs(10), wait).await,
-        Ok(Ok(_))
-    );
+    let wait = durable.reaches(attached.accepted);
+    let settled = tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .is_ok();
     if !settled {
         let _ = actor
             .send(Detach {
@@ -396,7 +395,7 @@ async fn start_device(
         reject(&conn, control, RejectReason::ServerBusy, m, 1_000).await;
         return None;
     }
-    let last_stored = *durable.borrow_and_update();
+    let last_stored = durable.current();
     if let Err(e) = write_frame(&mut send, &welcome(&shared, session, last_stored)).await {
         tracing::debug!(error = %e, "cannot send the Welcome");
         let _ = actor
@@ -469,9 +468,7 @@ async fn run_device(running: Box<Running>) {
             let frame = tokio::select! {
                 // Ends once the session and the bridge (unlinked below) dropped their senders.
                 m = out_rx.recv() => match m { Some(m) => *m, None => return send },
-                changed = durable.changed() => {
-                    if changed.is_err() { return send; }
-                    let seq = *durable.borrow_and_update();
+                seq = durable.changed() => {
                     ServerControl { msg: Some(server_control::Msg::Ack(v1::TelemetryAck { seq })) }
                 }
                 changed = delta_rx.changed(), if deltas_open => {
