@@ -19,7 +19,7 @@ use fleetlink_store::{
     AppendBatch, CommandRecord, DurabilityListener, MetricValue, PresenceRecord, Store, StoreError,
     StoredTwin,
 };
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 use crate::now_us;
 
@@ -67,7 +67,7 @@ pub(crate) struct Link {
     /// request.
     pub early_command_fin: bool,
     /// The latest twin delta; the session writes every change of it to the control stream.
-    pub delta: watch::Sender<Option<fleetlink_proto::v1::TwinDelta>>,
+    pub delta: crate::outq::DeltaSender,
 }
 
 /// The live state of one device.

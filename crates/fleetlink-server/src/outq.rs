@@ -1,5 +1,6 @@
-//! A device session's queue of frames for its control stream: the session's own answers and what
-//! the bridge hands over, written by the session's writer.
+//! A device session's queue of frames for its control stream (the session's own answers and what
+//! the bridge hands over) and the slot of its latest twin delta ([`latest`]), both written by the
+//! session's writer.
 //!
 //! A bounded queue with one receiver, like tokio's `mpsc::channel`, but small: every connected
 //! device holds one, and tokio's channel allocates ~800 bytes up front (its shared state is
@@ -9,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use fleetlink_proto::v1::ServerControl;
+use fleetlink_proto::v1::{ServerControl, TwinDelta};
 use tokio::sync::Notify;
 pub(crate) use tokio::sync::mpsc::error::TrySendError;
 
@@ -155,6 +156,77 @@ impl Drop for Receiver {
     }
 }
 
+/// The latest twin delta for a session's control stream: the actor replaces it, the session's
+/// writer sends each one it sees. A delta replaced before the writer got to it is not sent: the
+/// next one carries the whole desired state. A mutex and a `Notify` (~100 bytes), where a tokio
+/// `watch` channel is ~390 bytes per connected device.
+#[derive(Debug, Default)]
+struct Latest {
+    /// (version, delta): the version counts replacements.
+    slot: Mutex<(u64, Option<TwinDelta>)>,
+    changed: Notify,
+}
+
+/// A delta slot: the actor's end and the session's.
+pub(crate) fn latest() -> (DeltaSender, DeltaReceiver) {
+    let shared = Arc::new(Latest::default());
+    (
+        DeltaSender(shared.clone()),
+        DeltaReceiver { shared, seen: 0 },
+    )
+}
+
+/// Replaces the latest delta.
+#[derive(Debug)]
+pub(crate) struct DeltaSender(Arc<Latest>);
+
+impl DeltaSender {
+    pub(crate) fn send_replace(&self, delta: TwinDelta) {
+        let mut slot = self
+            .0
+            .slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        slot.0 += 1;
+        slot.1 = Some(delta);
+        drop(slot);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// Waits for deltas it has not seen.
+#[derive(Debug)]
+pub(crate) struct DeltaReceiver {
+    shared: Arc<Latest>,
+    seen: u64,
+}
+
+impl DeltaReceiver {
+    /// The latest delta, once there is one this receiver has not returned yet. Cancel safe.
+    pub(crate) async fn changed(&mut self) -> TwinDelta {
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            // registered before the check: a replacement after it wakes us
+            changed.as_mut().enable();
+            {
+                let slot = self
+                    .shared
+                    .slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if slot.0 > self.seen
+                    && let Some(delta) = &slot.1
+                {
+                    self.seen = slot.0;
+                    return delta.clone();
+                }
+            }
+            changed.await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,5 +321,26 @@ mod tests {
         assert_eq!(number(&got), 7);
         drop(sender.await.unwrap());
         assert!(rx.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_delta_receiver_gets_the_latest_it_has_not_seen() {
+        let delta = |v: u64| TwinDelta {
+            desired_version: v,
+            ..Default::default()
+        };
+        let (tx, mut rx) = latest();
+        // nothing yet: a wait (abandoned, as a select! branch that lost) does not complete
+        let abandoned = tokio::time::timeout(Duration::from_millis(1), rx.changed()).await;
+        assert!(abandoned.is_err());
+        tx.send_replace(delta(1));
+        tx.send_replace(delta(2));
+        assert_eq!(rx.changed().await.desired_version, 2);
+        // seen: the next wait is for a newer one, from another task
+        let waiter = tokio::spawn(async move { rx.changed().await.desired_version });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "delta 2 was seen already");
+        tx.send_replace(delta(3));
+        assert_eq!(waiter.await.unwrap(), 3);
     }
 }

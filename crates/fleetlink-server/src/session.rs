@@ -322,7 +322,7 @@ struct Running {
     actor: actix::Addr<DeviceActor>,
     durable: crate::actor::DurableWatch,
     heard: Arc<AtomicI64>,
-    delta_rx: watch::Receiver<Option<v1::TwinDelta>>,
+    delta_rx: crate::outq::DeltaReceiver,
     out_tx: BridgeSender,
     out_rx: crate::outq::Receiver,
     kick_rx: oneshot::Receiver<Kick>,
@@ -408,7 +408,7 @@ async fn start_device(
     }
     reader.set_max_frame_bytes(shared.config.max_frame_bytes);
     tracing::debug!(last_stored, "welcome sent");
-    let (delta_tx, delta_rx) = watch::channel(None);
+    let (delta_tx, delta_rx) = crate::outq::latest();
     let link = Link {
         session,
         conn: conn.clone(),
@@ -462,8 +462,6 @@ async fn run_device(running: Box<Running>) {
     // Everything this session sends on the control stream goes through here: acks coalesced,
     // and of twin deltas only the latest.
     let writer = async move {
-        // The actor drops its end when the session is replaced or ends: not a reason to stop.
-        let mut deltas_open = true;
         loop {
             let frame = tokio::select! {
                 // Ends once the session and the bridge (unlinked below) dropped their senders.
@@ -471,9 +469,9 @@ async fn run_device(running: Box<Running>) {
                 seq = durable.changed() => {
                     ServerControl { msg: Some(server_control::Msg::Ack(v1::TelemetryAck { seq })) }
                 }
-                changed = delta_rx.changed(), if deltas_open => {
-                    if changed.is_err() { deltas_open = false; continue; }
-                    let Some(delta) = delta_rx.borrow_and_update().clone() else { continue };
+                // (The actor drops its end when the session is replaced or ends: then this
+                // branch just never completes.)
+                delta = delta_rx.changed() => {
                     ServerControl { msg: Some(server_control::Msg::TwinDelta(delta)) }
                 }
             };

@@ -67,7 +67,7 @@ impl DeviceActor {
 
     pub(crate) fn send_delta(&self) {
         if let Some(link) = &self.link {
-            link.delta.send_replace(Some(self.delta_frame()));
+            link.delta.send_replace(self.delta_frame());
         }
     }
 
@@ -199,7 +199,7 @@ impl Handler<Ready> for DeviceActor {
         if self.presence_session() != Some(link.session) {
             return; // replaced before it got here
         }
-        link.delta.send_replace(Some(self.delta_frame()));
+        link.delta.send_replace(self.delta_frame());
         self.link = Some(link);
         self.outbox.connection_lost(); // anything in flight on an older link goes again
         self.dispatch_commands(ctx);
