@@ -48,8 +48,9 @@ impl Ready {
 }
 
 /// The `serve-fleetlink` child: provisions devices `0..devices` (if not yet), serves on `listen`
-/// with one IO thread and one arbiter (it is pinned to one core; `FLEETLINK_BENCH_SINGLE_THREAD=true`
-/// runs IO and actors on one thread instead), until stdin closes.
+/// until stdin closes. It is pinned to one core, so the server's default puts IO, sessions and
+/// actors on one thread; `FLEETLINK_BENCH_SINGLE_THREAD=false` gives them one IO thread and one
+/// arbiter instead (`true` forces one thread even unpinned).
 pub fn serve(data: &Path, devices: usize, listen: SocketAddr) -> Result<()> {
     provision(data, devices)?;
     // Environment overrides, for experiments (the reconnect storm, group commits).
@@ -59,13 +60,20 @@ pub fn serve(data: &Path, devices: usize, listen: SocketAddr) -> Result<()> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     }
+    let single_thread = match std::env::var("FLEETLINK_BENCH_SINGLE_THREAD") {
+        Ok(v) => Some(
+            v.parse::<bool>()
+                .with_context(|| format!("FLEETLINK_BENCH_SINGLE_THREAD={v}: true or false"))?,
+        ),
+        Err(_) => None,
+    };
     let defaults = ServerConfig::default();
     let server = Server::start(ServerConfig {
         listen,
         data_dir: data.to_path_buf(),
         io_threads: 1,
         arbiters: 1,
-        single_thread: env_or("FLEETLINK_BENCH_SINGLE_THREAD", false),
+        single_thread,
         max_handshakes: env_or("FLEETLINK_BENCH_MAX_HANDSHAKES", defaults.max_handshakes),
         handshake_queue_ms: env_or(
             "FLEETLINK_BENCH_HANDSHAKE_QUEUE_MS",

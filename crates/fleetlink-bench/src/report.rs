@@ -610,7 +610,7 @@ fn human_ns(ns: f64) -> String {
     }
 }
 
-const METHOD: &str = "- One load generator (`crates/fleetlink-bench`, one tokio thread) drives the same simulated devices, ~100-byte messages and rates at every system; each server runs as its own process. fleetlink runs with one IO thread and one actor arbiter (plus its store writer), on embedded SQLite with `synchronous=normal` (WAL).
+const METHOD: &str = "- One load generator (`crates/fleetlink-bench`, one tokio thread) drives the same simulated devices, ~100-byte messages and rates at every system; each server runs as its own process. fleetlink, pinned to one core, runs IO, sessions and actors on one thread (the server's default when it may use one core; its store writer and readers have their own threads), on embedded SQLite with `synchronous=normal` (WAL).
 - **fleetlink**: the real device SDK over QUIC; a message is one telemetry point (an 84-character string value); delivered = acked as durably stored, latency from `send` to that ack.
 - **mosquitto-qos0 / qos1**: rumqttc clients, persistence off; delivered = received by a subscriber of `bench/#`, latency from publish to that delivery.
 - **nats-core**: async-nats, delivered = received by a subscriber of `bench.>`. **nats-jetstream**: file-stored stream, acked publishes (64 in flight per client), delivered = acked.

@@ -34,12 +34,15 @@ pub struct ServerConfig {
     pub io_threads: usize,
     /// Run QUIC IO, the sessions and every device actor on one thread (a current-thread tokio
     /// runtime driven by the actix system thread), so that handing a batch from a session to its
-    /// actor and the ack back costs no thread wake-up. For a machine or container with one core;
-    /// `arbiters` and `io_threads` are then unused. The store's writer and readers keep their
-    /// own threads. A trade-off, measured on one pinned core: ~4% less CPU per message under steady
-    /// load, but a reconnect storm of 10k devices took twice the CPU per device and the command
-    /// round trip's p99 grew fourfold (ARCHITECTURE.md).
-    pub single_thread: bool,
+    /// actor and the ack back costs no thread wake-up; `arbiters` and `io_threads` are then
+    /// unused. The store's writer and readers keep their own threads. Unset (the default): on
+    /// when the server may use one core only (its CPU affinity or cgroup quota, as
+    /// [`std::thread::available_parallelism`] reads them) and neither `arbiters` nor
+    /// `io_threads` asks for more than one thread; threads of their own would then only take
+    /// turns on that core, and every hand-off would cost a wake-up and a context switch (on one
+    /// pinned core: ~14% more server CPU per message from 6k devices at 1 message/s;
+    /// ARCHITECTURE.md). `true` or `false` decides regardless of the cores.
+    pub single_thread: Option<bool>,
     /// `normal` (survives a process crash) or `full` (also survives power loss, slower).
     pub synchronous: String,
     /// Group commit: how long (µs) the store writer waits for more batches when its queue runs
@@ -172,7 +175,7 @@ impl Default for ServerConfig {
             max_batch_points: 10_000,
             arbiters: 0,
             io_threads: 0,
-            single_thread: false,
+            single_thread: None,
             synchronous: "normal".into(),
             group_commit_us: 2_000,
             handshake_timeout_ms: 10_000,
@@ -274,6 +277,13 @@ impl ServerConfig {
         }
     }
 
+    /// Whether IO, sessions and actors share one thread on a machine that lets the server use
+    /// `cores` cores (see `single_thread`).
+    pub fn runs_single_thread(&self, cores: usize) -> bool {
+        self.single_thread
+            .unwrap_or(cores == 1 && self.arbiters <= 1 && self.io_threads <= 1)
+    }
+
     pub(crate) fn heartbeat_timeout(&self) -> Duration {
         Duration::from_millis(u64::from(self.heartbeat_timeout_ms))
     }
@@ -284,10 +294,32 @@ mod group_commit_tests {
     use super::*;
 
     #[test]
-    fn single_thread_only_when_asked() {
-        assert!(!ServerConfig::default().single_thread);
-        let asked: ServerConfig = toml::from_str("single_thread = true").expect("parses");
-        assert!(asked.single_thread);
+    fn one_thread_on_one_core_unless_told() {
+        let auto = ServerConfig::default();
+        assert_eq!(auto.single_thread, None);
+        assert!(auto.runs_single_thread(1));
+        assert!(!auto.runs_single_thread(2));
+        let threads_asked = ServerConfig {
+            io_threads: 2,
+            ..ServerConfig::default()
+        };
+        assert!(!threads_asked.runs_single_thread(1));
+        let arbiters_asked = ServerConfig {
+            arbiters: 2,
+            ..ServerConfig::default()
+        };
+        assert!(!arbiters_asked.runs_single_thread(1));
+        let one_each = ServerConfig {
+            arbiters: 1,
+            io_threads: 1,
+            ..ServerConfig::default()
+        };
+        assert!(one_each.runs_single_thread(1));
+        assert!(!one_each.runs_single_thread(4));
+        let on: ServerConfig = toml::from_str("single_thread = true").expect("parses");
+        assert!(on.runs_single_thread(8));
+        let off: ServerConfig = toml::from_str("single_thread = false").expect("parses");
+        assert!(!off.runs_single_thread(1));
     }
 
     #[test]

@@ -176,7 +176,7 @@ fn run(
     } else {
         config.io_threads
     };
-    let single = config.single_thread;
+    let single = config.runs_single_thread(cores);
     let system = actix::System::with_tokio_rt(move || {
         let mut builder = if single {
             // driven by this thread (the actix system's), which also runs every actor
@@ -301,7 +301,7 @@ async fn setup(
     } else {
         config.arbiters
     };
-    let single = config.single_thread;
+    let single = config.runs_single_thread(cores);
     // Arbiters of their own, or (single thread) the system's, which runs on this thread with
     // the IO runtime.
     let (arbiters, handles): (Vec<actix::Arbiter>, _) = if single {

@@ -1205,7 +1205,7 @@ async fn shutdown_returns_after_the_last_queued_write() {
 async fn a_single_thread_server_stores_telemetry_runs_commands_and_restarts() {
     use fleetlink_client::{MetricName, Point, Value};
 
-    let ts = start(|c| c.single_thread = true);
+    let ts = start(|c| c.single_thread = Some(true));
     let op = ts.operator().await;
     let token = provision(&op, "mixer-1").await;
     let runs = Arc::new(AtomicUsize::new(0));
@@ -1242,7 +1242,7 @@ async fn a_single_thread_server_stores_telemetry_runs_commands_and_restarts() {
     let TestServer { server, dir, .. } = ts;
     server.shutdown();
     let mut config = ServerConfig::local(dir.path());
-    config.single_thread = true;
+    config.single_thread = Some(true);
     let again = Server::start(config).unwrap();
     let address =
         fleetlink_client::ServerAddress::local(again.local_addr(), again.ca_cert_path().unwrap())
