@@ -213,7 +213,7 @@ fn run(
     };
     let writer = store.writer_handle();
     let arbiters = system.block_on(async move {
-        match setup(config, cores, store).await {
+        match setup(config, cores, single, store).await {
             Err(e) => {
                 let _ = started.send(Err(e));
                 Vec::new()
@@ -248,9 +248,12 @@ type Setup = (
     watch::Sender<bool>,
 );
 
+/// `single`: IO, sessions and actors on this thread (decided once, in `run`, which built the
+/// runtime for it).
 async fn setup(
     config: ServerConfig,
     cores: usize,
+    single: bool,
     store: SqliteStore,
 ) -> Result<Setup, ServerError> {
     let store: Arc<dyn Store> = Arc::new(store);
@@ -301,7 +304,6 @@ async fn setup(
     } else {
         config.arbiters
     };
-    let single = config.runs_single_thread(cores);
     // Arbiters of their own, or (single thread) the system's, which runs on this thread with
     // the IO runtime.
     let (arbiters, handles): (Vec<actix::Arbiter>, _) = if single {
