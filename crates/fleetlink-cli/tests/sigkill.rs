@@ -1,6 +1,6 @@
 //! The server process is killed with SIGKILL mid-stream and restarted on the same data dir: the
 //! devices reconnect by themselves, and the stored points equal the sent points, with no gap and
-//! no duplicate.
+//! no duplicate, and so do the devices' point counts.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns; a panic is the test failing
 
@@ -172,6 +172,9 @@ async fn acked_points_survive_sigkill_and_devices_reconnect_by_themselves() {
         );
         assert_eq!(got, want, "device {}: gap or duplicate", dev.id());
         assert!(stored.iter().all(|p| p.value == Value::Int(p.time_us)));
+        // the device bookkeeping, in the store's journal at the kill, came back with the points
+        let info = op.device(dev.id()).await.unwrap();
+        assert_eq!(info.point_count, sent as u64, "device {}", dev.id());
     }
     server.kill().unwrap();
     server.wait().unwrap();

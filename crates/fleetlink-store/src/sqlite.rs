@@ -24,8 +24,9 @@ use fleetlink_core::twin::TwinDoc;
 
 /// The writer's maps, looked up per point: foldhash, not SipHash.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS admin_tokens (
@@ -67,6 +68,17 @@ CREATE TABLE IF NOT EXISTS last_values (
     lat REAL, lon REAL, alt REAL, speed REAL, heading REAL, accuracy REAL,
     PRIMARY KEY (device, metric)
 ) WITHOUT ROWID, STRICT;
+CREATE TABLE IF NOT EXISTS device_journal (
+    id           INTEGER PRIMARY KEY,
+    device       INTEGER NOT NULL,
+    metric       INTEGER,
+    last_seq     INTEGER NOT NULL,
+    point_count  INTEGER NOT NULL,
+    time_us      INTEGER,
+    kind         INTEGER,
+    value        ANY,
+    lat REAL, lon REAL, alt REAL, speed REAL, heading REAL, accuracy REAL
+) STRICT;
 CREATE TABLE IF NOT EXISTS twins (
     device            INTEGER PRIMARY KEY REFERENCES devices(id),
     reported          TEXT NOT NULL DEFAULT '{}',
@@ -170,6 +182,13 @@ pub struct SqliteOptions {
     /// so a fleet of slow devices costs far less CPU per point when a few milliseconds of their
     /// batches share one commit; zero commits at once.
     pub commit_delay: std::time::Duration,
+    /// How often the writer folds device bookkeeping (each device's last seq, point count and
+    /// last value per metric) from its journal into the `devices` and `last_values` tables. In
+    /// between, each commit appends that bookkeeping to `device_journal` (sequential pages)
+    /// instead of updating two random B-tree pages per device, and readers see it from memory;
+    /// after a crash, opening the store folds what the journal holds. Zero folds after every
+    /// commit.
+    pub fold_interval: std::time::Duration,
 }
 
 impl Default for SqliteOptions {
@@ -179,6 +198,7 @@ impl Default for SqliteOptions {
             queue_batches: 4096,
             max_commit_points: 50_000,
             commit_delay: std::time::Duration::from_millis(2),
+            fold_interval: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -229,6 +249,54 @@ struct Inner {
     /// Room in the writer's queue for telemetry batches (backpressure for [`Store::append`]).
     append_room: Arc<Semaphore>,
     readers: Mutex<Vec<Connection>>,
+    /// Bookkeeping committed to the journal, laid over the `devices` and `last_values` tables.
+    overlay: SharedOverlay,
+}
+
+/// Each device's bookkeeping as of the writer's last commit, for the devices it wrote since the
+/// store was opened: readers lay it over the `devices` and `last_values` rows, which lag behind
+/// by up to [`SqliteOptions::fold_interval`]. Only committed state enters it, and every figure
+/// only grows (the last value by time), so a reader may combine it with a table row of any age:
+/// the greater figure and the later value win.
+#[derive(Debug, Default)]
+struct Overlay {
+    devices: FastMap<i64, Bookkeeping>,
+}
+
+type SharedOverlay = Arc<Mutex<Overlay>>;
+
+#[derive(Debug, Default, Clone)]
+struct Bookkeeping {
+    last_seq: u64,
+    point_count: u64,
+    /// metric row id → the latest point by device clock
+    last_values: FastMap<i64, MetricValue>,
+}
+
+impl Overlay {
+    /// Lays the bookkeeping of device `rowid` over `record` (read from the tables).
+    fn apply(&self, rowid: i64, record: &mut DeviceRecord) {
+        let Some(b) = self.devices.get(&rowid) else {
+            return;
+        };
+        record.last_seq = record.last_seq.max(b.last_seq);
+        record.point_count = record.point_count.max(b.point_count);
+        for v in b.last_values.values() {
+            match record.last_values.iter_mut().find(|r| r.metric == v.metric) {
+                Some(r) if r.time_us > v.time_us => {}
+                Some(r) => *r = v.clone(),
+                None => record.last_values.push(v.clone()),
+            }
+        }
+        record.last_values.sort_by(|a, b| a.metric.cmp(&b.metric));
+    }
+}
+
+fn lock_overlay(overlay: &SharedOverlay) -> std::sync::MutexGuard<'_, Overlay> {
+    // Every change to the overlay is a whole assignment: a panic cannot leave it half-written.
+    overlay
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Runs inside the writer's transaction (under a savepoint); returns what to do once the
@@ -276,6 +344,7 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let mut conn = open_connection(&path, options.synchronous)?;
         migrate(&mut conn)?;
+        fold_journal(&mut conn)?;
         // The writer's page cache: 64 MiB (SQLite's default is 2 MiB), so that a commit touching
         // many devices reads their index and last-value pages from memory, not from the file.
         conn.pragma_update(None, "cache_size", -65_536)?;
@@ -289,9 +358,11 @@ impl SqliteStore {
         let (tx, rx) = mpsc::unbounded_channel();
         let max_points = options.max_commit_points.max(1);
         let delay = options.commit_delay;
+        let overlay = SharedOverlay::default();
+        let writer = Writer::new(conn, overlay.clone(), options.fold_interval);
         let thread = std::thread::Builder::new()
             .name("fleetlink-store-writer".into())
-            .spawn(move || Writer::new(conn).run(rx, max_points, delay))
+            .spawn(move || writer.run(rx, max_points, delay))
             .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -299,6 +370,7 @@ impl SqliteStore {
                 writes: tx,
                 append_room: Arc::new(Semaphore::new(options.queue_batches.max(1))),
                 readers: Mutex::new(Vec::new()),
+                overlay,
             }),
             writer: WriterHandle(Arc::new(Mutex::new(Some(thread)))),
         })
@@ -433,6 +505,8 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         // version 2 added device attributes; the new tables come from SCHEMA below
         tx.execute_batch("ALTER TABLE devices ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}'")?;
     }
+    // Version 4 added `device_journal` (created by SCHEMA): the version number keeps an older
+    // fleetlink, which would ignore the journal, from opening the database.
     tx.execute_batch(SCHEMA)?;
     if (1..3).contains(&version) {
         // version 3 keeps telemetry in chunks instead of a row per point
@@ -442,6 +516,49 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.commit()?;
     Ok(())
 }
+
+/// Folds what the device journal holds into `devices` and `last_values`: after a crash, the
+/// bookkeeping of the commits since the writer's last fold.
+fn fold_journal(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // In journal order, so that of two values with the same time the later one wins, as it
+    // did when they were committed.
+    let values = tx.execute(
+        &format!(
+            "INSERT INTO last_values (device, metric, time_us, kind, value, lat, lon, alt, speed, heading, accuracy)
+             SELECT device, metric, time_us, kind, value, lat, lon, alt, speed, heading, accuracy
+             FROM device_journal WHERE metric IS NOT NULL ORDER BY id {UPSERT_LAST_VALUE}"
+        ),
+        [],
+    )?;
+    let devices = tx.execute(
+        "UPDATE devices SET last_seq = max(devices.last_seq, j.last_seq),
+                            point_count = max(devices.point_count, j.point_count)
+         FROM (SELECT device, max(last_seq) AS last_seq, max(point_count) AS point_count
+               FROM device_journal GROUP BY device) AS j
+         WHERE devices.id = j.device",
+        [],
+    )?;
+    let rows = tx.execute("DELETE FROM device_journal", [])?;
+    tx.commit()?;
+    if rows > 0 {
+        tracing::info!(
+            rows,
+            devices,
+            values,
+            "folded the device journal left by a crash"
+        );
+    }
+    Ok(())
+}
+
+/// The conflict clause of every write to `last_values`: a value replaces the stored one unless
+/// it is older by device clock.
+const UPSERT_LAST_VALUE: &str = "ON CONFLICT(device, metric) DO UPDATE SET
+    time_us = excluded.time_us, kind = excluded.kind, value = excluded.value,
+    lat = excluded.lat, lon = excluded.lon, alt = excluded.alt, speed = excluded.speed,
+    heading = excluded.heading, accuracy = excluded.accuracy
+ WHERE excluded.time_us >= last_values.time_us";
 
 /// Moves the points of a version 1 or 2 database (a row each in `telemetry`) into chunks.
 fn rows_to_chunks(tx: &Connection) -> Result<(), StoreError> {
@@ -758,8 +875,11 @@ fn load_last_values(conn: &Connection, device: i64) -> Result<Vec<MetricValue>, 
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// The devices matching `where_clause`, with `overlay` (the writer's bookkeeping not yet folded
+/// into the tables) laid over their rows.
 fn load_devices(
     conn: &Connection,
+    overlay: Option<&SharedOverlay>,
     where_clause: &str,
     params: &[&dyn rusqlite::ToSql],
 ) -> Result<Vec<(i64, DeviceRecord)>, StoreError> {
@@ -786,18 +906,19 @@ fn load_devices(
         let attributes: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(&attributes)
                 .map_err(|e| StoreError::Corrupt(format!("attributes of {name}: {e}")))?;
-        out.push((
-            rowid,
-            DeviceRecord {
-                id: device_id(name)?,
-                tags,
-                attributes,
-                created_us,
-                last_seq: last_seq as u64,
-                point_count: point_count as u64,
-                last_values: load_last_values(conn, rowid)?,
-            },
-        ));
+        let mut record = DeviceRecord {
+            id: device_id(name)?,
+            tags,
+            attributes,
+            created_us,
+            last_seq: last_seq as u64,
+            point_count: point_count as u64,
+            last_values: load_last_values(conn, rowid)?,
+        };
+        if let Some(overlay) = overlay {
+            lock_overlay(overlay).apply(rowid, &mut record);
+        }
+        out.push((rowid, record));
     }
     Ok(out)
 }
@@ -1152,7 +1273,7 @@ impl Store for SqliteStore {
             }
             let mut states = Vec::with_capacity(rows.len());
             for rowid in rowids {
-                let (rowid, record) = load_devices(&tx, "WHERE id = ?1", &[&rowid])?
+                let (rowid, record) = load_devices(&tx, None, "WHERE id = ?1", &[&rowid])?
                     .pop()
                     .ok_or_else(|| StoreError::Corrupt(format!("device row {rowid} vanished")))?;
                 states.push(state_of(&tx, rowid, record)?);
@@ -1219,10 +1340,13 @@ impl Store for SqliteStore {
 
     async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
         let id = id.clone();
+        let overlay = self.inner.overlay.clone();
         self.read(move |conn| {
-            Ok(load_devices(conn, "WHERE name = ?1", &[&id.as_str()])?
-                .pop()
-                .map(|(_, record)| record))
+            Ok(
+                load_devices(conn, Some(&overlay), "WHERE name = ?1", &[&id.as_str()])?
+                    .pop()
+                    .map(|(_, record)| record),
+            )
         })
         .await
     }
@@ -1234,9 +1358,11 @@ impl Store for SqliteStore {
     ) -> Result<Vec<DeviceRecord>, StoreError> {
         let after = after.map(|a| a.as_str().to_owned()).unwrap_or_default();
         let limit = limit.map_or(-1, |l| l as i64);
+        let overlay = self.inner.overlay.clone();
         self.read(move |conn| {
             Ok(load_devices(
                 conn,
+                Some(&overlay),
                 "WHERE name > ?1 ORDER BY name LIMIT ?2",
                 &[&after, &limit],
             )?
@@ -1249,8 +1375,9 @@ impl Store for SqliteStore {
 
     async fn device_state(&self, id: &DeviceId) -> Result<Option<DeviceState>, StoreError> {
         let id = id.clone();
+        let overlay = self.inner.overlay.clone();
         self.read(move |conn| {
-            load_devices(conn, "WHERE name = ?1", &[&id.as_str()])?
+            load_devices(conn, Some(&overlay), "WHERE name = ?1", &[&id.as_str()])?
                 .pop()
                 .map(|(rowid, record)| state_of(conn, rowid, record))
                 .transpose()
@@ -1265,9 +1392,11 @@ impl Store for SqliteStore {
     ) -> Result<Vec<DeviceState>, StoreError> {
         let after = after.map(|a| a.as_str().to_owned()).unwrap_or_default();
         let limit = limit as i64;
+        let overlay = self.inner.overlay.clone();
         self.read(move |conn| {
             load_devices(
                 conn,
+                Some(&overlay),
                 "WHERE name > ?1 ORDER BY name LIMIT ?2",
                 &[&after, &limit],
             )?
@@ -1332,12 +1461,20 @@ impl Store for SqliteStore {
     }
 
     async fn point_count(&self) -> Result<u64, StoreError> {
-        self.read(|conn| {
-            Ok(conn.query_row(
-                "SELECT coalesce(sum(point_count), 0) FROM devices",
-                [],
-                |r| r.get::<_, i64>(0),
-            )? as u64)
+        let overlay = self.inner.overlay.clone();
+        self.read(move |conn| {
+            let mut counts: FastMap<i64, u64> = FastMap::default();
+            let mut stmt = conn.prepare_cached("SELECT id, point_count FROM devices")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                counts.insert(r.get(0)?, r.get::<_, i64>(1)? as u64);
+            }
+            for (rowid, b) in &lock_overlay(&overlay).devices {
+                if let Some(c) = counts.get_mut(rowid) {
+                    *c = (*c).max(b.point_count);
+                }
+            }
+            Ok(counts.values().sum())
         })
         .await
     }
@@ -1758,19 +1895,29 @@ impl Store for SqliteStore {
 /// them in one transaction (a group commit), then reports each device's durable sequence.
 struct Writer {
     conn: Connection,
-    /// device name → (row id, highest stored seq)
-    devices: FastMap<DeviceId, (i64, u64)>,
+    /// device name → (row id, highest stored seq, points stored)
+    devices: FastMap<DeviceId, (i64, u64, u64)>,
     metrics: FastMap<MetricName, i64>,
     compaction: Compaction,
+    /// The bookkeeping readers see before it is folded into the tables.
+    overlay: SharedOverlay,
+    /// Devices with journal rows not yet folded.
+    unfolded: FastSet<i64>,
+    fold_interval: std::time::Duration,
+    last_fold: std::time::Instant,
 }
 
 impl Writer {
-    fn new(conn: Connection) -> Self {
+    fn new(conn: Connection, overlay: SharedOverlay, fold_interval: std::time::Duration) -> Self {
         Self {
             conn,
             devices: FastMap::default(),
             metrics: FastMap::default(),
             compaction: Compaction::default(),
+            overlay,
+            unfolded: FastSet::default(),
+            fold_interval,
+            last_fold: std::time::Instant::now(),
         }
     }
 
@@ -1846,8 +1993,66 @@ impl Writer {
                     }
                 }
             }
+            if self.last_fold.elapsed() >= self.fold_interval {
+                self.fold();
+            }
         }
+        self.fold();
         tracing::debug!("store writer stopped");
+    }
+
+    /// Writes the bookkeeping of the devices with journal rows into `devices` and `last_values`
+    /// and empties the journal. A failure is logged and the fold is tried again later: the
+    /// journal keeps everything until a fold commits.
+    fn fold(&mut self) {
+        self.last_fold = std::time::Instant::now();
+        if self.unfolded.is_empty() {
+            return;
+        }
+        let books: Vec<(i64, Bookkeeping)> = {
+            let overlay = lock_overlay(&self.overlay);
+            self.unfolded
+                .iter()
+                .filter_map(|d| overlay.devices.get(d).map(|b| (*d, b.clone())))
+                .collect()
+        };
+        let result = (|| -> Result<(), StoreError> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            {
+                let mut value = tx.prepare_cached(&format!(
+                    "INSERT INTO last_values (device, metric, time_us, kind, value, lat, lon, alt, speed, heading, accuracy)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) {UPSERT_LAST_VALUE}"
+                ))?;
+                let mut device = tx.prepare_cached(
+                    "UPDATE devices SET last_seq = max(last_seq, ?2), point_count = max(point_count, ?3)
+                     WHERE id = ?1",
+                )?;
+                for (dev, b) in &books {
+                    device.execute(params![dev, b.last_seq as i64, b.point_count as i64])?;
+                    for (metric, v) in &b.last_values {
+                        let (kind, val, geo) = value_columns(&v.value);
+                        value.execute(params![
+                            dev, metric, v.time_us, kind, val, geo[0], geo[1], geo[2], geo[3],
+                            geo[4], geo[5]
+                        ])?;
+                    }
+                }
+                tx.execute("DELETE FROM device_journal", [])?;
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                tracing::trace!(devices = books.len(), "folded the device journal");
+                self.unfolded.clear();
+            }
+            Err(error) => {
+                tracing::error!(%error, devices = books.len(), "cannot fold the device journal; trying again later");
+            }
+        }
     }
 
     /// Stores every batch above its device's watermark; returns, per job, the device's durable seq.
@@ -1868,21 +2073,33 @@ impl Writer {
             finishers.push(job(&tx));
         }
         let mut durable = Vec::with_capacity(jobs.len());
-        let mut last: FastMap<(i64, i64), (TimeUs, &Value)> = FastMap::default();
-        let mut touched: FastMap<i64, (u64, i64, &DeviceId)> = FastMap::default(); // row id → (seq, points added, id)
+        // (device, metric) → the latest point of this commit by device clock
+        let mut last: FastMap<(i64, i64), (TimeUs, &Value, &MetricName)> = FastMap::default();
+        // row id → (seq, points stored in all, id)
+        let mut touched: FastMap<i64, (u64, u64, &DeviceId)> = FastMap::default();
         // Points by device and metric: each group becomes one chunk (or a few, if large).
         let mut groups: FastMap<(i64, i64), Vec<Row<&Value>>> = FastMap::default();
         {
             for job in jobs {
-                let (dev, stored_seq) = match self.devices.get(&job.device) {
+                let (dev, stored_seq, stored_count) = match self.devices.get(&job.device) {
                     Some(d) => *d,
                     None => {
-                        let d: (i64, i64) = tx
-                            .prepare_cached("SELECT id, last_seq FROM devices WHERE name = ?1")?
-                            .query_row([job.device.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                        let (rowid, seq, count): (i64, i64, i64) = tx
+                            .prepare_cached(
+                                "SELECT id, last_seq, point_count FROM devices WHERE name = ?1",
+                            )?
+                            .query_row([job.device.as_str()], |r| {
+                                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                            })
                             .optional()?
                             .ok_or_else(|| StoreError::UnknownDevice(job.device.clone()))?;
-                        let d = (d.0, d.1 as u64);
+                        let (mut seq, mut count) = (seq as u64, count as u64);
+                        // the tables lag behind the journal by up to one fold
+                        if let Some(b) = lock_overlay(&self.overlay).devices.get(&rowid) {
+                            seq = seq.max(b.last_seq);
+                            count = count.max(b.point_count);
+                        }
+                        let d = (rowid, seq, count);
                         self.devices.insert(job.device.clone(), d);
                         d
                     }
@@ -1914,14 +2131,18 @@ impl Writer {
                         idx: idx as u32,
                         value: &p.value,
                     });
-                    let slot = last.entry((dev, metric)).or_insert((p.time_us, &p.value));
+                    let slot = last
+                        .entry((dev, metric))
+                        .or_insert((p.time_us, &p.value, &p.metric));
                     if p.time_us >= slot.0 {
-                        *slot = (p.time_us, &p.value);
+                        *slot = (p.time_us, &p.value, &p.metric);
                     }
                 }
-                let t = touched.entry(dev).or_insert((stored_seq, 0, &job.device));
+                let t = touched
+                    .entry(dev)
+                    .or_insert((stored_seq, stored_count, &job.device));
                 t.0 = seq;
-                t.1 += job.batch.points.len() as i64;
+                t.1 += job.batch.points.len() as u64;
                 durable.push(seq);
             }
             for ((dev, metric), mut rows) in groups {
@@ -1931,32 +2152,81 @@ impl Writer {
                     self.compaction.stored(&tx, dev, metric, id, part.len())?;
                 }
             }
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO last_values (device, metric, time_us, kind, value, lat, lon, alt, speed, heading, accuracy)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-                 ON CONFLICT(device, metric) DO UPDATE SET
-                    time_us = excluded.time_us, kind = excluded.kind, value = excluded.value,
-                    lat = excluded.lat, lon = excluded.lon, alt = excluded.alt, speed = excluded.speed,
-                    heading = excluded.heading, accuracy = excluded.accuracy
-                 WHERE excluded.time_us >= last_values.time_us",
+            // The bookkeeping goes to the journal: rows appended at its end, where updating
+            // `devices` and `last_values` would rewrite a random page of each per device.
+            let mut journal = tx.prepare_cached(
+                "INSERT INTO device_journal (device, metric, last_seq, point_count, time_us, kind, value,
+                                             lat, lon, alt, speed, heading, accuracy)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?;
-            for ((dev, metric), (time_us, value)) in &last {
+            for ((dev, metric), (time_us, value, _)) in &last {
+                let (seq, count, _) = touched[dev];
                 let (kind, value, geo) = value_columns(value);
-                upsert.execute(params![
-                    dev, metric, time_us, kind, value, geo[0], geo[1], geo[2], geo[3], geo[4],
+                journal.execute(params![
+                    dev,
+                    metric,
+                    seq as i64,
+                    count as i64,
+                    time_us,
+                    kind,
+                    value,
+                    geo[0],
+                    geo[1],
+                    geo[2],
+                    geo[3],
+                    geo[4],
                     geo[5]
                 ])?;
             }
-            let mut mark = tx.prepare_cached(
-                "UPDATE devices SET last_seq = ?2, point_count = point_count + ?3 WHERE id = ?1 AND last_seq < ?2",
-            )?;
-            for (dev, (seq, added, _)) in &touched {
-                mark.execute(params![dev, *seq as i64, added])?;
+            let with_values: FastSet<i64> = last.keys().map(|(d, _)| *d).collect();
+            for (dev, (seq, count, _)) in &touched {
+                if !with_values.contains(dev) {
+                    // a batch without points still moves the device's seq
+                    journal.execute(params![
+                        dev,
+                        None::<i64>,
+                        *seq as i64,
+                        *count as i64,
+                        None::<i64>,
+                        None::<i64>,
+                        None::<i64>,
+                        None::<f64>,
+                        None::<f64>,
+                        None::<f64>,
+                        None::<f64>,
+                        None::<f64>,
+                        None::<f64>
+                    ])?;
+                }
             }
         }
         tx.commit()?;
-        for (dev, (seq, _, id)) in touched {
-            self.devices.insert(id.clone(), (dev, seq));
+        let mut overlay = lock_overlay(&self.overlay);
+        for (&dev, &(seq, count, id)) in &touched {
+            self.devices.insert(id.clone(), (dev, seq, count));
+            let b = overlay.devices.entry(dev).or_default();
+            b.last_seq = b.last_seq.max(seq);
+            b.point_count = b.point_count.max(count);
+            self.unfolded.insert(dev);
+        }
+        for ((dev, metric), (time_us, value, name)) in last {
+            let b = overlay.devices.entry(dev).or_default();
+            match b.last_values.entry(metric) {
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    let v = o.get_mut();
+                    if time_us >= v.time_us {
+                        v.time_us = time_us;
+                        v.value = value.clone();
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(MetricValue {
+                        metric: name.clone(),
+                        time_us,
+                        value: value.clone(),
+                    });
+                }
+            }
         }
         Ok(durable)
     }

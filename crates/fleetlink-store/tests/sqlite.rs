@@ -761,7 +761,7 @@ async fn a_version_2_database_keeps_its_telemetry_when_opened() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     let old: i64 = conn
         .query_row(
             "SELECT count(*) FROM sqlite_schema WHERE name = 'telemetry'",
@@ -885,4 +885,157 @@ async fn update_command_then_answers_from_the_writer_once_durable() {
         Err(StoreError::UnknownCommand(unknown)) => assert_eq!(unknown, command.id + 100),
         other => panic!("expected an unknown command, got {other:?}"),
     }
+}
+
+/// A device's seq, point count and last value per metric, as the store reports them.
+async fn bookkeeping(
+    store: &SqliteStore,
+    device: &str,
+) -> (u64, u64, BTreeMap<String, (i64, Value)>) {
+    let d = store.device(&id(device)).await.unwrap().unwrap();
+    let last = d
+        .last_values
+        .into_iter()
+        .map(|v| (v.metric.as_str().to_owned(), (v.time_us, v.value)))
+        .collect();
+    (d.last_seq, d.point_count, last)
+}
+
+/// What the `devices` table and the journal hold for `device`, read from the file directly.
+fn on_disk(path: &std::path::Path, device: &str) -> (i64, i64, i64) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let (seq, count) = conn
+        .query_row(
+            "SELECT last_seq, point_count FROM devices WHERE name = ?1",
+            [device],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let journal = conn
+        .query_row("SELECT count(*) FROM device_journal", [], |r| r.get(0))
+        .unwrap();
+    (seq, count, journal)
+}
+
+/// Between folds, each commit appends the device bookkeeping to a journal instead of updating the
+/// `devices` and `last_values` tables. Readers see it at once, and a crash before the fold loses
+/// none of it: opening the store folds the journal, and the seq watermark still refuses resends.
+#[tokio::test]
+async fn device_bookkeeping_in_the_journal_survives_a_crash_before_the_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let options = SqliteOptions {
+        fold_interval: std::time::Duration::from_secs(3600),
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(&path, options.clone()).unwrap();
+    provision(&store, "truck-1").await;
+    provision(&store, "buoy-22").await;
+    let (tx, mut rx) = watch::channel(0);
+    let truck = Arc::new(Watch(tx, Mutex::new(Vec::new())));
+    append(
+        &store,
+        &truck,
+        "truck-1",
+        1,
+        vec![
+            point("fuel", 10, Value::Double(0.9)),
+            point("speed", 10, Value::Int(50)),
+        ],
+    )
+    .await;
+    rx.wait_for(|d| *d >= 1).await.unwrap();
+    // a late point does not replace the last value
+    append(
+        &store,
+        &truck,
+        "truck-1",
+        2,
+        vec![
+            point("fuel", 20, Value::Double(0.8)),
+            point("fuel", 5, Value::Double(0.95)),
+        ],
+    )
+    .await;
+    rx.wait_for(|d| *d >= 2).await.unwrap();
+    append(&store, &truck, "truck-1", 3, vec![]).await; // no points, but the seq moves
+    rx.wait_for(|d| *d >= 3).await.unwrap();
+    let (tx, mut rx) = watch::channel(0);
+    let buoy = Arc::new(Watch(tx, Mutex::new(Vec::new())));
+    append(
+        &store,
+        &buoy,
+        "buoy-22",
+        7,
+        vec![point("door", 1, Value::Bool(true))],
+    )
+    .await;
+    rx.wait_for(|d| *d >= 7).await.unwrap();
+
+    let truck_expected = (
+        3,
+        4,
+        BTreeMap::from([
+            ("fuel".to_owned(), (20, Value::Double(0.8))),
+            ("speed".to_owned(), (10, Value::Int(50))),
+        ]),
+    );
+    let buoy_expected = (
+        7,
+        1,
+        BTreeMap::from([("door".to_owned(), (1, Value::Bool(true)))]),
+    );
+    assert_eq!(bookkeeping(&store, "truck-1").await, truck_expected);
+    assert_eq!(bookkeeping(&store, "buoy-22").await, buoy_expected);
+    assert_eq!(store.point_count().await.unwrap(), 5);
+
+    // A crash: the files as they are on disk while the store runs.
+    let crashed = tempfile::tempdir().unwrap();
+    let crashed_path = crashed.path().join("fleet.db");
+    std::fs::copy(&path, &crashed_path).unwrap();
+    std::fs::copy(
+        dir.path().join("fleet.db-wal"),
+        crashed.path().join("fleet.db-wal"),
+    )
+    .unwrap();
+    let (seq, count, journal) = on_disk(&crashed_path, "truck-1");
+    assert_eq!((seq, count), (0, 0), "the tables wait for the fold");
+    assert_eq!(
+        journal, 5,
+        "one row per device and metric per commit, one for the empty batch"
+    );
+
+    // A graceful close folds.
+    let writer = store.writer_handle();
+    drop(store);
+    assert!(writer.join(std::time::Duration::from_secs(30)));
+    assert_eq!(on_disk(&path, "truck-1"), (3, 4, 0));
+
+    // Opening the crashed copy folds its journal.
+    let store = SqliteStore::open(&crashed_path, options).unwrap();
+    assert_eq!(on_disk(&crashed_path, "truck-1"), (3, 4, 0));
+    assert_eq!(bookkeeping(&store, "truck-1").await, truck_expected);
+    assert_eq!(bookkeeping(&store, "buoy-22").await, buoy_expected);
+    assert_eq!(store.point_count().await.unwrap(), 5);
+    // the watermark came back with it: a resend is not stored again
+    let (tx, mut rx) = watch::channel(0);
+    let again = Arc::new(Watch(tx, Mutex::new(Vec::new())));
+    append(
+        &store,
+        &again,
+        "truck-1",
+        2,
+        vec![point("fuel", 20, Value::Double(0.8))],
+    )
+    .await;
+    rx.wait_for(|d| *d >= 3).await.unwrap();
+    assert_eq!(store.point_count().await.unwrap(), 5);
+    assert_eq!(
+        store
+            .query_telemetry(all_of("truck-1"))
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
 }
