@@ -151,10 +151,10 @@ impl RolloutLimits {
         if self.max_in_flight == 0 {
             return Err(JobError::NoInFlight);
         }
-        if let Some(ratio) = self.abort_failure_ratio {
-            if !(0.0..1.0).contains(&ratio) {
-                return Err(JobError::BadRatio(ratio));
-            }
+        if let Some(ratio) = self.abort_failure_ratio
+            && !(0.0..1.0).contains(&ratio)
+        {
+            return Err(JobError::BadRatio(ratio));
         }
         if self.max_per_minute == Some(0) {
             return Err(JobError::BadRate);

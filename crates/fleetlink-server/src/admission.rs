@@ -47,10 +47,10 @@ impl Admission {
         incoming: quinn::Incoming,
         now: Instant,
     ) -> Option<(quinn::Incoming, HandshakePermit)> {
-        if self.queue.is_empty() {
-            if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-                return Some((incoming, permit));
-            }
+        if self.queue.is_empty()
+            && let Ok(permit) = self.slots.clone().try_acquire_owned()
+        {
+            return Some((incoming, permit));
         }
         self.expire(now);
         if self.queue.len() < self.max_queue {

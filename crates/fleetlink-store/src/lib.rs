@@ -41,6 +41,11 @@ pub enum StoreError {
     /// The store is shut down (its writer has stopped).
     #[error("the store is closed")]
     Closed,
+
+    /// Another store (another server process, or one of this process that is still stopping)
+    /// has the database open.
+    #[error("the database {0} is in use by another fleetlink server; stop it first")]
+    InUse(std::path::PathBuf),
     /// A blocking storage task panicked or was cancelled.
     #[error("storage task failed: {0}")]
     Task(String),

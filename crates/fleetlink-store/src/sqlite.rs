@@ -77,7 +77,9 @@ CREATE TABLE IF NOT EXISTS device_journal (
     time_us      INTEGER,
     kind         INTEGER,
     value        ANY,
-    lat REAL, lon REAL, alt REAL, speed REAL, heading REAL, accuracy REAL
+    lat REAL, lon REAL, alt REAL, speed REAL, heading REAL, accuracy REAL,
+    points       INTEGER NOT NULL DEFAULT 0,
+    data         BLOB
 ) STRICT;
 CREATE TABLE IF NOT EXISTS twins (
     device            INTEGER PRIMARY KEY REFERENCES devices(id),
@@ -189,6 +191,9 @@ pub struct SqliteOptions {
     /// after a crash, opening the store folds what the journal holds. Zero folds after every
     /// commit.
     pub fold_interval: std::time::Duration,
+    /// How long opening waits for another store of the same database to stop (see
+    /// [`StoreError::InUse`]).
+    pub lock_wait: std::time::Duration,
 }
 
 impl Default for SqliteOptions {
@@ -199,6 +204,7 @@ impl Default for SqliteOptions {
             max_commit_points: 50_000,
             commit_delay: std::time::Duration::from_millis(2),
             fold_interval: std::time::Duration::from_secs(5),
+            lock_wait: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -261,7 +267,15 @@ struct Inner {
 #[derive(Debug, Default)]
 struct Overlay {
     devices: FastMap<i64, Bookkeeping>,
+    /// Points of small groups (fewer than `TINY_POINTS` of one device and metric in a commit),
+    /// which wait in the journal instead of becoming one-point chunks, by device and metric row
+    /// id. Unlike the bookkeeping they leave the overlay when a fold turns them into chunks, so
+    /// readers take them with [`snapshot_device`].
+    points: FastMap<i64, OverlayPoints>,
 }
+
+/// One device's points in the overlay, by metric row id, each metric's in commit order.
+type OverlayPoints = FastMap<i64, Vec<Row<Value>>>;
 
 type SharedOverlay = Arc<Mutex<Overlay>>;
 
@@ -290,6 +304,23 @@ impl Overlay {
         }
         record.last_values.sort_by(|a, b| a.metric.cmp(&b.metric));
     }
+}
+
+/// Finds `device` in a read transaction that the caller has begun on `conn` (its first read, which
+/// fixes the snapshot), with the device's points in the overlay. Both happen under the overlay
+/// lock, which a fold holds while it commits the chunks it made and drops their points from the
+/// overlay: so the points returned are exactly those the snapshot's chunks lack.
+fn snapshot_device(
+    conn: &Connection,
+    overlay: &SharedOverlay,
+    device: &DeviceId,
+) -> Result<(i64, OverlayPoints), StoreError> {
+    let overlay = lock_overlay(overlay);
+    let rowid = device_rowid(conn, device)?;
+    Ok((
+        rowid,
+        overlay.points.get(&rowid).cloned().unwrap_or_default(),
+    ))
 }
 
 fn lock_overlay(overlay: &SharedOverlay) -> std::sync::MutexGuard<'_, Overlay> {
@@ -342,6 +373,7 @@ impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and starts its writer thread.
     pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
+        let lock = lock_database(&path, options.lock_wait)?;
         let mut conn = open_connection(&path, options.synchronous)?;
         migrate(&mut conn)?;
         fold_journal(&mut conn)?;
@@ -362,7 +394,10 @@ impl SqliteStore {
         let writer = Writer::new(conn, overlay.clone(), options.fold_interval);
         let thread = std::thread::Builder::new()
             .name("fleetlink-store-writer".into())
-            .spawn(move || writer.run(rx, max_points, delay))
+            .spawn(move || {
+                writer.run(rx, max_points, delay);
+                drop(lock); // after the last fold
+            })
             .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -469,6 +504,45 @@ impl SqliteStore {
     }
 }
 
+/// Takes the lock that one store per database holds until its writer stopped: an advisory `flock`
+/// on `<database>.lock`. Two writers would each fold the journal's waiting points into chunks,
+/// storing them twice. Waits up to `wait` for a store that is still stopping (its writer folds
+/// once more before it lets go).
+fn lock_database(path: &Path, wait: Duration) -> Result<std::fs::File, StoreError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| {
+            StoreError::Task(format!(
+                "cannot open {}: {e}",
+                Path::new(&lock_path).display()
+            ))
+        })?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                // a lock has nothing to wait on with a timeout: poll, as SQLite's busy timeout does
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::InUse(path.to_path_buf()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::Task(format!(
+                    "cannot lock {}: {e}",
+                    Path::new(&lock_path).display()
+                )));
+            }
+        }
+    }
+}
+
 fn open_connection(path: &Path, sync: Synchronous) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
@@ -521,6 +595,42 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 /// bookkeeping of the commits since the writer's last fold.
 fn fold_journal(conn: &mut Connection) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // The points of small groups, which were waiting for the fold to become chunks.
+    let mut points = 0usize;
+    {
+        let mut stmt = tx.prepare(
+            "SELECT device, metric, data FROM device_journal WHERE data IS NOT NULL
+             ORDER BY device, metric, id",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut pair: Option<(i64, i64)> = None;
+        let mut columns = Columns::default();
+        let mut flush = |pair: (i64, i64), columns: &mut Columns| -> Result<(), StoreError> {
+            let mut taken = std::mem::take(columns);
+            taken.sort();
+            let rows = taken.into_rows();
+            points += rows.len();
+            for part in rows.chunks(chunk::MAX_POINTS) {
+                insert_chunk(&tx, pair.0, pair.1, part)?;
+            }
+            Ok(())
+        };
+        while let Some(r) = rows.next()? {
+            let this: (i64, i64) = (r.get(0)?, r.get(1)?);
+            if let Some(p) = pair
+                && p != this
+            {
+                flush(p, &mut columns)?;
+            }
+            pair = Some(this);
+            let data = r.get_ref(2)?.as_blob().map_err(corrupt)?;
+            chunk::decode_into(data, &mut columns, true)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        }
+        if let Some(p) = pair {
+            flush(p, &mut columns)?;
+        }
+    }
     // In journal order, so that of two values with the same time the later one wins, as it
     // did when they were committed.
     let values = tx.execute(
@@ -546,6 +656,7 @@ fn fold_journal(conn: &mut Connection) -> Result<(), StoreError> {
             rows,
             devices,
             values,
+            points,
             "folded the device journal left by a crash"
         );
     }
@@ -640,7 +751,9 @@ fn insert_encoded(
 }
 
 /// The raw points of one device and metric with `start_us <= time < end_us`, at most `limit`:
-/// every column, or (`arrival` false) times and values only.
+/// every column, or (`arrival` false) times and values only. `waiting`: the metric's points in
+/// the overlay (see [`snapshot_device`]), merged in.
+#[allow(clippy::too_many_arguments)]
 fn metric_points(
     conn: &Connection,
     device: i64,
@@ -649,7 +762,24 @@ fn metric_points(
     end_us: TimeUs,
     limit: Option<usize>,
     arrival: bool,
+    waiting: &[Row<Value>],
 ) -> Result<Columns, StoreError> {
+    let waiting: Vec<Row<&Value>> = waiting
+        .iter()
+        .filter(|r| (start_us..end_us).contains(&r.time_us))
+        .map(|r| Row {
+            time_us: r.time_us,
+            received_us: r.received_us,
+            seq: r.seq,
+            idx: r.idx,
+            value: &r.value,
+        })
+        .collect();
+    if !waiting.is_empty() && !arrival {
+        // ordering them among the chunks' points takes seq and idx
+        return metric_points(conn, device, metric, start_us, end_us, limit, true, &[])
+            .and_then(|out| merge_waiting(out, waiting, limit));
+    }
     let mut stmt = conn.prepare_cached(
         "SELECT start_us, end_us, data FROM telemetry_chunks
          WHERE device = ?1 AND metric = ?2 AND start_us < ?4 AND end_us >= ?3
@@ -689,7 +819,8 @@ fn metric_points(
             if !arrival && out.time_us[before] <= out.time_us[before - 1] {
                 // chunks overlap: ordering them takes seq and idx
                 drop(rows);
-                return metric_points(conn, device, metric, start_us, end_us, limit, true);
+                return metric_points(conn, device, metric, start_us, end_us, limit, true, &[])
+                    .and_then(|out| merge_waiting(out, waiting, limit));
             }
             if arrival && out.key(before) < out.key(before - 1) {
                 sorted = false;
@@ -703,6 +834,26 @@ fn metric_points(
     if let Some(limit) = limit {
         out.truncate(limit);
     }
+    merge_waiting(out, waiting, limit)
+}
+
+/// Adds points waiting in the overlay to points read from chunks (with arrival columns, sorted,
+/// at most `limit`).
+fn merge_waiting(
+    mut out: Columns,
+    mut waiting: Vec<Row<&Value>>,
+    limit: Option<usize>,
+) -> Result<Columns, StoreError> {
+    if waiting.is_empty() {
+        return Ok(out);
+    }
+    waiting.sort_by_key(Row::key);
+    chunk::decode_into(&chunk::encode(&waiting), &mut out, true)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    out.sort();
+    if let Some(limit) = limit {
+        out.truncate(limit);
+    }
     Ok(out)
 }
 
@@ -711,6 +862,7 @@ fn device_metrics(
     conn: &Connection,
     device: i64,
     only: Option<&MetricName>,
+    waiting: &OverlayPoints,
 ) -> Result<Vec<(i64, MetricName)>, StoreError> {
     if let Some(name) = only {
         return Ok(conn
@@ -726,7 +878,19 @@ fn device_metrics(
          ORDER BY m.id",
     )?;
     let rows = stmt.query_map([device], |r| Ok((r.get(0)?, metric_name(r.get(1)?)?)))?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let mut out: Vec<(i64, MetricName)> = rows.collect::<Result<_, _>>()?;
+    // metrics whose only points wait in the overlay
+    for (&metric, points) in waiting {
+        if points.is_empty() || out.iter().any(|(id, _)| *id == metric) {
+            continue;
+        }
+        let name: String = conn
+            .prepare_cached("SELECT name FROM metrics WHERE id = ?1")?
+            .query_row([metric], |r| r.get(0))?;
+        out.push((metric, metric_name(name)?));
+    }
+    out.sort_by_key(|(id, _)| *id);
+    Ok(out)
 }
 
 /// The raw points of a query, metric by metric (`arrival`: with `received_us`, `seq`, `idx`).
@@ -735,10 +899,11 @@ fn query_columns(
     device: i64,
     q: &TelemetryQuery,
     arrival: bool,
+    waiting: &OverlayPoints,
 ) -> Result<Vec<(MetricName, Columns)>, StoreError> {
     let mut out = Vec::new();
     let mut left = q.limit;
-    for (metric, name) in device_metrics(conn, device, q.metric.as_ref())? {
+    for (metric, name) in device_metrics(conn, device, q.metric.as_ref(), waiting)? {
         if left == Some(0) {
             break;
         }
@@ -750,6 +915,7 @@ fn query_columns(
             q.end_us.unwrap_or(TimeUs::MAX),
             left,
             arrival,
+            waiting.get(&metric).map_or(&[], Vec::as_slice),
         )?;
         if points.len() == 0 {
             continue;
@@ -1067,11 +1233,12 @@ fn aggregate(
     device: i64,
     q: &TelemetryQuery,
     every: i64,
+    waiting: &OverlayPoints,
 ) -> Result<Vec<StoredPoint>, StoreError> {
     let every = every.max(1);
     let mut out = Vec::new();
     let limit = q.limit.unwrap_or(usize::MAX);
-    for (metric, name) in device_metrics(conn, device, q.metric.as_ref())? {
+    for (metric, name) in device_metrics(conn, device, q.metric.as_ref(), waiting)? {
         let points = metric_points(
             conn,
             device,
@@ -1080,6 +1247,7 @@ fn aggregate(
             q.end_us.unwrap_or(TimeUs::MAX),
             None,
             false,
+            waiting.get(&metric).map_or(&[], Vec::as_slice),
         )?;
         // (bucket, count, sum, min, max) of the bucket being filled; points come in time order
         let mut current: Option<(TimeUs, u64, f64, f64, f64)> = None;
@@ -1408,13 +1576,15 @@ impl Store for SqliteStore {
     }
 
     async fn query_telemetry(&self, q: TelemetryQuery) -> Result<Vec<StoredPoint>, StoreError> {
+        let overlay = self.inner.overlay.clone();
         self.read(move |conn| {
-            let device = device_rowid(conn, &q.device)?;
+            let tx = conn.unchecked_transaction()?; // one snapshot for the whole query
+            let (device, waiting) = snapshot_device(&tx, &overlay, &q.device)?;
             if let Some(every) = q.every_us {
-                return aggregate(conn, device, &q, every);
+                return aggregate(&tx, device, &q, every, &waiting);
             }
             let mut points = Vec::new();
-            for (metric, c) in query_columns(conn, device, &q, true)? {
+            for (metric, c) in query_columns(&tx, device, &q, true, &waiting)? {
                 points.extend((0..c.len()).map(|i| StoredPoint {
                     metric: metric.clone(),
                     time_us: c.time_us[i],
@@ -1432,9 +1602,11 @@ impl Store for SqliteStore {
         &self,
         q: TelemetryQuery,
     ) -> Result<Vec<MetricColumns>, StoreError> {
+        let overlay = self.inner.overlay.clone();
         self.read(move |conn| {
-            let device = device_rowid(conn, &q.device)?;
-            Ok(query_columns(conn, device, &q, false)?
+            let tx = conn.unchecked_transaction()?; // one snapshot for the whole query
+            let (device, waiting) = snapshot_device(&tx, &overlay, &q.device)?;
+            Ok(query_columns(&tx, device, &q, false, &waiting)?
                 .into_iter()
                 .map(|(metric, c)| MetricColumns {
                     metric,
@@ -1905,7 +2077,12 @@ struct Writer {
     unfolded: FastSet<i64>,
     fold_interval: std::time::Duration,
     last_fold: std::time::Instant,
+    /// Points waiting in the journal and the overlay.
+    waiting_points: usize,
 }
+
+/// A fold comes early once this many points wait in the overlay (each costs ~100 bytes there).
+const FOLD_POINTS: usize = 1 << 20;
 
 impl Writer {
     fn new(conn: Connection, overlay: SharedOverlay, fold_interval: std::time::Duration) -> Self {
@@ -1918,6 +2095,7 @@ impl Writer {
             unfolded: FastSet::default(),
             fold_interval,
             last_fold: std::time::Instant::now(),
+            waiting_points: 0,
         }
     }
 
@@ -1993,7 +2171,8 @@ impl Writer {
                     }
                 }
             }
-            if self.last_fold.elapsed() >= self.fold_interval {
+            if self.last_fold.elapsed() >= self.fold_interval || self.waiting_points >= FOLD_POINTS
+            {
                 self.fold();
             }
         }
@@ -2009,17 +2188,40 @@ impl Writer {
         if self.unfolded.is_empty() {
             return;
         }
-        let books: Vec<(i64, Bookkeeping)> = {
+        let (books, points): (Vec<(i64, Bookkeeping)>, FastMap<i64, OverlayPoints>) = {
             let overlay = lock_overlay(&self.overlay);
-            self.unfolded
+            let books = self
+                .unfolded
                 .iter()
                 .filter_map(|d| overlay.devices.get(d).map(|b| (*d, b.clone())))
-                .collect()
+                .collect();
+            (books, overlay.points.clone())
         };
         let result = (|| -> Result<(), StoreError> {
             let tx = self
                 .conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            // the waiting points become chunks: one per device and metric (a few if large)
+            for (&dev, metrics) in &points {
+                for (&metric, rows) in metrics {
+                    let mut rows: Vec<&Row<Value>> = rows.iter().collect();
+                    rows.sort_by_key(|r| r.key());
+                    let rows: Vec<Row<&Value>> = rows
+                        .into_iter()
+                        .map(|r| Row {
+                            time_us: r.time_us,
+                            received_us: r.received_us,
+                            seq: r.seq,
+                            idx: r.idx,
+                            value: &r.value,
+                        })
+                        .collect();
+                    for part in rows.chunks(chunk::MAX_POINTS) {
+                        let id = insert_chunk(&tx, dev, metric, part)?;
+                        self.compaction.stored(&tx, dev, metric, id, part.len())?;
+                    }
+                }
+            }
             {
                 let mut value = tx.prepare_cached(&format!(
                     "INSERT INTO last_values (device, metric, time_us, kind, value, lat, lon, alt, speed, heading, accuracy)
@@ -2041,15 +2243,26 @@ impl Writer {
                 }
                 tx.execute("DELETE FROM device_journal", [])?;
             }
+            // Readers find the folded points in the chunks from this commit on, and no longer
+            // in the overlay: both change under the overlay lock (see `snapshot_device`).
+            let mut overlay = lock_overlay(&self.overlay);
             tx.commit()?;
+            overlay.points.clear();
             Ok(())
         })();
         match result {
             Ok(()) => {
-                tracing::trace!(devices = books.len(), "folded the device journal");
+                tracing::trace!(
+                    devices = books.len(),
+                    points = self.waiting_points,
+                    "folded the device journal"
+                );
                 self.unfolded.clear();
+                self.waiting_points = 0;
             }
             Err(error) => {
+                // the merges of the failed fold were rolled back with it
+                self.compaction = Compaction::default();
                 tracing::error!(%error, devices = books.len(), "cannot fold the device journal; trying again later");
             }
         }
@@ -2079,6 +2292,8 @@ impl Writer {
         let mut touched: FastMap<i64, (u64, u64, &DeviceId)> = FastMap::default();
         // Points by device and metric: each group becomes one chunk (or a few, if large).
         let mut groups: FastMap<(i64, i64), Vec<Row<&Value>>> = FastMap::default();
+        // The small groups among them, journaled instead of chunked.
+        let mut waiting: FastMap<(i64, i64), Vec<Row<&Value>>> = FastMap::default();
         {
             for job in jobs {
                 let (dev, stored_seq, stored_count) = match self.devices.get(&job.device) {
@@ -2147,6 +2362,11 @@ impl Writer {
             }
             for ((dev, metric), mut rows) in groups {
                 rows.sort_by_key(Row::key);
+                if rows.len() < TINY_POINTS {
+                    // waits in the journal for the next fold (a chunk now would be tiny)
+                    waiting.insert((dev, metric), rows);
+                    continue;
+                }
                 for part in rows.chunks(chunk::MAX_POINTS) {
                     let id = insert_chunk(&tx, dev, metric, part)?;
                     self.compaction.stored(&tx, dev, metric, id, part.len())?;
@@ -2156,12 +2376,14 @@ impl Writer {
             // `devices` and `last_values` would rewrite a random page of each per device.
             let mut journal = tx.prepare_cached(
                 "INSERT INTO device_journal (device, metric, last_seq, point_count, time_us, kind, value,
-                                             lat, lon, alt, speed, heading, accuracy)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                             lat, lon, alt, speed, heading, accuracy, points, data)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )?;
             for ((dev, metric), (time_us, value, _)) in &last {
                 let (seq, count, _) = touched[dev];
                 let (kind, value, geo) = value_columns(value);
+                let rows = waiting.get(&(*dev, *metric));
+                let data = rows.map(|rows| chunk::encode(rows));
                 journal.execute(params![
                     dev,
                     metric,
@@ -2175,7 +2397,9 @@ impl Writer {
                     geo[2],
                     geo[3],
                     geo[4],
-                    geo[5]
+                    geo[5],
+                    rows.map_or(0, Vec::len) as i64,
+                    data
                 ])?;
             }
             let with_values: FastSet<i64> = last.keys().map(|(d, _)| *d).collect();
@@ -2195,7 +2419,9 @@ impl Writer {
                         None::<f64>,
                         None::<f64>,
                         None::<f64>,
-                        None::<f64>
+                        None::<f64>,
+                        0i64,
+                        None::<Vec<u8>>
                     ])?;
                 }
             }
@@ -2208,6 +2434,22 @@ impl Writer {
             b.last_seq = b.last_seq.max(seq);
             b.point_count = b.point_count.max(count);
             self.unfolded.insert(dev);
+        }
+        for ((dev, metric), rows) in waiting {
+            self.waiting_points += rows.len();
+            overlay
+                .points
+                .entry(dev)
+                .or_default()
+                .entry(metric)
+                .or_default()
+                .extend(rows.into_iter().map(|r| Row {
+                    time_us: r.time_us,
+                    received_us: r.received_us,
+                    seq: r.seq,
+                    idx: r.idx,
+                    value: r.value.clone(),
+                }));
         }
         for ((dev, metric), (time_us, value, name)) in last {
             let b = overlay.devices.entry(dev).or_default();

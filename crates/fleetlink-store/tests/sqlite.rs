@@ -592,9 +592,25 @@ fn keys(points: &[fleetlink_store::StoredPoint]) -> Vec<(String, i64, u64)> {
 
 #[tokio::test]
 async fn late_points_of_a_slow_device_read_back_in_time_order_from_merged_chunks() {
+    // a fold after every commit: each commit leaves one-point chunks, which compaction merges
+    late_points_read_back_in_time_order(std::time::Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn late_points_waiting_in_the_journal_read_back_in_time_order_among_chunks() {
+    // no fold until the store closes: the points wait in the overlay, except those of the few
+    // commits that hold several batches... which are small too; readers merge them in
+    late_points_read_back_in_time_order(std::time::Duration::from_secs(3600)).await;
+}
+
+async fn late_points_read_back_in_time_order(fold_interval: std::time::Duration) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleet.db");
-    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    let options = SqliteOptions {
+        fold_interval,
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(&path, options).unwrap();
     provision(&store, "meter-1").await;
     let (tx, mut rx) = watch::channel(0);
     let listener = Arc::new(Watch(tx, Mutex::new(Vec::new())));
@@ -673,7 +689,16 @@ async fn late_points_of_a_slow_device_read_back_in_time_order_from_merged_chunks
     assert_eq!(keys(&limited), expected[..25].to_vec());
 
     // the small chunks were merged: far fewer chunks than commits
+    let writer = store.writer_handle();
     drop(store);
+    assert!(writer.join(std::time::Duration::from_secs(30)));
+    if !fold_interval.is_zero() {
+        // one fold made one chunk per metric; they read back the same
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let all = store.query_telemetry(all_of("meter-1")).await.unwrap();
+        assert_eq!(keys(&all), expected);
+        return;
+    }
     let conn = rusqlite::Connection::open(&path).unwrap();
     let (chunks, largest): (i64, i64) = conn
         .query_row(
@@ -776,7 +801,12 @@ async fn a_version_2_database_keeps_its_telemetry_when_opened() {
 async fn merged_chunks_of_a_device_whose_clock_moves_forward_do_not_overlap() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleet.db");
-    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    // a fold after every commit: one-point chunks, which compaction merges
+    let options = SqliteOptions {
+        fold_interval: std::time::Duration::ZERO,
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(&path, options).unwrap();
     provision(&store, "gauge-1").await;
     let (tx, mut rx) = watch::channel(0);
     let listener = Arc::new(Watch(tx, Mutex::new(Vec::new())));
@@ -797,7 +827,9 @@ async fn merged_chunks_of_a_device_whose_clock_moves_forward_do_not_overlap() {
     let all = store.query_telemetry(all_of("gauge-1")).await.unwrap();
     assert_eq!(all.len(), 3000 + 60 * 39);
     assert!(all.windows(2).all(|w| w[0].time_us < w[1].time_us));
+    let writer = store.writer_handle();
     drop(store);
+    assert!(writer.join(std::time::Duration::from_secs(30)));
     let conn = rusqlite::Connection::open(&path).unwrap();
     let mut stmt = conn
         .prepare("SELECT start_us, end_us, points FROM telemetry_chunks ORDER BY start_us")
@@ -1004,6 +1036,14 @@ async fn device_bookkeeping_in_the_journal_survives_a_crash_before_the_fold() {
         journal, 5,
         "one row per device and metric per commit, one for the empty batch"
     );
+    let chunks: i64 = rusqlite::Connection::open(&crashed_path)
+        .unwrap()
+        .query_row("SELECT count(*) FROM telemetry_chunks", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        chunks, 0,
+        "small batches wait in the journal, not in chunks"
+    );
 
     // A graceful close folds.
     let writer = store.writer_handle();
@@ -1038,4 +1078,168 @@ async fn device_bookkeeping_in_the_journal_survives_a_crash_before_the_fold() {
             .len(),
         4
     );
+}
+
+/// One store per database: a second one is refused while the first runs (its writer would fold
+/// the same journal), and opens once the first has stopped.
+#[tokio::test]
+async fn a_database_is_open_in_one_store_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let first = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    provision(&first, "pump-1").await;
+    let at_once = SqliteOptions {
+        lock_wait: std::time::Duration::ZERO,
+        ..SqliteOptions::default()
+    };
+    match SqliteStore::open(&path, at_once.clone()) {
+        Err(StoreError::InUse(p)) => assert_eq!(p, path),
+        other => panic!("expected InUse, got {other:?}"),
+    }
+    // a store that is stopping is waited for
+    let writer = first.writer_handle();
+    drop(first);
+    let second = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || SqliteStore::open(&path, SqliteOptions::default())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        writer.join(std::time::Duration::ZERO),
+        "the first writer had stopped"
+    );
+    assert!(second.device(&id("pump-1")).await.unwrap().is_some());
+}
+
+/// Points of small batches wait in the journal until a fold; a query merges them with the chunks
+/// of large batches, in (time, seq, position) order, within ranges and limits, in every form —
+/// and reads the same once they are folded into chunks.
+#[tokio::test]
+async fn waiting_points_and_chunks_read_back_as_one_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let waiting = SqliteOptions {
+        fold_interval: std::time::Duration::from_secs(3600),
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(&path, waiting).unwrap();
+    provision(&store, "probe-1").await;
+    let (tx, mut rx) = watch::channel(0);
+    let listener = Arc::new(Watch(tx, Mutex::new(Vec::new())));
+    // 40 points: a chunk at once
+    let big = (0..40).map(|t| point("temp", t, Value::Int(t))).collect();
+    append(&store, &listener, "probe-1", 1, big).await;
+    rx.wait_for(|d| *d >= 1).await.unwrap();
+    // small batches: they wait; one point is late, at the time of a chunk point
+    append(
+        &store,
+        &listener,
+        "probe-1",
+        2,
+        vec![
+            point("temp", 100, Value::Int(100)),
+            point("temp", 5, Value::Int(-5)),
+            point("hum", 7, Value::Double(0.5)),
+        ],
+    )
+    .await;
+    rx.wait_for(|d| *d >= 2).await.unwrap();
+    append(
+        &store,
+        &listener,
+        "probe-1",
+        3,
+        vec![point("temp", 50, Value::Int(50))],
+    )
+    .await;
+    rx.wait_for(|d| *d >= 3).await.unwrap();
+
+    let mut temp: Vec<(String, i64, u64)> = (0..40).map(|t| ("temp".into(), t, 1)).collect();
+    temp.insert(6, ("temp".into(), 5, 2)); // after (5, seq 1)
+    temp.push(("temp".into(), 50, 3));
+    temp.push(("temp".into(), 100, 2));
+    let mut expected = vec![("hum".to_owned(), 7, 2)];
+    expected.extend(temp.iter().cloned());
+    // metrics come in row-id order: temp was seen first
+    expected.rotate_left(1);
+
+    let check = |store: SqliteStore| {
+        let expected = expected.clone();
+        let temp = temp.clone();
+        async move {
+            let all = store.query_telemetry(all_of("probe-1")).await.unwrap();
+            assert_eq!(keys(&all), expected);
+            assert_eq!(all[6].value, Value::Int(-5));
+            let limited = store
+                .query_telemetry(TelemetryQuery {
+                    limit: Some(8),
+                    ..all_of("probe-1")
+                })
+                .await
+                .unwrap();
+            assert_eq!(keys(&limited), expected[..8].to_vec());
+            let ranged = store
+                .query_telemetry(TelemetryQuery {
+                    metric: Some(MetricName::new("temp").unwrap()),
+                    start_us: Some(38),
+                    end_us: Some(101),
+                    ..all_of("probe-1")
+                })
+                .await
+                .unwrap();
+            let want: Vec<_> = temp.iter().filter(|k| k.1 >= 38).cloned().collect();
+            assert_eq!(keys(&ranged), want);
+            let columns = store
+                .query_telemetry_columns(all_of("probe-1"))
+                .await
+                .unwrap();
+            let times: Vec<Vec<i64>> = columns.iter().map(|c| c.time_us.clone()).collect();
+            assert_eq!(
+                times,
+                vec![temp.iter().map(|k| k.1).collect::<Vec<_>>(), vec![7]]
+            );
+            let counts = store
+                .query_telemetry(TelemetryQuery {
+                    metric: Some(MetricName::new("temp").unwrap()),
+                    every_us: Some(50),
+                    agg: fleetlink_store::Aggregation::Count,
+                    ..all_of("probe-1")
+                })
+                .await
+                .unwrap();
+            let counts: Vec<(i64, Value)> =
+                counts.into_iter().map(|p| (p.time_us, p.value)).collect();
+            assert_eq!(
+                counts,
+                vec![
+                    (0, Value::Double(41.0)),
+                    (50, Value::Double(1.0)),
+                    (100, Value::Double(1.0))
+                ]
+            );
+            assert_eq!(store.point_count().await.unwrap(), 44);
+            store
+        }
+    };
+    let store = check(store).await;
+    let writer = store.writer_handle();
+    drop(store);
+    assert!(writer.join(std::time::Duration::from_secs(30)));
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let (chunks, journal): (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT count(*) FROM telemetry_chunks), (SELECT count(*) FROM device_journal)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (chunks, journal),
+        (3, 0),
+        "the 40-point chunk and one per metric from the fold"
+    );
+    drop(conn);
+    check(SqliteStore::open(&path, SqliteOptions::default()).unwrap()).await;
 }
