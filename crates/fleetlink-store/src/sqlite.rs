@@ -2252,9 +2252,10 @@ impl Writer {
         })();
         match result {
             Ok(()) => {
-                tracing::trace!(
+                tracing::debug!(
                     devices = books.len(),
                     points = self.waiting_points,
+                    ms = self.last_fold.elapsed().as_secs_f64() * 1e3,
                     "folded the device journal"
                 );
                 self.unfolded.clear();
