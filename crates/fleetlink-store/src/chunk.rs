@@ -56,6 +56,32 @@ impl<V> Row<V> {
     }
 }
 
+impl Row<Value> {
+    /// The row with its value borrowed (for [`encode`]).
+    pub(crate) fn borrowed(&self) -> Row<&Value> {
+        Row {
+            time_us: self.time_us,
+            received_us: self.received_us,
+            seq: self.seq,
+            idx: self.idx,
+            value: &self.value,
+        }
+    }
+}
+
+impl Row<&Value> {
+    /// The row with its value cloned.
+    pub(crate) fn owned(&self) -> Row<Value> {
+        Row {
+            time_us: self.time_us,
+            received_us: self.received_us,
+            seq: self.seq,
+            idx: self.idx,
+            value: self.value.clone(),
+        }
+    }
+}
+
 /// Values of decoded points: packed when every point has the same numeric kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ValueColumn {

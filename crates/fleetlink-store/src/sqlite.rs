@@ -767,13 +767,7 @@ fn metric_points(
     let waiting: Vec<Row<&Value>> = waiting
         .iter()
         .filter(|r| (start_us..end_us).contains(&r.time_us))
-        .map(|r| Row {
-            time_us: r.time_us,
-            received_us: r.received_us,
-            seq: r.seq,
-            idx: r.idx,
-            value: &r.value,
-        })
+        .map(Row::borrowed)
         .collect();
     if !waiting.is_empty() && !arrival {
         // ordering them among the chunks' points takes seq and idx
@@ -2204,18 +2198,8 @@ impl Writer {
             // the waiting points become chunks: one per device and metric (a few if large)
             for (&dev, metrics) in &points {
                 for (&metric, rows) in metrics {
-                    let mut rows: Vec<&Row<Value>> = rows.iter().collect();
-                    rows.sort_by_key(|r| r.key());
-                    let rows: Vec<Row<&Value>> = rows
-                        .into_iter()
-                        .map(|r| Row {
-                            time_us: r.time_us,
-                            received_us: r.received_us,
-                            seq: r.seq,
-                            idx: r.idx,
-                            value: &r.value,
-                        })
-                        .collect();
+                    let mut rows: Vec<Row<&Value>> = rows.iter().map(Row::borrowed).collect();
+                    rows.sort_by_key(Row::key);
                     for part in rows.chunks(chunk::MAX_POINTS) {
                         let id = insert_chunk(&tx, dev, metric, part)?;
                         self.compaction.stored(&tx, dev, metric, id, part.len())?;
@@ -2444,13 +2428,7 @@ impl Writer {
                 .or_default()
                 .entry(metric)
                 .or_default()
-                .extend(rows.into_iter().map(|r| Row {
-                    time_us: r.time_us,
-                    received_us: r.received_us,
-                    seq: r.seq,
-                    idx: r.idx,
-                    value: r.value.clone(),
-                }));
+                .extend(rows.iter().map(Row::owned));
         }
         for ((dev, metric), (time_us, value, name)) in last {
             let b = overlay.devices.entry(dev).or_default();
