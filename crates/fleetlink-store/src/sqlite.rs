@@ -606,13 +606,8 @@ fn fold_journal(conn: &mut Connection) -> Result<(), StoreError> {
         let mut pair: Option<(i64, i64)> = None;
         let mut columns = Columns::default();
         let mut flush = |pair: (i64, i64), columns: &mut Columns| -> Result<(), StoreError> {
-            let mut taken = std::mem::take(columns);
-            taken.sort();
-            let rows = taken.into_rows();
-            points += rows.len();
-            for part in rows.chunks(chunk::MAX_POINTS) {
-                insert_chunk(&tx, pair.0, pair.1, part)?;
-            }
+            let stored = insert_columns(&tx, pair.0, pair.1, std::mem::take(columns))?;
+            points += stored.iter().map(|(_, p)| p).sum::<usize>();
             Ok(())
         };
         while let Some(r) = rows.next()? {
@@ -730,6 +725,21 @@ fn insert_chunk<V: std::borrow::Borrow<Value>>(
         rows.len(),
         &chunk::encode(rows),
     )
+}
+
+/// Stores decoded points of one device and metric (with arrival columns, in any order) as chunks
+/// of at most `chunk::MAX_POINTS`; returns them as (row id, points).
+fn insert_columns(
+    conn: &Connection,
+    device: i64,
+    metric: i64,
+    mut columns: Columns,
+) -> Result<Vec<(i64, usize)>, StoreError> {
+    columns.sort();
+    let rows = columns.into_rows();
+    rows.chunks(chunk::MAX_POINTS)
+        .map(|part| Ok((insert_chunk(conn, device, metric, part)?, part.len())))
+        .collect()
 }
 
 /// Stores an encoded chunk of `points` points spanning `span` (first and last time); returns its
@@ -2586,11 +2596,7 @@ fn merge(
         for (_, data) in &stored {
             chunk::decode_into(data, &mut columns, true).map_err(corrupt)?;
         }
-        columns.sort();
-        let rows = columns.into_rows();
-        for part in rows.chunks(chunk::MAX_POINTS) {
-            out.push((insert_chunk(tx, device, metric, part)?, part.len()));
-        }
+        out = insert_columns(tx, device, metric, columns)?;
     }
     let points: usize = out.iter().map(|(_, p)| p).sum();
     tracing::trace!(
