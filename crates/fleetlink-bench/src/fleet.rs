@@ -201,6 +201,14 @@ pub async fn connect_resuming(
         config.endpoint = Some(endpoints[i % endpoints.len()].clone());
         config.max_buffered_points = max_buffered_points;
         config.resumption = resumption;
+        // An environment override for experiments with the reconnect storm (as the server's
+        // FLEETLINK_BENCH_MAX_HANDSHAKES and FLEETLINK_BENCH_HANDSHAKE_QUEUE_MS in `serve`).
+        if let Some(ms) = std::env::var("FLEETLINK_BENCH_CONNECT_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            config.connect_timeout = Duration::from_millis(ms);
+        }
         if let Some(c) = &commands {
             config.commands = c.clone();
         }

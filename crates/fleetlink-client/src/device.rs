@@ -56,6 +56,10 @@ pub struct DeviceConfig {
     /// long and retried after the backoff. A restarting server does not answer the first packets
     /// of an attempt, and QUIC retransmits them ever more rarely (1 s, 2 s, 4 s, ...): without a
     /// bound, a device could wait for its attempt's idle timeout instead of simply trying again.
+    /// 15 s by default: longer than a fleetlink server keeps an attempt in its handshake queue
+    /// (`handshake_queue_ms`, 10 s) plus the up to 3 s by which QUIC's retransmission of the first
+    /// packet reaches a restarted server, so the server never starts a handshake its client has
+    /// already given up on (in a reconnect storm, a shorter bound wasted a third of the handshakes).
     pub connect_timeout: Duration,
     /// A shared client endpoint (UDP socket); `None` = one of its own.
     pub endpoint: Option<Endpoint>,
@@ -79,7 +83,7 @@ impl DeviceConfig {
             max_batch_points: 1_000,
             linger: Duration::from_millis(20),
             backoff: Backoff::default(),
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(15),
             endpoint: None,
             resumption: Resumption::default(),
             commands: CommandHandlers::default(),

@@ -53,15 +53,20 @@ pub struct ServerConfig {
     pub handshake_timeout_ms: u32,
     /// QUIC handshakes in progress at once; further connection attempts wait in the handshake
     /// queue. Without a bound, a reconnect storm runs more handshakes at once than the server can
-    /// finish before the clients give up on them, and every abandoned one was wasted work.
+    /// finish before the clients give up on them, and every abandoned one was wasted work. A slot
+    /// is held for about one round trip plus both ends' processing, so the handshakes a server can
+    /// finish per second are at most `max_handshakes` / that time: 64 suits links of up to ~50 ms
+    /// round trip at ~1,000 handshakes/s; raise it for fleets on slower links (see ARCHITECTURE.md).
     pub max_handshakes: usize,
     /// Connection attempts that may wait for one of the `max_handshakes` slots, oldest first;
     /// an attempt beyond them is refused at once (QUIC `CONNECTION_REFUSED`, which costs no
     /// cryptography) and the client retries after its backoff. 0 = refuse at once.
     pub handshake_queue: usize,
     /// Longest wait in the handshake queue (milliseconds); an attempt that waited longer is
-    /// refused rather than started, as its client is about to give up on it (the Rust SDK's
-    /// `connect_timeout` is 5 s).
+    /// refused rather than started, as its client is about to give up on it. Keep it below the
+    /// clients' connect timeout minus ~3 s: an attempt begun while the server was down reaches a
+    /// restarted server with a retransmitted Initial, up to 3 s late (the Rust SDK's
+    /// `connect_timeout` is 15 s).
     pub handshake_queue_ms: u32,
     /// TLS sessions kept for resumption (one per connection; the oldest go first). A graceful
     /// shutdown saves them for the next start, so a fleet reconnecting to a restarted server
@@ -180,9 +185,9 @@ impl Default for ServerConfig {
             synchronous: "normal".into(),
             group_commit_us: 2_000,
             handshake_timeout_ms: 10_000,
-            max_handshakes: 1024,
+            max_handshakes: 64,
             handshake_queue: 16_384,
-            handshake_queue_ms: 4_000,
+            handshake_queue_ms: 10_000,
             tls_sessions: 262_144,
             commands: CommandsConfig::default(),
             event_buffer: 4096,

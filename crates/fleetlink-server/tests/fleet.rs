@@ -649,6 +649,24 @@ async fn a_connect_attempt_to_a_silent_server_ends_at_connect_timeout() {
     }
 }
 
+/// The SDK's default `connect_timeout` outlasts the server's default handshake queue wait, plus
+/// the 3 s by which an attempt begun while the server was down reaches it (QUIC retransmits the
+/// Initial after 1 s and 3 s), plus a second for the handshake. A client that gives up sooner leaves
+/// the server handshakes to start for nobody: in session 23's 10k-device storm (5 s against 4 s),
+/// 3.5k handshakes were started for clients that had gone and 900 finished for them.
+#[test]
+fn the_sdk_waits_longer_for_an_attempt_than_the_server_queues_it() {
+    let ts = start(|_| {});
+    let device = ts.device_config("any", "token");
+    let server = fleetlink_server::ServerConfig::default();
+    let queued = Duration::from_millis(u64::from(server.handshake_queue_ms));
+    assert!(
+        device.connect_timeout >= queued + Duration::from_secs(4),
+        "connect_timeout {:?} against handshake_queue_ms {queued:?}",
+        device.connect_timeout
+    );
+}
+
 /// A client whose handshake holds one of the server's handshake slots and never finishes: a
 /// relay passes its packets to the server and drops every answer. Returns once the server has
 /// answered it (so it holds the slot); the handshake then lasts until `handshake_timeout_ms`, or
