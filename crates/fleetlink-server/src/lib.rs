@@ -422,14 +422,23 @@ async fn serve(
     admission.ignore_all();
     tracing::info!("shutting down");
     let _ = shutdown.send(true);
+    let t = std::time::Instant::now();
     for actor in shared.registry.all() {
         let _ = actor.send(actor::Shutdown).await;
     }
+    tracing::debug!(
+        ms = t.elapsed().as_millis() as u64,
+        "device actors stopped; closing the endpoint"
+    );
     endpoint.close(
         close_code(fleetlink_proto::v1::ErrorCode::ShuttingDown),
         b"server shutting down",
     );
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    tracing::debug!(
+        ms = t.elapsed().as_millis() as u64,
+        "endpoint idle (every connection closed)"
+    );
     // No handshake runs any more: the devices' sessions go to the next start.
     match shared.tls_sessions.save() {
         Ok(n) => tracing::info!(sessions = n, "TLS sessions saved for the next start"),
