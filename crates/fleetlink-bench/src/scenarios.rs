@@ -633,15 +633,13 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize, resumption: Resumption) ->
     let listen = format!("127.0.0.1:{}", crate::procs::free_udp_port()?);
     let (mut proc, ready, data) = start_fleetlink(ctx, devices, None, &listen)?;
     let server = ready.server()?;
-    let (connect_t0, connect_cpu0) = (
-        Instant::now(),
-        (proc.cpu_seconds()?, cpu_seconds(std::process::id())?),
-    );
+    let me = std::process::id();
+    let (connect_t0, connect_cpu0) = (Instant::now(), (proc.cpu_seconds()?, cpu_seconds(me)?));
     let clients = fleet::connect_resuming(&server, devices, 1_000, None, resumption).await?;
     tracing::info!(
         seconds = connect_t0.elapsed().as_secs_f64(),
         server_cpu_s = proc.cpu_seconds()? - connect_cpu0.0,
-        client_cpu_s = cpu_seconds(std::process::id())? - connect_cpu0.1,
+        client_cpu_s = cpu_seconds(me)? - connect_cpu0.1,
         "fleet connected"
     );
     let meter = Meter::new();
@@ -666,7 +664,6 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize, resumption: Resumption) ->
     let (proc2, _, _) = start_fleetlink(ctx, devices, Some(data), &listen)?;
     let ready_s = t0.elapsed().as_secs_f64();
     // CPU of both sides during the storm, to tell which one bounds it.
-    let me = std::process::id();
     let (server_cpu0, client_cpu0) = (proc2.cpu_seconds()?, cpu_seconds(me)?);
     // Measured by polling the clients' own state every 100 ms. Only the clients not back yet are
     // polled, once each per round: polling all 10k three times every 20 ms took ~45% of the load
