@@ -335,6 +335,7 @@ pub async fn command_round_trips(
     })
     .await?;
     let limit = Semaphore::new(1);
+    let start = Instant::now();
     for k in 0..count {
         let _one = limit.acquire().await?;
         let device = device_id((k * 7919) % devices);
@@ -345,6 +346,16 @@ pub async fn command_round_trips(
         match op.run_command(req, Duration::from_secs(10)).await {
             Ok(_) => meter.delivered_since(t),
             Err(_) => meter.error(),
+        }
+        // The tail's timing: when slow round trips happen tells what they coincide with.
+        let took = t.elapsed();
+        if took >= Duration::from_millis(5) {
+            tracing::debug!(
+                k,
+                at_ms = (t - start).as_millis() as u64,
+                took_us = took.as_micros() as u64,
+                "slow command round trip"
+            );
         }
     }
     Ok(())
