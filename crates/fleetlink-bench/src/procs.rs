@@ -34,6 +34,34 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((utime + stime) / clock_ticks_cached())
 }
 
+/// CPU time the hypervisor gave to other guests while this machine wanted to run ("steal"), in
+/// seconds summed over every core, from the `cpu` line of /proc/stat. On a shared virtual
+/// machine, a window with steal in it is slower for reasons outside the systems under test.
+pub fn steal_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    Ok(parse_steal(&stat)? / clock_ticks_cached())
+}
+
+/// The steal ticks of /proc/stat's first line: `cpu user nice system idle iowait irq softirq
+/// steal ...`.
+fn parse_steal(stat: &str) -> Result<f64> {
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("cpu"))
+        .context("no cpu line in /proc/stat")?;
+    let steal = line
+        .split_whitespace()
+        .nth(8)
+        .context("no steal column in /proc/stat (kernel older than 2.6.11)")?;
+    Ok(steal.parse()?)
+}
+
+/// Steal over a window as a share of the machine's CPU time in it (100% = every core stolen
+/// all along).
+pub fn steal_pct(steal_s: f64, window_s: f64) -> f64 {
+    steal_s / (window_s * cores() as f64).max(f64::MIN_POSITIVE) * 100.0
+}
+
 /// Packets this machine has sent: UDP datagrams and TCP segments, from /proc/net/snmp. On
 /// loopback every packet is sent once, by the client or by the server, so the change over a
 /// window counts both directions of a benchmark's traffic.
@@ -322,6 +350,18 @@ UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors\nUdpLite: 1 2 3 
             .unwrap_err()
             .to_string();
         assert!(err.contains("no Udp lines"), "{err}");
+    }
+
+    #[test]
+    fn steal_is_the_eighth_figure_of_the_cpu_line() {
+        let stat = "cpu  2255 34 2290 22625563 6290 127 456 931 0 0\n\
+cpu0 1132 34 1441 11311718 3675 127 438 500 0 0\nintr 114930548 113199788 3\n";
+        assert_eq!(parse_steal(stat).unwrap(), 931.0);
+        let err = parse_steal("cpu  1 2 3\n").unwrap_err().to_string();
+        assert!(err.contains("no steal column"), "{err}");
+        let err = parse_steal("intr 1 2\n").unwrap_err().to_string();
+        assert!(err.contains("no cpu line"), "{err}");
+        assert!(steal_seconds().unwrap() >= 0.0);
     }
 
     #[test]

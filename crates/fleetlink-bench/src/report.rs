@@ -437,14 +437,14 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "| System | Delivered msg/s | Msgs per server CPU-s | Server µs/msg | Server CPU-s | Client CPU-s | p50 µs | p99 µs | p99.9 µs | Server RSS MiB | Packets/msg | UDP drops | Lost | Errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "| System | Delivered msg/s | Msgs per server CPU-s | Server µs/msg | Server CPU-s | Client CPU-s | p50 µs | p99 µs | p99.9 µs | Server RSS MiB | Packets/msg | UDP drops | Steal % | Lost | Errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for s in rows {
             let lost: u64 = s.runs.iter().map(|r| r.lost).sum();
             let errors: u64 = s.runs.iter().map(|r| r.errors).sum();
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 s.system,
                 spread(s.spread(|r| r.msgs_per_s()), 0),
                 spread(s.spread(|r| r.msgs_per_server_cpu_s()), 0),
@@ -457,6 +457,7 @@ impl Report {
                 spread(s.spread(|r| r.server_rss as f64 / 1048576.0), 1),
                 measured(s, "packets_per_msg", 2),
                 measured(s, "udp_dropped", 0),
+                measured(s, "steal_pct", 1),
                 lost,
                 errors
             );
@@ -616,7 +617,8 @@ const METHOD: &str = "- One load generator (`crates/fleetlink-bench`, one tokio 
 - **nats-core**: async-nats, delivered = received by a subscriber of `bench.>`. **nats-jetstream**: file-stored stream, acked publishes (64 in flight per client), delivered = acked.
 - **quinn-sink**: the same QUIC/TLS stack with no actors, protobuf or storage; it acks the count of 100-byte messages read after each chunk. For commands it relays a request to the device's connection and the answer back, the topology of a fleetlink command.
 - Server CPU = utime+stime of the server process from /proc over the measured window (after a warm-up); client CPU the same for the load generator. Losses are counted after a drain: sent − delivered.
-- Packets/msg (flood, slow devices, commands) = packets sent on loopback by clients and server together over the window, from /proc/net/snmp (UDP datagrams for QUIC, TCP segments with their ACKs for MQTT and NATS), per delivered message (per round trip for commands, the idle devices' heartbeats and keep-alives included). UDP drops = datagrams the kernel dropped for a full socket receive buffer over the window (`RcvbufErrors`, all sockets): a sign that a receiver was saturated.";
+- Packets/msg (flood, slow devices, commands) = packets sent on loopback by clients and server together over the window, from /proc/net/snmp (UDP datagrams for QUIC, TCP segments with their ACKs for MQTT and NATS), per delivered message (per round trip for commands, the idle devices' heartbeats and keep-alives included). UDP drops = datagrams the kernel dropped for a full socket receive buffer over the window (`RcvbufErrors`, all sockets): a sign that a receiver was saturated.
+- Steal % (flood, slow devices, commands) = CPU time the hypervisor gave to other guests over the window, from /proc/stat, as a share of every core's time: this machine is a shared virtual machine, and a run with steal in it is slower for reasons outside the systems under test. Runs alternate between the systems (run 1 of each, then run 2 of each...), so a noisy stretch falls on several systems rather than on all of one system's runs.";
 
 #[cfg(test)]
 mod tests {

@@ -10,7 +10,7 @@ use fleetlink_client::Resumption;
 use tokio::sync::watch;
 
 use crate::load::Load;
-use crate::procs::{PacketsSent, Proc, cpu_seconds};
+use crate::procs::{PacketsSent, Proc, cpu_seconds, steal_pct, steal_seconds};
 use crate::stats::{Meter, Run, Series};
 use crate::{fleet, light, mqtt, nats, sink};
 
@@ -89,6 +89,11 @@ impl Ctx {
 
     fn wants(&self, system: System) -> bool {
         self.systems.is_empty() || self.systems.iter().any(|s| s == system.name())
+    }
+
+    /// The systems of `all` this run measures, in order.
+    fn wanted(&self, all: &[System]) -> Vec<System> {
+        all.iter().copied().filter(|&s| self.wants(s)).collect()
     }
 
     fn push(&mut self, scenario: &str, system: &str, runs: Vec<Run>) {
@@ -251,21 +256,23 @@ async fn throughput_run(
     let driver = start_load(system, &target, load, &meter, stop_rx).await?;
     tokio::time::sleep(warmup).await;
     let me = std::process::id();
-    let (d0, s0, c0, k0, n0, t0) = (
+    let (d0, s0, c0, k0, n0, st0, t0) = (
         meter.delivered_total(),
         proc.cpu_seconds()?,
         cpu_seconds(me)?,
         meter.errors_total(),
         PacketsSent::now()?,
+        steal_seconds()?,
         Instant::now(),
     );
     meter.reset_latency();
     tokio::time::sleep(window).await;
-    let (d1, s1, c1, n1, t1) = (
+    let (d1, s1, c1, n1, st1, t1) = (
         meter.delivered_total(),
         proc.cpu_seconds()?,
         cpu_seconds(me)?,
         PacketsSent::now()?,
+        steal_seconds()?,
         Instant::now(),
     );
     let packets = n1.since(n0);
@@ -297,6 +304,10 @@ async fn throughput_run(
         own as f64 / delivered.max(1) as f64,
     );
     extra.insert("udp_dropped".into(), packets.udp_dropped as f64);
+    extra.insert(
+        "steal_pct".into(),
+        steal_pct(st1 - st0, (t1 - t0).as_secs_f64()),
+    );
     Ok(Run {
         seconds: (t1 - t0).as_secs_f64(),
         sent,
@@ -327,6 +338,7 @@ fn log_run(scenario: &str, system: System, i: usize, r: &Run) {
             "{:.2}",
             r.extra.get("packets_per_msg").copied().unwrap_or(f64::NAN)
         ),
+        steal_pct = format!("{:.1}", r.extra.get("steal_pct").copied().unwrap_or(f64::NAN)),
         lost = r.lost,
         errors = r.errors,
         "run done"
@@ -347,35 +359,55 @@ pub async fn flood(ctx: &mut Ctx) -> Result<()> {
         rate: None,
         message_bytes: 100,
     };
-    for system in [
+    let systems = [
         System::Fleetlink,
         System::MqttQos0,
         System::MqttQos1,
         System::NatsCore,
         System::JetStream,
         System::QuinnSink,
-    ] {
-        if !ctx.wants(system) {
-            continue;
-        }
-        let mut runs = Vec::new();
-        for i in 0..ctx.runs {
-            let r = match throughput_run(ctx, system, &load, warmup, window).await {
-                Ok(r) => r,
+    ];
+    throughput_runs(ctx, ("flood", "flood"), &systems, &load, warmup, window).await;
+    Ok(())
+}
+
+/// The runs of a throughput scenario, alternating between the systems (run 1 of each, then run 2
+/// of each...), so that a noisy stretch of a shared machine (steal) falls on several systems
+/// rather than on all of one system's runs. A system that fails drops out of later rounds.
+async fn throughput_runs(
+    ctx: &mut Ctx,
+    (scenario, label): (&str, &str),
+    systems: &[System],
+    load: &Load,
+    warmup: Duration,
+    window: Duration,
+) {
+    let systems = ctx.wanted(systems);
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); systems.len()];
+    let mut failed = vec![false; systems.len()];
+    for i in 0..ctx.runs {
+        for (k, &system) in systems.iter().enumerate() {
+            if failed[k] {
+                continue;
+            }
+            match throughput_run(ctx, system, load, warmup, window).await {
+                Ok(r) => {
+                    log_run(scenario, system, i, &r);
+                    runs[k].push(r);
+                }
                 Err(e) => {
                     ctx.failures
-                        .push(format!("flood, {}: {e:#}", system.name()));
-                    break;
+                        .push(format!("{label}, {}: {e:#}", system.name()));
+                    failed[k] = true;
                 }
-            };
-            log_run("flood", system, i, &r);
-            runs.push(r);
-        }
-        if !runs.is_empty() {
-            ctx.push("flood", system.name(), runs);
+            }
         }
     }
-    Ok(())
+    for (system, runs) in systems.into_iter().zip(runs) {
+        if !runs.is_empty() {
+            ctx.push(scenario, system.name(), runs);
+        }
+    }
 }
 
 /// Scenario 2: many slow devices at 1 message/s.
@@ -392,32 +424,13 @@ pub async fn slow(ctx: &mut Ctx) -> Result<()> {
         rate: Some(1.0),
         message_bytes: 100,
     };
-    for system in [
+    let systems = [
         System::Fleetlink,
         System::QuinnSink,
         System::MqttQos0,
         System::MqttQos1,
-    ] {
-        if !ctx.wants(system) {
-            continue;
-        }
-        let mut runs = Vec::new();
-        for i in 0..ctx.runs {
-            let r = match throughput_run(ctx, system, &load, warmup, window).await {
-                Ok(r) => r,
-                Err(e) => {
-                    ctx.failures
-                        .push(format!("slow devices, {}: {e:#}", system.name()));
-                    break;
-                }
-            };
-            log_run("slow", system, i, &r);
-            runs.push(r);
-        }
-        if !runs.is_empty() {
-            ctx.push("slow", system.name(), runs);
-        }
-    }
+    ];
+    throughput_runs(ctx, ("slow", "slow devices"), &systems, &load, warmup, window).await;
     Ok(())
 }
 
@@ -533,16 +546,16 @@ pub async fn commands(ctx: &mut Ctx) -> Result<()> {
         (10_000, 10_000)
     };
     let devices = ctx.devices.unwrap_or(devices);
-    for system in [System::Fleetlink, System::QuinnSink] {
-        if !ctx.wants(system) {
-            continue;
-        }
-        let mut runs = Vec::new();
-        for i in 0..ctx.runs {
+    let systems = ctx.wanted(&[System::Fleetlink, System::QuinnSink]);
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); systems.len()];
+    // Runs alternate between the systems, so that a noisy stretch of a shared machine (steal)
+    // falls on both sides rather than on all of one system's runs.
+    for i in 0..ctx.runs {
+        for (&system, runs) in systems.iter().zip(&mut runs) {
             let (proc, target) = start(ctx, system, devices)?;
             let meter = Meter::new();
             let me = std::process::id();
-            let (s0, c0, t0, n0);
+            let (s0, c0, t0, n0, st0);
             let holder: Box<dyn std::any::Any> = match &target {
                 Target::Fleet(ready) => {
                     let server = ready.server()?;
@@ -550,7 +563,7 @@ pub async fn commands(ctx: &mut Ctx) -> Result<()> {
                         fleet::connect(&server, devices, 1_000, Some(fleet::ping_handlers()))
                             .await?;
                     (s0, c0, t0) = (proc.cpu_seconds()?, cpu_seconds(me)?, Instant::now());
-                    n0 = PacketsSent::now()?;
+                    (n0, st0) = (PacketsSent::now()?, steal_seconds()?);
                     fleet::command_round_trips(&server, &ready.admin_token, devices, count, &meter)
                         .await?;
                     Box::new(clients)
@@ -559,7 +572,7 @@ pub async fn commands(ctx: &mut Ctx) -> Result<()> {
                     let conns = sink::connect(ready, devices + 1, None).await?;
                     sink::register(&conns[..devices]).await?;
                     (s0, c0, t0) = (proc.cpu_seconds()?, cpu_seconds(me)?, Instant::now());
-                    n0 = PacketsSent::now()?;
+                    (n0, st0) = (PacketsSent::now()?, steal_seconds()?);
                     sink::request_round_trips(&conns[devices], devices, count, &meter).await?;
                     Box::new(conns)
                 }
@@ -568,6 +581,7 @@ pub async fn commands(ctx: &mut Ctx) -> Result<()> {
             // UDP datagrams on loopback both ways, heartbeats and keep-alives of the idle
             // devices included: the packets a round trip costs.
             let packets = PacketsSent::now()?.since(n0);
+            let stolen = steal_seconds()? - st0;
             let (p50_us, p99_us, p999_us) = meter.percentiles();
             let r = Run {
                 seconds: t0.elapsed().as_secs_f64(),
@@ -588,6 +602,10 @@ pub async fn commands(ctx: &mut Ctx) -> Result<()> {
                         packets.udp as f64 / meter.delivered_total().max(1) as f64,
                     ),
                     ("udp_dropped".to_owned(), packets.udp_dropped as f64),
+                    (
+                        "steal_pct".to_owned(),
+                        steal_pct(stolen, t0.elapsed().as_secs_f64()),
+                    ),
                 ]
                 .into(),
             };
@@ -595,6 +613,8 @@ pub async fn commands(ctx: &mut Ctx) -> Result<()> {
             log_run("commands", system, i, &r);
             runs.push(r);
         }
+    }
+    for (system, runs) in systems.into_iter().zip(runs) {
         ctx.push("commands", system.name(), runs);
     }
     Ok(())
