@@ -511,21 +511,27 @@ impl Report {
             return;
         }
         let _ = writeln!(md, "## 5. Reconnect storm\n");
+        // The defaults the bench runs with (FLEETLINK_BENCH_* overrides aside).
+        let server = fleetlink_server::ServerConfig::default();
         let _ = writeln!(
             md,
-            "The server is stopped gracefully under a fleet streaming {} message/s per device and started again on the same port and data. Seconds from the stop request, except the last two columns, which count from the moment the new server listens. The SDK retries with its default backoff (100 ms doubling to 30 s, jittered) and 5 s connect timeout; the server runs `max_handshakes` (1024) handshakes at once and queues further attempts (up to 16384, for at most 4 s). CPU columns: each process's CPU from the moment the new server listens until every device streams, per device and as a share of that time (100% = one core busy). Variants: the SDK's `Resumption::Off` (every reconnect a full TLS handshake), `Tickets` (the default: resumed from a session the previous server saved in its data dir at shutdown) and `ZeroRtt` (resumed, Hello in 0-RTT). Streaming = a point acked after the restart. The load generator (one core) does every device's client handshake.\n",
-            crate::scenarios::RECONNECT_RATE
+            "The server is stopped gracefully under a fleet streaming {} message/s per device and started again on the same port and data. Seconds from the stop request, except the last two columns, which count from the moment the new server listens. The SDK retries with its default backoff (100 ms doubling to 30 s, jittered) and {} s connect timeout; the server runs `max_handshakes` ({}) handshakes at once and queues further attempts (up to {}, for at most {} s). CPU columns: each process's CPU from the moment the new server listens until every device streams, per device and as a share of that time (100% = one core busy). Variants: the SDK's `Resumption::Off` (every reconnect a full TLS handshake), `Tickets` (the default: resumed from a session the previous server saved in its data dir at shutdown) and `ZeroRtt` (resumed, Hello in 0-RTT). Streaming = a point acked after the restart. The load generator (one core) does every device's client handshake. Steal % = the hypervisor's steal over the storm (see Method). Variants take turns run by run.\n",
+            crate::scenarios::RECONNECT_RATE,
+            fleetlink_client::DEFAULT_CONNECT_TIMEOUT.as_secs_f64(),
+            server.max_handshakes,
+            server.handshake_queue,
+            f64::from(server.handshake_queue_ms) / 1e3,
         );
         let _ = writeln!(
             md,
-            "| System | Devices | Old server stopped s | New server ready s | All online s | All streaming s | Online after ready s | Streaming after ready s | 0-RTT connects | Server CPU ms/device | Server busy % | Load generator CPU ms/device | Load generator busy % | Lost | Errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "| System | Devices | Old server stopped s | New server ready s | All online s | All streaming s | Online after ready s | Streaming after ready s | 0-RTT connects | Server CPU ms/device | Server busy % | Load generator CPU ms/device | Load generator busy % | Steal % | Lost | Errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for s in rows {
             let lost: u64 = s.runs.iter().map(|r| r.lost).sum();
             let errors: u64 = s.runs.iter().map(|r| r.errors).sum();
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 s.system,
                 spread(s.extra("devices"), 0),
                 spread(s.extra("stop_s"), 2),
@@ -539,6 +545,7 @@ impl Report {
                 spread(s.extra("server_busy_pct"), 0),
                 spread(s.extra("client_cpu_ms_per_device"), 3),
                 spread(s.extra("client_busy_pct"), 0),
+                measured(s, "steal_pct", 1),
                 lost,
                 errors
             );
@@ -697,7 +704,7 @@ mod tests {
     /// Packets per message are shown where they were counted, "–" where not (a run recorded
     /// before they were counted), never as a measured 0.
     #[test]
-    fn packets_per_message_show_only_where_counted() {
+    fn packets_per_message_and_steal_show_only_where_counted() {
         let run = |packets: Option<f64>| {
             let mut r = Run {
                 seconds: 1.0,
@@ -707,6 +714,7 @@ mod tests {
             if let Some(p) = packets {
                 r.extra.insert("packets_per_msg".into(), p);
                 r.extra.insert("udp_dropped".into(), 7.0);
+                r.extra.insert("steal_pct".into(), 12.34);
             }
             r
         };
@@ -724,7 +732,15 @@ mod tests {
             .filter(|l| l.starts_with("| fleetlink"))
             .collect();
         assert_eq!(rows.len(), 2, "{md}");
-        assert!(rows[0].ends_with("| 3.25 | 7 | 0 | 0 |"), "{}", rows[0]);
-        assert!(rows[1].ends_with("| – | – | 0 | 0 |"), "{}", rows[1]);
+        assert!(
+            rows[0].ends_with("| 3.25 | 7 | 12.3 | 0 | 0 |"),
+            "{}",
+            rows[0]
+        );
+        assert!(rows[1].ends_with("| – | – | – | 0 | 0 |"), "{}", rows[1]);
+        // every row has as many cells as the header
+        let cells = |l: &str| l.matches('|').count();
+        let header = md.lines().find(|l| l.starts_with("| System")).unwrap();
+        assert!(rows.iter().all(|r| cells(r) == cells(header)), "{md}");
     }
 }

@@ -338,7 +338,10 @@ fn log_run(scenario: &str, system: System, i: usize, r: &Run) {
             "{:.2}",
             r.extra.get("packets_per_msg").copied().unwrap_or(f64::NAN)
         ),
-        steal_pct = format!("{:.1}", r.extra.get("steal_pct").copied().unwrap_or(f64::NAN)),
+        steal_pct = format!(
+            "{:.1}",
+            r.extra.get("steal_pct").copied().unwrap_or(f64::NAN)
+        ),
         lost = r.lost,
         errors = r.errors,
         "run done"
@@ -430,7 +433,15 @@ pub async fn slow(ctx: &mut Ctx) -> Result<()> {
         System::MqttQos0,
         System::MqttQos1,
     ];
-    throughput_runs(ctx, ("slow", "slow devices"), &systems, &load, warmup, window).await;
+    throughput_runs(
+        ctx,
+        ("slow", "slow devices"),
+        &systems,
+        &load,
+        warmup,
+        window,
+    )
+    .await;
     Ok(())
 }
 
@@ -630,17 +641,23 @@ pub const RECONNECT_VARIANTS: [(&str, Resumption); 3] = [
 
 pub async fn reconnect(ctx: &mut Ctx) -> Result<()> {
     let devices = ctx.devices.unwrap_or(if ctx.quick { 50 } else { 10_000 });
-    for (system, resumption) in RECONNECT_VARIANTS {
-        // --systems selects variants by a part of their name ("fleetlink", "0-RTT", "full").
-        if !ctx.systems.is_empty() && !ctx.systems.iter().any(|s| system.contains(s.as_str())) {
-            continue;
-        }
-        let mut runs = Vec::new();
-        for i in 0..ctx.runs {
+    // --systems selects variants by a part of their name ("fleetlink", "0-RTT", "full").
+    let variants: Vec<(&str, Resumption)> = RECONNECT_VARIANTS
+        .into_iter()
+        .filter(|(system, _)| {
+            ctx.systems.is_empty() || ctx.systems.iter().any(|s| system.contains(s.as_str()))
+        })
+        .collect();
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); variants.len()];
+    // The variants take turns, as the systems of the other scenarios do.
+    for i in 0..ctx.runs {
+        for (&(system, resumption), runs) in variants.iter().zip(&mut runs) {
             let r = reconnect_run(ctx, devices, resumption).await?;
             tracing::info!(system, run = i + 1, extra = ?r.extra, "reconnect run done");
             runs.push(r);
         }
+    }
+    for ((system, _), runs) in variants.into_iter().zip(runs) {
         ctx.push("reconnect", system, runs);
     }
     Ok(())
@@ -685,6 +702,7 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize, resumption: Resumption) ->
     let ready_s = t0.elapsed().as_secs_f64();
     // CPU of both sides during the storm, to tell which one bounds it.
     let (server_cpu0, client_cpu0) = (proc2.cpu_seconds()?, cpu_seconds(me)?);
+    let steal0 = steal_seconds()?;
     // Measured by polling the clients' own state every 100 ms. Only the clients not back yet are
     // polled, once each per round: polling all 10k three times every 20 ms took ~45% of the load
     // generator's core (a profile: DeviceClient::stats cloning), and two lists polled apart still
@@ -746,6 +764,7 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize, resumption: Resumption) ->
     };
     let server_cpu_s = proc2.cpu_seconds()? - server_cpu0;
     let client_cpu_s = cpu_seconds(me)? - client_cpu0;
+    let stolen = steal_seconds()? - steal0;
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(60), driving).await;
     let mut run = Run {
@@ -786,6 +805,8 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize, resumption: Resumption) ->
         .insert("server_busy_pct".into(), server_cpu_s * 100.0 / storm_s);
     run.extra
         .insert("client_busy_pct".into(), client_cpu_s * 100.0 / storm_s);
+    run.extra
+        .insert("steal_pct".into(), steal_pct(stolen, storm_s));
     let zero_rtt: u64 = clients.iter().map(|c| c.stats().zero_rtt_connects).sum();
     run.extra
         .insert("zero_rtt_connects".into(), zero_rtt as f64);

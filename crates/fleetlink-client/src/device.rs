@@ -72,6 +72,10 @@ pub struct DeviceConfig {
     pub commands: CommandHandlers,
 }
 
+/// [`DeviceConfig::connect_timeout`]'s default: longer than the server's default handshake
+/// queue wait plus the 3 s a late Initial can take (see `docs/protocol.md`).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
 impl DeviceConfig {
     /// Defaults for everything but where and who.
     pub fn new(server: ServerAddress, device_id: DeviceId, token: impl Into<String>) -> Self {
@@ -83,7 +87,7 @@ impl DeviceConfig {
             max_batch_points: 1_000,
             linger: Duration::from_millis(20),
             backoff: Backoff::default(),
-            connect_timeout: Duration::from_secs(15),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             endpoint: None,
             resumption: Resumption::default(),
             commands: CommandHandlers::default(),

@@ -184,6 +184,31 @@ impl ValueColumn {
         }
     }
 
+    /// The values of `self` with those of `other` inserted: `other[j]` goes before
+    /// `self[at[j]]` (`at` ascending). `None` when they hold values differently (one packed, one
+    /// not).
+    fn insert_at(self, other: ValueColumn, at: &[usize]) -> Option<ValueColumn> {
+        fn go<T>(a: Vec<T>, b: Vec<T>, at: &[usize]) -> Vec<T> {
+            let mut out = Vec::with_capacity(a.len() + b.len());
+            let mut a = a.into_iter();
+            let mut done = 0;
+            for (x, &p) in b.into_iter().zip(at) {
+                out.extend(a.by_ref().take(p - done));
+                out.push(x);
+                done = p;
+            }
+            out.extend(a);
+            out
+        }
+        Some(match (self, other) {
+            (ValueColumn::Double(a), ValueColumn::Double(b)) => ValueColumn::Double(go(a, b, at)),
+            (ValueColumn::Int(a), ValueColumn::Int(b)) => ValueColumn::Int(go(a, b, at)),
+            (ValueColumn::Bool(a), ValueColumn::Bool(b)) => ValueColumn::Bool(go(a, b, at)),
+            (ValueColumn::Other(a), ValueColumn::Other(b)) => ValueColumn::Other(go(a, b, at)),
+            _ => return None,
+        })
+    }
+
     pub(crate) fn truncate(&mut self, n: usize) {
         match self {
             ValueColumn::Double(v) => v.truncate(n),
@@ -267,6 +292,43 @@ impl Columns {
         self.seq = order.iter().map(|&i| self.seq[i]).collect();
         self.idx = order.iter().map(|&i| self.idx[i]).collect();
         self.values.permute(&order);
+    }
+
+    /// Merges the points of `other` (times and values only, in any order; usually a few) into
+    /// these (times and values only, in time order), by time: each of `other`'s finds its place
+    /// by binary search, and the runs between them are moved as they are. `None` when two points
+    /// share a time, or the two hold values differently (the caller then sorts with the arrival
+    /// columns).
+    pub(crate) fn merge_by_time(self, mut other: Columns) -> Option<Columns> {
+        let mut order: Vec<usize> = (0..other.len()).collect();
+        order.sort_by_key(|&i| other.time_us[i]);
+        let times: Vec<TimeUs> = order.iter().map(|&i| other.time_us[i]).collect();
+        if times.windows(2).any(|w| w[0] == w[1]) {
+            return None;
+        }
+        let mut at = Vec::with_capacity(times.len());
+        for t in &times {
+            at.push(self.time_us.binary_search(t).err()?);
+        }
+        other.values.permute(&order);
+        let mut time_us = Vec::with_capacity(self.len() + times.len());
+        let mut done = 0;
+        for (t, &p) in times.iter().zip(&at) {
+            time_us.extend_from_slice(&self.time_us[done..p]);
+            time_us.push(*t);
+            done = p;
+        }
+        time_us.extend_from_slice(&self.time_us[done..]);
+        let values = if self.len() == 0 {
+            other.values
+        } else {
+            self.values.insert_at(other.values, &at)?
+        };
+        Some(Columns {
+            time_us,
+            values,
+            ..Columns::default()
+        })
     }
 
     pub(crate) fn truncate(&mut self, n: usize) {

@@ -784,6 +784,13 @@ fn metric_points(
         return metric_points(conn, device, metric, start_us, end_us, limit, true, &[])
             .and_then(|out| merge_waiting(out, waiting, limit));
     }
+    if !arrival && limit.is_none() {
+        // (no waiting points here: they took the arrival path above)
+        if let Some(out) = points_in_time_order(conn, device, metric, start_us, end_us)? {
+            return Ok(out);
+        }
+        return metric_points(conn, device, metric, start_us, end_us, limit, true, &[]);
+    }
     let mut stmt = conn.prepare_cached(
         "SELECT start_us, end_us, data FROM telemetry_chunks
          WHERE device = ?1 AND metric = ?2 AND start_us < ?4 AND end_us >= ?3
@@ -839,6 +846,116 @@ fn metric_points(
         out.truncate(limit);
     }
     merge_waiting(out, waiting, limit)
+}
+
+/// The points of one device and metric with `start_us <= time < end_us`, times and values, in
+/// time order; `None` when two of them share a time (their order is the arrival order, which takes
+/// the arrival columns).
+///
+/// Chunks may overlap in time: a fold writes the points that waited in the journal as chunks of
+/// their own, spanning the times of the chunks stored meanwhile. Rather than sort everything (a
+/// million points for a long history), the chunks holding the most points among those that do
+/// not overlap each other are read in order as they are, the others aside, and the two merged.
+fn points_in_time_order(
+    conn: &Connection,
+    device: i64,
+    metric: i64,
+    start_us: TimeUs,
+    end_us: TimeUs,
+) -> Result<Option<Columns>, StoreError> {
+    let chunks: Vec<ChunkSpan> = conn
+        .prepare_cached(
+            "SELECT id, start_us, end_us, points FROM telemetry_chunks
+             WHERE device = ?1 AND metric = ?2 AND start_us < ?4 AND end_us >= ?3
+             ORDER BY start_us, id",
+        )?
+        .query_map(params![device, metric, start_us, end_us], |r| {
+            Ok(ChunkSpan {
+                id: r.get(0)?,
+                first: r.get(1)?,
+                last: r.get(2)?,
+                points: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let in_order = heaviest_disjoint(&chunks);
+    let room = |main: bool| -> usize {
+        chunks
+            .iter()
+            .zip(&in_order)
+            .filter(|(_, m)| **m == main)
+            .map(|(c, _)| c.points as usize)
+            .sum()
+    };
+    let (mut out, mut aside) = (Columns::default(), Columns::default());
+    out.reserve(room(true), false);
+    aside.reserve(room(false), false);
+    let mut data = conn.prepare_cached("SELECT data FROM telemetry_chunks WHERE id = ?1")?;
+    for (c, &main) in chunks.iter().zip(&in_order) {
+        let into = if main { &mut out } else { &mut aside };
+        let before = into.len();
+        let mut rows = data.query([c.id])?;
+        let row = rows
+            .next()?
+            .ok_or_else(|| corrupt(format!("chunk {} vanished during a read", c.id)))?;
+        let blob = row.get_ref(0)?.as_blob().map_err(corrupt)?;
+        chunk::decode_into(blob, into, false).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if c.first < start_us || c.last >= end_us {
+            let keep: Vec<bool> = (0..into.len())
+                .map(|i| i < before || (start_us..end_us).contains(&into.time_us[i]))
+                .collect();
+            into.retain_by(&keep);
+        }
+    }
+    if aside.len() == 0 {
+        return Ok(Some(out));
+    }
+    Ok(out.merge_by_time(aside))
+}
+
+/// A chunk's place in time: its row id, first and last point times, and point count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ChunkSpan {
+    id: i64,
+    first: TimeUs,
+    last: TimeUs,
+    points: u64,
+}
+
+/// Which of `chunks` to read in order as they are: the set with the most points among those whose
+/// time ranges do not overlap (a chunk must start after the previous one's last point), by
+/// weighted interval scheduling. The others are merged in.
+fn heaviest_disjoint(chunks: &[ChunkSpan]) -> Vec<bool> {
+    let k = chunks.len();
+    let mut by_last: Vec<usize> = (0..k).collect();
+    by_last.sort_by_key(|&i| chunks[i].last);
+    let lasts: Vec<TimeUs> = by_last.iter().map(|&i| chunks[i].last).collect();
+    // best[j]: the most points chunks by_last[..j] give; took[j]: whether that uses by_last[j - 1]
+    // with, before it, the best of by_last[..before[j - 1]]
+    let mut best = vec![0u64; k + 1];
+    let mut took = vec![false; k + 1];
+    let mut before = vec![0usize; k];
+    for j in 0..k {
+        let c = &chunks[by_last[j]];
+        before[j] = lasts[..j].partition_point(|&last| last < c.first);
+        let with = best[before[j]] + c.points;
+        (best[j + 1], took[j + 1]) = if with > best[j] {
+            (with, true)
+        } else {
+            (best[j], false)
+        };
+    }
+    let mut chosen = vec![false; k];
+    let mut j = k;
+    while j > 0 {
+        if took[j] {
+            chosen[by_last[j - 1]] = true;
+            j = before[j - 1];
+        } else {
+            j -= 1;
+        }
+    }
+    chosen
 }
 
 /// Adds points waiting in the overlay to points read from chunks (with arrival columns, sorted,
@@ -2628,4 +2745,85 @@ fn write_command_update(conn: &Connection, u: &CommandUpdate) -> Result<(), Stor
         return Err(StoreError::UnknownCommand(u.id));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(id: i64, first: TimeUs, last: TimeUs, points: u64) -> ChunkSpan {
+        ChunkSpan {
+            id,
+            first,
+            last,
+            points,
+        }
+    }
+
+    #[test]
+    fn the_heaviest_disjoint_chunks_are_read_in_order() {
+        // a fold's chunk of late points spans three large chunks: they are kept, it goes aside
+        let chunks = [
+            span(1, 0, 99, 100),
+            span(9, 5, 290, 12),
+            span(2, 100, 199, 100),
+            span(3, 200, 299, 100),
+        ];
+        assert_eq!(heaviest_disjoint(&chunks), [true, false, true, true]);
+        // a wide chunk with more points than the ones it overlaps wins
+        let chunks = [
+            span(1, 0, 50, 10),
+            span(2, 0, 299, 500),
+            span(3, 60, 99, 10),
+            span(4, 300, 310, 1),
+        ];
+        assert_eq!(heaviest_disjoint(&chunks), [false, true, false, true]);
+        // touching is overlapping (a point at the same time in both)
+        let chunks = [span(1, 0, 10, 5), span(2, 10, 20, 4)];
+        assert_eq!(heaviest_disjoint(&chunks), [true, false]);
+        assert!(heaviest_disjoint(&[]).is_empty());
+    }
+
+    fn columns(points: &[(TimeUs, f64)]) -> Columns {
+        Columns {
+            time_us: points.iter().map(|p| p.0).collect(),
+            values: chunk::ValueColumn::Double(points.iter().map(|p| p.1).collect()),
+            ..Columns::default()
+        }
+    }
+
+    #[test]
+    fn points_set_aside_merge_in_by_time_unless_two_share_a_time() {
+        let main = columns(&[(10, 1.0), (20, 2.0), (30, 3.0)]);
+        let aside = columns(&[(35, 3.5), (5, 0.5), (15, 1.5)]);
+        let merged = main.clone().merge_by_time(aside).unwrap();
+        assert_eq!(
+            merged,
+            columns(&[
+                (5, 0.5),
+                (10, 1.0),
+                (15, 1.5),
+                (20, 2.0),
+                (30, 3.0),
+                (35, 3.5)
+            ])
+        );
+        assert_eq!(
+            Columns::default().merge_by_time(columns(&[(2, 2.0), (1, 1.0)])),
+            Some(columns(&[(1, 1.0), (2, 2.0)]))
+        );
+        // a tie with a point in order, or among those aside: the arrival order decides
+        assert_eq!(main.clone().merge_by_time(columns(&[(20, 9.0)])), None);
+        assert_eq!(
+            main.clone().merge_by_time(columns(&[(25, 9.0), (25, 8.0)])),
+            None
+        );
+        // held differently: not merged here
+        let ints = Columns {
+            time_us: vec![25],
+            values: chunk::ValueColumn::Int(vec![7]),
+            ..Columns::default()
+        };
+        assert_eq!(main.merge_by_time(ints), None);
+    }
 }

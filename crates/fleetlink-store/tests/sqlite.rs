@@ -1243,3 +1243,103 @@ async fn waiting_points_and_chunks_read_back_as_one_history() {
     drop(conn);
     check(SqliteStore::open(&path, SqliteOptions::default()).unwrap()).await;
 }
+
+/// A device that sends most points in large batches (chunks at once) and some in small ones
+/// (they wait in the journal; the fold writes them as a chunk spanning the large chunks' times):
+/// the column query reads them back in time order, the same as the row query.
+#[tokio::test]
+async fn folded_points_spanning_other_chunks_read_back_in_time_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let options = SqliteOptions {
+        fold_interval: std::time::Duration::from_secs(3600),
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(&path, options).unwrap();
+    provision(&store, "truck-1").await;
+    let (tx, mut rx) = watch::channel(0);
+    let listener = Arc::new(Watch(tx, Mutex::new(Vec::new())));
+    let mut expected = Vec::new();
+    let mut seq = 0;
+    for k in 0..20i64 {
+        // 100 points at even times: a chunk at once
+        seq += 1;
+        let big: Vec<Point> = (0..100)
+            .map(|i| {
+                point(
+                    "speed",
+                    k * 1_000 + 2 * i,
+                    Value::Double((k * 1_000 + 2 * i) as f64),
+                )
+            })
+            .collect();
+        expected.extend(big.iter().map(|p| p.time_us));
+        append(&store, &listener, "truck-1", seq, big).await;
+        rx.wait_for(|d| *d >= seq).await.unwrap();
+        // two points at odd times inside that chunk's span: they wait
+        seq += 1;
+        let small = vec![
+            point(
+                "speed",
+                k * 1_000 + 11,
+                Value::Double((k * 1_000 + 11) as f64),
+            ),
+            point(
+                "speed",
+                k * 1_000 + 151,
+                Value::Double((k * 1_000 + 151) as f64),
+            ),
+        ];
+        expected.extend(small.iter().map(|p| p.time_us));
+        append(&store, &listener, "truck-1", seq, small).await;
+        rx.wait_for(|d| *d >= seq).await.unwrap();
+    }
+    expected.sort_unstable();
+    let writer = store.writer_handle();
+    drop(store); // the fold writes the waiting points as chunks
+    assert!(writer.join(std::time::Duration::from_secs(30)));
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let overlapping: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM telemetry_chunks a JOIN telemetry_chunks b
+             ON a.id < b.id AND a.start_us <= b.end_us AND b.start_us <= a.end_us",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        overlapping > 0,
+        "the test needs chunks that overlap in time"
+    );
+    drop(conn);
+
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    let columns = store
+        .query_telemetry_columns(all_of("truck-1"))
+        .await
+        .unwrap();
+    assert_eq!(columns.len(), 1);
+    assert_eq!(columns[0].time_us, expected);
+    let values: Vec<f64> = (0..columns[0].len())
+        .map(|i| columns[0].values.number(i).unwrap())
+        .collect();
+    let want: Vec<f64> = expected.iter().map(|&t| t as f64).collect();
+    assert_eq!(values, want);
+    let rows = store.query_telemetry(all_of("truck-1")).await.unwrap();
+    assert_eq!(rows.iter().map(|p| p.time_us).collect::<Vec<_>>(), expected);
+    // a range cuts through chunks of both kinds
+    let ranged = store
+        .query_telemetry_columns(TelemetryQuery {
+            start_us: Some(5_010),
+            end_us: Some(7_152),
+            ..all_of("truck-1")
+        })
+        .await
+        .unwrap();
+    let want: Vec<i64> = expected
+        .iter()
+        .copied()
+        .filter(|t| (5_010..7_152).contains(t))
+        .collect();
+    assert_eq!(ranged[0].time_us, want);
+}
