@@ -34,32 +34,53 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((utime + stime) / clock_ticks_cached())
 }
 
-/// CPU time the hypervisor gave to other guests while this machine wanted to run ("steal"), in
-/// seconds summed over every core, from the `cpu` line of /proc/stat. On a shared virtual
-/// machine, a window with steal in it is slower for reasons outside the systems under test.
-pub fn steal_seconds() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    Ok(parse_steal(&stat)? / clock_ticks_cached())
+/// The machine's CPU time so far from the `cpu` line of /proc/stat, in clock ticks summed over
+/// every core: all of it (`user nice system idle iowait irq softirq steal`) and the part the
+/// hypervisor gave to other guests while this machine wanted to run ("steal"). On a shared
+/// virtual machine, a window with steal in it is slower for reasons outside the systems under
+/// test.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTicks {
+    pub total: f64,
+    pub steal: f64,
 }
 
-/// The steal ticks of /proc/stat's first line: `cpu user nice system idle iowait irq softirq
-/// steal ...`.
-fn parse_steal(stat: &str) -> Result<f64> {
-    let line = stat
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some("cpu"))
-        .context("no cpu line in /proc/stat")?;
-    let steal = line
-        .split_whitespace()
-        .nth(8)
-        .context("no steal column in /proc/stat (kernel older than 2.6.11)")?;
-    Ok(steal.parse()?)
-}
+impl CpuTicks {
+    pub fn now() -> Result<Self> {
+        Self::parse(&std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?)
+    }
 
-/// Steal over a window as a share of the machine's CPU time in it (100% = every core stolen
-/// all along).
-pub fn steal_pct(steal_s: f64, window_s: f64) -> f64 {
-    steal_s / (window_s * cores() as f64).max(f64::MIN_POSITIVE) * 100.0
+    fn parse(stat: &str) -> Result<Self> {
+        let line = stat
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some("cpu"))
+            .context("no cpu line in /proc/stat")?;
+        let fields: Vec<f64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .context("a cpu figure in /proc/stat is not a number")?;
+        if fields.len() < 8 {
+            bail!("no steal column in /proc/stat (kernel older than 2.6.11)");
+        }
+        Ok(Self {
+            total: fields.iter().sum(),
+            steal: fields[7],
+        })
+    }
+
+    /// Steal since `earlier` as a share of all the machine's CPU time meanwhile (100% = every
+    /// core stolen all along). Counted from the same line as the steal, so it needs no core
+    /// count (the harness pins itself to one core, which narrows what it sees of the machine).
+    pub fn steal_pct_since(self, earlier: Self) -> f64 {
+        let total = self.total - earlier.total;
+        if total <= 0.0 {
+            return 0.0;
+        }
+        (self.steal - earlier.steal) / total * 100.0
+    }
 }
 
 /// Packets this machine has sent: UDP datagrams and TCP segments, from /proc/net/snmp. On
@@ -353,15 +374,30 @@ UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors\nUdpLite: 1 2 3 
     }
 
     #[test]
-    fn steal_is_the_eighth_figure_of_the_cpu_line() {
-        let stat = "cpu  2255 34 2290 22625563 6290 127 456 931 0 0\n\
-cpu0 1132 34 1441 11311718 3675 127 438 500 0 0\nintr 114930548 113199788 3\n";
-        assert_eq!(parse_steal(stat).unwrap(), 931.0);
-        let err = parse_steal("cpu  1 2 3\n").unwrap_err().to_string();
+    fn steal_is_a_share_of_the_cpu_line_s_own_total() {
+        let before = CpuTicks::parse(
+            "cpu  2255 34 2290 22625563 6290 127 456 931 0 0\n\
+cpu0 1132 34 1441 11311718 3675 127 438 500 0 0\nintr 114930548 113199788 3\n",
+        )
+        .unwrap();
+        assert_eq!(before.steal, 931.0);
+        assert_eq!(
+            before.total,
+            (2255 + 34 + 2290 + 22625563 + 6290 + 127 + 456 + 931) as f64
+        );
+        // two cores over 1 s (200 ticks): 50 stolen is 25%, however many cores this sees
+        let after = CpuTicks {
+            total: before.total + 200.0,
+            steal: before.steal + 50.0,
+        };
+        assert_eq!(after.steal_pct_since(before), 25.0);
+        assert_eq!(before.steal_pct_since(before), 0.0);
+        let err = CpuTicks::parse("cpu  1 2 3\n").unwrap_err().to_string();
         assert!(err.contains("no steal column"), "{err}");
-        let err = parse_steal("intr 1 2\n").unwrap_err().to_string();
+        let err = CpuTicks::parse("intr 1 2\n").unwrap_err().to_string();
         assert!(err.contains("no cpu line"), "{err}");
-        assert!(steal_seconds().unwrap() >= 0.0);
+        let now = CpuTicks::now().unwrap();
+        assert!(now.total > 0.0 && now.steal >= 0.0);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use fleetlink_client::Resumption;
 use tokio::sync::watch;
 
 use crate::load::Load;
-use crate::procs::{PacketsSent, Proc, cpu_seconds, steal_pct, steal_seconds};
+use crate::procs::{CpuTicks, PacketsSent, Proc, cpu_seconds};
 use crate::stats::{Meter, Run, Series};
 use crate::{fleet, light, mqtt, nats, sink};
 
@@ -262,7 +262,7 @@ async fn throughput_run(
         cpu_seconds(me)?,
         meter.errors_total(),
         PacketsSent::now()?,
-        steal_seconds()?,
+        CpuTicks::now()?,
         Instant::now(),
     );
     meter.reset_latency();
@@ -272,7 +272,7 @@ async fn throughput_run(
         proc.cpu_seconds()?,
         cpu_seconds(me)?,
         PacketsSent::now()?,
-        steal_seconds()?,
+        CpuTicks::now()?,
         Instant::now(),
     );
     let packets = n1.since(n0);
@@ -304,10 +304,7 @@ async fn throughput_run(
         own as f64 / delivered.max(1) as f64,
     );
     extra.insert("udp_dropped".into(), packets.udp_dropped as f64);
-    extra.insert(
-        "steal_pct".into(),
-        steal_pct(st1 - st0, (t1 - t0).as_secs_f64()),
-    );
+    extra.insert("steal_pct".into(), st1.steal_pct_since(st0));
     Ok(Run {
         seconds: (t1 - t0).as_secs_f64(),
         sent,
@@ -559,76 +556,93 @@ pub async fn commands(ctx: &mut Ctx) -> Result<()> {
     let devices = ctx.devices.unwrap_or(devices);
     let systems = ctx.wanted(&[System::Fleetlink, System::QuinnSink]);
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); systems.len()];
+    let mut failed = vec![false; systems.len()];
     // Runs alternate between the systems, so that a noisy stretch of a shared machine (steal)
-    // falls on both sides rather than on all of one system's runs.
+    // falls on both sides rather than on all of one system's runs. A system that fails drops out
+    // of later rounds; the runs of the others are kept.
     for i in 0..ctx.runs {
-        for (&system, runs) in systems.iter().zip(&mut runs) {
-            let (proc, target) = start(ctx, system, devices)?;
-            let meter = Meter::new();
-            let me = std::process::id();
-            let (s0, c0, t0, n0, st0);
-            let holder: Box<dyn std::any::Any> = match &target {
-                Target::Fleet(ready) => {
-                    let server = ready.server()?;
-                    let clients =
-                        fleet::connect(&server, devices, 1_000, Some(fleet::ping_handlers()))
-                            .await?;
-                    (s0, c0, t0) = (proc.cpu_seconds()?, cpu_seconds(me)?, Instant::now());
-                    (n0, st0) = (PacketsSent::now()?, steal_seconds()?);
-                    fleet::command_round_trips(&server, &ready.admin_token, devices, count, &meter)
-                        .await?;
-                    Box::new(clients)
+        for (k, &system) in systems.iter().enumerate() {
+            if failed[k] {
+                continue;
+            }
+            match command_run(ctx, system, devices, count).await {
+                Ok(r) => {
+                    log_run("commands", system, i, &r);
+                    runs[k].push(r);
                 }
-                Target::Sink(ready) => {
-                    let conns = sink::connect(ready, devices + 1, None).await?;
-                    sink::register(&conns[..devices]).await?;
-                    (s0, c0, t0) = (proc.cpu_seconds()?, cpu_seconds(me)?, Instant::now());
-                    (n0, st0) = (PacketsSent::now()?, steal_seconds()?);
-                    sink::request_round_trips(&conns[devices], devices, count, &meter).await?;
-                    Box::new(conns)
+                Err(e) => {
+                    ctx.failures
+                        .push(format!("commands, {}: {e:#}", system.name()));
+                    failed[k] = true;
                 }
-                Target::Tcp(_) => unreachable!("commands run on fleetlink and the sink"),
-            };
-            // UDP datagrams on loopback both ways, heartbeats and keep-alives of the idle
-            // devices included: the packets a round trip costs.
-            let packets = PacketsSent::now()?.since(n0);
-            let stolen = steal_seconds()? - st0;
-            let (p50_us, p99_us, p999_us) = meter.percentiles();
-            let r = Run {
-                seconds: t0.elapsed().as_secs_f64(),
-                sent: meter.sent_total(),
-                delivered: meter.delivered_total(),
-                lost: meter.sent_total() - meter.delivered_total(),
-                errors: meter.errors_total(),
-                server_cpu_s: proc.cpu_seconds()? - s0,
-                client_cpu_s: cpu_seconds(me)? - c0,
-                server_rss: proc.rss_bytes()?,
-                p50_us,
-                p99_us,
-                p999_us,
-                extra: [
-                    ("devices".to_owned(), devices as f64),
-                    (
-                        "packets_per_msg".to_owned(),
-                        packets.udp as f64 / meter.delivered_total().max(1) as f64,
-                    ),
-                    ("udp_dropped".to_owned(), packets.udp_dropped as f64),
-                    (
-                        "steal_pct".to_owned(),
-                        steal_pct(stolen, t0.elapsed().as_secs_f64()),
-                    ),
-                ]
-                .into(),
-            };
-            drop(holder);
-            log_run("commands", system, i, &r);
-            runs.push(r);
+            }
         }
     }
     for (system, runs) in systems.into_iter().zip(runs) {
-        ctx.push("commands", system.name(), runs);
+        if !runs.is_empty() {
+            ctx.push("commands", system.name(), runs);
+        }
     }
     Ok(())
+}
+
+/// One run of scenario 4: `count` round trips, one at a time, with `devices` connected.
+async fn command_run(ctx: &mut Ctx, system: System, devices: usize, count: usize) -> Result<Run> {
+    let (proc, target) = start(ctx, system, devices)?;
+    let meter = Meter::new();
+    let me = std::process::id();
+    let (s0, c0, t0, n0, st0);
+    let holder: Box<dyn std::any::Any> = match &target {
+        Target::Fleet(ready) => {
+            let server = ready.server()?;
+            let clients =
+                fleet::connect(&server, devices, 1_000, Some(fleet::ping_handlers())).await?;
+            (s0, c0, t0) = (proc.cpu_seconds()?, cpu_seconds(me)?, Instant::now());
+            (n0, st0) = (PacketsSent::now()?, CpuTicks::now()?);
+            fleet::command_round_trips(&server, &ready.admin_token, devices, count, &meter).await?;
+            Box::new(clients)
+        }
+        Target::Sink(ready) => {
+            let conns = sink::connect(ready, devices + 1, None).await?;
+            sink::register(&conns[..devices]).await?;
+            (s0, c0, t0) = (proc.cpu_seconds()?, cpu_seconds(me)?, Instant::now());
+            (n0, st0) = (PacketsSent::now()?, CpuTicks::now()?);
+            sink::request_round_trips(&conns[devices], devices, count, &meter).await?;
+            Box::new(conns)
+        }
+        Target::Tcp(_) => unreachable!("commands run on fleetlink and the sink"),
+    };
+    let seconds = t0.elapsed().as_secs_f64();
+    // UDP datagrams on loopback both ways, heartbeats and keep-alives of the idle devices
+    // included: the packets a round trip costs.
+    let packets = PacketsSent::now()?.since(n0);
+    let steal_pct = CpuTicks::now()?.steal_pct_since(st0);
+    let (p50_us, p99_us, p999_us) = meter.percentiles();
+    let r = Run {
+        seconds,
+        sent: meter.sent_total(),
+        delivered: meter.delivered_total(),
+        lost: meter.sent_total() - meter.delivered_total(),
+        errors: meter.errors_total(),
+        server_cpu_s: proc.cpu_seconds()? - s0,
+        client_cpu_s: cpu_seconds(me)? - c0,
+        server_rss: proc.rss_bytes()?,
+        p50_us,
+        p99_us,
+        p999_us,
+        extra: [
+            ("devices".to_owned(), devices as f64),
+            (
+                "packets_per_msg".to_owned(),
+                packets.udp as f64 / meter.delivered_total().max(1) as f64,
+            ),
+            ("udp_dropped".to_owned(), packets.udp_dropped as f64),
+            ("steal_pct".to_owned(), steal_pct),
+        ]
+        .into(),
+    };
+    drop(holder);
+    Ok(r)
 }
 
 /// Scenario 5: restart the server under a streaming fleet; time until all are back.
@@ -649,16 +663,31 @@ pub async fn reconnect(ctx: &mut Ctx) -> Result<()> {
         })
         .collect();
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); variants.len()];
-    // The variants take turns, as the systems of the other scenarios do.
+    let mut failed = vec![false; variants.len()];
+    // The variants take turns, as the systems of the other scenarios do; one that fails drops
+    // out of later rounds, and the runs of the others are kept.
     for i in 0..ctx.runs {
-        for (&(system, resumption), runs) in variants.iter().zip(&mut runs) {
-            let r = reconnect_run(ctx, devices, resumption).await?;
-            tracing::info!(system, run = i + 1, extra = ?r.extra, "reconnect run done");
-            runs.push(r);
+        for (k, &(system, resumption)) in variants.iter().enumerate() {
+            if failed[k] {
+                continue;
+            }
+            match reconnect_run(ctx, devices, resumption).await {
+                Ok(r) => {
+                    tracing::info!(system, run = i + 1, extra = ?r.extra, "reconnect run done");
+                    runs[k].push(r);
+                }
+                Err(e) => {
+                    ctx.failures
+                        .push(format!("reconnect storm, {system}: {e:#}"));
+                    failed[k] = true;
+                }
+            }
         }
     }
     for ((system, _), runs) in variants.into_iter().zip(runs) {
-        ctx.push("reconnect", system, runs);
+        if !runs.is_empty() {
+            ctx.push("reconnect", system, runs);
+        }
     }
     Ok(())
 }
@@ -702,7 +731,7 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize, resumption: Resumption) ->
     let ready_s = t0.elapsed().as_secs_f64();
     // CPU of both sides during the storm, to tell which one bounds it.
     let (server_cpu0, client_cpu0) = (proc2.cpu_seconds()?, cpu_seconds(me)?);
-    let steal0 = steal_seconds()?;
+    let ticks0 = CpuTicks::now()?;
     // Measured by polling the clients' own state every 100 ms. Only the clients not back yet are
     // polled, once each per round: polling all 10k three times every 20 ms took ~45% of the load
     // generator's core (a profile: DeviceClient::stats cloning), and two lists polled apart still
@@ -764,7 +793,7 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize, resumption: Resumption) ->
     };
     let server_cpu_s = proc2.cpu_seconds()? - server_cpu0;
     let client_cpu_s = cpu_seconds(me)? - client_cpu0;
-    let stolen = steal_seconds()? - steal0;
+    let steal_pct = CpuTicks::now()?.steal_pct_since(ticks0);
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(60), driving).await;
     let mut run = Run {
@@ -805,8 +834,7 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize, resumption: Resumption) ->
         .insert("server_busy_pct".into(), server_cpu_s * 100.0 / storm_s);
     run.extra
         .insert("client_busy_pct".into(), client_cpu_s * 100.0 / storm_s);
-    run.extra
-        .insert("steal_pct".into(), steal_pct(stolen, storm_s));
+    run.extra.insert("steal_pct".into(), steal_pct);
     let zero_rtt: u64 = clients.iter().map(|c| c.stats().zero_rtt_connects).sum();
     run.extra
         .insert("zero_rtt_connects".into(), zero_rtt as f64);

@@ -849,8 +849,8 @@ fn metric_points(
 }
 
 /// The points of one device and metric with `start_us <= time < end_us`, times and values, in
-/// time order; `None` when two of them share a time (their order is the arrival order, which takes
-/// the arrival columns).
+/// time order; `None` when a point set aside (below) shares its time with another (their order is
+/// the arrival order, which takes the arrival columns) or the two sets hold values differently.
 ///
 /// Chunks may overlap in time: a fold writes the points that waited in the journal as chunks of
 /// their own, spanning the times of the chunks stored meanwhile. Rather than sort everything (a
@@ -2782,6 +2782,117 @@ mod tests {
         let chunks = [span(1, 0, 10, 5), span(2, 10, 20, 4)];
         assert_eq!(heaviest_disjoint(&chunks), [true, false]);
         assert!(heaviest_disjoint(&[]).is_empty());
+    }
+
+    /// A table of chunks, each given as (seq, [(time, value)]) in time order.
+    fn chunks_table(chunks: &[(u64, Vec<(TimeUs, Value)>)]) -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE telemetry_chunks (id INTEGER PRIMARY KEY, device INTEGER NOT NULL,
+             metric INTEGER NOT NULL, start_us INTEGER NOT NULL, end_us INTEGER NOT NULL,
+             points INTEGER NOT NULL, data BLOB NOT NULL) STRICT;",
+        )
+        .unwrap();
+        for (seq, points) in chunks {
+            let rows: Vec<Row<Value>> = points
+                .iter()
+                .enumerate()
+                .map(|(i, (t, v))| Row {
+                    time_us: *t,
+                    received_us: 0,
+                    seq: *seq,
+                    idx: i as u32,
+                    value: v.clone(),
+                })
+                .collect();
+            conn.execute(
+                "INSERT INTO telemetry_chunks (device, metric, start_us, end_us, points, data)
+                 VALUES (1, 1, ?1, ?2, ?3, ?4)",
+                params![
+                    rows[0].time_us,
+                    rows[rows.len() - 1].time_us,
+                    rows.len() as i64,
+                    chunk::encode(&rows)
+                ],
+            )
+            .unwrap();
+        }
+        conn
+    }
+
+    fn doubles(times: impl IntoIterator<Item = TimeUs>) -> Vec<(TimeUs, Value)> {
+        times
+            .into_iter()
+            .map(|t| (t, Value::Double(t as f64)))
+            .collect()
+    }
+
+    #[test]
+    fn overlapping_chunks_read_in_time_order_without_the_arrival_columns() {
+        // two large chunks, and a fold's chunk of late points spanning both
+        let conn = chunks_table(&[
+            (1, doubles((0..50).map(|i| i * 2))),
+            (3, doubles([7, 99, 151])),
+            (2, doubles((50..100).map(|i| i * 2))),
+        ]);
+        let out = points_in_time_order(&conn, 1, 1, TimeUs::MIN, TimeUs::MAX)
+            .unwrap()
+            .expect("no two points share a time");
+        let mut want: Vec<TimeUs> = (0..100).map(|i| i * 2).chain([7, 99, 151]).collect();
+        want.sort_unstable();
+        assert_eq!(out.time_us, want);
+        let values: Vec<f64> = (0..out.len())
+            .map(|i| out.values.number(i).unwrap())
+            .collect();
+        assert_eq!(values, want.iter().map(|&t| t as f64).collect::<Vec<_>>());
+        assert!(out.seq.is_empty(), "arrival columns were decoded");
+        // a range cuts both kinds of chunk; the late chunk keeps only its middle point
+        let out = points_in_time_order(&conn, 1, 1, 90, 120).unwrap().unwrap();
+        let want: Vec<TimeUs> = (90..120).filter(|t| t % 2 == 0 || *t == 99).collect();
+        assert_eq!(out.time_us, want);
+        // through the public path, with and without a limit, the same points in the same order
+        let all = metric_points(&conn, 1, 1, TimeUs::MIN, TimeUs::MAX, None, false, &[]).unwrap();
+        let limited = metric_points(
+            &conn,
+            1,
+            1,
+            TimeUs::MIN,
+            TimeUs::MAX,
+            Some(1_000),
+            false,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(all.time_us, limited.time_us);
+        assert_eq!(all.values, limited.values);
+    }
+
+    #[test]
+    fn a_shared_time_or_another_kind_of_value_leaves_the_order_to_the_arrival_columns() {
+        // a late point at the time of a point in order: which comes first is the arrival order
+        let conn = chunks_table(&[(1, doubles([0, 2, 4, 6])), (2, doubles([1, 4]))]);
+        assert_eq!(
+            points_in_time_order(&conn, 1, 1, TimeUs::MIN, TimeUs::MAX).unwrap(),
+            None
+        );
+        let out = metric_points(&conn, 1, 1, TimeUs::MIN, TimeUs::MAX, None, false, &[]).unwrap();
+        assert_eq!(out.time_us, [0, 1, 2, 4, 4, 6]);
+        assert_eq!(out.seq, [1, 2, 1, 1, 2, 1]);
+        // ints among doubles
+        let conn = chunks_table(&[(1, doubles([0, 2, 4, 6])), (2, vec![(3, Value::Int(3))])]);
+        assert_eq!(
+            points_in_time_order(&conn, 1, 1, TimeUs::MIN, TimeUs::MAX).unwrap(),
+            None
+        );
+        let out = metric_points(&conn, 1, 1, TimeUs::MIN, TimeUs::MAX, None, false, &[]).unwrap();
+        assert_eq!(out.time_us, [0, 2, 3, 4, 6]);
+        assert_eq!(out.values.get(2), Value::Int(3));
+        // equal times inside one chunk are stored in order already: no fallback for them
+        let conn = chunks_table(&[(1, doubles([0, 2, 2, 6])), (2, doubles([1]))]);
+        let out = points_in_time_order(&conn, 1, 1, TimeUs::MIN, TimeUs::MAX)
+            .unwrap()
+            .expect("the tie is inside a chunk read in order");
+        assert_eq!(out.time_us, [0, 1, 2, 2, 6]);
     }
 
     fn columns(points: &[(TimeUs, f64)]) -> Columns {
