@@ -371,9 +371,7 @@ pub async fn flood(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-/// The runs of a throughput scenario, alternating between the systems (run 1 of each, then run 2
-/// of each...), so that a noisy stretch of a shared machine (steal) falls on several systems
-/// rather than on all of one system's runs. A system that fails drops out of later rounds.
+/// The runs of a throughput scenario, alternating between the systems.
 async fn throughput_runs(
     ctx: &mut Ctx,
     (scenario, label): (&str, &str),
@@ -383,31 +381,48 @@ async fn throughput_runs(
     window: Duration,
 ) {
     let systems = ctx.wanted(systems);
-    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); systems.len()];
-    let mut failed = vec![false; systems.len()];
+    let names: Vec<&str> = systems.iter().map(|s| s.name()).collect();
+    let runs = alternating(ctx, &names, label, async |ctx, k, i| {
+        let r = throughput_run(ctx, systems[k], load, warmup, window).await?;
+        log_run(scenario, systems[k], i, &r);
+        Ok(r)
+    })
+    .await;
+    for (name, runs) in names.into_iter().zip(runs) {
+        if !runs.is_empty() {
+            ctx.push(scenario, name, runs);
+        }
+    }
+}
+
+/// `ctx.runs` runs of each of the systems `names`, alternating between them (run 1 of each,
+/// then run 2 of each...), so that a noisy stretch of a shared machine (steal) falls on several
+/// systems rather than on all of one system's runs. `one(ctx, k, i)` is run `i` of system `k`. A
+/// system whose run fails is recorded in `ctx.failures` and drops out of later rounds; the runs
+/// of the others are kept. Returns each system's runs, in the order of `names`.
+async fn alternating(
+    ctx: &mut Ctx,
+    names: &[&str],
+    label: &str,
+    mut one: impl AsyncFnMut(&mut Ctx, usize, usize) -> Result<Run>,
+) -> Vec<Vec<Run>> {
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); names.len()];
+    let mut failed = vec![false; names.len()];
     for i in 0..ctx.runs {
-        for (k, &system) in systems.iter().enumerate() {
+        for (k, name) in names.iter().enumerate() {
             if failed[k] {
                 continue;
             }
-            match throughput_run(ctx, system, load, warmup, window).await {
-                Ok(r) => {
-                    log_run(scenario, system, i, &r);
-                    runs[k].push(r);
-                }
+            match one(ctx, k, i).await {
+                Ok(r) => runs[k].push(r),
                 Err(e) => {
-                    ctx.failures
-                        .push(format!("{label}, {}: {e:#}", system.name()));
+                    ctx.failures.push(format!("{label}, {name}: {e:#}"));
                     failed[k] = true;
                 }
             }
         }
     }
-    for (system, runs) in systems.into_iter().zip(runs) {
-        if !runs.is_empty() {
-            ctx.push(scenario, system.name(), runs);
-        }
-    }
+    runs
 }
 
 /// Scenario 2: many slow devices at 1 message/s.
@@ -555,32 +570,16 @@ pub async fn commands(ctx: &mut Ctx) -> Result<()> {
     };
     let devices = ctx.devices.unwrap_or(devices);
     let systems = ctx.wanted(&[System::Fleetlink, System::QuinnSink]);
-    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); systems.len()];
-    let mut failed = vec![false; systems.len()];
-    // Runs alternate between the systems, so that a noisy stretch of a shared machine (steal)
-    // falls on both sides rather than on all of one system's runs. A system that fails drops out
-    // of later rounds; the runs of the others are kept.
-    for i in 0..ctx.runs {
-        for (k, &system) in systems.iter().enumerate() {
-            if failed[k] {
-                continue;
-            }
-            match command_run(ctx, system, devices, count).await {
-                Ok(r) => {
-                    log_run("commands", system, i, &r);
-                    runs[k].push(r);
-                }
-                Err(e) => {
-                    ctx.failures
-                        .push(format!("commands, {}: {e:#}", system.name()));
-                    failed[k] = true;
-                }
-            }
-        }
-    }
-    for (system, runs) in systems.into_iter().zip(runs) {
+    let names: Vec<&str> = systems.iter().map(|s| s.name()).collect();
+    let runs = alternating(ctx, &names, "commands", async |ctx, k, i| {
+        let r = command_run(ctx, systems[k], devices, count).await?;
+        log_run("commands", systems[k], i, &r);
+        Ok(r)
+    })
+    .await;
+    for (name, runs) in names.into_iter().zip(runs) {
         if !runs.is_empty() {
-            ctx.push("commands", system.name(), runs);
+            ctx.push("commands", name, runs);
         }
     }
     Ok(())
@@ -662,31 +661,18 @@ pub async fn reconnect(ctx: &mut Ctx) -> Result<()> {
             ctx.systems.is_empty() || ctx.systems.iter().any(|s| system.contains(s.as_str()))
         })
         .collect();
-    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); variants.len()];
-    let mut failed = vec![false; variants.len()];
-    // The variants take turns, as the systems of the other scenarios do; one that fails drops
-    // out of later rounds, and the runs of the others are kept.
-    for i in 0..ctx.runs {
-        for (k, &(system, resumption)) in variants.iter().enumerate() {
-            if failed[k] {
-                continue;
-            }
-            match reconnect_run(ctx, devices, resumption).await {
-                Ok(r) => {
-                    tracing::info!(system, run = i + 1, extra = ?r.extra, "reconnect run done");
-                    runs[k].push(r);
-                }
-                Err(e) => {
-                    ctx.failures
-                        .push(format!("reconnect storm, {system}: {e:#}"));
-                    failed[k] = true;
-                }
-            }
-        }
-    }
-    for ((system, _), runs) in variants.into_iter().zip(runs) {
+    let names: Vec<&str> = variants.iter().map(|v| v.0).collect();
+    // The variants take turns, as the systems of the other scenarios do.
+    let runs = alternating(ctx, &names, "reconnect storm", async |ctx, k, i| {
+        let (system, resumption) = variants[k];
+        let r = reconnect_run(ctx, devices, resumption).await?;
+        tracing::info!(system, run = i + 1, extra = ?r.extra, "reconnect run done");
+        Ok(r)
+    })
+    .await;
+    for (name, runs) in names.into_iter().zip(runs) {
         if !runs.is_empty() {
-            ctx.push("reconnect", system, runs);
+            ctx.push("reconnect", name, runs);
         }
     }
     Ok(())
