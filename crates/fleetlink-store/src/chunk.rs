@@ -24,12 +24,22 @@
 //!   string  varint length, UTF-8 bytes
 //!   geo     u8 flags (1 alt, 2 speed, 4 heading, 8 accuracy), lat, lon, then the flagged
 //!           fields, each a little-endian f64
+//! or, when kind = 0xFE (every point a string, dictionary-coded):
+//!   varint d                             distinct strings, 1 <= d <= n
+//!   d strings, each a varint length and UTF-8 bytes, in order of first use
+//!   a varint byte length, then n varints: each point's index into those d strings
 //! ```
+//!
+//! A chunk of strings is dictionary-coded when that is smaller than writing each string out:
+//! string telemetry (states, modes, firmware versions, fault codes) repeats, and a repeated
+//! value then costs a byte or two per point instead of its length, in the database, its WAL and
+//! every compaction that rewrites the chunk.
 //!
 //! Points in a chunk are in (time_us, seq, idx) order. Chunks of one metric may overlap in time
 //! (a device that sends buffered history late); readers sort what they gather.
 
 use std::borrow::Borrow;
+use std::collections::HashMap;
 
 use fleetlink_core::{GeoPosition, TimeUs, Value, ValueKind};
 use prost::encoding::{decode_varint, encode_varint};
@@ -39,6 +49,8 @@ pub(crate) const MAX_POINTS: usize = 2_048;
 
 const FORMAT: u8 = 1;
 const MIXED: u8 = 0xFF;
+/// The kind byte of a chunk of strings stored as a dictionary and an index per point.
+const DICT_STRINGS: u8 = 0xFE;
 
 /// One point to encode.
 #[derive(Debug, Clone)]
@@ -366,6 +378,79 @@ fn unzigzag(x: u64) -> i64 {
     ((x >> 1) as i64) ^ -((x & 1) as i64)
 }
 
+fn varint_len(x: u64) -> usize {
+    prost::encoding::encoded_len_varint(x)
+}
+
+/// The value bytes of a chunk whose points are all strings, and its kind byte: the strings as
+/// they are (the String kind) or, when smaller, as a dictionary and an index per point
+/// ([`DICT_STRINGS`]).
+fn string_values<'a>(strings: impl Iterator<Item = &'a [u8]> + Clone) -> (u8, Vec<u8>) {
+    let mut index: HashMap<&[u8], u64, foldhash::fast::RandomState> = HashMap::default();
+    let mut dict: Vec<&[u8]> = Vec::new();
+    let (mut plain, mut indexes) = (0usize, 0usize);
+    for s in strings.clone() {
+        plain += varint_len(s.len() as u64) + s.len();
+        let next = dict.len() as u64;
+        let i = *index.entry(s).or_insert_with(|| {
+            dict.push(s);
+            next
+        });
+        indexes += varint_len(i);
+    }
+    let dict_bytes: usize = dict
+        .iter()
+        .map(|s| varint_len(s.len() as u64) + s.len())
+        .sum();
+    let coded = varint_len(dict.len() as u64) + dict_bytes + varint_len(indexes as u64) + indexes;
+    if coded >= plain {
+        let mut out = Vec::with_capacity(plain);
+        for s in strings {
+            encode_varint(s.len() as u64, &mut out);
+            out.extend_from_slice(s);
+        }
+        return (ValueKind::String.code() as u8, out);
+    }
+    let mut out = Vec::with_capacity(coded);
+    encode_varint(dict.len() as u64, &mut out);
+    for s in &dict {
+        encode_varint(s.len() as u64, &mut out);
+        out.extend_from_slice(s);
+    }
+    encode_varint(indexes as u64, &mut out);
+    for s in strings {
+        encode_varint(index[s], &mut out);
+    }
+    (DICT_STRINGS, out)
+}
+
+/// The values of a [`DICT_STRINGS`] chunk of `n` points: its strings (bytes, not yet checked as
+/// UTF-8) and each point's index into them (checked).
+fn dict_strings<'a>(r: &mut Reader<'a>, n: usize) -> Result<(Vec<&'a [u8]>, Vec<u32>), ChunkError> {
+    let d = usize::try_from(r.varint()?).map_err(|_| ChunkError("dictionary too long".into()))?;
+    if d == 0 || d > n {
+        return Err(ChunkError(format!(
+            "{d} strings in the dictionary of {n} points"
+        )));
+    }
+    let mut dict = Vec::with_capacity(d);
+    for _ in 0..d {
+        let len = usize::try_from(r.varint()?).map_err(|_| ChunkError("string too long".into()))?;
+        dict.push(r.bytes(len)?);
+    }
+    let mut section = r.section()?;
+    let mut indexes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let i = section.varint()?;
+        if i >= d as u64 {
+            return Err(ChunkError(format!("string {i} of a {d}-string dictionary")));
+        }
+        indexes.push(i as u32);
+    }
+    finish(section)?;
+    Ok((dict, indexes))
+}
+
 /// Encodes `rows` (at least one, in (time_us, seq, idx) order) as one chunk.
 pub(crate) fn encode<V: Borrow<Value>>(rows: &[Row<V>]) -> Vec<u8> {
     debug_assert!(!rows.is_empty());
@@ -374,7 +459,17 @@ pub(crate) fn encode<V: Borrow<Value>>(rows: &[Row<V>]) -> Vec<u8> {
     out.push(FORMAT);
     encode_varint(rows.len() as u64, &mut out);
     let first = rows[0].value.borrow().kind();
-    if rows.iter().all(|r| r.value.borrow().kind() == first) {
+    let uniform = rows.iter().all(|r| r.value.borrow().kind() == first);
+    // A chunk of strings: dictionary-coded when that is smaller.
+    let strings = (uniform && first == ValueKind::String).then(|| {
+        string_values(rows.iter().map(|r| match r.value.borrow() {
+            Value::String(s) => s.as_bytes(),
+            _ => unreachable!("every value is a string"),
+        }))
+    });
+    if let Some((kind, _)) = &strings {
+        out.push(*kind);
+    } else if uniform {
         out.push(first.code() as u8);
     } else {
         out.push(MIXED);
@@ -409,6 +504,10 @@ pub(crate) fn encode<V: Borrow<Value>>(rows: &[Row<V>]) -> Vec<u8> {
         encode_varint(u64::from(r.idx), &mut section);
     }
     put(&mut section, &mut out);
+    if let Some((_, values)) = strings {
+        out.extend_from_slice(&values);
+        return out;
+    }
     for r in rows {
         match r.value.borrow() {
             Value::Double(x) => out.extend_from_slice(&x.to_le_bytes()),
@@ -536,6 +635,7 @@ pub(crate) fn decode_into(data: &[u8], out: &mut Columns, arrival: bool) -> Resu
         None
     };
     let uniform = match kinds {
+        None if kind_code == DICT_STRINGS => Some(ValueKind::String),
         None => Some(kind_of(kind_code)?),
         Some(_) => None,
     };
@@ -576,6 +676,21 @@ pub(crate) fn decode_into(data: &[u8], out: &mut Columns, arrival: bool) -> Resu
         for _ in 0..3 {
             r.section()?;
         }
+    }
+    if kind_code == DICT_STRINGS {
+        let (dict, indexes) = dict_strings(&mut r, n)?;
+        let dict = dict
+            .into_iter()
+            .map(std::str::from_utf8)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ChunkError(format!("string: {e}")))?;
+        let values = out.values.make_other();
+        values.extend(
+            indexes
+                .into_iter()
+                .map(|i| Value::String(dict[i as usize].to_owned())),
+        );
+        return finish(r);
     }
     // Packed fast paths: a chunk of one numeric kind appended to values of the same kind.
     match (uniform, &mut out.values) {
@@ -699,7 +814,10 @@ fn parts(data: &[u8]) -> Result<Parts<'_>, ChunkError> {
     }
     finish(idx)?;
     p.values = r.buf;
-    if kind != MIXED {
+    if kind == DICT_STRINGS {
+        dict_strings(&mut r, n)?;
+        finish(r)?;
+    } else if kind != MIXED {
         // walk the values, so that a damaged chunk is refused rather than copied on
         let kind = kind_of(kind)?;
         for _ in 0..n {
@@ -727,9 +845,20 @@ fn parts(data: &[u8]) -> Result<Parts<'_>, ChunkError> {
     Ok(p)
 }
 
+/// Chunks of strings, plain or dictionary-coded, join as one family ([`DICT_STRINGS`]); every
+/// other kind byte is its own.
+fn family(kind: u8) -> u8 {
+    if kind == ValueKind::String.code() as u8 {
+        DICT_STRINGS
+    } else {
+        kind
+    }
+}
+
 /// Joins chunks whose points follow one another (each chunk's first point at or after the
-/// previous chunk's last, in (time_us, seq, idx) order) and share one value kind into one chunk,
-/// without decoding the values: the clocks are re-encoded, the value bytes copied. `None` when
+/// previous chunk's last, in (time_us, seq, idx) order) and share one value kind (strings,
+/// plain or dictionary-coded, count as one) into one chunk, without decoding the values: the
+/// clocks are re-encoded, the value bytes copied (strings are coded again, as [`encode`] would). `None` when
 /// the chunks do not qualify (a mix of kinds, or points that interleave); merge them by decoding.
 pub(crate) fn concat(chunks: &[&[u8]]) -> Result<Option<Joined>, ChunkError> {
     let mut all: Vec<Parts<'_>> = Vec::with_capacity(chunks.len());
@@ -742,7 +871,7 @@ pub(crate) fn concat(chunks: &[&[u8]]) -> Result<Option<Joined>, ChunkError> {
             let last = prev.time_us.len() - 1;
             let before = (prev.time_us[last], prev.seq[last] as u64, prev.idx[last]);
             let after = (p.time_us[0], p.seq[0] as u64, p.idx[0]);
-            if p.kind != prev.kind || after < before {
+            if family(p.kind) != family(prev.kind) || after < before {
                 return Ok(None);
             }
         }
@@ -752,11 +881,35 @@ pub(crate) fn concat(chunks: &[&[u8]]) -> Result<Option<Joined>, ChunkError> {
         return Ok(None);
     };
     let points: usize = all.iter().map(|p| p.time_us.len()).sum();
-    let value_bytes: usize = all.iter().map(|p| p.values.len()).sum();
+    // Strings are coded again over the joined points (one dictionary, if that is smaller);
+    // other values are copied as they are.
+    let strings = if family(first.kind) == DICT_STRINGS {
+        let mut all_strings: Vec<&[u8]> = Vec::with_capacity(points);
+        for p in &all {
+            let mut r = Reader { buf: p.values };
+            if p.kind == DICT_STRINGS {
+                let (dict, indexes) = dict_strings(&mut r, p.time_us.len())?;
+                all_strings.extend(indexes.into_iter().map(|i| dict[i as usize]));
+            } else {
+                for _ in 0..p.time_us.len() {
+                    let len = usize::try_from(r.varint()?)
+                        .map_err(|_| ChunkError("string too long".into()))?;
+                    all_strings.push(r.bytes(len)?);
+                }
+            }
+        }
+        Some(string_values(all_strings.into_iter()))
+    } else {
+        None
+    };
+    let value_bytes: usize = match &strings {
+        Some((_, v)) => v.len(),
+        None => all.iter().map(|p| p.values.len()).sum(),
+    };
     let mut out = Vec::with_capacity(16 + points * 6 + value_bytes);
     out.push(FORMAT);
     encode_varint(points as u64, &mut out);
-    out.push(first.kind);
+    out.push(strings.as_ref().map_or(first.kind, |(kind, _)| *kind));
     let mut section = Vec::with_capacity(points * 3);
     for column in 0..3 {
         let mut previous = 0i64;
@@ -782,8 +935,13 @@ pub(crate) fn concat(chunks: &[&[u8]]) -> Result<Option<Joined>, ChunkError> {
     }
     encode_varint(section.len() as u64, &mut out);
     out.extend_from_slice(&section);
-    for p in &all {
-        out.extend_from_slice(p.values);
+    match &strings {
+        Some((_, values)) => out.extend_from_slice(values),
+        None => {
+            for p in &all {
+                out.extend_from_slice(p.values);
+            }
+        }
     }
     let start_us = first.time_us[0];
     let end_us = all
@@ -969,7 +1127,129 @@ mod tests {
         );
     }
 
+    fn strings(values: &[&str]) -> Vec<Row<Value>> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| row(i as i64, 1, i as u32, Value::String((*v).to_owned())))
+            .collect()
+    }
+
+    /// The kind byte of an encoded chunk (after the format byte and a one-byte point count).
+    fn kind_byte(data: &[u8]) -> u8 {
+        data[2]
+    }
+
+    #[test]
+    fn repeated_strings_are_stored_once_per_chunk_and_unique_ones_as_they_are() {
+        let state = "x".repeat(84);
+        let repeated: Vec<&str> = (0..100)
+            .map(|i| if i % 10 == 9 { "fault" } else { state.as_str() })
+            .collect();
+        let rows = strings(&repeated);
+        let data = encode(&rows);
+        assert_eq!(kind_byte(&data), DICT_STRINGS);
+        // the two strings once, then an index byte per point (and a byte each of clocks)
+        assert!(data.len() < 84 + 16 + 100 * 6, "{} bytes", data.len());
+        let decoded = decode(&data).unwrap();
+        assert!(same(&decoded.into_rows(), &rows));
+
+        let unique: Vec<String> = (0..100).map(|i| format!("reading {i}")).collect();
+        let unique: Vec<&str> = unique.iter().map(String::as_str).collect();
+        let rows = strings(&unique);
+        let data = encode(&rows);
+        assert_eq!(kind_byte(&data), ValueKind::String.code() as u8);
+        assert!(same(&roundtrip(&rows), &rows));
+    }
+
+    #[test]
+    fn dictionary_coded_chunks_append_after_other_values_and_join_with_plain_ones() {
+        let mut out = Columns::default();
+        decode_into(&encode(&[row(1, 1, 0, Value::Int(1))]), &mut out, true).unwrap();
+        let rows = strings(&["running", "running", "running", "stopped"]);
+        let dict = encode(&rows[1..]);
+        assert_eq!(kind_byte(&dict), DICT_STRINGS);
+        decode_into(&dict, &mut out, true).unwrap();
+        assert_eq!(
+            out.values,
+            ValueColumn::Other(vec![
+                Value::Int(1),
+                Value::String("running".into()),
+                Value::String("running".into()),
+                Value::String("stopped".into()),
+            ])
+        );
+        // a plain chunk (one point) joined to a dictionary-coded one: one dictionary for all
+        let plain = encode(&rows[..1]);
+        assert_eq!(kind_byte(&plain), ValueKind::String.code() as u8);
+        let joined = concat(&[&plain, &dict]).unwrap().expect("joins");
+        assert_eq!(joined.data, encode(&rows));
+        assert!(same(&decode(&joined.data).unwrap().into_rows(), &rows));
+        // strings do not join other kinds
+        let ints = encode(&[row(9, 1, 9, Value::Int(3))]);
+        assert!(concat(&[&dict, &ints]).unwrap().is_none());
+    }
+
+    #[test]
+    fn damaged_dictionary_chunks_are_errors_not_panics() {
+        let rows = strings(&["running", "running", "stopped", "running"]);
+        let data = encode(&rows);
+        assert_eq!(kind_byte(&data), DICT_STRINGS);
+        for cut in 0..data.len() {
+            assert!(
+                decode(&data[..cut]).is_err(),
+                "a chunk cut at {cut} decoded"
+            );
+            assert!(
+                concat(&[&data[..cut]]).is_err(),
+                "a chunk cut at {cut} joined"
+            );
+        }
+        // the values: d = 2, "running", "stopped", then 4 one-byte indexes in a 4-byte section
+        let values = data.len() - (1 + 8 + 8 + 1 + 4);
+        let mut expected = vec![2, 7];
+        expected.extend_from_slice(b"running");
+        expected.push(7);
+        expected.extend_from_slice(b"stopped");
+        expected.extend_from_slice(&[4, 0, 0, 1, 0]);
+        assert_eq!(data[values..], expected[..]);
+        let mut out_of_range = data.clone();
+        *out_of_range.last_mut().unwrap() = 2;
+        let e = decode(&out_of_range).unwrap_err();
+        assert!(
+            e.to_string().contains("string 2 of a 2-string dictionary"),
+            "{e}"
+        );
+        assert!(concat(&[&out_of_range]).is_err());
+        let mut empty_dict = data.clone();
+        empty_dict[values] = 0;
+        assert!(decode(&empty_dict).is_err());
+        let mut bad_utf8 = data;
+        bad_utf8[values + 2] = 0xFF;
+        let e = decode(&bad_utf8).unwrap_err();
+        assert!(e.to_string().contains("string"), "{e}");
+    }
+
     proptest! {
+        /// Chunks of strings, however often they repeat, read back as they were written, and
+        /// joining a cut run of them gives the chunk of the whole run.
+        #[test]
+        fn string_chunks_roundtrip_and_join_whatever_they_repeat(
+            values in prop::collection::vec(prop_oneof![
+                prop::sample::select(vec!["idle", "running", "fault", ""]).prop_map(str::to_owned),
+                ".{0,12}",
+            ], 2..200),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let values: Vec<&str> = values.iter().map(String::as_str).collect();
+            let rows = strings(&values);
+            prop_assert!(same(&roundtrip(&rows), &rows));
+            let at = 1 + cut.index(rows.len() - 1);
+            let (a, b) = (encode(&rows[..at]), encode(&rows[at..]));
+            let joined = concat(&[&a, &b]).unwrap().expect("a sorted run joins");
+            prop_assert_eq!(joined.data, encode(&rows));
+        }
+
         #[test]
         fn any_sorted_rows_roundtrip(
             mut points in prop::collection::vec(

@@ -852,6 +852,66 @@ async fn merged_chunks_of_a_device_whose_clock_moves_forward_do_not_overlap() {
     assert!(chunks.iter().filter(|c| c.2 >= 1_024).count() >= 4);
 }
 
+/// String telemetry that repeats (a state) is dictionary-coded in its chunks, through commits,
+/// folds and compaction merges alike: every point reads back, and the blobs hold each distinct
+/// string about once per chunk rather than once per point.
+#[tokio::test]
+async fn repeated_strings_read_back_whole_and_are_stored_about_once_per_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let options = SqliteOptions {
+        fold_interval: std::time::Duration::ZERO,
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(&path, options).unwrap();
+    provision(&store, "press-1").await;
+    let (tx, mut rx) = watch::channel(0);
+    let listener = Arc::new(Watch(tx, Mutex::new(Vec::new())));
+    let running = format!("running: {}", "x".repeat(76));
+    let state = |t: i64| {
+        Value::String(if t % 7_000 == 0 {
+            "stopped".to_owned()
+        } else {
+            running.clone()
+        })
+    };
+    // one-point batches (folded into tiny chunks, then merged) and 40-point ones (chunks at once)
+    let mut t = 0i64;
+    let mut sent = Vec::new();
+    for seq in 1..=1_500u64 {
+        let n = if seq % 50 == 0 { 40 } else { 1 };
+        let points: Vec<Point> = (0..n)
+            .map(|_| {
+                t += 1_000;
+                point("state", t, state(t))
+            })
+            .collect();
+        sent.extend(points.iter().map(|p| (p.time_us, p.value.clone())));
+        append(&store, &listener, "press-1", seq, points).await;
+        rx.wait_for(|d| *d >= seq).await.unwrap();
+    }
+    let all = store.query_telemetry(all_of("press-1")).await.unwrap();
+    let read: Vec<(i64, Value)> = all.iter().map(|p| (p.time_us, p.value.clone())).collect();
+    assert_eq!(read, sent);
+    let writer = store.writer_handle();
+    drop(store);
+    assert!(writer.join(std::time::Duration::from_secs(30)));
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let (chunks, bytes): (i64, i64) = conn
+        .query_row(
+            "SELECT count(*), sum(length(data)) FROM telemetry_chunks",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    // as plain strings the values alone would take 86 bytes a point
+    let points = sent.len() as i64;
+    assert!(
+        bytes < points * 12 + chunks * (86 + 8),
+        "{bytes} bytes in {chunks} chunks for {points} points"
+    );
+}
+
 /// `update_command_then` tells its callback on the writer's thread, after the commit: a read
 /// made from inside the callback already sees the new state; an unknown command is an error.
 #[tokio::test]
