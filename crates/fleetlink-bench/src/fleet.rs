@@ -263,7 +263,15 @@ pub async fn drive(
                 if let Ok(mut q) = times.lock() {
                     q.push_back(Instant::now());
                 }
-                match client.send(vec![point(&payload)]).await {
+                let p = if load.unique_strings {
+                    // same length, a different string each time: device and count in hex
+                    let mut text = format!("{i:08x}{sent:016x}");
+                    text.push_str(&payload[text.len().min(payload.len())..]);
+                    point(&text)
+                } else {
+                    point(&payload)
+                };
+                match client.send(vec![p]).await {
                     Ok(()) => {
                         meter.sent(1);
                         sent += 1;

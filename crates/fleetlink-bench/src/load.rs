@@ -13,6 +13,9 @@ pub struct Load {
     /// Messages per second per device; `None` = as fast as it can (flood).
     pub rate: Option<f64>,
     pub message_bytes: usize,
+    /// fleetlink only: every message's string differs (a counter at its start), so the store
+    /// cannot code it once per chunk.
+    pub unique_strings: bool,
 }
 
 impl Load {

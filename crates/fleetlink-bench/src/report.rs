@@ -575,7 +575,7 @@ impl Report {
             // The durable systems lose nothing, whatever the load.
             let durable = matches!(
                 s.system.as_str(),
-                "fleetlink" | "nats-jetstream" | "quinn-sink"
+                "fleetlink" | "fleetlink-unique-strings" | "nats-jetstream" | "quinn-sink"
             ) || s.scenario == "reconnect";
             let lost: u64 = s.runs.iter().map(|r| r.lost).sum();
             if durable && lost > 0 {
@@ -619,7 +619,7 @@ fn human_ns(ns: f64) -> String {
 }
 
 const METHOD: &str = "- One load generator (`crates/fleetlink-bench`, one tokio thread) drives the same simulated devices, ~100-byte messages and rates at every system; each server runs as its own process. fleetlink, pinned to one core, runs IO, sessions and actors on one thread (the server's default when it may use one core; its store writer and readers have their own threads), on embedded SQLite with `synchronous=normal` (WAL).
-- **fleetlink**: the real device SDK over QUIC; a message is one telemetry point (an 84-character string value, the same in every message); delivered = acked as durably stored, latency from `send` to that ack. The store dictionary-codes chunks of strings (`crates/fleetlink-store/src/chunk.rs`), so this repeated value is written once per chunk of up to 2048 points, not once per point: the flood's figure is that of repeating string telemetry (states, modes, fault codes). Unique strings cost their bytes again; before dictionary coding (the run at 2efa4aa), the flood took 2.5 µs of server CPU per message on the Intel machine.
+- **fleetlink**: the real device SDK over QUIC; a message is one telemetry point (an 84-character string value, the same in every message); delivered = acked as durably stored, latency from `send` to that ack. The store dictionary-codes chunks of strings (`crates/fleetlink-store/src/chunk.rs`), so this repeated value is written once per chunk of up to 2048 points, not once per point: the flood's figure is that of repeating string telemetry (states, modes, fault codes). **fleetlink-unique-strings** (flood only) is the same load with a string that differs in every message (device and count in hex at its start, same length), which the store writes point by point: the cost of string telemetry that does not repeat.
 - **mosquitto-qos0 / qos1**: rumqttc clients, persistence off; delivered = received by a subscriber of `bench/#`, latency from publish to that delivery.
 - **nats-core**: async-nats, delivered = received by a subscriber of `bench.>`. **nats-jetstream**: file-stored stream, acked publishes (64 in flight per client), delivered = acked.
 - **quinn-sink**: the same QUIC/TLS stack with no actors, protobuf or storage; it acks the count of 100-byte messages read after each chunk. For commands it relays a request to the device's connection and the answer back, the topology of a fleetlink command.

@@ -18,6 +18,9 @@ use crate::{fleet, light, mqtt, nats, sink};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum System {
     Fleetlink,
+    /// fleetlink with a string that differs in every message (flood only): what the store's
+    /// dictionary coding of repeated strings saves, read against `Fleetlink`.
+    FleetlinkUnique,
     MqttQos0,
     MqttQos1,
     NatsCore,
@@ -29,6 +32,7 @@ impl System {
     pub fn name(self) -> &'static str {
         match self {
             System::Fleetlink => "fleetlink",
+            System::FleetlinkUnique => "fleetlink-unique-strings",
             System::MqttQos0 => "mosquitto-qos0",
             System::MqttQos1 => "mosquitto-qos1",
             System::NatsCore => "nats-core",
@@ -145,7 +149,7 @@ fn start_fleetlink(
 
 fn start(ctx: &mut Ctx, system: System, devices: usize) -> Result<(Proc, Target)> {
     match system {
-        System::Fleetlink => {
+        System::Fleetlink | System::FleetlinkUnique => {
             let (p, ready, _) = start_fleetlink(ctx, devices, None, "127.0.0.1:0")?;
             Ok((p, Target::Fleet(ready)))
         }
@@ -183,7 +187,11 @@ async fn start_load(
 ) -> Result<tokio::task::JoinHandle<()>> {
     let (load, meter) = (load.clone(), meter.clone());
     Ok(match (system, target) {
-        (System::Fleetlink, Target::Fleet(ready)) => {
+        (System::Fleetlink | System::FleetlinkUnique, Target::Fleet(ready)) => {
+            let load = Load {
+                unique_strings: system == System::FleetlinkUnique,
+                ..load
+            };
             // Unacked points per device: like JetStream's 64 acked publishes in flight, a bounded
             // window, so the backlog (and so the latency) is what the server causes, not the buffer.
             let buffered = if load.rate.is_some() { 1_000 } else { 256 };
@@ -295,7 +303,7 @@ async fn throughput_run(
     let delivered = d1 - d0;
     // QUIC is UDP; MQTT and NATS are TCP (segments, ACKs included).
     let own = match system {
-        System::Fleetlink | System::QuinnSink => packets.udp,
+        System::Fleetlink | System::FleetlinkUnique | System::QuinnSink => packets.udp,
         _ => packets.tcp,
     };
     let mut extra = std::collections::BTreeMap::new();
@@ -358,9 +366,11 @@ pub async fn flood(ctx: &mut Ctx) -> Result<()> {
         devices,
         rate: None,
         message_bytes: 100,
+        unique_strings: false,
     };
     let systems = [
         System::Fleetlink,
+        System::FleetlinkUnique,
         System::MqttQos0,
         System::MqttQos1,
         System::NatsCore,
@@ -438,6 +448,7 @@ pub async fn slow(ctx: &mut Ctx) -> Result<()> {
         devices,
         rate: Some(1.0),
         message_bytes: 100,
+        unique_strings: false,
     };
     let systems = [
         System::Fleetlink,
@@ -702,6 +713,7 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize, resumption: Resumption) ->
         devices,
         rate: Some(RECONNECT_RATE),
         message_bytes: 100,
+        unique_strings: false,
     };
     let driving = {
         let clients = clients.clone();
