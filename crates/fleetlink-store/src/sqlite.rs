@@ -26,7 +26,7 @@ use fleetlink_core::twin::TwinDoc;
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS admin_tokens (
@@ -580,7 +580,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tx.execute_batch("ALTER TABLE devices ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}'")?;
     }
     // Version 4 added `device_journal` (created by SCHEMA): the version number keeps an older
-    // fleetlink, which would ignore the journal, from opening the database.
+    // fleetlink, which would ignore the journal, from opening the database. Version 5 may hold
+    // dictionary-coded string chunks (`chunk::DICT_STRINGS`), which an older fleetlink cannot
+    // read: nothing to convert, the number keeps it out.
     tx.execute_batch(SCHEMA)?;
     if (1..3).contains(&version) {
         // version 3 keeps telemetry in chunks instead of a row per point

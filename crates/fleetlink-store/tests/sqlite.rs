@@ -713,6 +713,33 @@ async fn late_points_read_back_in_time_order(fold_interval: std::time::Duration)
     assert!(largest >= 1_000, "largest chunk {largest} points");
 }
 
+/// A database written by a newer fleetlink (a schema this one does not know, such as chunks it
+/// cannot decode) is refused with a clear error rather than opened and misread.
+#[tokio::test]
+async fn a_database_from_a_newer_fleetlink_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    let writer = store.writer_handle();
+    drop(store);
+    assert!(writer.join(std::time::Duration::from_secs(10)));
+    let current: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", current + 1)
+        .unwrap();
+    let e = SqliteStore::open(&path, SqliteOptions::default()).unwrap_err();
+    let message = e.to_string();
+    assert!(
+        message.contains(&format!("schema version {}", current + 1))
+            && message.contains("upgrade fleetlink"),
+        "{message}"
+    );
+}
+
 #[tokio::test]
 async fn a_version_2_database_keeps_its_telemetry_when_opened() {
     let dir = tempfile::tempdir().unwrap();
@@ -786,7 +813,7 @@ async fn a_version_2_database_keeps_its_telemetry_when_opened() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     let old: i64 = conn
         .query_row(
             "SELECT count(*) FROM sqlite_schema WHERE name = 'telemetry'",
