@@ -824,39 +824,57 @@ async fn a_version_2_database_keeps_its_telemetry_when_opened() {
     assert_eq!(old, 0, "the row table is gone");
 }
 
-#[tokio::test]
-async fn merged_chunks_of_a_device_whose_clock_moves_forward_do_not_overlap() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fleet.db");
-    // a fold after every commit: one-point chunks, which compaction merges
+/// Sends `batches` batches of `metric` to a store that folds after every commit, one commit per
+/// batch: most batches hold one point (folded into one-point chunks, which compaction merges),
+/// every 50th holds 40 (a chunk at once, arriving while 17 one-point chunks wait for their
+/// merge). Points are 1 ms apart, valued by `value(time)`. Returns what was sent, as (time,
+/// value), after closing the store so that the file can be read.
+async fn send_mostly_single_points(
+    path: &std::path::Path,
+    device: &str,
+    metric: &str,
+    batches: u64,
+    value: impl Fn(i64) -> Value,
+) -> Vec<(i64, Value)> {
     let options = SqliteOptions {
         fold_interval: std::time::Duration::ZERO,
         ..SqliteOptions::default()
     };
-    let store = SqliteStore::open(&path, options).unwrap();
-    provision(&store, "gauge-1").await;
+    let store = SqliteStore::open(path, options).unwrap();
+    provision(&store, device).await;
     let (tx, mut rx) = watch::channel(0);
     let listener = Arc::new(Watch(tx, Mutex::new(Vec::new())));
-    // a commit per batch; most batches hold one point, every 50th holds 40 (a level-1 chunk that
-    // arrives while 17 one-point chunks wait for their merge)
     let mut t = 0i64;
-    for seq in 1..=3000u64 {
+    let mut sent = Vec::new();
+    for seq in 1..=batches {
         let n = if seq % 50 == 0 { 40 } else { 1 };
-        let points = (0..n)
+        let points: Vec<Point> = (0..n)
             .map(|_| {
                 t += 1_000;
-                point("level", t, Value::Double(t as f64))
+                point(metric, t, value(t))
             })
             .collect();
-        append(&store, &listener, "gauge-1", seq, points).await;
+        sent.extend(points.iter().map(|p| (p.time_us, p.value.clone())));
+        append(&store, &listener, device, seq, points).await;
         rx.wait_for(|d| *d >= seq).await.unwrap();
     }
-    let all = store.query_telemetry(all_of("gauge-1")).await.unwrap();
-    assert_eq!(all.len(), 3000 + 60 * 39);
-    assert!(all.windows(2).all(|w| w[0].time_us < w[1].time_us));
+    let all = store.query_telemetry(all_of(device)).await.unwrap();
+    let read: Vec<(i64, Value)> = all.iter().map(|p| (p.time_us, p.value.clone())).collect();
+    assert_eq!(read, sent, "every point reads back, in time order");
     let writer = store.writer_handle();
     drop(store);
     assert!(writer.join(std::time::Duration::from_secs(30)));
+    sent
+}
+
+#[tokio::test]
+async fn merged_chunks_of_a_device_whose_clock_moves_forward_do_not_overlap() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let sent =
+        send_mostly_single_points(&path, "gauge-1", "level", 3000, |t| Value::Double(t as f64))
+            .await;
+    assert_eq!(sent.len(), 3000 + 60 * 39);
     let conn = rusqlite::Connection::open(&path).unwrap();
     let mut stmt = conn
         .prepare("SELECT start_us, end_us, points FROM telemetry_chunks ORDER BY start_us")
@@ -886,43 +904,15 @@ async fn merged_chunks_of_a_device_whose_clock_moves_forward_do_not_overlap() {
 async fn repeated_strings_read_back_whole_and_are_stored_about_once_per_chunk() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleet.db");
-    let options = SqliteOptions {
-        fold_interval: std::time::Duration::ZERO,
-        ..SqliteOptions::default()
-    };
-    let store = SqliteStore::open(&path, options).unwrap();
-    provision(&store, "press-1").await;
-    let (tx, mut rx) = watch::channel(0);
-    let listener = Arc::new(Watch(tx, Mutex::new(Vec::new())));
     let running = format!("running: {}", "x".repeat(76));
-    let state = |t: i64| {
+    let sent = send_mostly_single_points(&path, "press-1", "state", 1_500, |t| {
         Value::String(if t % 7_000 == 0 {
             "stopped".to_owned()
         } else {
             running.clone()
         })
-    };
-    // one-point batches (folded into tiny chunks, then merged) and 40-point ones (chunks at once)
-    let mut t = 0i64;
-    let mut sent = Vec::new();
-    for seq in 1..=1_500u64 {
-        let n = if seq % 50 == 0 { 40 } else { 1 };
-        let points: Vec<Point> = (0..n)
-            .map(|_| {
-                t += 1_000;
-                point("state", t, state(t))
-            })
-            .collect();
-        sent.extend(points.iter().map(|p| (p.time_us, p.value.clone())));
-        append(&store, &listener, "press-1", seq, points).await;
-        rx.wait_for(|d| *d >= seq).await.unwrap();
-    }
-    let all = store.query_telemetry(all_of("press-1")).await.unwrap();
-    let read: Vec<(i64, Value)> = all.iter().map(|p| (p.time_us, p.value.clone())).collect();
-    assert_eq!(read, sent);
-    let writer = store.writer_handle();
-    drop(store);
-    assert!(writer.join(std::time::Duration::from_secs(30)));
+    })
+    .await;
     let conn = rusqlite::Connection::open(&path).unwrap();
     let (chunks, bytes): (i64, i64) = conn
         .query_row(
