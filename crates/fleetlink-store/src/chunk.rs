@@ -388,6 +388,8 @@ fn varint_len(x: u64) -> usize {
 fn string_values<'a>(strings: impl Iterator<Item = &'a [u8]> + Clone) -> (u8, Vec<u8>) {
     let mut index: HashMap<&[u8], u64, foldhash::fast::RandomState> = HashMap::default();
     let mut dict: Vec<&[u8]> = Vec::new();
+    // each point's index into `dict`, so that the coded form needs no second lookup
+    let mut at: Vec<u64> = Vec::new();
     let (mut plain, mut indexes) = (0usize, 0usize);
     for s in strings.clone() {
         plain += varint_len(s.len() as u64) + s.len();
@@ -397,6 +399,7 @@ fn string_values<'a>(strings: impl Iterator<Item = &'a [u8]> + Clone) -> (u8, Ve
             next
         });
         indexes += varint_len(i);
+        at.push(i);
     }
     let dict_bytes: usize = dict
         .iter()
@@ -418,8 +421,8 @@ fn string_values<'a>(strings: impl Iterator<Item = &'a [u8]> + Clone) -> (u8, Ve
         out.extend_from_slice(s);
     }
     encode_varint(indexes as u64, &mut out);
-    for s in strings {
-        encode_varint(index[s], &mut out);
+    for i in at {
+        encode_varint(i, &mut out);
     }
     (DICT_STRINGS, out)
 }
@@ -435,8 +438,7 @@ fn dict_strings<'a>(r: &mut Reader<'a>, n: usize) -> Result<(Vec<&'a [u8]>, Vec<
     }
     let mut dict = Vec::with_capacity(d);
     for _ in 0..d {
-        let len = usize::try_from(r.varint()?).map_err(|_| ChunkError("string too long".into()))?;
-        dict.push(r.bytes(len)?);
+        dict.push(r.string()?);
     }
     let mut section = r.section()?;
     let mut indexes = Vec::with_capacity(n);
@@ -576,6 +578,13 @@ impl<'a> Reader<'a> {
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
         Ok(head)
+    }
+
+    /// A string's bytes: a varint length, then that many bytes (not checked as UTF-8).
+    fn string(&mut self) -> Result<&'a [u8], ChunkError> {
+        let len =
+            usize::try_from(self.varint()?).map_err(|_| ChunkError("string too long".into()))?;
+        self.bytes(len)
     }
 
     fn u8(&mut self) -> Result<u8, ChunkError> {
@@ -731,9 +740,7 @@ pub(crate) fn decode_into(data: &[u8], out: &mut Columns, arrival: bool) -> Resu
             }
             ValueKind::Bool => Value::Bool(r.u8()? != 0),
             ValueKind::String => {
-                let len = usize::try_from(r.varint()?)
-                    .map_err(|_| ChunkError("string too long".into()))?;
-                let s = std::str::from_utf8(r.bytes(len)?)
+                let s = std::str::from_utf8(r.string()?)
                     .map_err(|e| ChunkError(format!("string: {e}")))?;
                 Value::String(s.to_owned())
             }
@@ -830,9 +837,7 @@ fn parts(data: &[u8]) -> Result<Parts<'_>, ChunkError> {
                 }
                 ValueKind::String => {
                     // lengths only: readers check the UTF-8 when they decode
-                    let len = usize::try_from(r.varint()?)
-                        .map_err(|_| ChunkError("string too long".into()))?;
-                    r.bytes(len)?;
+                    r.string()?;
                 }
                 ValueKind::Geo => {
                     let flags = r.u8()?;
@@ -892,9 +897,7 @@ pub(crate) fn concat(chunks: &[&[u8]]) -> Result<Option<Joined>, ChunkError> {
                 all_strings.extend(indexes.into_iter().map(|i| dict[i as usize]));
             } else {
                 for _ in 0..p.time_us.len() {
-                    let len = usize::try_from(r.varint()?)
-                        .map_err(|_| ChunkError("string too long".into()))?;
-                    all_strings.push(r.bytes(len)?);
+                    all_strings.push(r.string()?);
                 }
             }
         }
