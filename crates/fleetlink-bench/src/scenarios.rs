@@ -1,7 +1,7 @@
 //! The scenarios: each starts the system under test as its own pinned process, drives the same
 //! load at it from this process, and measures the window.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -126,10 +126,22 @@ fn start_fleetlink(
         Some(d) => d,
         None => ctx.fresh_dir("fleetlink")?,
     };
+    let (p, ready) = spawn_fleetlink(&ctx.exe, ctx.server_core, &data, devices, listen)?;
+    Ok((p, ready, data))
+}
+
+/// Starts fleetlink's server process on `data` and waits (blocking) for its READY line.
+fn spawn_fleetlink(
+    exe: &Path,
+    core: Option<usize>,
+    data: &Path,
+    devices: usize,
+    listen: &str,
+) -> Result<(Proc, fleet::Ready)> {
     let mut p = Proc::spawn(
         "fleetlink",
-        ctx.server_core,
-        &ctx.exe,
+        core,
+        exe,
         &[
             "serve-fleetlink".into(),
             "--data".into(),
@@ -144,7 +156,7 @@ fn start_fleetlink(
     // outlasted a flat 300 s. Room for 10 ms a device on top.
     let ready_within = Duration::from_secs(300) + Duration::from_millis(10) * devices as u32;
     let line = p.ready_line("READY ", ready_within)?;
-    Ok((p, serde_json::from_str(&line)?, data))
+    Ok((p, serde_json::from_str(&line)?))
 }
 
 fn start(ctx: &mut Ctx, system: System, devices: usize) -> Result<(Proc, Target)> {
@@ -721,11 +733,27 @@ async fn reconnect_run(ctx: &mut Ctx, devices: usize, resumption: Resumption) ->
         tokio::spawn(async move { fleet::drive(&clients, &load, &meter, stop_rx).await })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // The stop and the restart wait on processes (seconds): they run off the load generator's
+    // one thread, which every simulated device needs meanwhile. (Run on it, they froze all 10k
+    // devices for the ~2-3 s of the stop: the old server's closes overflowed the devices' socket
+    // buffers unread, so the devices kept their dead connections and probed them (~30k small
+    // packets/s at the new server), and every device's reconnect attempt started in one burst
+    // once the thread was free, 8.8k Initials in half a second, after which the load generator
+    // took ~3.5 s to get to the new server's answers (a packet capture, session 27).)
     let t0 = Instant::now();
-    proc.stop_gracefully(Duration::from_secs(60))?;
+    let proc = tokio::task::spawn_blocking(move || -> Result<Proc> {
+        proc.stop_gracefully(Duration::from_secs(60))?;
+        Ok(proc)
+    })
+    .await??;
+    drop(proc);
     let stopped_s = t0.elapsed().as_secs_f64();
     let acked_before: Vec<u64> = clients.iter().map(|c| c.stats().points_acked).collect();
-    let (proc2, _, _) = start_fleetlink(ctx, devices, Some(data), &listen)?;
+    let (exe, core, restart_listen) = (ctx.exe.clone(), ctx.server_core, listen.clone());
+    let (proc2, _) = tokio::task::spawn_blocking(move || {
+        spawn_fleetlink(&exe, core, &data, devices, &restart_listen)
+    })
+    .await??;
     let ready_s = t0.elapsed().as_secs_f64();
     // CPU of both sides during the storm, to tell which one bounds it.
     let (server_cpu0, client_cpu0) = (proc2.cpu_seconds()?, cpu_seconds(me)?);
