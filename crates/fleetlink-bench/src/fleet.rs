@@ -53,7 +53,7 @@ impl Ready {
 /// arbiter instead (`true` forces one thread even unpinned).
 pub fn serve(data: &Path, devices: usize, listen: SocketAddr) -> Result<()> {
     provision(data, devices)?;
-    // Environment overrides, for experiments (the reconnect storm, group commits).
+    // Environment overrides, for experiments (the reconnect storm, group commits, ACK delay).
     fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         std::env::var(name)
             .ok()
@@ -80,6 +80,7 @@ pub fn serve(data: &Path, devices: usize, listen: SocketAddr) -> Result<()> {
             defaults.handshake_queue_ms,
         ),
         group_commit_us: env_or("FLEETLINK_BENCH_GROUP_COMMIT_US", defaults.group_commit_us),
+        ack_delay_ms: env_or("FLEETLINK_BENCH_ACK_DELAY_MS", defaults.ack_delay_ms),
         ..defaults
     })?;
     let admin_token = std::fs::read_to_string(server.admin_token_file())

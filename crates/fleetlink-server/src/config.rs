@@ -68,6 +68,15 @@ pub struct ServerConfig {
     /// restarted server with a retransmitted Initial, up to 3 s late (the Rust SDK's
     /// `connect_timeout` is 15 s).
     pub handshake_queue_ms: u32,
+    /// How long (milliseconds) a client may hold its acknowledgement of the server's packets, asked
+    /// of every connection with QUIC's ACK frequency extension. A device that sends a message
+    /// every second or so then carries the acknowledgement of the server's reply (the durable
+    /// ack of its telemetry) in its next message instead of a packet of its own: two packets per
+    /// message instead of three, so fewer for the server to process and for the device's radio to
+    /// send. Cost: a server packet that is lost is retransmitted up to this much later (the
+    /// server's loss timer must allow for the delay); a burst still gets an acknowledgement every
+    /// second packet. 0 = ask nothing (QUIC's default of 25 ms). See ARCHITECTURE.md.
+    pub ack_delay_ms: u32,
     /// TLS sessions kept for resumption (one per connection; the oldest go first). A graceful
     /// shutdown saves them for the next start, so a fleet reconnecting to a restarted server
     /// resumes (and may use 0-RTT). 0 = every connection does a full handshake.
@@ -157,6 +166,9 @@ pub struct CommandsConfig {
     pub delivery_write_delay_ms: u64,
 }
 
+/// Upper bound of [`ServerConfig::ack_delay_ms`]: a lost server packet waits this long at most.
+const MAX_ACK_DELAY_MS: u32 = 10_000;
+
 impl Default for CommandsConfig {
     fn default() -> Self {
         Self {
@@ -188,6 +200,7 @@ impl Default for ServerConfig {
             max_handshakes: 64,
             handshake_queue: 16_384,
             handshake_queue_ms: 10_000,
+            ack_delay_ms: 1_500,
             tls_sessions: 262_144,
             commands: CommandsConfig::default(),
             event_buffer: 4096,
@@ -243,6 +256,12 @@ impl ServerConfig {
         }
         if self.max_handshakes == 0 {
             return bad("max_handshakes must be above 0".into());
+        }
+        if self.ack_delay_ms > MAX_ACK_DELAY_MS {
+            return bad(format!(
+                "ack_delay_ms = {}: at most {MAX_ACK_DELAY_MS}; a little above the devices' message interval is enough",
+                self.ack_delay_ms
+            ));
         }
         if self.group_commit_us > 1_000_000 {
             return Err(ServerError::Config(format!(
@@ -326,6 +345,21 @@ mod group_commit_tests {
         assert!(on.runs_single_thread(8));
         let off: ServerConfig = toml::from_str("single_thread = false").expect("parses");
         assert!(!off.runs_single_thread(1));
+    }
+
+    #[test]
+    fn ack_delay_is_read_from_toml_and_refused_above_ten_seconds() {
+        assert_eq!(ServerConfig::default().ack_delay_ms, 1_500);
+        let off: ServerConfig = toml::from_str("ack_delay_ms = 0").expect("parses");
+        assert_eq!(off.ack_delay_ms, 0);
+        assert!(off.validate().is_ok());
+        let long: ServerConfig = toml::from_str("ack_delay_ms = 10001").expect("parses");
+        match long.validate() {
+            Err(ServerError::Config(m)) => {
+                assert!(m.contains("ack_delay_ms = 10001: at most 10000"), "{m}")
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
     }
 
     #[test]

@@ -286,7 +286,12 @@ async fn setup(
         &config.data_dir,
         config.tls_sessions,
     ));
-    let server_config = tls::quinn_server_config(&material, tls_sessions.clone(), idle)?;
+    let server_config = tls::quinn_server_config(
+        &material,
+        tls_sessions.clone(),
+        idle,
+        Duration::from_millis(config.ack_delay_ms.into()),
+    )?;
     let endpoint =
         fleetlink_transport::server_endpoint(server_config, config.listen).map_err(|source| {
             ServerError::Io {

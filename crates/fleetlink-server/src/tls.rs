@@ -135,6 +135,7 @@ pub(crate) fn quinn_server_config(
     material: &TlsMaterial,
     sessions: Arc<crate::tls_sessions::SessionStore>,
     idle_timeout: std::time::Duration,
+    ack_delay: std::time::Duration,
 ) -> Result<quinn::ServerConfig, ServerError> {
     let mut tls = rustls_server_config(material)?;
     // Stateful sessions that outlive a graceful restart (see `tls_sessions`), and 0-RTT for the
@@ -156,6 +157,20 @@ pub(crate) fn quinn_server_config(
         // connections are idle devices. Operators get OPERATOR_BIDI_STREAMS once authenticated.
         .max_concurrent_bidi_streams(DEVICE_BIDI_STREAMS.into())
         .max_concurrent_uni_streams(DEVICE_UNI_STREAMS.into());
+    if !ack_delay.is_zero() {
+        // Ask the client to hold its ACKs this long (see `ServerConfig::ack_delay_ms`); every
+        // second ack-eliciting packet is still acknowledged at once (the default threshold), and
+        // so is a packet out of order. `max_ack_delay_above_rtt` is our quinn-proto patch:
+        // upstream caps the delay at the round trip or 25 ms (crates/quinn-proto/FLEETLINK-PATCH.md).
+        let mut ack_frequency = quinn::AckFrequencyConfig::default();
+        ack_frequency
+            .max_ack_delay(Some(ack_delay))
+            .max_ack_delay_above_rtt(true)
+            // a gap in the server's packets is acknowledged at once, as without the extension,
+            // so that a lost packet followed by another is retransmitted without waiting
+            .reordering_threshold(1u32.into());
+        transport.ack_frequency_config(Some(ack_frequency));
+    }
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

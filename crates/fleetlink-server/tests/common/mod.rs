@@ -191,3 +191,96 @@ pub fn rejected(e: ClientError) -> (v1::RejectReason, String) {
         other => panic!("expected a rejection, got {other}"),
     }
 }
+
+/// A UDP relay between one client and the server: it counts the datagrams each way and drops
+/// the next datagrams the server sends when told to, for packet counts and packet loss without
+/// `tc netem` (which this kernel lacks). A client connects to `addr` instead of the server.
+pub struct UdpRelay {
+    pub addr: std::net::SocketAddr,
+    counters: std::sync::Arc<RelayCounters>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct RelayCounters {
+    to_server: std::sync::atomic::AtomicU64,
+    to_client: std::sync::atomic::AtomicU64,
+    drop_to_client: std::sync::atomic::AtomicU64,
+    /// Only datagrams of at least this many bytes are dropped.
+    drop_min_bytes: std::sync::atomic::AtomicUsize,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl UdpRelay {
+    pub async fn start(server: std::net::SocketAddr) -> UdpRelay {
+        use std::sync::atomic::Ordering::SeqCst;
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let counters = std::sync::Arc::new(RelayCounters::default());
+        let c = counters.clone();
+        let task = tokio::spawn(async move {
+            let mut client = None;
+            let mut buf = vec![0u8; 65_536];
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                    return;
+                };
+                if from == server {
+                    let drop_it = n >= c.drop_min_bytes.load(SeqCst)
+                        && c.drop_to_client
+                            .fetch_update(SeqCst, SeqCst, |d| d.checked_sub(1))
+                            .is_ok();
+                    if drop_it {
+                        c.dropped.fetch_add(1, SeqCst);
+                    } else if let Some(client) = client {
+                        c.to_client.fetch_add(1, SeqCst);
+                        let _ = socket.send_to(&buf[..n], client).await;
+                    }
+                } else {
+                    client = Some(from);
+                    c.to_server.fetch_add(1, SeqCst);
+                    let _ = socket.send_to(&buf[..n], server).await;
+                }
+            }
+        });
+        UdpRelay {
+            addr,
+            counters,
+            task,
+        }
+    }
+
+    /// Datagrams passed from the client to the server so far.
+    pub fn to_server(&self) -> u64 {
+        self.counters
+            .to_server
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Datagrams passed from the server to the client so far.
+    pub fn to_client(&self) -> u64 {
+        self.counters
+            .to_client
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Drops the next `n` datagrams of at least `min_bytes` that the server sends.
+    pub fn drop_next_to_client(&self, n: u64, min_bytes: usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.counters.drop_min_bytes.store(min_bytes, SeqCst);
+        self.counters.drop_to_client.store(n, SeqCst);
+    }
+
+    /// Datagrams from the server dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.counters
+            .dropped
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -488,9 +488,25 @@ pub struct AckFrequencyConfig {
     pub(crate) ack_eliciting_threshold: VarInt,
     pub(crate) max_ack_delay: Option<Duration>,
     pub(crate) reordering_threshold: VarInt,
+    /// fleetlink patch: see [`AckFrequencyConfig::max_ack_delay_above_rtt`]
+    pub(crate) max_ack_delay_above_rtt: bool,
 }
 
 impl AckFrequencyConfig {
+    /// fleetlink patch: request [`AckFrequencyConfig::max_ack_delay`] as given, even above the
+    /// greater of the path RTT and 25ms (still at least the peer's `min_ack_delay`)
+    ///
+    /// For peers that send a packet now and then (a device sending a message every second): a
+    /// delay longer than their interval lets their next packet carry the ACK. The delay also
+    /// lengthens our probe timeout, so a lost packet that no later packet reveals is
+    /// retransmitted up to that much later.
+    ///
+    /// Defaults to `false` (upstream behavior).
+    pub fn max_ack_delay_above_rtt(&mut self, value: bool) -> &mut Self {
+        self.max_ack_delay_above_rtt = value;
+        self
+    }
+
     /// The ack-eliciting threshold we will request the peer to use
     ///
     /// This threshold represents the number of ack-eliciting packets an endpoint may receive
@@ -546,6 +562,7 @@ impl Default for AckFrequencyConfig {
             ack_eliciting_threshold: VarInt(1),
             max_ack_delay: None,
             reordering_threshold: VarInt(2),
+            max_ack_delay_above_rtt: false,
         }
     }
 }

@@ -43,6 +43,11 @@ impl AckFrequencyState {
         let min_ack_delay =
             Duration::from_micros(peer_params.min_ack_delay.map_or(0, |x| x.into()));
 
+        // fleetlink patch: an explicit max_ack_delay is asked for as given if the config says so
+        if let (true, Some(explicit)) = (config.max_ack_delay_above_rtt, config.max_ack_delay) {
+            return Ord::max(explicit, min_ack_delay);
+        }
+
         // Use the peer's max_ack_delay if no custom max_ack_delay was provided in the config
         let candidate = config.max_ack_delay.unwrap_or(self.peer_max_ack_delay);
 
@@ -202,5 +207,34 @@ mod tests {
             &params,
         );
         assert_eq!(delay, Duration::from_millis(100));
+    }
+
+    /// fleetlink patch: with `max_ack_delay_above_rtt`, an explicit delay above the RTT and 25 ms
+    /// is asked for as configured (still at least the peer's `min_ack_delay`).
+    #[test]
+    fn explicit_max_ack_delay_above_rtt() {
+        let state = AckFrequencyState::new(Duration::from_millis(25));
+        let params = TransportParameters {
+            min_ack_delay: Some(1_000u32.into()),
+            ..TransportParameters::default()
+        };
+        let rtt = Duration::from_millis(5);
+        let mut config = AckFrequencyConfig::default();
+        config.max_ack_delay(Some(Duration::from_millis(1_500)));
+        // upstream: capped at the greater of the RTT and 25 ms
+        assert_eq!(
+            state.candidate_max_ack_delay(rtt, &config, &params),
+            Duration::from_millis(25)
+        );
+        config.max_ack_delay_above_rtt(true);
+        assert_eq!(
+            state.candidate_max_ack_delay(rtt, &config, &params),
+            Duration::from_millis(1_500)
+        );
+        config.max_ack_delay(Some(Duration::from_micros(10)));
+        assert_eq!(
+            state.candidate_max_ack_delay(rtt, &config, &params),
+            Duration::from_millis(1)
+        );
     }
 }

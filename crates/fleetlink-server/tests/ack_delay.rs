@@ -1,0 +1,125 @@
+//! The ACK delay the server asks of its clients (`ServerConfig::ack_delay_ms`), through a UDP
+//! relay that counts and drops datagrams: fewer packets per message, and a lost packet is still
+//! retransmitted.
+
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns; a panic is the test failing
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use fleetlink_client::{CommandRequest, DeviceClient, DeviceId, MetricName, Point, Value};
+use fleetlink_server::ServerConfig;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(10);
+/// Messages the device sends, one every [`INTERVAL`].
+const MESSAGES: u64 = 10;
+/// Longer than QUIC's default ACK delay (25 ms), shorter than ours.
+const INTERVAL: Duration = Duration::from_millis(200);
+
+/// Datagrams a device sends per message when it sends one message every [`INTERVAL`] and waits
+/// for each to be acked, with the server asking for `ack_delay_ms`.
+async fn device_datagrams_per_message(ack_delay_ms: u32) -> f64 {
+    let ts = start(|c| c.ack_delay_ms = ack_delay_ms);
+    let op = ts.operator().await;
+    let token = provision(&op, "meter-1").await;
+    let relay = UdpRelay::start(ts.address.addr).await;
+    let mut config = ts.device_config("meter-1", &token);
+    config.server.addr = relay.addr;
+    let dev = DeviceClient::connect(config).await.unwrap();
+    let send = |i: u64| {
+        let dev = &dev;
+        async move {
+            let p = Point {
+                metric: MetricName::new("flow").unwrap(),
+                time_us: 1_000 + i as i64,
+                value: Value::Double(i as f64),
+            };
+            dev.send(vec![p]).await.unwrap();
+            dev.flush(WAIT).await.unwrap();
+        }
+    };
+    // the handshake's packets and path-MTU probes are over once a first message is acked
+    send(0).await;
+    let mut ticker = tokio::time::interval(INTERVAL);
+    ticker.tick().await;
+    let before = relay.to_server();
+    for i in 1..=MESSAGES {
+        ticker.tick().await;
+        send(i).await;
+    }
+    let sent = relay.to_server() - before;
+    dev.close().await;
+    sent as f64 / MESSAGES as f64
+}
+
+/// With the default ACK delay, a device that sends a message every 200 ms acknowledges the
+/// server's reply (the durable ack) in its next message: one datagram per message. Without it
+/// (QUIC's 25 ms), every message costs the device a second datagram, an ACK of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_acknowledges_the_servers_reply_in_its_next_message() {
+    let default = ServerConfig::default().ack_delay_ms;
+    assert!(u128::from(default) > INTERVAL.as_millis() * 2);
+    let with = device_datagrams_per_message(default).await;
+    let without = device_datagrams_per_message(0).await;
+    assert!(
+        with <= 1.2,
+        "{with} datagrams per message with ack_delay_ms = {default}"
+    );
+    assert!(
+        without >= 1.8,
+        "{without} datagrams per message with ack_delay_ms = 0"
+    );
+}
+
+/// A command whose packet is lost on the way to the device is retransmitted (the server's loss
+/// timer allows for the ACK delay it asked for) and runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_lost_on_the_way_to_a_device_is_retransmitted_and_runs_once() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "valve-1").await;
+    let relay = UdpRelay::start(ts.address.addr).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut config = ts.device_config("valve-1", &token).on_command("open", {
+        let runs = runs.clone();
+        move |call| {
+            let runs = runs.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(json!({"opened": call.args["percent"]}))
+            }
+        }
+    });
+    config.server.addr = relay.addr;
+    let dev = DeviceClient::connect(config).await.unwrap();
+    // The command's datagram is the first of the server's to carry ~1 KB of arguments (the
+    // handshake and the path-MTU probes, 1,200 bytes and up, are over once the device is
+    // connected and has had a message acked).
+    dev.send(vec![Point {
+        metric: MetricName::new("pressure").unwrap(),
+        time_us: 1,
+        value: Value::Double(2.5),
+    }])
+    .await
+    .unwrap();
+    dev.flush(WAIT).await.unwrap();
+    let padding = "x".repeat(900);
+    relay.drop_next_to_client(1, 900);
+    let result = op
+        .run_command(
+            CommandRequest::new(DeviceId::new("valve-1").unwrap(), "open")
+                .args(json!({"percent": 40, "note": padding})),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(result, json!({"opened": 40}));
+    assert_eq!(relay.dropped(), 1, "the command's datagram was dropped");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    dev.close().await;
+}
