@@ -165,6 +165,50 @@ impl Drop for Server {
 /// Name of the file, in the data dir, that holds the admin token created on first start.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
+/// Name of the file, in the data dir, that holds the QUIC stateless-reset key (hex), created on
+/// first start and kept, so that a restarted server resets the previous one's connections.
+pub const RESET_KEY_FILE: &str = "quic-reset.key";
+
+/// The stateless-reset key of `data_dir`, created (random, mode 0600) if there is none.
+fn reset_key(
+    data_dir: &std::path::Path,
+) -> Result<[u8; fleetlink_transport::RESET_KEY_BYTES], ServerError> {
+    use rand::RngCore as _;
+    let path = data_dir.join(RESET_KEY_FILE);
+    let io = |context: String| move |source| ServerError::Io { context, source };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let mut key = [0u8; fleetlink_transport::RESET_KEY_BYTES];
+            let text = text.trim();
+            let valid = text.len() == key.len() * 2
+                && key.iter_mut().enumerate().all(|(i, b)| {
+                    text.get(2 * i..2 * i + 2)
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                        .map(|v| *b = v)
+                        .is_some()
+                });
+            if valid {
+                Ok(key)
+            } else {
+                Err(ServerError::Config(format!(
+                    "{}: expected {} hex digits (delete the file to make a new key)",
+                    path.display(),
+                    key.len() * 2
+                )))
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; fleetlink_transport::RESET_KEY_BYTES];
+            rand::rng().fill_bytes(&mut key);
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            write_secret(&path, &format!("{hex}\n"))
+                .map_err(io(format!("cannot write {}", path.display())))?;
+            Ok(key)
+        }
+        Err(e) => Err(io(format!("cannot read {}", path.display()))(e)),
+    }
+}
+
 fn run(
     config: ServerConfig,
     started: std::sync::mpsc::Sender<Result<Started, ServerError>>,
@@ -292,13 +336,16 @@ async fn setup(
         idle,
         Duration::from_millis(config.ack_delay_ms.into()),
     )?;
-    let endpoint =
-        fleetlink_transport::server_endpoint(server_config, config.listen).map_err(|source| {
-            ServerError::Io {
-                context: format!("cannot listen on {}", config.listen),
-                source,
-            }
-        })?;
+    let reset_key = reset_key(&config.data_dir)?;
+    let endpoint = fleetlink_transport::server_endpoint_with_reset_key(
+        server_config,
+        config.listen,
+        &reset_key,
+    )
+    .map_err(|source| ServerError::Io {
+        context: format!("cannot listen on {}", config.listen),
+        source,
+    })?;
     let local_addr = endpoint.local_addr().map_err(|source| ServerError::Io {
         context: "cannot read the bound address".into(),
         source,
@@ -439,7 +486,11 @@ async fn serve(
         close_code(fleetlink_proto::v1::ErrorCode::ShuttingDown),
         b"server shutting down",
     );
-    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    // Long enough to send every close; not the 3 × PTO that QUIC's closing state would last
+    // (with `ack_delay_ms` that is over 4 s): a client that missed its close learns of it from
+    // the next server's stateless reset (`RESET_KEY_FILE`), or from its idle timeout if none
+    // comes.
+    let _ = tokio::time::timeout(SHUTDOWN_CLOSE_WAIT, endpoint.wait_idle()).await;
     tracing::debug!(
         ms = t.elapsed().as_millis() as u64,
         "endpoint idle (every connection closed)"
@@ -453,6 +504,9 @@ async fn serve(
     }
 }
 
+/// How long a graceful shutdown waits for its connections to close.
+const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_millis(500);
+
 /// Writes a file only its owner can read (tokens, private keys).
 pub(crate) fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
     use std::io::Write as _;
@@ -463,4 +517,46 @@ pub(crate) fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Res
     let mut f = opts.open(path)?;
     f.write_all(secret.as_bytes())?;
     f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reset_key_is_created_once_kept_private_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = reset_key(dir.path()).unwrap();
+        assert_ne!(first, [0; fleetlink_transport::RESET_KEY_BYTES]);
+        assert_eq!(
+            reset_key(dir.path()).unwrap(),
+            first,
+            "the same key on restart"
+        );
+        let path = dir.path().join(RESET_KEY_FILE);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(
+            reset_key(other.path()).unwrap(),
+            first,
+            "a new key per data dir"
+        );
+    }
+
+    #[test]
+    fn a_damaged_reset_key_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(RESET_KEY_FILE);
+        for bad in ["", "00ff", &"zz".repeat(32), &"0".repeat(66)] {
+            std::fs::write(&path, bad).unwrap();
+            let err = reset_key(dir.path()).unwrap_err().to_string();
+            assert!(err.contains("expected 64 hex digits"), "{bad:?}: {err}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), bad);
+        }
+    }
 }

@@ -225,6 +225,45 @@ pub fn server_endpoint(
     )
 }
 
+/// Bytes of a stateless-reset key (see [`server_endpoint_with_reset_key`]).
+pub const RESET_KEY_BYTES: usize = 32;
+
+/// A quinn server endpoint like [`server_endpoint`], whose connection IDs and stateless-reset
+/// tokens derive from `reset_key` instead of keys drawn for this endpoint alone: the connection
+/// IDs carry a keyed checksum, and a connection ID's reset token is its HMAC-SHA256. A server
+/// restarted with the same key (kept secret, in its data dir) recognises packets of the previous
+/// server's connections as its own and answers each with a stateless reset (RFC 9000 §10.3),
+/// which ends the connection at once on the client: a client that missed the previous server's
+/// close then reconnects on its next packet instead of after the idle timeout. Resets are not
+/// rate-limited beyond one per 50 µs (a reset is always smaller than the packet that prompted
+/// it, so it cannot amplify).
+pub fn server_endpoint_with_reset_key(
+    config: quinn::ServerConfig,
+    addr: std::net::SocketAddr,
+    reset_key: &[u8; RESET_KEY_BYTES],
+) -> std::io::Result<quinn::Endpoint> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
+    // quinn drops a short-header packet whose connection ID fails its generator's checksum
+    // before it would reset it, so the checksum's key must outlive the server too
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(
+        &ring::hmac::sign(&key, b"fleetlink connection id checksum").as_ref()[..8],
+    );
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(key));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    // quinn's default (one reset per 20 ms) would take minutes over 10k stale connections
+    endpoint_config.min_reset_interval(std::time::Duration::from_micros(50));
+    quinn::Endpoint::new(
+        endpoint_config,
+        Some(config),
+        udp_socket(addr)?,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
 /// A client endpoint on an ephemeral local port, of the address family of `server`, with
 /// [`udp_socket`]'s buffers.
 pub fn client_endpoint(server: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {

@@ -222,8 +222,10 @@ impl UdpRelay {
             let mut client = None;
             let mut buf = vec![0u8; 65_536];
             loop {
+                // (an error is an ICMP report of a datagram the server's port refused: while it
+                // restarts)
                 let Ok((n, from)) = socket.recv_from(&mut buf).await else {
-                    return;
+                    continue;
                 };
                 if from == server {
                     let drop_it = n >= c.drop_min_bytes.load(SeqCst)

@@ -1,6 +1,7 @@
-//! The ACK delay the server asks of its clients (`ServerConfig::ack_delay_ms`), through a UDP
-//! relay that counts and drops datagrams: fewer packets per message, and a lost packet is still
-//! retransmitted.
+//! Through a UDP relay that counts and drops datagrams: the ACK delay the server asks of its
+//! clients (`ServerConfig::ack_delay_ms`): fewer packets per message, and a lost packet is still
+//! retransmitted; and a restarted server resetting the connections of a device that missed the
+//! previous server's close.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns; a panic is the test failing
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use fleetlink_client::{CommandRequest, DeviceClient, DeviceId, MetricName, Point, Value};
-use fleetlink_server::ServerConfig;
+use fleetlink_server::{Server, ServerConfig};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -122,4 +123,52 @@ async fn a_command_lost_on_the_way_to_a_device_is_retransmitted_and_runs_once() 
     assert_eq!(relay.dropped(), 1, "the command's datagram was dropped");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     dev.close().await;
+}
+
+/// A device that missed the server's close (every datagram from the server lost while it
+/// stopped) still holds its old connection. Its next message reaches the restarted server, which
+/// knows the previous server's stateless-reset key (kept in the data dir) and resets that
+/// connection at once: the SDK reconnects and delivers the message well before QUIC's idle
+/// timeout (60 s) would have ended the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_missed_the_close_is_reset_by_the_restarted_server() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "pump-9").await;
+    let relay = UdpRelay::start(ts.address.addr).await;
+    let mut config = ts.device_config("pump-9", &token);
+    config.server.addr = relay.addr;
+    let dev = DeviceClient::connect(config).await.unwrap();
+    let point = |i: i64| Point {
+        metric: MetricName::new("rpm").unwrap(),
+        time_us: i,
+        value: Value::Double(i as f64),
+    };
+    dev.send(vec![point(1)]).await.unwrap();
+    dev.flush(WAIT).await.unwrap();
+    op.close();
+
+    relay.drop_next_to_client(u64::MAX, 0); // the device hears nothing of the stop
+    let (dir, addr) = (ts.dir, ts.server.local_addr());
+    let server = ts.server;
+    tokio::task::spawn_blocking(move || server.shutdown())
+        .await
+        .unwrap();
+    let restarted = {
+        let mut config = ServerConfig::local(dir.path());
+        config.listen = addr;
+        tokio::task::spawn_blocking(move || Server::start(config).unwrap())
+            .await
+            .unwrap()
+    };
+    let dropped = relay.dropped();
+    assert!(dropped > 0, "the server's close was sent, and dropped");
+    relay.drop_next_to_client(0, 0);
+    assert_eq!(dev.stats().connects, 1, "the device does not know yet");
+
+    dev.send(vec![point(2)]).await.unwrap();
+    dev.flush(WAIT).await.unwrap();
+    assert_eq!(dev.stats().connects, 2, "reconnected after the reset");
+    dev.close().await;
+    restarted.shutdown();
 }
