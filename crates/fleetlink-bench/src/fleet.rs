@@ -210,6 +210,13 @@ pub async fn connect_resuming(
         {
             config.connect_timeout = Duration::from_millis(ms);
         }
+        // and for A/B runs of the ACK delay a device asks of the server
+        if let Some(ms) = std::env::var("FLEETLINK_BENCH_DEVICE_ACK_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            config.ack_delay = Duration::from_millis(ms);
+        }
         if let Some(c) = &commands {
             config.commands = c.clone();
         }

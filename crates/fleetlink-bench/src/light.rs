@@ -43,7 +43,12 @@ impl Drop for LightFleet {
 /// Connects bench devices `0..n` (provisioned by `serve-fleetlink`) over several endpoints, at
 /// most [`crate::load::CONNECT_CONCURRENCY`] handshakes at a time.
 pub async fn connect(server: &ServerAddress, n: usize) -> Result<LightFleet> {
-    let config = client_config(roots_from_pem(&server.ca_pem)?, &ClientTransport::default())?;
+    // the SDK's device transport
+    let transport = ClientTransport {
+        ack_delay: Some(fleetlink_transport::DEVICE_ACK_DELAY),
+        ..Default::default()
+    };
+    let config = client_config(roots_from_pem(&server.ca_pem)?, &transport)?;
     let endpoints: Vec<quinn::Endpoint> = endpoints_for(n)
         .map(|_| {
             let mut e = fleetlink_transport::client_endpoint(server.addr)?;

@@ -158,18 +158,8 @@ pub(crate) fn quinn_server_config(
         .max_concurrent_bidi_streams(DEVICE_BIDI_STREAMS.into())
         .max_concurrent_uni_streams(DEVICE_UNI_STREAMS.into());
     if !ack_delay.is_zero() {
-        // Ask the client to hold its ACKs this long (see `ServerConfig::ack_delay_ms`); every
-        // second ack-eliciting packet is still acknowledged at once (the default threshold), and
-        // so is a packet out of order. `max_ack_delay_above_rtt` is our quinn-proto patch:
-        // upstream caps the delay at the round trip or 25 ms (crates/quinn-proto/FLEETLINK-PATCH.md).
-        let mut ack_frequency = quinn::AckFrequencyConfig::default();
-        ack_frequency
-            .max_ack_delay(Some(ack_delay))
-            .max_ack_delay_above_rtt(true)
-            // a gap in the server's packets is acknowledged at once, as without the extension,
-            // so that a lost packet followed by another is retransmitted without waiting
-            .reordering_threshold(1u32.into());
-        transport.ack_frequency_config(Some(ack_frequency));
+        // Ask the client to hold its ACKs this long (see `ServerConfig::ack_delay_ms`).
+        transport.ack_frequency_config(Some(fleetlink_transport::ack_frequency(ack_delay)));
     }
     config.transport_config(Arc::new(transport));
     Ok(config)

@@ -94,6 +94,9 @@ pub struct ClientTransport {
     pub idle_timeout: Duration,
     /// Whether reconnects resume the TLS session.
     pub resumption: Resumption,
+    /// Ask the server to hold its acknowledgements of our packets up to this long (see
+    /// [`ack_frequency`]); `None` = QUIC's default (25 ms).
+    pub ack_delay: Option<Duration>,
 }
 
 impl Default for ClientTransport {
@@ -102,8 +105,36 @@ impl Default for ClientTransport {
             keep_alive: None,
             idle_timeout: Duration::from_secs(60),
             resumption: Resumption::default(),
+            ack_delay: None,
         }
     }
+}
+
+/// The longest either side of a fleetlink connection may ask its peer to hold an ACK.
+pub const MAX_ACK_DELAY: Duration = Duration::from_secs(10);
+
+/// How long a device asks the server to hold its ACKs by default: longer than the server usually
+/// takes to store a batch and ack it (tens of milliseconds under load), so the ACK of a device's
+/// packet rides in that reply instead of a packet of its own; short enough that a lost message
+/// nothing else follows is resent within a quarter of a second or so (the device's probe timeout
+/// includes it).
+pub const DEVICE_ACK_DELAY: Duration = Duration::from_millis(250);
+
+/// The QUIC ACK frequency extension's request (an `ACK_FREQUENCY` frame, sent right after the
+/// handshake if the peer advertises `min_ack_delay`, as quinn does): the peer may hold its ACKs up
+/// to `delay`. It still acknowledges every second ack-eliciting packet at once (the default
+/// threshold), so bulk transfers keep their pace, and any packet out of order (reordering
+/// threshold 1), so a loss followed by another packet is repaired without waiting.
+/// `max_ack_delay_above_rtt` is our quinn-proto patch: upstream caps the delay at the round trip
+/// or 25 ms (crates/quinn-proto/FLEETLINK-PATCH.md). Our own probe timeout then includes `delay`:
+/// a lost packet that no later packet reveals is resent up to that much later.
+pub fn ack_frequency(delay: Duration) -> quinn::AckFrequencyConfig {
+    let mut config = quinn::AckFrequencyConfig::default();
+    config
+        .max_ack_delay(Some(delay))
+        .max_ack_delay_above_rtt(true)
+        .reordering_threshold(1u32.into());
+    config
 }
 
 /// TLS 1.3 session resumption when a client connects again to a server it connected to before
@@ -187,6 +218,9 @@ pub fn client_config(
             .try_into()
             .map_err(|_| TransportError::Tls("idle timeout too large".into()))?,
     ));
+    if let Some(delay) = transport.ack_delay.filter(|d| !d.is_zero()) {
+        t.ack_frequency_config(Some(ack_frequency(delay.min(MAX_ACK_DELAY))));
+    }
     config.transport_config(Arc::new(t));
     Ok(config)
 }

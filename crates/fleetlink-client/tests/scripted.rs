@@ -1,6 +1,7 @@
-//! When the SDK sends heartbeats, seen from a scripted server: a QUIC endpoint that speaks the
-//! device protocol of docs/protocol.md (Welcome, acks) and records every control frame the device
-//! sends, which the real server does not expose.
+//! The SDK seen from a scripted server: a QUIC endpoint that speaks the device protocol of
+//! docs/protocol.md (Welcome, acks), records every heartbeat the device sends and counts the
+//! server's own datagrams, which the real server does not expose. When the SDK sends heartbeats,
+//! and what the ACK delay a device asks of the server (`DeviceConfig::ack_delay`) saves.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns; a panic is the test failing
 
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetlink_client::{
-    DeviceClient, DeviceConfig, DeviceId, MetricName, Point, ServerAddress, Value,
+    DEVICE_ACK_DELAY, DeviceClient, DeviceConfig, DeviceId, MetricName, Point, ServerAddress, Value,
 };
 use fleetlink_proto::v1::{
     self, ClientControl, ServerControl, StreamHeader, TelemetryBatch, client_control,
@@ -46,10 +47,17 @@ fn scripted_endpoint() -> (quinn::Endpoint, ServerAddress) {
     (endpoint, address)
 }
 
-/// Serves one device connection: Welcome, then an ack for every batch. Sends the time of every
-/// heartbeat the device sends to `heartbeats`.
-async fn serve_one(endpoint: quinn::Endpoint, heartbeats: mpsc::UnboundedSender<Instant>) {
+/// Serves one device connection: Welcome, then an ack for every batch, `store_time` after the
+/// batch arrived (as a store would take to make it durable). Sends the connection to `accepted`
+/// and the time of every heartbeat the device sends to `heartbeats`.
+async fn serve_one(
+    endpoint: quinn::Endpoint,
+    store_time: Duration,
+    accepted: mpsc::UnboundedSender<quinn::Connection>,
+    heartbeats: mpsc::UnboundedSender<Instant>,
+) {
     let conn = endpoint.accept().await.unwrap().await.unwrap();
+    let _ = accepted.send(conn.clone());
     let (mut send, recv) = conn.accept_bi().await.unwrap();
     let mut control = FrameReader::new(recv, 1 << 20);
     let hello = control.read::<ClientControl>().await.unwrap().unwrap();
@@ -90,6 +98,7 @@ async fn serve_one(endpoint: quinn::Endpoint, heartbeats: mpsc::UnboundedSender<
         let header = stream.read::<StreamHeader>().await.unwrap().unwrap();
         assert_eq!(header.kind, i32::from(v1::StreamKind::Telemetry));
         while let Ok(Some(batch)) = stream.read::<TelemetryBatch>().await {
+            tokio::time::sleep(store_time).await;
             let _ = ack_tx.send(batch.seq);
         }
     });
@@ -114,7 +123,8 @@ fn point(k: i64) -> Point {
 async fn a_device_streaming_telemetry_sends_no_heartbeats_until_it_goes_quiet() {
     let (endpoint, address) = scripted_endpoint();
     let (hb_tx, mut hb_rx) = mpsc::unbounded_channel();
-    let server = tokio::spawn(serve_one(endpoint, hb_tx));
+    let (conn_tx, _conn_rx) = mpsc::unbounded_channel();
+    let server = tokio::spawn(serve_one(endpoint, Duration::ZERO, conn_tx, hb_tx));
     let mut config = DeviceConfig::new(address, DeviceId::new("truck-1").unwrap(), "token");
     config.linger = Duration::from_millis(5);
     let device = DeviceClient::connect(config).await.unwrap();
@@ -146,4 +156,72 @@ async fn a_device_streaming_telemetry_sends_no_heartbeats_until_it_goes_quiet() 
     );
     device.close().await;
     let _ = server.await;
+}
+
+/// Longer than QUIC's default ACK delay (25 ms), shorter than a device's default request.
+const SLOW_STORE: Duration = Duration::from_millis(60);
+/// Messages a device sends, one every [`MESSAGE_INTERVAL`].
+const MESSAGES: u64 = 10;
+const MESSAGE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Datagrams per message the server sends to a device that asks for `ack_delay` and sends a
+/// message every [`MESSAGE_INTERVAL`], each acked as stored [`SLOW_STORE`] after it arrived.
+async fn server_datagrams_per_message(ack_delay: Duration) -> f64 {
+    let (endpoint, address) = scripted_endpoint();
+    let (hb_tx, _hb_rx) = mpsc::unbounded_channel();
+    let (conn_tx, mut conn_rx) = mpsc::unbounded_channel();
+    let server = tokio::spawn(serve_one(endpoint, SLOW_STORE, conn_tx, hb_tx));
+    let mut config = DeviceConfig::new(address, DeviceId::new("truck-1").unwrap(), "token");
+    config.ack_delay = ack_delay;
+    let device = DeviceClient::connect(config).await.unwrap();
+    let conn = conn_rx.recv().await.unwrap();
+    let send = |k: i64| {
+        let device = &device;
+        async move {
+            device.send(vec![point(k)]).await.unwrap();
+            device.flush(Duration::from_secs(5)).await.unwrap();
+        }
+    };
+    // the handshake's packets and path-MTU probes are over once a first message is acked
+    send(0).await;
+    let mut ticker = tokio::time::interval(MESSAGE_INTERVAL);
+    ticker.tick().await;
+    let before = conn.stats().udp_tx.datagrams;
+    for k in 1..=MESSAGES as i64 {
+        ticker.tick().await;
+        send(k).await;
+    }
+    let sent = conn.stats().udp_tx.datagrams - before;
+    device.close().await;
+    let _ = server.await;
+    sent as f64 / MESSAGES as f64
+}
+
+/// A server that takes longer than QUIC's default ACK delay to ack a batch as stored: a device
+/// asking for its default ACK delay gets the ACK of its packet in the stored-ack's packet, one
+/// datagram per message; a device asking for nothing gets an ACK-only datagram first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_acknowledges_a_message_in_its_stored_ack() {
+    assert!(DEVICE_ACK_DELAY > SLOW_STORE * 2);
+    let with = server_datagrams_per_message(DEVICE_ACK_DELAY).await;
+    let without = server_datagrams_per_message(Duration::ZERO).await;
+    assert!(
+        with <= 1.2,
+        "{with} server datagrams per message to a device asking for {DEVICE_ACK_DELAY:?}"
+    );
+    assert!(
+        without >= 1.8,
+        "{without} server datagrams per message to a device asking for nothing"
+    );
+}
+
+/// The ACK delay a device may ask for is bounded: a longer one would hold off the resending of a
+/// lost message for as long.
+#[tokio::test]
+async fn an_ack_delay_above_ten_seconds_is_refused() {
+    let (_endpoint, address) = scripted_endpoint();
+    let mut config = DeviceConfig::new(address, DeviceId::new("truck-1").unwrap(), "token");
+    config.ack_delay = Duration::from_secs(11);
+    let err = DeviceClient::connect(config).await.unwrap_err();
+    assert!(err.to_string().contains("ack_delay"), "{err}");
 }
