@@ -440,9 +440,10 @@ async fn start_device(
     }))
 }
 
-/// A running device session, to its end: its own task, held by every connected device, so its
-/// size is memory per device. Steps a session takes rarely or once are boxed (see [`Rare`]), and
-/// so is each telemetry stream; the task is 1,280 bytes (`-Zprint-type-sizes`).
+/// A running device session, to its end: three tasks (see the function), held by every connected
+/// device, so their size is memory per device. Steps a session takes rarely or once are boxed
+/// (see [`Rare`]), and so is each telemetry stream; the tasks are 640 (the control reader), 640
+/// (the writer) and 384 bytes (the telemetry reader) (`-Zprint-type-sizes`, tokio task cells).
 async fn run_device(running: Box<Running>) {
     let Running {
         conn,
@@ -459,9 +460,15 @@ async fn run_device(running: Box<Running>) {
         mut out_rx,
         kick_rx,
     } = *running;
-    // Everything this session sends on the control stream goes through here: acks coalesced,
-    // and of twin deltas only the latest.
-    let writer = async move {
+    // A session is three tasks, so that a wake-up polls only the part it is for: a slow device's
+    // message wakes the telemetry reader twice (the batch, the actor's answer) and the writer once
+    // (the durable ack), and none of them polls the control stream or the others' channels
+    // (one task with all of them in a `select!` polled every part on every wake-up).
+    //
+    // The writer: everything this session sends on the control stream goes through it, acks
+    // coalesced, and of twin deltas only the latest. It hands back the send stream, to close
+    // with an error.
+    let writer = Part::spawn(async move {
         loop {
             let frame = tokio::select! {
                 // Ends once the session and the bridge (unlinked below) dropped their senders.
@@ -479,6 +486,20 @@ async fn run_device(running: Box<Running>) {
                 return send;
             }
         }
+    });
+    let telemetry = {
+        let (conn, shared, actor) = (conn.clone(), shared.clone(), actor.clone());
+        Part::spawn(async move {
+            loop {
+                let stream = match conn.accept_uni().await {
+                    Ok(s) => s,
+                    Err(e) => return End::Closed(e.to_string()),
+                };
+                if let Err(end) = Box::pin(telemetry(&shared, &actor, session, stream)).await {
+                    return end;
+                }
+            }
+        })
     };
     let control_reader = async {
         loop {
@@ -506,32 +527,24 @@ async fn run_device(running: Box<Running>) {
             }
         }
     };
-    let telemetry = async {
-        loop {
-            let stream = match conn.accept_uni().await {
-                Ok(s) => s,
-                Err(e) => return End::Closed(e.to_string()),
-            };
-            if let Err(end) = Box::pin(telemetry(&shared, &actor, session, stream)).await {
-                return end;
-            }
-        }
-    };
-    // The writer outlives the select (it hands back the send stream to close with an error); the
-    // others are pinned in this block and dropped at its end, before `out_tx` below.
-    tokio::pin!(writer);
+    let (mut writer, mut telemetry) = (writer, telemetry);
     let end = {
-        tokio::pin!(control_reader, telemetry, kick_rx);
+        tokio::pin!(control_reader, kick_rx);
         tokio::select! {
             end = &mut control_reader => end,
-            end = &mut telemetry => end,
+            end = telemetry.join() => end.unwrap_or_else(|e| End::Error(
+                ErrorCode::Internal,
+                format!("telemetry reader failed: {e}"),
+            )),
             kick = &mut kick_rx => match kick {
                 Ok(k) => End::Kicked(k),
                 Err(_) => End::Closed("actor stopped".into()),
             },
-            _ = &mut writer => End::Closed("control stream closed".into()),
+            _ = writer.join() => End::Closed("control stream closed".into()),
         }
     };
+    // No batch is read past the end (an error ends the session at the batch that caused it).
+    drop(telemetry);
     drop(out_tx);
     shared.fleet.bridge.unlink(&id, session);
     let reason = match &end {
@@ -542,13 +555,11 @@ async fn run_device(running: Box<Running>) {
         }
         End::Error(code, message) => {
             tracing::warn!(code = code.as_str_name(), %message, "closing device connection on a protocol error");
-            let mut send = writer.await;
-            close_with_error(&conn, &mut send, *code, message).await;
+            close_after_writer(&conn, writer, *code, message).await;
             OfflineReason::Error
         }
         End::Kicked(k) => {
-            let mut send = writer.await;
-            close_with_error(&conn, &mut send, k.code, &k.message).await;
+            close_after_writer(&conn, writer, k.code, &k.message).await;
             match k.code {
                 ErrorCode::HeartbeatTimeout => OfflineReason::Timeout,
                 ErrorCode::ShuttingDown => OfflineReason::ServerShutdown,
@@ -557,6 +568,42 @@ async fn run_device(running: Box<Running>) {
         }
     };
     let _ = Box::pin(actor.send(Detach { session, reason })).await;
+}
+
+/// Closes a session's connection with an error frame once its writer has sent what was queued
+/// and handed back the control stream (it does once every sender of its queue is dropped).
+async fn close_after_writer(
+    conn: &quinn::Connection,
+    mut writer: Part<quinn::SendStream>,
+    code: ErrorCode,
+    message: &str,
+) {
+    match writer.join().await {
+        Ok(mut send) => close_with_error(conn, &mut send, code, message).await,
+        // the writer failed: no error frame, the close carries the code and message
+        Err(_) => conn.close(crate::close_code(code), message.as_bytes()),
+    }
+}
+
+/// A task of a session (see [`run_device`]), in the session's tracing span, aborted when the
+/// session drops it.
+struct Part<T>(tokio::task::JoinHandle<T>);
+
+impl<T: Send + 'static> Part<T> {
+    fn spawn(task: impl Future<Output = T> + Send + 'static) -> Self {
+        Self(tokio::spawn(task.instrument(tracing::Span::current())))
+    }
+
+    /// The task's result; an error if it panicked.
+    fn join(&mut self) -> &mut tokio::task::JoinHandle<T> {
+        &mut self.0
+    }
+}
+
+impl<T> Drop for Part<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Queues `frame` for the control stream, waiting (boxed) only while the queue is full.
