@@ -519,13 +519,11 @@ pub(crate) struct Ingest {
 }
 
 impl Handler<Ingest> for DeviceActor {
-    // Atomic: the actor waits for room in the store's queue before the next message, so a full
-    // store slows the device's stream down instead of growing a queue.
-    type Result = AtomicResponse<Self, Result<(), IngestError>>;
+    type Result = IngestResponse;
 
     fn handle(&mut self, msg: Ingest, _: &mut Self::Context) -> Self::Result {
         let now = now_us();
-        let ready = |r| AtomicResponse::new(Box::pin(fut::ready(r)));
+        let ready = IngestResponse::Ready;
         if !self.presence.seen(msg.session, now) {
             return ready(Err(IngestError::NotCurrent));
         }
@@ -566,10 +564,46 @@ impl Handler<Ingest> for DeviceActor {
             received_us: now,
             listener: self.durable.clone(),
         };
-        let store = self.store.clone();
-        AtomicResponse::new(Box::pin(
-            async move { store.append(job).await.map_err(IngestError::from) }.into_actor(self),
-        ))
+        match self.store.try_append(job) {
+            Ok(None) => ready(Ok(())),
+            Err(e) => ready(Err(e.into())),
+            Ok(Some(job)) => {
+                let store = self.store.clone();
+                IngestResponse::WaitForRoom(AtomicResponse::new(Box::pin(
+                    async move { store.append(job).await.map_err(IngestError::from) }
+                        .into_actor(self),
+                )))
+            }
+        }
+    }
+}
+
+/// The answer to an [`Ingest`]: at once when the store's queue had room (the common case: no
+/// future to allocate and poll), else once it has. Waiting is atomic: the actor handles no other
+/// message until the batch is queued, so a full store slows the device's stream down instead of
+/// growing a queue, and batches reach the store in the order they were accepted.
+pub(crate) enum IngestResponse {
+    Ready(Result<(), IngestError>),
+    WaitForRoom(AtomicResponse<DeviceActor, Result<(), IngestError>>),
+}
+
+impl actix::dev::MessageResponse<DeviceActor, Ingest> for IngestResponse {
+    fn handle(
+        self,
+        ctx: &mut Context<DeviceActor>,
+        tx: Option<actix::dev::OneshotSender<Result<(), IngestError>>>,
+    ) {
+        match self {
+            Self::Ready(r) => {
+                if let Some(tx) = tx {
+                    let _ = tx.send(r);
+                }
+            }
+            Self::WaitForRoom(wait) => <AtomicResponse<_, _> as actix::dev::MessageResponse<
+                DeviceActor,
+                Ingest,
+            >>::handle(wait, ctx, tx),
+        }
     }
 }
 

@@ -486,6 +486,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// or below the stored one is not stored again but reported durable.
     async fn append(&self, batch: AppendBatch) -> Result<(), StoreError>;
 
+    /// [`Store::append`] without waiting: queues the batch if the queue has room now and returns
+    /// `Ok(None)`; hands the batch back (`Ok(Some(batch))`) if it is full, for `append` to wait
+    /// for room. Nothing to allocate or poll in the common case. The default always hands it back.
+    fn try_append(&self, batch: AppendBatch) -> Result<Option<AppendBatch>, StoreError> {
+        Ok(Some(batch))
+    }
+
     /// Points stored in all, over every device.
     async fn point_count(&self) -> Result<u64, StoreError>;
 

@@ -1755,6 +1755,20 @@ impl Store for SqliteStore {
             .map_err(|_| StoreError::Closed)
     }
 
+    fn try_append(&self, batch: AppendBatch) -> Result<Option<AppendBatch>, StoreError> {
+        use tokio::sync::TryAcquireError;
+        let permit = match self.inner.append_room.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::NoPermits) => return Ok(Some(batch)),
+            Err(TryAcquireError::Closed) => return Err(StoreError::Closed),
+        };
+        self.inner
+            .writes
+            .send(WriterJob::Append(batch, permit))
+            .map(|()| None)
+            .map_err(|_| StoreError::Closed)
+    }
+
     async fn point_count(&self) -> Result<u64, StoreError> {
         let overlay = self.inner.overlay.clone();
         self.read(move |conn| {

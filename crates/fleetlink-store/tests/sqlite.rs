@@ -1420,3 +1420,57 @@ async fn folded_points_spanning_other_chunks_read_back_in_time_order() {
         .collect();
     assert_eq!(ranged[0].time_us, want);
 }
+
+/// `try_append` queues a batch while the queue has room and hands it back once it is full (here:
+/// the writer is held up by another connection's write lock); `append` then waits for room, and
+/// every batch is stored once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_append_hands_a_batch_back_when_the_queue_is_full_and_append_stores_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let options = SqliteOptions {
+        queue_batches: 1,
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(&path, options).unwrap();
+    provision(&store, "pump-1").await;
+    let (tx, mut rx) = watch::channel(0);
+    let listener = Arc::new(Watch(tx, Mutex::new(Vec::new())));
+    let batch = |seq: u64| AppendBatch {
+        device: id("pump-1"),
+        batch: Batch {
+            seq,
+            points: vec![point("rpm", seq as i64, Value::Int(seq as i64))],
+        },
+        received_us: 1_000,
+        listener: listener.clone(),
+    };
+
+    // Another connection holds the write lock: the writer takes one batch and waits for it.
+    let blocker = rusqlite::Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut seq = 0;
+    let handed_back = loop {
+        seq += 1;
+        assert!(seq <= 100, "the queue of one batch never filled");
+        if let Some(b) = store.try_append(batch(seq)).unwrap() {
+            break b;
+        }
+    };
+    assert!(seq > 1, "the first batch found the empty queue full");
+    assert_eq!(handed_back.batch.seq, seq);
+    blocker.execute_batch("COMMIT").unwrap();
+
+    store.append(handed_back).await.unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        rx.wait_for(|d| *d == seq),
+    )
+    .await
+    .expect("the batches were not stored")
+    .unwrap();
+    assert!(listener.1.lock().unwrap().is_empty());
+    let stored = store.query_telemetry(all_of("pump-1")).await.unwrap();
+    let seqs: Vec<u64> = stored.iter().map(|p| p.seq).collect();
+    assert_eq!(seqs, (1..=seq).collect::<Vec<_>>());
+}
