@@ -167,7 +167,7 @@ pub struct CommandsConfig {
 }
 
 /// Upper bound of [`ServerConfig::ack_delay_ms`]: a lost server packet waits this long at most.
-const MAX_ACK_DELAY_MS: u32 = 10_000;
+const MAX_ACK_DELAY_MS: u32 = fleetlink_transport::MAX_ACK_DELAY.as_millis() as u32;
 
 impl Default for CommandsConfig {
     fn default() -> Self {

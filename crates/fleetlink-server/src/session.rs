@@ -468,7 +468,7 @@ async fn run_device(running: Box<Running>) {
     // The writer: everything this session sends on the control stream goes through it, acks
     // coalesced, and of twin deltas only the latest. It hands back the send stream, to close
     // with an error.
-    let writer = Part::spawn(async move {
+    let mut writer = Part::spawn(async move {
         loop {
             let frame = tokio::select! {
                 // Ends once the session and the bridge (unlinked below) dropped their senders.
@@ -487,7 +487,7 @@ async fn run_device(running: Box<Running>) {
             }
         }
     });
-    let telemetry = {
+    let mut telemetry = {
         let (conn, shared, actor) = (conn.clone(), shared.clone(), actor.clone());
         Part::spawn(async move {
             loop {
@@ -527,7 +527,6 @@ async fn run_device(running: Box<Running>) {
             }
         }
     };
-    let (mut writer, mut telemetry) = (writer, telemetry);
     let end = {
         tokio::pin!(control_reader, kick_rx);
         tokio::select! {

@@ -370,6 +370,18 @@ impl std::fmt::Debug for WriterJob {
 }
 
 impl SqliteStore {
+    /// Hands a batch to the writer thread with its room in the queue.
+    fn queue_append(
+        &self,
+        batch: AppendBatch,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .writes
+            .send(WriterJob::Append(batch, permit))
+            .map_err(|_| StoreError::Closed)
+    }
+
     /// Opens (creating if needed) the database at `path` and starts its writer thread.
     pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
@@ -1749,10 +1761,7 @@ impl Store for SqliteStore {
             .acquire_owned()
             .await
             .map_err(|_| StoreError::Closed)?;
-        self.inner
-            .writes
-            .send(WriterJob::Append(batch, permit))
-            .map_err(|_| StoreError::Closed)
+        self.queue_append(batch, permit)
     }
 
     fn try_append(&self, batch: AppendBatch) -> Result<Option<AppendBatch>, StoreError> {
@@ -1762,11 +1771,7 @@ impl Store for SqliteStore {
             Err(TryAcquireError::NoPermits) => return Ok(Some(batch)),
             Err(TryAcquireError::Closed) => return Err(StoreError::Closed),
         };
-        self.inner
-            .writes
-            .send(WriterJob::Append(batch, permit))
-            .map(|()| None)
-            .map_err(|_| StoreError::Closed)
+        self.queue_append(batch, permit).map(|()| None)
     }
 
     async fn point_count(&self) -> Result<u64, StoreError> {
