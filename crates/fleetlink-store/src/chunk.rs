@@ -53,7 +53,7 @@ const MIXED: u8 = 0xFF;
 const DICT_STRINGS: u8 = 0xFE;
 
 /// One point to encode.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Row<V> {
     pub time_us: TimeUs,
     pub received_us: TimeUs,

@@ -7,6 +7,7 @@
 
 mod chunk;
 mod sqlite;
+mod tlog;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -13,6 +13,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::chunk::{self, Columns, Row};
+use crate::tlog;
 use crate::{
     Aggregation, AppendBatch, CommandFilter, CommandRecord, CommandUpdate, DeviceRecord,
     DeviceState, DirectRecord, GroupRecord, JobRecord, JobTargetRecord, MetricColumns, MetricValue,
@@ -26,7 +27,7 @@ use fleetlink_core::twin::TwinDoc;
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS admin_tokens (
@@ -80,6 +81,10 @@ CREATE TABLE IF NOT EXISTS device_journal (
     lat REAL, lon REAL, alt REAL, speed REAL, heading REAL, accuracy REAL,
     points       INTEGER NOT NULL DEFAULT 0,
     data         BLOB
+) STRICT;
+CREATE TABLE IF NOT EXISTS telemetry_log_state (
+    id                 INTEGER PRIMARY KEY CHECK (id = 1),
+    folded_generation  INTEGER NOT NULL
 ) STRICT;
 CREATE TABLE IF NOT EXISTS twins (
     device            INTEGER PRIMARY KEY REFERENCES devices(id),
@@ -272,6 +277,9 @@ struct Overlay {
     /// id. Unlike the bookkeeping they leave the overlay when a fold turns them into chunks, so
     /// readers take them with [`snapshot_device`].
     points: FastMap<i64, OverlayPoints>,
+    /// The points a running fold is turning into chunks, moved out of `points` (the writer adds
+    /// none meanwhile): readers take them from here until the fold commits.
+    folding: Arc<FastMap<i64, OverlayPoints>>,
 }
 
 /// One device's points in the overlay, by metric row id, each metric's in commit order.
@@ -317,10 +325,14 @@ fn snapshot_device(
 ) -> Result<(i64, OverlayPoints), StoreError> {
     let overlay = lock_overlay(overlay);
     let rowid = device_rowid(conn, device)?;
-    Ok((
-        rowid,
-        overlay.points.get(&rowid).cloned().unwrap_or_default(),
-    ))
+    let mut points = overlay.folding.get(&rowid).cloned().unwrap_or_default();
+    for (metric, rows) in overlay.points.get(&rowid).into_iter().flatten() {
+        points
+            .entry(*metric)
+            .or_default()
+            .extend(rows.iter().cloned());
+    }
+    Ok((rowid, points))
 }
 
 fn lock_overlay(overlay: &SharedOverlay) -> std::sync::MutexGuard<'_, Overlay> {
@@ -389,6 +401,13 @@ impl SqliteStore {
         let mut conn = open_connection(&path, options.synchronous)?;
         migrate(&mut conn)?;
         fold_journal(&mut conn)?;
+        let log_path = tlog::path_of(&path);
+        let generation = replay_log(&mut conn, &log_path, options.synchronous)?;
+        let log = tlog::TelemetryLog::create(
+            &log_path,
+            generation,
+            options.synchronous == Synchronous::Full,
+        )?;
         // The writer's page cache: 64 MiB (SQLite's default is 2 MiB), so that a commit touching
         // many devices reads their index and last-value pages from memory, not from the file.
         conn.pragma_update(None, "cache_size", -65_536)?;
@@ -403,7 +422,13 @@ impl SqliteStore {
         let max_points = options.max_commit_points.max(1);
         let delay = options.commit_delay;
         let overlay = SharedOverlay::default();
-        let writer = Writer::new(conn, overlay.clone(), options.fold_interval);
+        let writer = Writer::new(
+            conn,
+            overlay.clone(),
+            options.fold_interval,
+            log,
+            options.synchronous,
+        );
         let thread = std::thread::Builder::new()
             .name("fleetlink-store-writer".into())
             .spawn(move || {
@@ -594,7 +619,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     // Version 4 added `device_journal` (created by SCHEMA): the version number keeps an older
     // fleetlink, which would ignore the journal, from opening the database. Version 5 may hold
     // dictionary-coded string chunks (`chunk::DICT_STRINGS`), which an older fleetlink cannot
-    // read: nothing to convert, the number keeps it out.
+    // read: nothing to convert, the number keeps it out. Version 6 keeps small commits in the
+    // telemetry log (`tlog`, state in `telemetry_log_state`), which an older fleetlink would not
+    // replay.
     tx.execute_batch(SCHEMA)?;
     if (1..3).contains(&version) {
         // version 3 keeps telemetry in chunks instead of a row per point
@@ -669,6 +696,126 @@ fn fold_journal(conn: &mut Connection) -> Result<(), StoreError> {
             "folded the device journal left by a crash"
         );
     }
+    Ok(())
+}
+
+/// Runs `f` with the connection syncing each commit to the disk (`synchronous=FULL`), whatever
+/// the store's level: for the commits after which the telemetry log is emptied, so that a power
+/// loss cannot keep the emptied log and lose the commit.
+fn fully_synced<T>(
+    conn: &mut Connection,
+    sync: Synchronous,
+    f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    if sync == Synchronous::Full {
+        return f(conn);
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let result = f(conn);
+    let restored = conn.pragma_update(None, "synchronous", "NORMAL");
+    let value = result?;
+    restored?;
+    Ok(value)
+}
+
+/// Folds what a telemetry log left by a crash holds, unless a fold had already committed its
+/// generation, into chunks, `devices` and `last_values`; returns the generation for the emptied
+/// log.
+fn replay_log(conn: &mut Connection, path: &Path, sync: Synchronous) -> Result<u64, StoreError> {
+    let folded: i64 = conn
+        .query_row(
+            "SELECT folded_generation FROM telemetry_log_state WHERE id = 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    let folded = folded as u64;
+    let left = tlog::read(path)?;
+    if left.torn_bytes > 0 {
+        tracing::warn!(
+            bytes = left.torn_bytes,
+            log = %path.display(),
+            "the telemetry log ends in a torn record (a write cut short by a power loss); it was never acknowledged and is dropped"
+        );
+    }
+    if left.generation <= folded || left.records.is_empty() {
+        return Ok(folded.max(left.generation) + 1);
+    }
+    let generation = left.generation;
+    let (devices, points) = fully_synced(conn, sync, |conn| {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // per device and metric, its points and (in log order, the later of equal times
+        // winning, as in the commits) its latest value
+        let mut groups: FastMap<(i64, i64), Vec<Row<Value>>> = FastMap::default();
+        let mut last: FastMap<(i64, i64), (TimeUs, Value)> = FastMap::default();
+        let mut books: FastMap<i64, (u64, u64)> = FastMap::default();
+        for record in &left.records {
+            let record = tlog::decode(record)?;
+            for (device, seq, count) in record.devices {
+                let b = books.entry(device).or_default();
+                b.0 = b.0.max(seq);
+                b.1 = b.1.max(count);
+            }
+            for (device, metric, rows) in record.groups {
+                let key = (device, metric);
+                for row in &rows {
+                    if last.get(&key).is_none_or(|(t, _)| row.time_us >= *t) {
+                        last.insert(key, (row.time_us, row.value.clone()));
+                    }
+                }
+                groups.entry(key).or_default().extend(rows);
+            }
+        }
+        let mut points = 0usize;
+        for ((device, metric), mut rows) in groups {
+            points += rows.len();
+            rows.sort_by_key(Row::key);
+            for part in rows.chunks(chunk::MAX_POINTS) {
+                insert_chunk(&tx, device, metric, part)?;
+            }
+        }
+        {
+            let mut value = tx.prepare_cached(&format!(
+                "INSERT INTO last_values (device, metric, time_us, kind, value, lat, lon, alt, speed, heading, accuracy)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) {UPSERT_LAST_VALUE}"
+            ))?;
+            for ((device, metric), (time_us, v)) in &last {
+                let (kind, val, geo) = value_columns(v);
+                value.execute(params![
+                    device, metric, time_us, kind, val, geo[0], geo[1], geo[2], geo[3], geo[4],
+                    geo[5]
+                ])?;
+            }
+            let mut update = tx.prepare_cached(
+                "UPDATE devices SET last_seq = max(last_seq, ?2), point_count = max(point_count, ?3)
+                 WHERE id = ?1",
+            )?;
+            for (device, (seq, count)) in &books {
+                update.execute(params![device, *seq as i64, *count as i64])?;
+            }
+        }
+        mark_log_folded(&tx, generation)?;
+        tx.commit()?;
+        Ok((books.len(), points))
+    })?;
+    tracing::info!(
+        records = left.records.len(),
+        devices,
+        points,
+        generation,
+        "replayed the telemetry log left by a crash"
+    );
+    Ok(generation + 1)
+}
+
+/// Records in the fold's transaction that the telemetry log's `generation` is folded.
+fn mark_log_folded(tx: &Connection, generation: u64) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO telemetry_log_state (id, folded_generation) VALUES (1, ?1)
+         ON CONFLICT(id) DO UPDATE SET folded_generation = excluded.folded_generation",
+    )?
+    .execute([generation as i64])?;
     Ok(())
 }
 
@@ -2221,14 +2368,29 @@ struct Writer {
     last_fold: std::time::Instant,
     /// Points waiting in the journal and the overlay.
     waiting_points: usize,
+    /// Where commits of small batches go instead of SQLite.
+    log: tlog::TelemetryLog,
+    /// False after an append that may have left a torn record, until the next fold empties the
+    /// log: commits go to SQLite meanwhile.
+    log_usable: bool,
+    sync: Synchronous,
 }
 
 /// A fold comes early once this many points wait in the overlay (each costs ~100 bytes there).
 const FOLD_POINTS: usize = 1 << 20;
 
 impl Writer {
-    fn new(conn: Connection, overlay: SharedOverlay, fold_interval: std::time::Duration) -> Self {
+    fn new(
+        conn: Connection,
+        overlay: SharedOverlay,
+        fold_interval: std::time::Duration,
+        log: tlog::TelemetryLog,
+        sync: Synchronous,
+    ) -> Self {
         Self {
+            log,
+            log_usable: true,
+            sync,
             conn,
             devices: FastMap::default(),
             metrics: FastMap::default(),
@@ -2330,27 +2492,36 @@ impl Writer {
         if self.unfolded.is_empty() {
             return;
         }
-        let (books, points): (Vec<(i64, Bookkeeping)>, FastMap<i64, OverlayPoints>) = {
-            let overlay = lock_overlay(&self.overlay);
-            let books = self
+        let (books, points) = {
+            let mut overlay = lock_overlay(&self.overlay);
+            let books: Vec<(i64, Bookkeeping)> = self
                 .unfolded
                 .iter()
                 .filter_map(|d| overlay.devices.get(d).map(|b| (*d, b.clone())))
                 .collect();
-            (books, overlay.points.clone())
+            overlay.folding = Arc::new(std::mem::take(&mut overlay.points));
+            (books, overlay.folding.clone())
         };
-        let result = (|| -> Result<(), StoreError> {
-            let tx = self
-                .conn
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // The log's records are all in the overlay: this fold commits them, and marks its
+        // generation folded so that a replay after a crash skips them.
+        let log_generation = (!self.log.is_empty()).then(|| self.log.generation());
+        let sync = if log_generation.is_some() {
+            self.sync
+        } else {
+            Synchronous::Full // nothing to sync for: no change of level
+        };
+        let compaction = &mut self.compaction;
+        let overlay_lock = &self.overlay;
+        let result = fully_synced(&mut self.conn, sync, |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             // the waiting points become chunks: one per device and metric (a few if large)
-            for (&dev, metrics) in &points {
+            for (&dev, metrics) in points.iter() {
                 for (&metric, rows) in metrics {
                     let mut rows: Vec<Row<&Value>> = rows.iter().map(Row::borrowed).collect();
                     rows.sort_by_key(Row::key);
                     for part in rows.chunks(chunk::MAX_POINTS) {
                         let id = insert_chunk(&tx, dev, metric, part)?;
-                        self.compaction.stored(&tx, dev, metric, id, part.len())?;
+                        compaction.stored(&tx, dev, metric, id, part.len())?;
                     }
                 }
             }
@@ -2374,14 +2545,48 @@ impl Writer {
                     }
                 }
                 tx.execute("DELETE FROM device_journal", [])?;
+                if let Some(generation) = log_generation {
+                    mark_log_folded(&tx, generation)?;
+                }
             }
             // Readers find the folded points in the chunks from this commit on, and no longer
             // in the overlay: both change under the overlay lock (see `snapshot_device`).
-            let mut overlay = lock_overlay(&self.overlay);
+            let mut overlay = lock_overlay(overlay_lock);
             tx.commit()?;
-            overlay.points.clear();
+            overlay.folding = Arc::default();
             Ok(())
-        })();
+        });
+        drop(points);
+        if result.is_err() {
+            // the points wait in the overlay for the next try
+            let mut overlay = lock_overlay(&self.overlay);
+            let folding = std::mem::take(&mut overlay.folding);
+            let mut points = Arc::unwrap_or_clone(folding);
+            for (dev, metrics) in std::mem::take(&mut overlay.points) {
+                for (metric, rows) in metrics {
+                    points
+                        .entry(dev)
+                        .or_default()
+                        .entry(metric)
+                        .or_default()
+                        .extend(rows);
+                }
+            }
+            overlay.points = points;
+        }
+        if result.is_ok()
+            && let Some(generation) = log_generation
+        {
+            match self.log.reset(generation + 1) {
+                Ok(()) => self.log_usable = true,
+                Err(error) => {
+                    // its records are marked folded, so a replay skips them; but an append
+                    // after them would be skipped too: commits go to SQLite until a reset works
+                    self.log_usable = false;
+                    tracing::error!(%error, "cannot empty the telemetry log; small commits go to SQLite until it can be");
+                }
+            }
+        }
         match result {
             Ok(()) => {
                 tracing::debug!(
@@ -2402,22 +2607,41 @@ impl Writer {
     }
 
     /// Stores every batch above its device's watermark; returns, per job, the device's durable seq.
+    ///
+    /// A commit of small groups only (fewer than `TINY_POINTS` points of a device and metric),
+    /// with no control writes, is one record appended to the telemetry log; any other goes to
+    /// SQLite in one transaction.
     fn commit(
         &mut self,
         jobs: &[AppendBatch],
         controls: Vec<ControlJob>,
         finishers: &mut Vec<Finisher>,
     ) -> Result<Vec<u64>, StoreError> {
-        // IMMEDIATE: take the write lock up front (waiting on the busy timeout). A deferred
-        // transaction that reads first fails at once with SQLITE_BUSY when another connection
-        // (a registry write) committed between its read and its first write.
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        // Control writes (twins, commands, presence) first, in the order they were queued.
-        for job in controls {
-            finishers.push(job(&tx));
+        // Row ids first: a device's is read, a new metric's is created (in its own statement:
+        // an unused metric row is harmless if this commit fails).
+        let mut device_ids = Vec::with_capacity(jobs.len());
+        let mut metric_ids = Vec::with_capacity(jobs.iter().map(|j| j.batch.points.len()).sum());
+        for job in jobs {
+            device_ids.push(self.device_row(&job.device)?);
+            for p in &job.batch.points {
+                let metric = match self.metrics.get(&p.metric) {
+                    Some(m) => *m,
+                    None => {
+                        let id: i64 = self
+                            .conn
+                            .prepare_cached(
+                                "INSERT INTO metrics (name) VALUES (?1)
+                                 ON CONFLICT(name) DO UPDATE SET name = excluded.name RETURNING id",
+                            )?
+                            .query_row([p.metric.as_str()], |r| r.get(0))?;
+                        self.metrics.insert(p.metric.clone(), id);
+                        id
+                    }
+                };
+                metric_ids.push(metric);
+            }
         }
+
         let mut durable = Vec::with_capacity(jobs.len());
         // (device, metric) → the latest point of this commit by device clock
         let mut last: FastMap<(i64, i64), (TimeUs, &Value, &MetricName)> = FastMap::default();
@@ -2425,141 +2649,49 @@ impl Writer {
         let mut touched: FastMap<i64, (u64, u64, &DeviceId)> = FastMap::default();
         // Points by device and metric: each group becomes one chunk (or a few, if large).
         let mut groups: FastMap<(i64, i64), Vec<Row<&Value>>> = FastMap::default();
-        // The small groups among them, journaled instead of chunked.
-        let mut waiting: FastMap<(i64, i64), Vec<Row<&Value>>> = FastMap::default();
-        {
-            for job in jobs {
-                let (dev, stored_seq, stored_count) = match self.devices.get(&job.device) {
-                    Some(d) => *d,
-                    None => {
-                        let (rowid, seq, count): (i64, i64, i64) = tx
-                            .prepare_cached(
-                                "SELECT id, last_seq, point_count FROM devices WHERE name = ?1",
-                            )?
-                            .query_row([job.device.as_str()], |r| {
-                                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                            })
-                            .optional()?
-                            .ok_or_else(|| StoreError::UnknownDevice(job.device.clone()))?;
-                        let (mut seq, mut count) = (seq as u64, count as u64);
-                        // the tables lag behind the journal by up to one fold
-                        if let Some(b) = lock_overlay(&self.overlay).devices.get(&rowid) {
-                            seq = seq.max(b.last_seq);
-                            count = count.max(b.point_count);
-                        }
-                        let d = (rowid, seq, count);
-                        self.devices.insert(job.device.clone(), d);
-                        d
-                    }
-                };
-                let seq = job.batch.seq;
-                let current = touched.get(&dev).map_or(stored_seq, |t| t.0);
-                if seq <= current {
-                    durable.push(current); // a resend: stored already
-                    continue;
-                }
-                for (idx, p) in job.batch.points.iter().enumerate() {
-                    let metric = match self.metrics.get(&p.metric) {
-                        Some(m) => *m,
-                        None => {
-                            let id: i64 = tx
-                                .prepare_cached(
-                                    "INSERT INTO metrics (name) VALUES (?1)
-                                     ON CONFLICT(name) DO UPDATE SET name = excluded.name RETURNING id",
-                                )?
-                                .query_row([p.metric.as_str()], |r| r.get(0))?;
-                            self.metrics.insert(p.metric.clone(), id);
-                            id
-                        }
-                    };
-                    groups.entry((dev, metric)).or_default().push(Row {
-                        time_us: p.time_us,
-                        received_us: job.received_us,
-                        seq,
-                        idx: idx as u32,
-                        value: &p.value,
-                    });
-                    let slot = last
-                        .entry((dev, metric))
-                        .or_insert((p.time_us, &p.value, &p.metric));
-                    if p.time_us >= slot.0 {
-                        *slot = (p.time_us, &p.value, &p.metric);
-                    }
-                }
-                let t = touched
-                    .entry(dev)
-                    .or_insert((stored_seq, stored_count, &job.device));
-                t.0 = seq;
-                t.1 += job.batch.points.len() as u64;
-                durable.push(seq);
+        let mut next_metric = 0; // the first point's in `metric_ids`
+        for (job, &(dev, stored_seq, stored_count)) in jobs.iter().zip(&device_ids) {
+            let metrics = &metric_ids[next_metric..next_metric + job.batch.points.len()];
+            next_metric += metrics.len();
+            let seq = job.batch.seq;
+            let current = touched.get(&dev).map_or(stored_seq, |t| t.0);
+            if seq <= current {
+                durable.push(current); // a resend: stored already
+                continue;
             }
-            for ((dev, metric), mut rows) in groups {
-                rows.sort_by_key(Row::key);
-                if rows.len() < TINY_POINTS {
-                    // waits in the journal for the next fold (a chunk now would be tiny)
-                    waiting.insert((dev, metric), rows);
-                    continue;
-                }
-                for part in rows.chunks(chunk::MAX_POINTS) {
-                    let id = insert_chunk(&tx, dev, metric, part)?;
-                    self.compaction.stored(&tx, dev, metric, id, part.len())?;
+            for ((idx, p), &metric) in job.batch.points.iter().enumerate().zip(metrics) {
+                groups.entry((dev, metric)).or_default().push(Row {
+                    time_us: p.time_us,
+                    received_us: job.received_us,
+                    seq,
+                    idx: idx as u32,
+                    value: &p.value,
+                });
+                let slot = last
+                    .entry((dev, metric))
+                    .or_insert((p.time_us, &p.value, &p.metric));
+                if p.time_us >= slot.0 {
+                    *slot = (p.time_us, &p.value, &p.metric);
                 }
             }
-            // The bookkeeping goes to the journal: rows appended at its end, where updating
-            // `devices` and `last_values` would rewrite a random page of each per device.
-            let mut journal = tx.prepare_cached(
-                "INSERT INTO device_journal (device, metric, last_seq, point_count, time_us, kind, value,
-                                             lat, lon, alt, speed, heading, accuracy, points, data)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-            )?;
-            for ((dev, metric), (time_us, value, _)) in &last {
-                let (seq, count, _) = touched[dev];
-                let (kind, value, geo) = value_columns(value);
-                let rows = waiting.get(&(*dev, *metric));
-                let data = rows.map(|rows| chunk::encode(rows));
-                journal.execute(params![
-                    dev,
-                    metric,
-                    seq as i64,
-                    count as i64,
-                    time_us,
-                    kind,
-                    value,
-                    geo[0],
-                    geo[1],
-                    geo[2],
-                    geo[3],
-                    geo[4],
-                    geo[5],
-                    rows.map_or(0, Vec::len) as i64,
-                    data
-                ])?;
-            }
-            let with_values: FastSet<i64> = last.keys().map(|(d, _)| *d).collect();
-            for (dev, (seq, count, _)) in &touched {
-                if !with_values.contains(dev) {
-                    // a batch without points still moves the device's seq
-                    journal.execute(params![
-                        dev,
-                        None::<i64>,
-                        *seq as i64,
-                        *count as i64,
-                        None::<i64>,
-                        None::<i64>,
-                        None::<i64>,
-                        None::<f64>,
-                        None::<f64>,
-                        None::<f64>,
-                        None::<f64>,
-                        None::<f64>,
-                        None::<f64>,
-                        0i64,
-                        None::<Vec<u8>>
-                    ])?;
-                }
-            }
+            let t = touched
+                .entry(dev)
+                .or_insert((stored_seq, stored_count, &job.device));
+            t.0 = seq;
+            t.1 += job.batch.points.len() as u64;
+            durable.push(seq);
         }
-        tx.commit()?;
+        for rows in groups.values_mut() {
+            rows.sort_by_key(Row::key);
+        }
+
+        let small = groups.values().all(|rows| rows.len() < TINY_POINTS);
+        if self.log_usable && controls.is_empty() && small {
+            self.append_to_log(&touched, &groups)?;
+        } else {
+            self.commit_to_sqlite(&touched, &last, &groups, controls, finishers)?;
+        }
+
         let mut overlay = lock_overlay(&self.overlay);
         for (&dev, &(seq, count, id)) in &touched {
             self.devices.insert(id.clone(), (dev, seq, count));
@@ -2568,7 +2700,10 @@ impl Writer {
             b.point_count = b.point_count.max(count);
             self.unfolded.insert(dev);
         }
-        for ((dev, metric), rows) in waiting {
+        for ((dev, metric), rows) in groups {
+            if rows.len() >= TINY_POINTS {
+                continue; // stored as chunks
+            }
             self.waiting_points += rows.len();
             overlay
                 .points
@@ -2598,6 +2733,143 @@ impl Writer {
             }
         }
         Ok(durable)
+    }
+
+    /// A device's row id, highest stored seq and stored point count.
+    fn device_row(&mut self, device: &DeviceId) -> Result<(i64, u64, u64), StoreError> {
+        if let Some(d) = self.devices.get(device) {
+            return Ok(*d);
+        }
+        let (rowid, seq, count): (i64, i64, i64) = self
+            .conn
+            .prepare_cached("SELECT id, last_seq, point_count FROM devices WHERE name = ?1")?
+            .query_row([device.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?
+            .ok_or_else(|| StoreError::UnknownDevice(device.clone()))?;
+        let (mut seq, mut count) = (seq as u64, count as u64);
+        // the tables lag behind the journal and the log by up to one fold
+        if let Some(b) = lock_overlay(&self.overlay).devices.get(&rowid) {
+            seq = seq.max(b.last_seq);
+            count = count.max(b.point_count);
+        }
+        let d = (rowid, seq, count);
+        self.devices.insert(device.clone(), d);
+        Ok(d)
+    }
+
+    /// Appends a commit of small groups to the telemetry log: one record.
+    fn append_to_log(
+        &mut self,
+        touched: &FastMap<i64, (u64, u64, &DeviceId)>,
+        groups: &FastMap<(i64, i64), Vec<Row<&Value>>>,
+    ) -> Result<(), StoreError> {
+        let mut record = tlog::RecordWriter::new(touched.len(), 64 * touched.len());
+        for (&dev, &(seq, count, _)) in touched {
+            record.device(dev, seq, count);
+        }
+        record.groups(groups.len());
+        for (&(dev, metric), rows) in groups {
+            record.group(dev, metric, rows);
+        }
+        match self.log.append(&record.finish()) {
+            Ok(()) => Ok(()),
+            Err(tlog::LogError::Failed(error)) => Err(error),
+            Err(tlog::LogError::Broken(error)) => {
+                tracing::error!(%error, "the telemetry log may end in a torn record; small commits go to SQLite until the next fold empties it");
+                self.log_usable = false;
+                Err(error)
+            }
+        }
+    }
+
+    /// Commits in SQLite: the control writes, the large groups as chunks, the small ones and the
+    /// bookkeeping as journal rows.
+    fn commit_to_sqlite(
+        &mut self,
+        touched: &FastMap<i64, (u64, u64, &DeviceId)>,
+        last: &FastMap<(i64, i64), (TimeUs, &Value, &MetricName)>,
+        groups: &FastMap<(i64, i64), Vec<Row<&Value>>>,
+        controls: Vec<ControlJob>,
+        finishers: &mut Vec<Finisher>,
+    ) -> Result<(), StoreError> {
+        // IMMEDIATE: take the write lock up front (waiting on the busy timeout). A deferred
+        // transaction that reads first fails at once with SQLITE_BUSY when another connection
+        // (a registry write) committed between its read and its first write.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Control writes (twins, commands, presence) first, in the order they were queued.
+        for job in controls {
+            finishers.push(job(&tx));
+        }
+        for (&(dev, metric), rows) in groups {
+            if rows.len() < TINY_POINTS {
+                continue; // waits in the journal for the next fold (a chunk now would be tiny)
+            }
+            for part in rows.chunks(chunk::MAX_POINTS) {
+                let id = insert_chunk(&tx, dev, metric, part)?;
+                self.compaction.stored(&tx, dev, metric, id, part.len())?;
+            }
+        }
+        {
+            // The bookkeeping goes to the journal: rows appended at its end, where updating
+            // `devices` and `last_values` would rewrite a random page of each per device.
+            let mut journal = tx.prepare_cached(
+                "INSERT INTO device_journal (device, metric, last_seq, point_count, time_us, kind, value,
+                                             lat, lon, alt, speed, heading, accuracy, points, data)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )?;
+            for ((dev, metric), (time_us, value, _)) in last {
+                let (seq, count, _) = touched[dev];
+                let (kind, value, geo) = value_columns(value);
+                let rows = groups
+                    .get(&(*dev, *metric))
+                    .filter(|rows| rows.len() < TINY_POINTS);
+                let data = rows.map(|rows| chunk::encode(rows));
+                journal.execute(params![
+                    dev,
+                    metric,
+                    seq as i64,
+                    count as i64,
+                    time_us,
+                    kind,
+                    value,
+                    geo[0],
+                    geo[1],
+                    geo[2],
+                    geo[3],
+                    geo[4],
+                    geo[5],
+                    rows.map_or(0, Vec::len) as i64,
+                    data
+                ])?;
+            }
+            let with_values: FastSet<i64> = last.keys().map(|(d, _)| *d).collect();
+            for (dev, (seq, count, _)) in touched {
+                if !with_values.contains(dev) {
+                    // a batch without points still moves the device's seq
+                    journal.execute(params![
+                        dev,
+                        None::<i64>,
+                        *seq as i64,
+                        *count as i64,
+                        None::<i64>,
+                        None::<i64>,
+                        None::<i64>,
+                        None::<f64>,
+                        None::<f64>,
+                        None::<f64>,
+                        None::<f64>,
+                        None::<f64>,
+                        None::<f64>,
+                        0i64,
+                        None::<Vec<u8>>
+                    ])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 }
 

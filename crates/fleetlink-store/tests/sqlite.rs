@@ -813,7 +813,7 @@ async fn a_version_2_database_keeps_its_telemetry_when_opened() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     let old: i64 = conn
         .query_row(
             "SELECT count(*) FROM sqlite_schema WHERE name = 'telemetry'",
@@ -1026,9 +1026,29 @@ fn on_disk(path: &std::path::Path, device: &str) -> (i64, i64, i64) {
     (seq, count, journal)
 }
 
-/// Between folds, each commit appends the device bookkeeping to a journal instead of updating the
-/// `devices` and `last_values` tables. Readers see it at once, and a crash before the fold loses
-/// none of it: opening the store folds the journal, and the seq watermark still refuses resends.
+/// The bytes of the telemetry log of the database at `path`.
+fn log_bytes(path: &std::path::Path) -> Vec<u8> {
+    let mut log = path.as_os_str().to_owned();
+    log.push("-tlog");
+    std::fs::read(log).unwrap()
+}
+
+/// Copies the database at `from` as it is on disk (the file, its WAL and its telemetry log) to
+/// `to`: what a crash leaves.
+fn copy_as_crashed(from: &std::path::Path, to: &std::path::Path) {
+    for suffix in ["", "-wal", "-tlog"] {
+        let (mut a, mut b) = (from.as_os_str().to_owned(), to.as_os_str().to_owned());
+        a.push(suffix);
+        b.push(suffix);
+        std::fs::copy(a, b).unwrap();
+    }
+}
+
+/// Between folds, a commit of small batches is a record appended to the telemetry log, and any
+/// other commit appends the device bookkeeping to a journal table, instead of updating the
+/// `devices` and `last_values` tables. Readers see both at once, and a crash before the fold loses
+/// none of it: opening the store replays the log and folds the journal, and the seq watermark
+/// still refuses resends.
 #[tokio::test]
 async fn device_bookkeeping_in_the_journal_survives_a_crash_before_the_fold() {
     let dir = tempfile::tempdir().unwrap();
@@ -1069,17 +1089,20 @@ async fn device_bookkeeping_in_the_journal_survives_a_crash_before_the_fold() {
     rx.wait_for(|d| *d >= 2).await.unwrap();
     append(&store, &truck, "truck-1", 3, vec![]).await; // no points, but the seq moves
     rx.wait_for(|d| *d >= 3).await.unwrap();
+    let after_small = log_bytes(&path).len();
     let (tx, mut rx) = watch::channel(0);
     let buoy = Arc::new(Watch(tx, Mutex::new(Vec::new())));
-    append(
-        &store,
-        &buoy,
-        "buoy-22",
-        7,
-        vec![point("door", 1, Value::Bool(true))],
-    )
-    .await;
+    // 40 points of one metric: a group large enough for a chunk, so this commit goes to SQLite
+    let mut points = vec![point("door", 1, Value::Bool(true))];
+    points.extend((0..40).map(|t| point("depth", t, Value::Int(100 + t))));
+    append(&store, &buoy, "buoy-22", 7, points).await;
     rx.wait_for(|d| *d >= 7).await.unwrap();
+    assert_eq!(
+        log_bytes(&path).len(),
+        after_small,
+        "a commit with a large group is not logged"
+    );
+    assert!(after_small > 16, "the small commits are in the log");
 
     let truck_expected = (
         3,
@@ -1091,35 +1114,33 @@ async fn device_bookkeeping_in_the_journal_survives_a_crash_before_the_fold() {
     );
     let buoy_expected = (
         7,
-        1,
-        BTreeMap::from([("door".to_owned(), (1, Value::Bool(true)))]),
+        41,
+        BTreeMap::from([
+            ("door".to_owned(), (1, Value::Bool(true))),
+            ("depth".to_owned(), (39, Value::Int(139))),
+        ]),
     );
     assert_eq!(bookkeeping(&store, "truck-1").await, truck_expected);
     assert_eq!(bookkeeping(&store, "buoy-22").await, buoy_expected);
-    assert_eq!(store.point_count().await.unwrap(), 5);
+    assert_eq!(store.point_count().await.unwrap(), 45);
 
     // A crash: the files as they are on disk while the store runs.
     let crashed = tempfile::tempdir().unwrap();
     let crashed_path = crashed.path().join("fleet.db");
-    std::fs::copy(&path, &crashed_path).unwrap();
-    std::fs::copy(
-        dir.path().join("fleet.db-wal"),
-        crashed.path().join("fleet.db-wal"),
-    )
-    .unwrap();
+    copy_as_crashed(&path, &crashed_path);
     let (seq, count, journal) = on_disk(&crashed_path, "truck-1");
     assert_eq!((seq, count), (0, 0), "the tables wait for the fold");
     assert_eq!(
-        journal, 5,
-        "one row per device and metric per commit, one for the empty batch"
+        journal, 2,
+        "one row per device and metric of the SQLite commit"
     );
     let chunks: i64 = rusqlite::Connection::open(&crashed_path)
         .unwrap()
         .query_row("SELECT count(*) FROM telemetry_chunks", [], |r| r.get(0))
         .unwrap();
     assert_eq!(
-        chunks, 0,
-        "small batches wait in the journal, not in chunks"
+        chunks, 1,
+        "only the large group is a chunk: small ones wait in the log and the journal"
     );
 
     // A graceful close folds.
@@ -1128,12 +1149,17 @@ async fn device_bookkeeping_in_the_journal_survives_a_crash_before_the_fold() {
     assert!(writer.join(std::time::Duration::from_secs(30)));
     assert_eq!(on_disk(&path, "truck-1"), (3, 4, 0));
 
-    // Opening the crashed copy folds its journal.
+    // Opening the crashed copy replays its log and folds its journal.
     let store = SqliteStore::open(&crashed_path, options).unwrap();
     assert_eq!(on_disk(&crashed_path, "truck-1"), (3, 4, 0));
+    assert_eq!(
+        log_bytes(&crashed_path).len(),
+        16,
+        "the replayed log is emptied"
+    );
     assert_eq!(bookkeeping(&store, "truck-1").await, truck_expected);
     assert_eq!(bookkeeping(&store, "buoy-22").await, buoy_expected);
-    assert_eq!(store.point_count().await.unwrap(), 5);
+    assert_eq!(store.point_count().await.unwrap(), 45);
     // the watermark came back with it: a resend is not stored again
     let (tx, mut rx) = watch::channel(0);
     let again = Arc::new(Watch(tx, Mutex::new(Vec::new())));
@@ -1146,15 +1172,92 @@ async fn device_bookkeeping_in_the_journal_survives_a_crash_before_the_fold() {
     )
     .await;
     rx.wait_for(|d| *d >= 3).await.unwrap();
-    assert_eq!(store.point_count().await.unwrap(), 5);
+    assert_eq!(store.point_count().await.unwrap(), 45);
+    let truck = store.query_telemetry(all_of("truck-1")).await.unwrap();
+    let fuel: Vec<(i64, Value)> = truck
+        .iter()
+        .filter(|p| p.metric.as_str() == "fuel")
+        .map(|p| (p.time_us, p.value.clone()))
+        .collect();
     assert_eq!(
-        store
-            .query_telemetry(all_of("truck-1"))
-            .await
-            .unwrap()
-            .len(),
-        4
+        fuel,
+        vec![
+            (5, Value::Double(0.95)),
+            (10, Value::Double(0.9)),
+            (20, Value::Double(0.8))
+        ]
     );
+    assert_eq!(truck.len(), 4);
+    let buoy = store.query_telemetry(all_of("buoy-22")).await.unwrap();
+    assert_eq!(buoy.len(), 41);
+}
+
+/// A fold marks the telemetry log's generation as folded in its own transaction, then empties the
+/// log. A crash between the two leaves a log whose records are stored already: opening the store
+/// must not store them twice. A record torn by a power loss is dropped, and the ones before it
+/// are kept.
+#[tokio::test]
+async fn a_telemetry_log_already_folded_is_not_replayed_and_a_torn_record_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let options = SqliteOptions {
+        fold_interval: std::time::Duration::from_secs(3600),
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(&path, options.clone()).unwrap();
+    provision(&store, "pump-1").await;
+    let (tx, mut rx) = watch::channel(0);
+    let pump = Arc::new(Watch(tx, Mutex::new(Vec::new())));
+    // each commit is a record in the log
+    for seq in 1..=3 {
+        append(
+            &store,
+            &pump,
+            "pump-1",
+            seq,
+            vec![point("rpm", seq as i64, Value::Int(1000 + seq as i64))],
+        )
+        .await;
+        rx.wait_for(|d| *d >= seq).await.unwrap();
+    }
+    let unfolded = log_bytes(&path);
+    assert!(unfolded.len() > 16);
+    let crashed = tempfile::tempdir().unwrap();
+    let torn_path = crashed.path().join("fleet.db");
+    copy_as_crashed(&path, &torn_path);
+
+    // A graceful close folds and empties the log; putting the log back as it was before is
+    // a crash between the fold's commit and the emptying.
+    let writer = store.writer_handle();
+    drop(store);
+    assert!(writer.join(std::time::Duration::from_secs(30)));
+    assert_eq!(log_bytes(&path).len(), 16);
+    let mut log = path.as_os_str().to_owned();
+    log.push("-tlog");
+    std::fs::write(&log, &unfolded).unwrap();
+    let store = SqliteStore::open(&path, options.clone()).unwrap();
+    assert_eq!(store.point_count().await.unwrap(), 3);
+    assert_eq!(
+        store.query_telemetry(all_of("pump-1")).await.unwrap().len(),
+        3,
+        "no point stored twice"
+    );
+    drop(store);
+
+    // A power loss that cut the last record short: the points before it come back.
+    let mut torn_log = torn_path.as_os_str().to_owned();
+    torn_log.push("-tlog");
+    std::fs::write(&torn_log, &unfolded[..unfolded.len() - 3]).unwrap();
+    let store = SqliteStore::open(&torn_path, options).unwrap();
+    let (seq, count, _) = bookkeeping(&store, "pump-1").await;
+    let times: Vec<i64> = store
+        .query_telemetry(all_of("pump-1"))
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.time_us)
+        .collect();
+    assert_eq!((seq, count, times), (2, 2, vec![1, 2]));
 }
 
 /// One store per database: a second one is refused while the first runs (its writer would fold
