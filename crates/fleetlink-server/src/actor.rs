@@ -42,6 +42,58 @@ pub(crate) struct ActorSettings {
     pub max_frame_bytes: u32,
     /// The QUIC IO runtime: command streams are served there.
     pub io: tokio::runtime::Handle,
+    /// Wakes the sessions whose devices' batches became durable.
+    pub durable_wakeups: Arc<DurableWakeups>,
+}
+
+/// Wakes the sessions waiting on their devices' durable watermarks, from the server's runtime.
+///
+/// The store's writer thread raises the watermarks of a commit's devices and queues them here,
+/// and one task on the runtime wakes their waiters. Waking each waiter from the writer thread cost
+/// a cross-thread wake-up per device and commit (on a current-thread runtime, an `eventfd` write
+/// each): now it is one per commit.
+#[derive(Debug, Default)]
+pub(crate) struct DurableWakeups {
+    raised: std::sync::Mutex<Vec<Arc<DurableSeq>>>,
+    ready: tokio::sync::Notify,
+}
+
+impl DurableWakeups {
+    /// Starts the waking task on the current runtime.
+    pub(crate) fn start() -> Arc<Self> {
+        let this = Arc::new(Self::default());
+        let hub = this.clone();
+        tokio::spawn(async move {
+            let mut raised = Vec::new();
+            loop {
+                hub.ready.notified().await;
+                std::mem::swap(&mut raised, &mut *hub.lock());
+                for durable in raised.drain(..) {
+                    durable.grew.notify_waiters();
+                }
+            }
+        });
+        this
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<DurableSeq>>> {
+        // a push or a swap cannot leave the vector half-changed
+        self.raised
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn raise(&self, durable: Arc<DurableSeq>) {
+        let first = {
+            let mut raised = self.lock();
+            raised.push(durable);
+            raised.len() == 1
+        };
+        if first {
+            // the task is woken once per batch of raises (a permit if it is busy)
+            self.ready.notify_one();
+        }
+    }
 }
 
 /// What an actor loads from the store when it starts.
@@ -129,15 +181,20 @@ pub(crate) struct DurableSeq {
     seq: AtomicU64,
     grew: tokio::sync::Notify,
     actor: std::sync::OnceLock<Recipient<StorageFailed>>,
+    /// Wakes `grew`'s waiters on the runtime; without it, the store's thread wakes them.
+    wakeups: Option<Arc<DurableWakeups>>,
+    me: std::sync::Weak<DurableSeq>,
 }
 
 impl DurableSeq {
-    fn new(seq: u64) -> Self {
-        Self {
+    fn new(seq: u64, wakeups: Option<Arc<DurableWakeups>>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
             seq: AtomicU64::new(seq),
             grew: tokio::sync::Notify::new(),
             actor: std::sync::OnceLock::new(),
-        }
+            wakeups,
+            me: me.clone(),
+        })
     }
 
     pub(crate) fn get(&self) -> u64 {
@@ -196,7 +253,10 @@ impl DurableWatch {
 impl DurabilityListener for DurableSeq {
     fn durable(&self, seq: u64) {
         if self.seq.fetch_max(seq, Ordering::AcqRel) < seq {
-            self.grew.notify_waiters();
+            match (&self.wakeups, self.me.upgrade()) {
+                (Some(wakeups), Some(me)) => wakeups.raise(me),
+                _ => self.grew.notify_waiters(),
+            }
         }
     }
 
@@ -263,7 +323,7 @@ impl DeviceActor {
             seq: SeqWindow::new(last_seq),
             types,
             last_values,
-            durable: Arc::new(DurableSeq::new(last_seq)),
+            durable: DurableSeq::new(last_seq, Some(settings.durable_wakeups.clone())),
             session_kick: None,
             heard: Arc::new(AtomicI64::new(0)),
             settings,
@@ -797,7 +857,45 @@ mod tests {
 
     #[tokio::test]
     async fn a_durable_watch_wakes_on_every_advance_and_sees_the_latest() {
-        let durable = Arc::new(DurableSeq::new(5));
+        durable_watch_wakes(None).await;
+    }
+
+    /// The same through the runtime's waking task, with the watermarks raised from another
+    /// thread, as the store's writer does.
+    #[tokio::test]
+    async fn a_durable_watch_wakes_through_the_runtime_when_another_thread_raises_it() {
+        durable_watch_wakes(Some(DurableWakeups::start())).await;
+        // many devices raised in one go, from the writer's thread: every waiter wakes
+        let wakeups = DurableWakeups::start();
+        let seqs: Vec<Arc<DurableSeq>> = (0..100)
+            .map(|_| DurableSeq::new(0, Some(wakeups.clone())))
+            .collect();
+        let waiters: Vec<_> = seqs
+            .iter()
+            .map(|d| {
+                let mut watch = DurableWatch::new(d.clone());
+                tokio::spawn(async move { watch.reaches(3).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let raised = seqs.clone();
+        std::thread::spawn(move || {
+            for d in &raised {
+                d.durable(3);
+            }
+        })
+        .join()
+        .unwrap();
+        for w in waiters {
+            tokio::time::timeout(std::time::Duration::from_secs(10), w)
+                .await
+                .expect("a waiter was not woken")
+                .unwrap();
+        }
+    }
+
+    async fn durable_watch_wakes(wakeups: Option<Arc<DurableWakeups>>) {
+        let durable = DurableSeq::new(5, wakeups);
         let mut watch = DurableWatch::new(durable.clone());
         assert_eq!(watch.current(), 5);
         // nothing new: a wait (abandoned, as a select! branch that lost) does not complete

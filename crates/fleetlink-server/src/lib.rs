@@ -388,6 +388,7 @@ async fn setup(
         delivery_write_delay: Duration::from_millis(config.commands.delivery_write_delay_ms),
         max_frame_bytes: config.max_frame_bytes,
         io: tokio::runtime::Handle::current(),
+        durable_wakeups: actor::DurableWakeups::start(),
     };
     let registry = registry::DeviceRegistry::new(handles, store.clone(), settings);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
