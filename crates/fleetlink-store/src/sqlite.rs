@@ -2694,7 +2694,12 @@ impl Writer {
 
         let mut overlay = lock_overlay(&self.overlay);
         for (&dev, &(seq, count, id)) in &touched {
-            self.devices.insert(id.clone(), (dev, seq, count));
+            // cached by `device_row` above: updated in place, no key cloned
+            if let Some(d) = self.devices.get_mut(id) {
+                *d = (dev, seq, count);
+            } else {
+                self.devices.insert(id.clone(), (dev, seq, count));
+            }
             let b = overlay.devices.entry(dev).or_default();
             b.last_seq = b.last_seq.max(seq);
             b.point_count = b.point_count.max(count);
