@@ -2505,10 +2505,12 @@ impl Writer {
         // The log's records are all in the overlay: this fold commits them, and marks its
         // generation folded so that a replay after a crash skips them.
         let log_generation = (!self.log.is_empty()).then(|| self.log.generation());
+        // The fold is synced to disk before the log is emptied. With nothing in the log there is
+        // nothing to empty: passing `Full` to `fully_synced` leaves the connection's level alone.
         let sync = if log_generation.is_some() {
             self.sync
         } else {
-            Synchronous::Full // nothing to sync for: no change of level
+            Synchronous::Full
         };
         let compaction = &mut self.compaction;
         let overlay_lock = &self.overlay;
