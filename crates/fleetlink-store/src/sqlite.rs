@@ -775,25 +775,11 @@ fn replay_log(conn: &mut Connection, path: &Path, sync: Synchronous) -> Result<u
                 insert_chunk(&tx, device, metric, part)?;
             }
         }
-        {
-            let mut value = tx.prepare_cached(&format!(
-                "INSERT INTO last_values (device, metric, time_us, kind, value, lat, lon, alt, speed, heading, accuracy)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) {UPSERT_LAST_VALUE}"
-            ))?;
-            for ((device, metric), (time_us, v)) in &last {
-                let (kind, val, geo) = value_columns(v);
-                value.execute(params![
-                    device, metric, time_us, kind, val, geo[0], geo[1], geo[2], geo[3], geo[4],
-                    geo[5]
-                ])?;
-            }
-            let mut update = tx.prepare_cached(
-                "UPDATE devices SET last_seq = max(last_seq, ?2), point_count = max(point_count, ?3)
-                 WHERE id = ?1",
-            )?;
-            for (device, (seq, count)) in &books {
-                update.execute(params![device, *seq as i64, *count as i64])?;
-            }
+        for (&(device, metric), (time_us, value)) in &last {
+            store_last_value(&tx, device, metric, *time_us, value)?;
+        }
+        for (&device, &(seq, count)) in &books {
+            store_device_books(&tx, device, seq, count)?;
         }
         mark_log_folded(&tx, generation)?;
         tx.commit()?;
@@ -807,6 +793,40 @@ fn replay_log(conn: &mut Connection, path: &Path, sync: Synchronous) -> Result<u
         "replayed the telemetry log left by a crash"
     );
     Ok(generation + 1)
+}
+
+/// Raises a device's stored seq and point count to `seq` and `count` (never lowers them).
+fn store_device_books(
+    tx: &Connection,
+    device: i64,
+    seq: u64,
+    count: u64,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE devices SET last_seq = max(last_seq, ?2), point_count = max(point_count, ?3)
+         WHERE id = ?1",
+    )?
+    .execute(params![device, seq as i64, count as i64])?;
+    Ok(())
+}
+
+/// Stores a metric's latest value unless the stored one is newer by device clock.
+fn store_last_value(
+    tx: &Connection,
+    device: i64,
+    metric: i64,
+    time_us: TimeUs,
+    value: &Value,
+) -> Result<(), StoreError> {
+    let (kind, val, geo) = value_columns(value);
+    tx.prepare_cached(&format!(
+        "INSERT INTO last_values (device, metric, time_us, kind, value, lat, lon, alt, speed, heading, accuracy)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) {UPSERT_LAST_VALUE}"
+    ))?
+    .execute(params![
+        device, metric, time_us, kind, val, geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
+    ])?;
+    Ok(())
 }
 
 /// Records in the fold's transaction that the telemetry log's `generation` is folded.
@@ -2527,29 +2547,15 @@ impl Writer {
                     }
                 }
             }
-            {
-                let mut value = tx.prepare_cached(&format!(
-                    "INSERT INTO last_values (device, metric, time_us, kind, value, lat, lon, alt, speed, heading, accuracy)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) {UPSERT_LAST_VALUE}"
-                ))?;
-                let mut device = tx.prepare_cached(
-                    "UPDATE devices SET last_seq = max(last_seq, ?2), point_count = max(point_count, ?3)
-                     WHERE id = ?1",
-                )?;
-                for (dev, b) in &books {
-                    device.execute(params![dev, b.last_seq as i64, b.point_count as i64])?;
-                    for (metric, v) in &b.last_values {
-                        let (kind, val, geo) = value_columns(&v.value);
-                        value.execute(params![
-                            dev, metric, v.time_us, kind, val, geo[0], geo[1], geo[2], geo[3],
-                            geo[4], geo[5]
-                        ])?;
-                    }
+            for (dev, b) in &books {
+                store_device_books(&tx, *dev, b.last_seq, b.point_count)?;
+                for (metric, v) in &b.last_values {
+                    store_last_value(&tx, *dev, *metric, v.time_us, &v.value)?;
                 }
-                tx.execute("DELETE FROM device_journal", [])?;
-                if let Some(generation) = log_generation {
-                    mark_log_folded(&tx, generation)?;
-                }
+            }
+            tx.execute("DELETE FROM device_journal", [])?;
+            if let Some(generation) = log_generation {
+                mark_log_folded(&tx, generation)?;
             }
             // Readers find the folded points in the chunks from this commit on, and no longer
             // in the overlay: both change under the overlay lock (see `snapshot_device`).

@@ -1026,6 +1026,14 @@ fn on_disk(path: &std::path::Path, device: &str) -> (i64, i64, i64) {
     (seq, count, journal)
 }
 
+/// Options under which the writer folds only when it stops (or a million points wait).
+fn no_timed_folds() -> SqliteOptions {
+    SqliteOptions {
+        fold_interval: std::time::Duration::from_secs(3600),
+        ..SqliteOptions::default()
+    }
+}
+
 /// The bytes of the telemetry log of the database at `path`.
 fn log_bytes(path: &std::path::Path) -> Vec<u8> {
     let mut log = path.as_os_str().to_owned();
@@ -1053,10 +1061,7 @@ fn copy_as_crashed(from: &std::path::Path, to: &std::path::Path) {
 async fn device_bookkeeping_in_the_journal_survives_a_crash_before_the_fold() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleet.db");
-    let options = SqliteOptions {
-        fold_interval: std::time::Duration::from_secs(3600),
-        ..SqliteOptions::default()
-    };
+    let options = no_timed_folds();
     let store = SqliteStore::open(&path, options.clone()).unwrap();
     provision(&store, "truck-1").await;
     provision(&store, "buoy-22").await;
@@ -1200,10 +1205,7 @@ async fn device_bookkeeping_in_the_journal_survives_a_crash_before_the_fold() {
 async fn a_telemetry_log_already_folded_is_not_replayed_and_a_torn_record_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleet.db");
-    let options = SqliteOptions {
-        fold_interval: std::time::Duration::from_secs(3600),
-        ..SqliteOptions::default()
-    };
+    let options = no_timed_folds();
     let store = SqliteStore::open(&path, options.clone()).unwrap();
     provision(&store, "pump-1").await;
     let (tx, mut rx) = watch::channel(0);
