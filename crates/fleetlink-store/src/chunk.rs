@@ -370,11 +370,11 @@ impl Columns {
 #[error("telemetry chunk: {0}")]
 pub(crate) struct ChunkError(String);
 
-fn zigzag(x: i64) -> u64 {
+pub(crate) fn zigzag(x: i64) -> u64 {
     ((x << 1) ^ (x >> 63)) as u64
 }
 
-fn unzigzag(x: u64) -> i64 {
+pub(crate) fn unzigzag(x: u64) -> i64 {
     ((x >> 1) as i64) ^ -((x & 1) as i64)
 }
 

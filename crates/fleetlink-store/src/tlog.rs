@@ -29,7 +29,7 @@ use std::borrow::Borrow;
 use fleetlink_core::{GeoPosition, Value, ValueKind};
 
 use crate::StoreError;
-use crate::chunk::Row;
+use crate::chunk::{Row, unzigzag, zigzag};
 
 const MAGIC: &[u8; 8] = b"FLTLOG01";
 const HEADER: u64 = 16;
@@ -255,14 +255,6 @@ impl RecordWriter {
     pub(crate) fn finish(self) -> Vec<u8> {
         self.buf
     }
-}
-
-fn zigzag(x: i64) -> u64 {
-    ((x << 1) ^ (x >> 63)) as u64
-}
-
-fn unzigzag(x: u64) -> i64 {
-    ((x >> 1) as i64) ^ -((x & 1) as i64)
 }
 
 /// A value: its kind's storage code, then a double's 8 bytes, an int's zigzag varint, a bool's
