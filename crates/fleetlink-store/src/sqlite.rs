@@ -29,6 +29,12 @@ type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 const SCHEMA_VERSION: i64 = 6;
 
+/// How much of the database file a reader connection maps into memory (SQLite's `mmap_size`):
+/// a history query then reads its chunks' pages from the mapping instead of copying each one
+/// out of the kernel's page cache with a `pread`. Address space only; the pages are the page
+/// cache's, shared by every reader. The writer keeps plain reads.
+const READER_MMAP_BYTES: i64 = 1 << 30;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS admin_tokens (
     id          INTEGER PRIMARY KEY,
@@ -474,7 +480,11 @@ impl SqliteStore {
                 .pop();
             let conn = match pooled {
                 Some(c) => c,
-                None => open_connection(&inner.path, Synchronous::Normal)?,
+                None => {
+                    let conn = open_connection(&inner.path, Synchronous::Normal)?;
+                    conn.pragma_update(None, "mmap_size", READER_MMAP_BYTES)?;
+                    conn
+                }
             };
             let result = f(&conn);
             if let Ok(mut pool) = inner.readers.lock()
@@ -3091,6 +3101,28 @@ mod tests {
     }
 
     /// A table of chunks, each given as (seq, [(time, value)]) in time order.
+    /// History queries read through a mapping of the file; the writer does not map it.
+    #[test]
+    fn reader_connections_map_the_database_file_and_the_writer_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleetlink.db");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mapped = rt.block_on(async {
+            let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+            let mmap_size = |c: &Connection| {
+                c.query_row("PRAGMA mmap_size", [], |r| r.get::<_, i64>(0))
+                    .map_err(StoreError::from)
+            };
+            let reader = store.read(mmap_size).await.unwrap();
+            let writer = store.control(mmap_size).await.unwrap();
+            (reader, writer)
+        });
+        assert_eq!(mapped, (READER_MMAP_BYTES, 0));
+    }
+
     fn chunks_table(chunks: &[(u64, Vec<(TimeUs, Value)>)]) -> Connection {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(
