@@ -829,11 +829,7 @@ fn store_last_value(
     value: &Value,
 ) -> Result<(), StoreError> {
     let (kind, val, geo) = value_columns(value);
-    tx.prepare_cached(&format!(
-        "INSERT INTO last_values (device, metric, time_us, kind, value, lat, lon, alt, speed, heading, accuracy)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) {UPSERT_LAST_VALUE}"
-    ))?
-    .execute(params![
+    tx.prepare_cached(INSERT_LAST_VALUE)?.execute(params![
         device, metric, time_us, kind, val, geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
     ])?;
     Ok(())
@@ -850,12 +846,25 @@ fn mark_log_folded(tx: &Connection, generation: u64) -> Result<(), StoreError> {
 }
 
 /// The conflict clause of every write to `last_values`: a value replaces the stored one unless
-/// it is older by device clock.
-const UPSERT_LAST_VALUE: &str = "ON CONFLICT(device, metric) DO UPDATE SET
+/// it is older by device clock. A macro so that [`INSERT_LAST_VALUE`] is one literal, not a
+/// string formatted for every value a fold stores.
+macro_rules! upsert_last_value {
+    () => {
+        "ON CONFLICT(device, metric) DO UPDATE SET
     time_us = excluded.time_us, kind = excluded.kind, value = excluded.value,
     lat = excluded.lat, lon = excluded.lon, alt = excluded.alt, speed = excluded.speed,
     heading = excluded.heading, accuracy = excluded.accuracy
- WHERE excluded.time_us >= last_values.time_us";
+ WHERE excluded.time_us >= last_values.time_us"
+    };
+}
+const UPSERT_LAST_VALUE: &str = upsert_last_value!();
+
+/// One value into `last_values`, under [`UPSERT_LAST_VALUE`].
+const INSERT_LAST_VALUE: &str = concat!(
+    "INSERT INTO last_values (device, metric, time_us, kind, value, lat, lon, alt, speed, heading, accuracy)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ",
+    upsert_last_value!()
+);
 
 /// Moves the points of a version 1 or 2 database (a row each in `telemetry`) into chunks.
 fn rows_to_chunks(tx: &Connection) -> Result<(), StoreError> {
