@@ -3109,7 +3109,6 @@ mod tests {
         assert!(heaviest_disjoint(&[]).is_empty());
     }
 
-    /// A table of chunks, each given as (seq, [(time, value)]) in time order.
     /// History queries read through a mapping of the file; the writer does not map it.
     #[test]
     fn reader_connections_map_the_database_file_and_the_writer_does_not() {
@@ -3132,6 +3131,7 @@ mod tests {
         assert_eq!(mapped, (READER_MMAP_BYTES, 0));
     }
 
+    /// A table of chunks, each given as (seq, [(time, value)]) in time order.
     fn chunks_table(chunks: &[(u64, Vec<(TimeUs, Value)>)]) -> Connection {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(
