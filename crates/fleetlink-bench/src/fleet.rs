@@ -80,6 +80,10 @@ pub fn serve(data: &Path, devices: usize, listen: SocketAddr) -> Result<()> {
             defaults.handshake_queue_ms,
         ),
         group_commit_us: env_or("FLEETLINK_BENCH_GROUP_COMMIT_US", defaults.group_commit_us),
+        fold_interval_ms: env_or(
+            "FLEETLINK_BENCH_FOLD_INTERVAL_MS",
+            defaults.fold_interval_ms,
+        ),
         ack_delay_ms: env_or("FLEETLINK_BENCH_ACK_DELAY_MS", defaults.ack_delay_ms),
         ..defaults
     })?;

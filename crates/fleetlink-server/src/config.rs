@@ -49,6 +49,12 @@ pub struct ServerConfig {
     /// Group commit: how long (µs) the store writer waits for more batches when its queue runs
     /// dry, so the batches of many slow devices share one commit. 0 = commit at once.
     pub group_commit_us: u64,
+    /// How often (ms) the store folds the points and bookkeeping waiting in its telemetry log and
+    /// journal into chunks and tables (see ARCHITECTURE.md). A fold costs per device and metric
+    /// that waits, not per point, so a longer interval makes bigger chunks and costs less per
+    /// point; the log then holds more to replay after a crash, and each fold stalls acks for about
+    /// as long as before, less often. 0 = fold after every commit.
+    pub fold_interval_ms: u64,
     /// Time a client has to complete its handshake (milliseconds).
     pub handshake_timeout_ms: u32,
     /// QUIC handshakes in progress at once; further connection attempts wait in the handshake
@@ -168,6 +174,7 @@ pub struct CommandsConfig {
 
 /// Upper bound of [`ServerConfig::ack_delay_ms`]: a lost server packet waits this long at most.
 const MAX_ACK_DELAY_MS: u32 = fleetlink_transport::MAX_ACK_DELAY.as_millis() as u32;
+const MAX_FOLD_INTERVAL_MS: u64 = 300_000;
 
 impl Default for CommandsConfig {
     fn default() -> Self {
@@ -196,6 +203,7 @@ impl Default for ServerConfig {
             single_thread: None,
             synchronous: "normal".into(),
             group_commit_us: 2_000,
+            fold_interval_ms: 15_000,
             handshake_timeout_ms: 10_000,
             max_handshakes: 64,
             handshake_queue: 16_384,
@@ -268,6 +276,12 @@ impl ServerConfig {
                 "group_commit_us = {}: at most 1000000 (1 s); a few thousand is plenty",
                 self.group_commit_us
             )));
+        }
+        if self.fold_interval_ms > MAX_FOLD_INTERVAL_MS {
+            return bad(format!(
+                "fold_interval_ms = {}: at most {MAX_FOLD_INTERVAL_MS} (5 min); the telemetry log replays what waits after a crash",
+                self.fold_interval_ms
+            ));
         }
         if !matches!(self.synchronous.as_str(), "normal" | "full") {
             return bad(format!(
@@ -375,5 +389,23 @@ mod group_commit_tests {
         assert!(err.contains("group_commit_us"), "{err}");
         let parsed: ServerConfig = toml::from_str("group_commit_us = 0").expect("parses");
         assert_eq!(parsed.group_commit_us, 0);
+    }
+
+    #[test]
+    fn fold_interval_defaults_to_fifteen_seconds_and_refuses_more_than_five_minutes() {
+        assert_eq!(ServerConfig::default().fold_interval_ms, 15_000);
+        let every_commit: ServerConfig = toml::from_str("fold_interval_ms = 0").expect("parses");
+        assert_eq!(every_commit.fold_interval_ms, 0);
+        assert!(every_commit.validate().is_ok());
+        let long: ServerConfig = toml::from_str("fold_interval_ms = 300001").expect("parses");
+        match long.validate() {
+            Err(ServerError::Config(m)) => {
+                assert!(
+                    m.contains("fold_interval_ms = 300001: at most 300000"),
+                    "{m}"
+                )
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
     }
 }

@@ -246,6 +246,7 @@ fn run(
         SqliteOptions {
             synchronous: sync,
             commit_delay: Duration::from_micros(config.group_commit_us),
+            fold_interval: Duration::from_millis(config.fold_interval_ms),
             ..Default::default()
         },
     ) {

@@ -1003,3 +1003,44 @@ async fn provision_devices_creates_every_device_of_a_request_or_none() {
     );
     assert_eq!(code, ErrorCode::InvalidArgument);
 }
+
+/// `fold_interval_ms` reaches the store. At 0 every commit is folded, so the `devices` table
+/// counts the acked points at once; at 5 minutes they wait in the telemetry log (the table still
+/// says 0), and queries return them all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fold_interval_ms_decides_when_acked_points_reach_the_device_table() {
+    for (interval_ms, folded) in [(0, true), (300_000, false)] {
+        let ts = start(|c| c.fold_interval_ms = interval_ms);
+        let op = ts.operator().await;
+        let dev = connect_device(&ts, &op, "folder").await;
+        for i in 0..3 {
+            dev.send(vec![point("x", i, Value::Int(i))]).await.unwrap();
+        }
+        dev.flush(Duration::from_secs(10)).await.unwrap();
+        let id = DeviceId::new("folder").unwrap();
+        assert_eq!(stored_points(&op, &id).await.len(), 3, "{interval_ms} ms");
+        let db = rusqlite::Connection::open(ts.dir.path().join("fleetlink.db")).unwrap();
+        let counted = || {
+            db.query_row(
+                "SELECT point_count FROM devices WHERE name = 'folder'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+        };
+        if folded {
+            // the ack goes out when the commit is durable; the fold follows it
+            eventually(
+                Duration::from_secs(10),
+                "the fold of the acked points",
+                || {
+                    let n = counted();
+                    async move { n == 3 }
+                },
+            )
+            .await;
+        } else {
+            assert_eq!(counted(), 0, "folded within {interval_ms} ms");
+        }
+    }
+}
