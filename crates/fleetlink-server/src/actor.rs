@@ -122,6 +122,13 @@ pub(crate) struct Link {
     pub delta: crate::outq::DeltaSender,
 }
 
+/// A map keyed by what devices send: foldhash, not SipHash (a device's maps are looked up for
+/// every batch it sends).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Per metric, the time and value of its latest point.
+type LastValues = FastMap<MetricName, (TimeUs, Value)>;
+
 /// The live state of one device.
 pub(crate) struct DeviceActor {
     pub(crate) id: DeviceId,
@@ -129,7 +136,7 @@ pub(crate) struct DeviceActor {
     presence: Presence,
     seq: SeqWindow,
     types: MetricTypes,
-    last_values: HashMap<MetricName, (TimeUs, Value)>,
+    last_values: LastValues,
     durable: Arc<DurableSeq>,
     session_kick: Option<oneshot::Sender<Kick>>,
     /// When the current session last heard a heartbeat (µs since the epoch; 0 = not yet),
@@ -311,7 +318,7 @@ impl DeviceActor {
             open.insert(c.id, c);
         }
         let mut types = MetricTypes::default();
-        let mut last_values = HashMap::new();
+        let mut last_values = LastValues::default();
         for v in last {
             types.insert(v.metric.clone(), v.value.kind());
             last_values.insert(v.metric, (v.time_us, v.value));
@@ -668,28 +675,42 @@ impl actix::dev::MessageResponse<DeviceActor, Ingest> for IngestResponse {
 }
 
 /// Keeps, per metric, the value of the latest point (by time; of equal times, the later one in
-/// the batch). One copy of a value per metric a batch carries, not per point: a batch is often
+/// the batch). A small batch (the usual: a slow device's one or few points) is applied point by
+/// point, with no map of its own. A large one is first reduced to its latest point per metric,
+/// so that a value is copied once per metric it carries, not per point: a batch is often
 /// hundreds of points of one metric, and string values are copied on the heap.
-fn update_last_values(last: &mut HashMap<MetricName, (TimeUs, Value)>, points: &[Point]) {
+fn update_last_values(last: &mut LastValues, points: &[Point]) {
+    if points.len() <= SMALL_BATCH_POINTS {
+        for p in points {
+            keep_if_latest(last, p);
+        }
+        return;
+    }
     // metric → index of its latest point in the batch
-    let mut latest: HashMap<&MetricName, usize> = HashMap::new();
+    let mut latest: FastMap<&MetricName, usize> = FastMap::default();
     for (i, p) in points.iter().enumerate() {
         let at = latest.entry(&p.metric).or_insert(i);
         if p.time_us >= points[*at].time_us {
             *at = i;
         }
     }
-    for (metric, at) in latest {
-        let p = &points[at];
-        match last.get_mut(metric) {
-            Some(slot) => {
-                if p.time_us >= slot.0 {
-                    *slot = (p.time_us, p.value.clone());
-                }
+    for at in latest.into_values() {
+        keep_if_latest(last, &points[at]);
+    }
+}
+
+/// Batches of at most this many points update the last values point by point.
+const SMALL_BATCH_POINTS: usize = 8;
+
+fn keep_if_latest(last: &mut LastValues, p: &Point) {
+    match last.get_mut(&p.metric) {
+        Some(slot) => {
+            if p.time_us >= slot.0 {
+                *slot = (p.time_us, p.value.clone());
             }
-            None => {
-                last.insert(metric.clone(), (p.time_us, p.value.clone()));
-            }
+        }
+        None => {
+            last.insert(p.metric.clone(), (p.time_us, p.value.clone()));
         }
     }
 }
@@ -822,13 +843,13 @@ mod tests {
         }
     }
 
-    fn get(last: &HashMap<MetricName, (TimeUs, Value)>, metric: &str) -> (TimeUs, Value) {
+    fn get(last: &LastValues, metric: &str) -> (TimeUs, Value) {
         last[&MetricName::new(metric).expect("valid")].clone()
     }
 
     #[test]
     fn last_values_keep_the_latest_point_of_each_metric() {
-        let mut last = HashMap::new();
+        let mut last = LastValues::default();
         // out of order in the batch; of two points at the same time, the later one in the batch
         update_last_values(
             &mut last,
@@ -848,10 +869,22 @@ mod tests {
         update_last_values(&mut last, &[p("speed", 25, 9), p("rpm", 5, 51)]);
         assert_eq!(get(&last, "speed"), (30, Value::Int(4)));
         assert_eq!(get(&last, "rpm"), (5, Value::Int(51)));
+        // the same rule for a batch reduced to its latest point per metric first
+        let mut large = vec![p("speed", 40, 5), p("rpm", 1, 60), p("speed", 50, 6)];
+        large.extend((0..SMALL_BATCH_POINTS as i64).map(|i| p("temp", 7, i)));
+        large.extend([p("speed", 50, 7), p("speed", 45, 8)]);
+        assert!(large.len() > SMALL_BATCH_POINTS);
+        update_last_values(&mut last, &large);
+        assert_eq!(get(&last, "speed"), (50, Value::Int(7)));
+        assert_eq!(get(&last, "rpm"), (5, Value::Int(51)));
+        assert_eq!(
+            get(&last, "temp"),
+            (7, Value::Int(SMALL_BATCH_POINTS as i64 - 1))
+        );
         // many metrics in one batch
         let many: Vec<Point> = (0..500).map(|i| p(&format!("m{i}"), i, i)).collect();
         update_last_values(&mut last, &many);
-        assert_eq!(last.len(), 502);
+        assert_eq!(last.len(), 503);
         assert_eq!(get(&last, "m499"), (499, Value::Int(499)));
     }
 

@@ -2472,23 +2472,15 @@ impl Writer {
                 }
             }
             previous = jobs.len();
-            let (appends, controls): (Vec<_>, Vec<_>) = std::mem::take(&mut jobs)
-                .into_iter()
-                .partition(|j| matches!(j, WriterJob::Append(..)));
-            let appends: Vec<AppendBatch> = appends
-                .into_iter()
-                .filter_map(|j| match j {
-                    WriterJob::Append(b, _permit) => Some(b), // the permit frees queue room
-                    WriterJob::Control(_) => None,
-                })
-                .collect();
-            let controls: Vec<ControlJob> = controls
-                .into_iter()
-                .filter_map(|j| match j {
-                    WriterJob::Control(c) => Some(c),
-                    WriterJob::Append(..) => None,
-                })
-                .collect();
+            // `jobs` keeps its capacity from commit to commit
+            let mut appends: Vec<AppendBatch> = Vec::with_capacity(jobs.len());
+            let mut controls: Vec<ControlJob> = Vec::new();
+            for job in jobs.drain(..) {
+                match job {
+                    WriterJob::Append(b, _permit) => appends.push(b), // the permit frees queue room
+                    WriterJob::Control(c) => controls.push(c),
+                }
+            }
             let mut finishers = Vec::with_capacity(controls.len());
             match self.commit(&appends, controls, &mut finishers) {
                 Ok(durable) => {
