@@ -139,6 +139,8 @@ pub(crate) struct DeviceActor {
     last_values: LastValues,
     durable: Arc<DurableSeq>,
     session_kick: Option<oneshot::Sender<Kick>>,
+    /// The session closed for a refused posted batch: its later batches are refused too.
+    refused: Option<SessionId>,
     /// When the current session last heard a heartbeat (µs since the epoch; 0 = not yet),
     /// written by the session itself: a heartbeat costs no message to the actor, which folds it
     /// into `presence` when it needs it ([`Self::fold_heard`]).
@@ -332,6 +334,7 @@ impl DeviceActor {
             last_values,
             durable: DurableSeq::new(last_seq, Some(settings.durable_wakeups.clone())),
             session_kick: None,
+            refused: None,
             heard: Arc::new(AtomicI64::new(0)),
             settings,
             reported: twin.reported,
@@ -583,15 +586,29 @@ impl IngestError {
 pub(crate) struct Ingest {
     pub session: SessionId,
     pub batch: Batch,
+    /// Sent without waiting for the answer ([`Addr::try_send`]): the actor itself closes the
+    /// session if it refuses the batch, and refuses every later batch of that session.
+    pub posted: bool,
 }
 
 impl Handler<Ingest> for DeviceActor {
     type Result = IngestResponse;
 
     fn handle(&mut self, msg: Ingest, _: &mut Self::Context) -> Self::Result {
+        let (posted, session) = (msg.posted, msg.session);
+        let response = self.ingest(msg);
+        if posted && let IngestResponse::Ready(Err(e)) = &response {
+            self.refuse_posted(session, e);
+        }
+        response
+    }
+}
+
+impl DeviceActor {
+    fn ingest(&mut self, msg: Ingest) -> IngestResponse {
         let now = now_us();
         let ready = IngestResponse::Ready;
-        if !self.presence.seen(msg.session, now) {
+        if self.refused == Some(msg.session) || !self.presence.seen(msg.session, now) {
             return ready(Err(IngestError::NotCurrent));
         }
         self.sync_durable();
@@ -636,12 +653,32 @@ impl Handler<Ingest> for DeviceActor {
             Err(e) => ready(Err(e.into())),
             Ok(Some(job)) => {
                 let store = self.store.clone();
+                let (posted, session) = (msg.posted, msg.session);
                 IngestResponse::WaitForRoom(AtomicResponse::new(Box::pin(
                     async move { store.append(job).await.map_err(IngestError::from) }
-                        .into_actor(self),
+                        .into_actor(self)
+                        .map(move |result, act, _| {
+                            if posted && let Err(e) = &result {
+                                act.refuse_posted(session, e);
+                            }
+                            result
+                        }),
                 )))
             }
         }
+    }
+
+    /// A posted batch of `session` was refused: nobody waits for the answer, so the actor
+    /// closes the session with the error itself (the code and message a session closes with when
+    /// its awaited batch is refused), and refuses the batches it posted after that one. A session
+    /// that is no longer current was closed when its successor attached.
+    fn refuse_posted(&mut self, session: SessionId, e: &IngestError) {
+        if matches!(e, IngestError::NotCurrent) || self.presence.session() != Some(session) {
+            return;
+        }
+        tracing::warn!(device = %self.id, session, code = e.code().as_str_name(), error = %e, "closing device connection on a refused batch");
+        self.refused = Some(session);
+        self.kick(e.code(), e.to_string());
     }
 }
 

@@ -461,8 +461,8 @@ async fn run_device(running: Box<Running>) {
         kick_rx,
     } = *running;
     // A session is three tasks, so that a wake-up polls only the part it is for: a slow device's
-    // message wakes the telemetry reader twice (the batch, the actor's answer) and the writer once
-    // (the durable ack), and none of them polls the control stream or the others' channels
+    // message wakes the telemetry reader once (the batch, posted to the actor without waiting for
+    // an answer) and the writer once (the durable ack), and none of them polls the control stream or the others' channels
     // (one task with all of them in a `select!` polled every part on every wake-up).
     //
     // The writer: everything this session sends on the control stream goes through it, acks
@@ -720,6 +720,11 @@ async fn request(
     queue(out_tx, Box::new(answer)).await
 }
 
+/// Batches of at most this many points are posted to the device's actor (see [`telemetry`]): a
+/// device's mailbox holds 64 messages, so one posts at most that many small batches ahead of
+/// its actor. Larger ones wait for the actor's answer, one at a time.
+const POSTED_BATCH_POINTS: usize = 64;
+
 /// Reads one telemetry stream to its end, handing each batch to the device's actor. Boxed, one
 /// per stream: a session waiting for its next stream does not hold a batch's state.
 async fn telemetry(
@@ -751,7 +756,31 @@ async fn telemetry(
             Ok(b) => b,
             Err(e) => return Err(End::Error(ErrorCode::InvalidValue, e.to_string())),
         };
-        match actor.send(Ingest { session, batch }).await {
+        let mut ingest = Ingest {
+            session,
+            batch,
+            posted: false,
+        };
+        if ingest.batch.points.len() <= POSTED_BATCH_POINTS {
+            // Posted: the actor answers nobody (it closes the session itself if it refuses the
+            // batch), so this task is not woken by the answer. Once the actor's mailbox is full,
+            // the batch waits for room and for the answer as a large one does.
+            ingest.posted = true;
+            match actor.try_send(ingest) {
+                Ok(()) => continue,
+                Err(actix::dev::SendError::Full(mut waiting)) => {
+                    waiting.posted = false;
+                    ingest = waiting;
+                }
+                Err(actix::dev::SendError::Closed(_)) => {
+                    return Err(End::Error(
+                        ErrorCode::Internal,
+                        "device actor unavailable: its mailbox is closed".into(),
+                    ));
+                }
+            }
+        }
+        match actor.send(ingest).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(End::Error(e.code(), e.to_string())),
             Err(e) => {

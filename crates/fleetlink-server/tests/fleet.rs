@@ -247,6 +247,8 @@ async fn bad_frames_close_only_the_offending_connection() {
         2,
         vec![point("t", 2, Value::String("hot".into()))],
     ));
+    // read (and handed to the actor) before the session closes, and refused with it
+    typed.extend(batch_frame(3, vec![point("t", 3, Value::Double(3.0))]));
     cases.push((
         "wrongtype",
         typed,
@@ -255,6 +257,7 @@ async fn bad_frames_close_only_the_offending_connection() {
     ));
     let mut backwards = batch_frame(5, vec![point("t", 1, Value::Double(1.0))]);
     backwards.extend(batch_frame(4, vec![point("t", 2, Value::Double(2.0))]));
+    backwards.extend(batch_frame(6, vec![point("t", 3, Value::Double(3.0))]));
     cases.push((
         "backwards",
         backwards,
@@ -286,12 +289,13 @@ async fn bad_frames_close_only_the_offending_connection() {
         .await
         .unwrap();
     assert_eq!(stored.len(), 6);
-    // the "wrongtype" device's first, valid batch was stored before its second was refused
-    let wt = op
-        .query_telemetry(TelemetryQuery::all(DeviceId::new("wrongtype").unwrap()))
-        .await
-        .unwrap();
-    assert_eq!(wt.len(), 1);
+    // The first, valid batch of "wrongtype" and "backwards" was stored before their second was
+    // refused; nothing after the refused one was, though it was on the stream behind it.
+    for name in ["wrongtype", "backwards"] {
+        let stored = stored_points(&op, &DeviceId::new(name).unwrap()).await;
+        assert_eq!(stored.len(), 1, "{name}: {stored:?}");
+        assert_eq!(stored[0].0, 1, "{name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
