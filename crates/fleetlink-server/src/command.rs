@@ -330,6 +330,11 @@ async fn deliver(
             return Delivery::Cancelled;
         }
     };
+    if matches!(answer, Ok(Some(_))) {
+        // The SDK's FIN comes with its result: reading on to it spares the STOP_SENDING that
+        // dropping the stream unread would send, a packet of its own (and the device's ACK of it).
+        reader.close();
+    }
     let delivery = match answer {
         Ok(Some(result)) if result.command_id == id => Delivery::Answered(result),
         Ok(Some(result)) => Delivery::Invalid(format!(

@@ -131,7 +131,13 @@ fn store_error(e: StoreError) -> RequestError {
 
 async fn serve_request(shared: Arc<Shared>, mut send: quinn::SendStream, recv: quinn::RecvStream) {
     let mut reader = FrameReader::new(recv, shared.config.max_frame_bytes);
-    let responses = match reader.read::<OperatorRequest>().await {
+    let read = reader.read::<OperatorRequest>().await;
+    if read.is_ok() {
+        // A request comes with its FIN (the SDK's does): end the stream's reading side without
+        // the STOP_SENDING that dropping it unread would add to the answer.
+        reader.close();
+    }
+    let responses = match read {
         Ok(Some(OperatorRequest {
             request: Some(operator_request::Request::Subscribe(sub)),
         })) => {

@@ -569,6 +569,9 @@ async fn raw_send_command(
     let mut reader = fleetlink_transport::FrameReader::new(recv, 1 << 20);
     let answer = reader.read::<OperatorResponse>().await.unwrap().unwrap();
     assert!(reader.read::<OperatorResponse>().await.unwrap().is_none());
+    // The request came with its FIN: the server read on to it instead of stopping our side
+    // (a STOP_SENDING would have come in the answer's packet).
+    assert_eq!(operator.conn.stats().frame_rx.stop_sending, 0);
     answer
 }
 
@@ -755,6 +758,17 @@ async fn the_server_finishes_a_command_stream_early_only_for_devices_that_asked(
                     .unwrap();
                 assert!(end.is_none());
             }
+            // The result came with the device's FIN: the server reads on to it rather than
+            // stopping the device's side (a STOP_SENDING is a packet of its own, and the
+            // device's ACK of it another). Our side ends when the server acks the FIN.
+            let stopped = tokio::time::timeout(WAIT, send.stopped())
+                .await
+                .expect("the server never acknowledged the result")
+                .unwrap();
+            assert_eq!(
+                stopped, None,
+                "{name}: the server stopped the device's side"
+            );
         };
         let (done, ()) = tokio::join!(run, device);
         let done = done.unwrap();

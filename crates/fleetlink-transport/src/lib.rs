@@ -69,6 +69,19 @@ impl FrameReader {
         }
     }
 
+    /// Lets go of the stream, and tells whether the peer had finished it with nothing left to
+    /// read. Only then does it end quietly; otherwise the peer is asked to stop sending
+    /// (STOP_SENDING code 0, what dropping a quinn `RecvStream` does). Closing a stream whose FIN
+    /// came with its last frame this way spares a packet: dropping it unread sends a STOP_SENDING,
+    /// which is ack-eliciting and goes out on its own right after the frame was read.
+    pub fn close(mut self) -> bool {
+        use std::future::Future as _;
+        // One poll, never a wait: a FIN that has not arrived yet counts as not finished.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let ended = std::pin::pin!(self.stream.read_chunk(1, true)).poll(&mut cx);
+        matches!(ended, std::task::Poll::Ready(Ok(None))) && self.decoder.finish().is_ok()
+    }
+
     /// The underlying stream (to stop it).
     pub fn stream_mut(&mut self) -> &mut quinn::RecvStream {
         &mut self.stream
