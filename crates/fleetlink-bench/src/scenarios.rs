@@ -549,9 +549,9 @@ async fn idle_run(
             Box::new(())
         }
         // A client keep-alive as often as fleetlink's heartbeat (10 s), or idle clients would time out.
-        Target::Sink(ready) => {
-            Box::new(sink::connect(ready, n, Some(Duration::from_secs(10))).await?)
-        }
+        Target::Sink(ready) => Box::new(sink::Closing(
+            sink::connect(ready, n, Some(Duration::from_secs(10))).await?,
+        )),
         Target::Tcp(_) => anyhow::bail!("no idle adapter for {}", system.name()),
     };
     let connect_s = started.elapsed().as_secs_f64();
@@ -625,12 +625,15 @@ async fn command_run(ctx: &mut Ctx, system: System, devices: usize, count: usize
             Box::new(clients)
         }
         Target::Sink(ready) => {
-            let conns = sink::connect(ready, devices + 1, None).await?;
+            // A QUIC keep-alive as often as fleetlink's devices send their heartbeat (10 s), as
+            // in the idle scenario: both servers carry the connected fleet's idle traffic while
+            // the commands run, and the packets per round trip count it on both sides.
+            let conns = sink::connect(ready, devices + 1, Some(Duration::from_secs(10))).await?;
             sink::register(&conns[..devices]).await?;
             (s0, c0, t0) = (proc.cpu_seconds()?, cpu_seconds(me)?, Instant::now());
             (n0, st0) = (PacketsSent::now()?, CpuTicks::now()?);
             sink::request_round_trips(&conns[devices], devices, count, &meter).await?;
-            Box::new(conns)
+            Box::new(sink::Closing(conns))
         }
         Target::Tcp(_) => unreachable!("commands run on fleetlink and the sink"),
     };

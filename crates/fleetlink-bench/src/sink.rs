@@ -178,6 +178,19 @@ pub async fn connect(
     .await
 }
 
+/// Connections that are closed when dropped. The tasks answering relayed requests hold clones of
+/// the devices' connections, so dropping ours would leave them open: with keep-alives they would
+/// go on sending to a sink that is gone, into the next run's packet count.
+pub struct Closing(pub Vec<quinn::Connection>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        for conn in &self.0 {
+            conn.close(0u32.into(), b"run over");
+        }
+    }
+}
+
 /// Sends `load` on one telemetry stream per connection until `stop`; a message is delivered
 /// when the sink's count covers it.
 pub async fn drive(
