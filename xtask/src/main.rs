@@ -172,7 +172,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
                         "--rows",
                         rows,
                         "--runs",
-                        "3",
+                        "5",
                         "--json",
                     ])
                     .arg(&out)
