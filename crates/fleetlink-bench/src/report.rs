@@ -364,7 +364,7 @@ impl Report {
             let _ = writeln!(md, "## 6. Python: telemetry into pyarrow\n");
             let _ = writeln!(
                 md,
-                "`Client.telemetry` (Arrow built in Rust, handed over through the C stream interface) against `pandas.read_sql` of the same rows from a row-per-point SQLite table (fleetlink stores chunks, so the peer table is written from the first result); release build of the bindings; median (min–max) of the runs.\n"
+                "`Client.telemetry` (Arrow built in Rust, handed over through the C stream interface) against `pandas.read_sql` of the same rows from a row-per-point SQLite table (fleetlink stores chunks, so the peer table is written from the first result); release build of the bindings; median (min–max) of the runs, which alternate between the two, each read starting with the previous results released (`bindings/python/bench/telemetry_bench.py`).\n"
             );
             let _ = writeln!(
                 md,

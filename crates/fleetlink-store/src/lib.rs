@@ -559,18 +559,21 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Replaces one twin document of a device (queued write).
     fn save_twin(&self, device: &DeviceId, side: TwinSide, doc: &TwinDoc) -> StoreFuture<()>;
 
-    /// Stores a new command in state queued (queued write). If the device already has a command
-    /// with the same idempotency key, stores nothing and returns that one; the flag says whether
-    /// the returned command is new.
+    /// Stores a new command in state queued (queued write; the SQLite store commits it at once on
+    /// the calling thread when its writer is idle). If the device already has a command with the
+    /// same idempotency key, stores nothing and returns that one; the flag says whether the
+    /// returned command is new.
     fn insert_command(&self, command: NewCommand) -> StoreFuture<(CommandRecord, bool)>;
 
     /// Records a state change of a command (queued write).
     fn update_command(&self, update: CommandUpdate) -> StoreFuture<()>;
 
-    /// [`Store::update_command`], telling `on_durable` the outcome instead of returning a future:
-    /// on the store's own thread where it has one (the SQLite writer, right after the commit), so
-    /// that whoever `on_durable` wakes is the first thread woken. The default awaits the write on
-    /// a task of the current tokio runtime.
+    /// [`Store::update_command`], telling `on_durable` the outcome instead of returning a future,
+    /// on the thread that made the write durable, so that whoever `on_durable` wakes is the first
+    /// thread woken: the SQLite store commits it at once on the calling thread when its writer is
+    /// idle (`on_durable` is then called before this returns), and otherwise on its writer thread,
+    /// right after the commit. The default awaits the write on a task of the current tokio
+    /// runtime.
     fn update_command_then(&self, update: CommandUpdate, on_durable: OnDurable) {
         let write = self.update_command(update);
         tokio::spawn(async move { on_durable(write.await) });

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -262,6 +263,13 @@ impl WriterHandle {
 #[derive(Debug)]
 struct Inner {
     path: PathBuf,
+    /// The writer, shared by its thread and [`SqliteStore::commit_now`]. Declared before
+    /// `writes`: dropped first, so that the thread, which stops when `writes` closes, holds the
+    /// last reference and closes the connection before it lets go of the database lock.
+    writer: Arc<Mutex<Writer>>,
+    /// Jobs sent to the writer thread and not yet committed: a job committed on the caller's
+    /// thread must not overtake them.
+    queued: Arc<AtomicUsize>,
     writes: mpsc::UnboundedSender<WriterJob>,
     /// Room in the writer's queue for telemetry batches (backpressure for [`Store::append`]).
     append_room: Arc<Semaphore>,
@@ -387,6 +395,26 @@ impl std::fmt::Debug for WriterJob {
     }
 }
 
+/// `f` as a job for the writer's next commit: run under its own savepoint, `done` called with
+/// its outcome once the commit is durable (or failed).
+fn control_job<T, F, D>(f: F, done: D) -> ControlJob
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    D: FnOnce(Result<T, StoreError>) + Send + 'static,
+{
+    let done = CalledOnce(Some(done), std::marker::PhantomData);
+    Box::new(move |conn: &Connection| -> Finisher {
+        let result = in_savepoint(conn, f);
+        Box::new(move |commit_error: Option<&StoreError>| {
+            done.call(match (commit_error, result) {
+                (Some(e), _) => Err(StoreError::CommitFailed(e.to_string())),
+                (None, r) => r,
+            });
+        })
+    })
+}
+
 impl SqliteStore {
     /// Hands a batch to the writer thread with its room in the queue.
     fn queue_append(
@@ -394,10 +422,16 @@ impl SqliteStore {
         batch: AppendBatch,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<(), StoreError> {
-        self.inner
-            .writes
-            .send(WriterJob::Append(batch, permit))
-            .map_err(|_| StoreError::Closed)
+        self.queue(WriterJob::Append(batch, permit))
+    }
+
+    /// Hands a job to the writer thread.
+    fn queue(&self, job: WriterJob) -> Result<(), StoreError> {
+        self.inner.queued.fetch_add(1, Ordering::AcqRel);
+        self.inner.writes.send(job).map_err(|_| {
+            self.inner.queued.fetch_sub(1, Ordering::AcqRel);
+            StoreError::Closed
+        })
     }
 
     /// Opens (creating if needed) the database at `path` and starts its writer thread.
@@ -417,34 +451,36 @@ impl SqliteStore {
         // The writer's page cache: 64 MiB (SQLite's default is 2 MiB), so that a commit touching
         // many devices reads their index and last-value pages from memory, not from the file.
         conn.pragma_update(None, "cache_size", -65_536)?;
-        // Checkpoint every 16384 WAL pages (64 MiB; the default is 1000): a fleet of slow devices
-        // rewrites the same device, last-value and index pages commit after commit, and a
-        // checkpoint copies each page once however often it was rewritten since the last one
-        // (10% less server CPU per message in the slow-devices benchmark). The WAL file is cut
-        // back to 128 MiB after a checkpoint.
-        conn.pragma_update(None, "wal_autocheckpoint", 16_384)?;
+        // See WAL_AUTOCHECKPOINT_PAGES. The WAL file is cut back to 128 MiB after a checkpoint.
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
         conn.pragma_update(None, "journal_size_limit", 128 * 1024 * 1024)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let max_points = options.max_commit_points.max(1);
         let delay = options.commit_delay;
         let overlay = SharedOverlay::default();
-        let writer = Writer::new(
+        let writer = Arc::new(Mutex::new(Writer::new(
             conn,
             overlay.clone(),
             options.fold_interval,
             log,
             options.synchronous,
-        );
-        let thread = std::thread::Builder::new()
-            .name("fleetlink-store-writer".into())
-            .spawn(move || {
-                writer.run(rx, max_points, delay);
-                drop(lock); // after the last fold
-            })
-            .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?;
+        )));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let (writer, queued) = (writer.clone(), queued.clone());
+            std::thread::Builder::new()
+                .name("fleetlink-store-writer".into())
+                .spawn(move || {
+                    Writer::run(writer, &queued, rx, max_points, delay);
+                    drop(lock); // after the last fold, with the connection closed
+                })
+                .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
+                writer,
+                queued,
                 writes: tx,
                 append_room: Arc::new(Semaphore::new(options.queue_batches.max(1))),
                 readers: Mutex::new(Vec::new()),
@@ -520,18 +556,55 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
         D: FnOnce(Result<T, StoreError>) + Send + 'static,
     {
-        let done = CalledOnce(Some(done), std::marker::PhantomData);
-        let job: ControlJob = Box::new(move |conn: &Connection| -> Finisher {
-            let result = in_savepoint(conn, f);
-            Box::new(move |commit_error: Option<&StoreError>| {
-                done.call(match (commit_error, result) {
-                    (Some(e), _) => Err(StoreError::CommitFailed(e.to_string())),
-                    (None, r) => r,
-                });
-            })
-        });
         // A writer that is gone drops the job, and with it `done`, which then says so.
-        let _ = self.inner.writes.send(WriterJob::Control(job));
+        let _ = self.queue(WriterJob::Control(control_job(f, done)));
+    }
+
+    /// [`Self::control`] for a write that someone waits on, one at a time (a command's insert):
+    /// committed at once on the calling thread when the writer is idle ([`Self::commit_now`]).
+    fn urgent_control<T, F>(&self, f: F) -> StoreFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
+        self.urgent_control_then(f, move |outcome| {
+            let _ = tx.send(outcome);
+        });
+        Box::pin(async move { rx.await.map_err(|_| StoreError::Closed)? })
+    }
+
+    /// [`Self::control_then`] for a write that someone waits on; `done` may be called before
+    /// this returns.
+    fn urgent_control_then<T, F, D>(&self, f: F, done: D)
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        D: FnOnce(Result<T, StoreError>) + Send + 'static,
+    {
+        if let Err(job) = self.commit_now(control_job(f, done)) {
+            let _ = self.queue(WriterJob::Control(job));
+        }
+    }
+
+    /// Commits `job` on the calling thread if the writer thread is idle: nothing queued for it
+    /// and not committing. A queued write costs two thread wake-ups on its way (the writer's,
+    /// then the waiting task's), ~40% of a command's round trip in the command benchmark (see
+    /// ARCHITECTURE.md). Gives the job back otherwise, or when [`Writer::commit_now`] declines.
+    fn commit_now(&self, job: ControlJob) -> Result<(), ControlJob> {
+        let Ok(mut writer) = self.inner.writer.try_lock() else {
+            return Err(job);
+        };
+        // A job counts in `queued` from before it is sent until the writer thread has committed
+        // it (it counts its jobs off under the lock): with none counted, no write queued before
+        // this one is left to commit, and this one cannot overtake it.
+        if self.inner.queued.load(Ordering::Acquire) != 0 {
+            return Err(job);
+        }
+        let (finish, error) = writer.commit_now(job)?;
+        drop(writer);
+        finish(error.as_ref());
+        Ok(())
     }
 
     /// Runs `f` on a short-lived connection that writes registry data (devices, tokens). Telemetry
@@ -597,7 +670,7 @@ fn open_connection(path: &Path, sync: Synchronous) -> Result<Connection, StoreEr
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Corrupt(format!(
@@ -2244,7 +2317,7 @@ impl Store for SqliteStore {
     }
 
     fn insert_command(&self, c: NewCommand) -> StoreFuture<(CommandRecord, bool)> {
-        self.control(move |conn| {
+        self.urgent_control(move |conn| {
             let rowid = device_rowid(conn, &c.device)?;
             if let Some(key) = &c.idempotency_key {
                 let existing = load_commands(
@@ -2300,7 +2373,7 @@ impl Store for SqliteStore {
     }
 
     fn update_command_then(&self, u: CommandUpdate, on_durable: OnDurable) {
-        self.control_then(move |conn| write_command_update(conn, &u), on_durable);
+        self.urgent_control_then(move |conn| write_command_update(conn, &u), on_durable);
     }
 
     async fn command(&self, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
@@ -2413,6 +2486,32 @@ struct Writer {
     /// log: commits go to SQLite meanwhile.
     log_usable: bool,
     sync: Synchronous,
+    /// Jobs offered to [`Writer::commit_now`].
+    offered_now: u64,
+}
+
+/// Checkpoint the WAL once it holds this many pages (64 MiB; SQLite's default is 1000): a fleet
+/// of slow devices rewrites the same device, last-value and index pages commit after commit, and
+/// a checkpoint copies each page once however often it was rewritten since the last one (10% less
+/// server CPU per message in the slow-devices benchmark).
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 16_384;
+
+/// How long SQLite waits for another connection's write lock (registry writes use their own).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Every this many jobs offered to [`Writer::commit_now`], one goes to the writer thread
+/// instead, whose commit checkpoints the WAL when it is long enough (commits on the caller's
+/// thread never do).
+const CHECKPOINT_EVERY: u64 = 64;
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("devices", &self.devices.len())
+            .field("unfolded", &self.unfolded.len())
+            .field("waiting_points", &self.waiting_points)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A fold comes early once this many points wait in the overlay (each costs ~100 bytes there).
@@ -2439,15 +2538,70 @@ impl Writer {
             fold_interval,
             last_fold: std::time::Instant::now(),
             waiting_points: 0,
+            offered_now: 0,
         }
     }
 
+    /// Commits one control job on the calling thread, returning what to call with the outcome
+    /// once the lock is let go; or gives the job back, for the writer thread to commit: when the
+    /// store fsyncs every commit (an fsync must not block the caller's thread), every
+    /// [`CHECKPOINT_EVERY`]th time (the writer thread checkpoints), and when another connection
+    /// holds the write lock (no waiting here: the busy timeout is 0 for the attempt). The commit
+    /// never checkpoints: autocheckpoint is off for it.
+    fn commit_now(
+        &mut self,
+        job: ControlJob,
+    ) -> Result<(Finisher, Option<StoreError>), ControlJob> {
+        if self.sync == Synchronous::Full {
+            return Err(job);
+        }
+        self.offered_now += 1;
+        if self.offered_now.is_multiple_of(CHECKPOINT_EVERY) {
+            return Err(job);
+        }
+        let outcome = match self
+            .conn
+            .busy_timeout(Duration::ZERO)
+            .and_then(|()| self.conn.pragma_update(None, "wal_autocheckpoint", 0))
+        {
+            Err(_) => Err(job),
+            Ok(()) => match self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            {
+                Err(_) => Err(job), // busy: the writer thread waits for it instead
+                Ok(tx) => {
+                    let finish = job(&tx);
+                    let error = tx.commit().err().map(StoreError::from);
+                    Ok((finish, error))
+                }
+            },
+        };
+        let restored = self.conn.busy_timeout(BUSY_TIMEOUT).and_then(|()| {
+            self.conn
+                .pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
+        });
+        if let Err(error) = restored {
+            tracing::error!(%error, "cannot restore the writer's busy timeout and autocheckpoint");
+        }
+        if let Ok((_, Some(error))) = &outcome {
+            tracing::error!(%error, "commit failed");
+        }
+        outcome
+    }
+
     fn run(
-        mut self,
+        writer: Arc<Mutex<Self>>,
+        queued: &AtomicUsize,
         mut rx: mpsc::UnboundedReceiver<WriterJob>,
         max_points: usize,
         delay: std::time::Duration,
     ) {
+        let lock = || {
+            writer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
         let mut jobs: Vec<WriterJob> = Vec::new();
         // Jobs in the previous commit: more than one means several writers are active, and
         // waiting `delay` for them pays. A lone writer (one command at a time, a single device)
@@ -2472,6 +2626,7 @@ impl Writer {
                 }
             }
             previous = jobs.len();
+            let mut this = lock();
             // `jobs` keeps its capacity from commit to commit
             let mut appends: Vec<AppendBatch> = Vec::with_capacity(jobs.len());
             let mut controls: Vec<ControlJob> = Vec::new();
@@ -2482,7 +2637,17 @@ impl Writer {
                 }
             }
             let mut finishers = Vec::with_capacity(controls.len());
-            match self.commit(&appends, controls, &mut finishers) {
+            let committed = this.commit(&appends, controls, &mut finishers);
+            if committed.is_err() {
+                // The cached watermarks may be ahead of what was rolled back, and the chunks
+                // waiting for compaction may not exist.
+                this.devices.clear();
+                this.compaction = Compaction::default();
+            }
+            // Counted off under the lock: see `SqliteStore::commit_now`.
+            queued.fetch_sub(previous, Ordering::AcqRel);
+            drop(this);
+            match committed {
                 Ok(durable) => {
                     tracing::trace!(batches = appends.len(), points, "group commit");
                     for finish in finishers {
@@ -2494,10 +2659,6 @@ impl Writer {
                 }
                 Err(error) => {
                     tracing::error!(%error, batches = appends.len(), "group commit failed; the devices will resend");
-                    // The cached watermarks may be ahead of what was rolled back, and the
-                    // chunks waiting for compaction may not exist.
-                    self.devices.clear();
-                    self.compaction = Compaction::default();
                     for finish in finishers {
                         finish(Some(&error));
                     }
@@ -2506,12 +2667,13 @@ impl Writer {
                     }
                 }
             }
-            if self.last_fold.elapsed() >= self.fold_interval || self.waiting_points >= FOLD_POINTS
+            let mut this = lock();
+            if this.last_fold.elapsed() >= this.fold_interval || this.waiting_points >= FOLD_POINTS
             {
-                self.fold();
+                this.fold();
             }
         }
-        self.fold();
+        lock().fold();
         tracing::debug!("store writer stopped");
     }
 
@@ -3121,6 +3283,91 @@ mod tests {
             (reader, writer)
         });
         assert_eq!(mapped, (READER_MMAP_BYTES, 0));
+    }
+
+    /// A command's insert on an idle store is committed on the calling thread: its future is
+    /// ready as soon as it is returned. Of the urgent writes, every `CHECKPOINT_EVERY`th goes to
+    /// the writer thread instead (its commits checkpoint the WAL). The writer connection's busy
+    /// timeout and autocheckpoint, which a commit on the calling thread turns off for itself, are
+    /// as they were afterwards.
+    #[test]
+    fn urgent_writes_on_an_idle_store_commit_on_the_calling_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleetlink.db");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+            let device = DeviceId::new("crane-1").unwrap();
+            store
+                .provision_device(crate::NewDevice {
+                    id: device.clone(),
+                    token_hash: fleetlink_core::credentials::Token::from_random_bytes([7; 32])
+                        .hash(),
+                    tags: BTreeMap::new(),
+                    attributes: serde_json::Map::new(),
+                    created_us: 1,
+                })
+                .await
+                .unwrap();
+            let mut insert = store.insert_command(crate::NewCommand {
+                device: device.clone(),
+                name: "lift".into(),
+                args_json: "{}".into(),
+                idempotency_key: None,
+                concurrent: true,
+                created_us: 2,
+                deadline_us: i64::MAX,
+            });
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            match std::future::Future::poll(insert.as_mut(), &mut cx) {
+                std::task::Poll::Ready(inserted) => assert!(inserted.unwrap().1),
+                std::task::Poll::Pending => panic!("the insert was not committed at once"),
+            }
+            // The insert was the first urgent write; the rest up to CHECKPOINT_EVERY here.
+            let threads = Arc::new(Mutex::new(Vec::new()));
+            let mut last = None;
+            for _ in 1..CHECKPOINT_EVERY {
+                let (threads, (tx, rx)) = (threads.clone(), oneshot::channel());
+                store.urgent_control_then(
+                    |_| Ok(()),
+                    move |done: Result<(), StoreError>| {
+                        done.unwrap();
+                        let name = std::thread::current().name().map(str::to_owned);
+                        threads.lock().unwrap().push(name);
+                        let _ = tx.send(());
+                    },
+                );
+                last = Some(rx);
+            }
+            last.unwrap().await.unwrap();
+            let threads = threads.lock().unwrap().clone();
+            let here = std::thread::current().name().map(str::to_owned);
+            let writer = Some("fleetlink-store-writer".to_owned());
+            let expected: Vec<_> = (2..=CHECKPOINT_EVERY)
+                .map(|k| {
+                    if k == CHECKPOINT_EVERY {
+                        writer.clone()
+                    } else {
+                        here.clone()
+                    }
+                })
+                .collect();
+            assert_eq!(threads, expected);
+            let pragma = |name: &'static str| {
+                store.control(move |c| {
+                    c.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
+                        .map_err(StoreError::from)
+                })
+            };
+            assert_eq!(pragma("busy_timeout").await.unwrap(), 10_000);
+            assert_eq!(
+                pragma("wal_autocheckpoint").await.unwrap(),
+                WAL_AUTOCHECKPOINT_PAGES
+            );
+        });
     }
 
     /// A table of chunks, each given as (seq, [(time, value)]) in time order.

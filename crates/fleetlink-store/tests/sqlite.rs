@@ -929,8 +929,11 @@ async fn repeated_strings_read_back_whole_and_are_stored_about_once_per_chunk() 
     );
 }
 
-/// `update_command_then` tells its callback on the writer's thread, after the commit: a read
-/// made from inside the callback already sees the new state; an unknown command is an error.
+/// `update_command_then` tells its callback once the write is durable: a read made from inside
+/// the callback already sees the new state; an unknown command is an error. With the writer idle
+/// the write is committed on the calling thread, and the callback called before the call
+/// returns; while another connection holds the write lock, the call does not wait for it: the
+/// write goes to the writer thread, which tells the callback once it could commit.
 #[tokio::test]
 async fn update_command_then_answers_from_the_writer_once_durable() {
     use fleetlink_core::command::CommandState;
@@ -960,7 +963,7 @@ async fn update_command_then_answers_from_the_writer_once_durable() {
         result_json: Some("true".into()),
         error: None,
     };
-    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
     let reader = path.clone();
     store.update_command_then(
         update(command.id),
@@ -978,9 +981,30 @@ async fn update_command_then_answers_from_the_writer_once_durable() {
             let _ = tx.send((written, state, thread));
         }),
     );
-    let (written, state, thread) = rx.await.unwrap();
+    let (written, state, thread) = rx.try_recv().expect("committed on the calling thread");
     written.unwrap();
     assert_eq!(state, "succeeded");
+    assert_eq!(thread, std::thread::current().name().map(str::to_owned));
+
+    // A registry write (another connection) holds the write lock: the call returns without
+    // waiting for it, and the writer thread commits once it is let go.
+    let registry = rusqlite::Connection::open(&path).unwrap();
+    registry.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    store.update_command_then(
+        update(command.id),
+        Box::new(move |written| {
+            let thread = std::thread::current().name().map(str::to_owned);
+            let _ = tx.send((written, thread));
+        }),
+    );
+    assert!(matches!(
+        rx.try_recv(),
+        Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+    ));
+    registry.execute_batch("COMMIT").unwrap();
+    let (written, thread) = rx.await.unwrap();
+    written.unwrap();
     assert_eq!(thread.as_deref(), Some("fleetlink-store-writer"));
 
     let (tx, rx) = tokio::sync::oneshot::channel();
