@@ -541,10 +541,33 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        self.control_future(f, false)
+    }
+
+    /// [`Self::control`] for a write that someone waits on, one at a time (a command's insert):
+    /// committed at once on the calling thread when the writer is idle ([`Self::commit_now`]).
+    fn urgent_control<T, F>(&self, f: F) -> StoreFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.control_future(f, true)
+    }
+
+    fn control_future<T, F>(&self, f: F, urgent: bool) -> StoreFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
-        self.control_then(f, move |outcome| {
+        let done = move |outcome| {
             let _ = tx.send(outcome);
-        });
+        };
+        if urgent {
+            self.urgent_control_then(f, done);
+        } else {
+            self.control_then(f, done);
+        }
         Box::pin(async move { rx.await.map_err(|_| StoreError::Closed)? })
     }
 
@@ -558,20 +581,6 @@ impl SqliteStore {
     {
         // A writer that is gone drops the job, and with it `done`, which then says so.
         let _ = self.queue(WriterJob::Control(control_job(f, done)));
-    }
-
-    /// [`Self::control`] for a write that someone waits on, one at a time (a command's insert):
-    /// committed at once on the calling thread when the writer is idle ([`Self::commit_now`]).
-    fn urgent_control<T, F>(&self, f: F) -> StoreFuture<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-    {
-        let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
-        self.urgent_control_then(f, move |outcome| {
-            let _ = tx.send(outcome);
-        });
-        Box::pin(async move { rx.await.map_err(|_| StoreError::Closed)? })
     }
 
     /// [`Self::control_then`] for a write that someone waits on; `done` may be called before
@@ -3263,15 +3272,25 @@ mod tests {
         assert!(heaviest_disjoint(&[]).is_empty());
     }
 
-    /// History queries read through a mapping of the file; the writer does not map it.
-    #[test]
-    fn reader_connections_map_the_database_file_and_the_writer_does_not() {
+    /// A directory for a database, its path, and a runtime to run a store on.
+    fn scratch() -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        tokio::runtime::Runtime,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fleetlink.db");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
+        (dir, path, rt)
+    }
+
+    /// History queries read through a mapping of the file; the writer does not map it.
+    #[test]
+    fn reader_connections_map_the_database_file_and_the_writer_does_not() {
+        let (_dir, path, rt) = scratch();
         let mapped = rt.block_on(async {
             let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
             let mmap_size = |c: &Connection| {
@@ -3292,12 +3311,7 @@ mod tests {
     /// as they were afterwards.
     #[test]
     fn urgent_writes_on_an_idle_store_commit_on_the_calling_thread() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("fleetlink.db");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let (_dir, path, rt) = scratch();
         rt.block_on(async {
             let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
             let device = DeviceId::new("crane-1").unwrap();
