@@ -13,6 +13,17 @@ import pytest
 import fleetlink
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler for the test: a process started in the background of a shell
+    without job control inherits SIGINT ignored, and Python then installs none (the test failed
+    under `(bash .ci/run &)`)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_interrupts_a_blocking_wait() -> None:
     with fleetlink.Server() as server:
         client = server.connect()
