@@ -451,8 +451,11 @@ impl SqliteStore {
         // The writer's page cache: 64 MiB (SQLite's default is 2 MiB), so that a commit touching
         // many devices reads their index and last-value pages from memory, not from the file.
         conn.pragma_update(None, "cache_size", -65_536)?;
-        // See WAL_AUTOCHECKPOINT_PAGES. The WAL file is cut back to 128 MiB after a checkpoint.
-        conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
+        // No autocheckpoint: the hook takes its place (see WAL_CHECKPOINT_PAGES), and the writer
+        // thread checkpoints. The WAL file is cut back to 128 MiB after a checkpoint.
+        conn.wal_hook(Some(note_wal_frames));
+        // every statement the writer runs stays prepared (the default keeps 16)
+        conn.set_prepared_statement_cache_capacity(64);
         conn.pragma_update(None, "journal_size_limit", 128 * 1024 * 1024)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let max_points = options.max_commit_points.max(1);
@@ -1341,10 +1344,10 @@ fn in_savepoint<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    conn.execute_batch("SAVEPOINT control")?;
+    conn.prepare_cached("SAVEPOINT control")?.execute([])?;
     match f(conn) {
         Ok(v) => {
-            conn.execute_batch("RELEASE control")?;
+            conn.prepare_cached("RELEASE control")?.execute([])?;
             Ok(v)
         }
         Err(e) => {
@@ -2495,23 +2498,34 @@ struct Writer {
     /// log: commits go to SQLite meanwhile.
     log_usable: bool,
     sync: Synchronous,
-    /// Jobs offered to [`Writer::commit_now`].
-    offered_now: u64,
+    /// Pages in the WAL after the last commit (0 after a checkpoint, until the next commit).
+    wal_frames: i32,
+    /// The writer thread checkpoints once the WAL holds this many pages
+    /// ([`WAL_CHECKPOINT_PAGES`]; tests lower it).
+    checkpoint_pages: i32,
 }
 
-/// Checkpoint the WAL once it holds this many pages (64 MiB; SQLite's default is 1000): a fleet
-/// of slow devices rewrites the same device, last-value and index pages commit after commit, and
-/// a checkpoint copies each page once however often it was rewritten since the last one (10% less
-/// server CPU per message in the slow-devices benchmark).
-const WAL_AUTOCHECKPOINT_PAGES: i64 = 16_384;
+/// The writer thread checkpoints the WAL once it holds this many pages (64 MiB; SQLite's default
+/// autocheckpoint is at 1000): a fleet of slow devices rewrites the same device, last-value and
+/// index pages commit after commit, and a checkpoint copies each page once however often it was
+/// rewritten since the last one (10% less server CPU per message in the slow-devices benchmark).
+const WAL_CHECKPOINT_PAGES: i32 = 16_384;
 
 /// How long SQLite waits for another connection's write lock (registry writes use their own).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Every this many jobs offered to [`Writer::commit_now`], one goes to the writer thread
-/// instead, whose commit checkpoints the WAL when it is long enough (commits on the caller's
-/// thread never do).
-const CHECKPOINT_EVERY: u64 = 64;
+thread_local! {
+    /// Pages in the WAL after the last commit on this thread through the writer's connection:
+    /// SQLite calls [`note_wal_frames`] on the committing thread, inside the commit.
+    static WAL_FRAMES: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+}
+
+/// The writer connection's WAL hook, in place of SQLite's autocheckpoint (which checkpoints inside
+/// the commit that finds the WAL long enough, on whichever thread made it).
+fn note_wal_frames(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
+    WAL_FRAMES.set(frames);
+    Ok(())
+}
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -2547,56 +2561,89 @@ impl Writer {
             fold_interval,
             last_fold: std::time::Instant::now(),
             waiting_points: 0,
-            offered_now: 0,
+            wal_frames: 0,
+            checkpoint_pages: WAL_CHECKPOINT_PAGES,
         }
     }
 
     /// Commits one control job on the calling thread, returning what to call with the outcome
     /// once the lock is let go; or gives the job back, for the writer thread to commit: when the
-    /// store fsyncs every commit (an fsync must not block the caller's thread), every
-    /// [`CHECKPOINT_EVERY`]th time (the writer thread checkpoints), and when another connection
-    /// holds the write lock (no waiting here: the busy timeout is 0 for the attempt). The commit
-    /// never checkpoints: autocheckpoint is off for it.
+    /// store fsyncs every commit (an fsync must not block the caller's thread), when the WAL is
+    /// due for a checkpoint (the writer thread checkpoints after committing it), and when another
+    /// connection holds the write lock (no waiting here: the busy timeout is 0 for the attempt).
+    /// Its statements are prepared once (`prepare_cached`), not parsed per commit.
     fn commit_now(
         &mut self,
         job: ControlJob,
     ) -> Result<(Finisher, Option<StoreError>), ControlJob> {
-        if self.sync == Synchronous::Full {
+        if self.sync == Synchronous::Full || self.wal_frames >= self.checkpoint_pages {
             return Err(job);
         }
-        self.offered_now += 1;
-        if self.offered_now.is_multiple_of(CHECKPOINT_EVERY) {
-            return Err(job);
-        }
-        let outcome = match self
-            .conn
+        let conn = &self.conn;
+        let began = conn
             .busy_timeout(Duration::ZERO)
-            .and_then(|()| self.conn.pragma_update(None, "wal_autocheckpoint", 0))
-        {
-            Err(_) => Err(job),
-            Ok(()) => match self
-                .conn
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            {
-                Err(_) => Err(job), // busy: the writer thread waits for it instead
-                Ok(tx) => {
-                    let finish = job(&tx);
-                    let error = tx.commit().err().map(StoreError::from);
-                    Ok((finish, error))
+            .and_then(|()| conn.prepare_cached("BEGIN IMMEDIATE")?.execute([]));
+        if let Err(error) = conn.busy_timeout(BUSY_TIMEOUT) {
+            tracing::error!(%error, "cannot restore the writer's busy timeout");
+        }
+        if began.is_err() {
+            return Err(job); // busy: the writer thread waits for it instead
+        }
+        let finish = job(conn);
+        let committed = conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut c| c.execute([]));
+        let error = match committed {
+            Ok(_) => None,
+            Err(error) => {
+                tracing::error!(%error, "commit failed");
+                if !conn.is_autocommit()
+                    && let Err(error) = conn.execute_batch("ROLLBACK")
+                {
+                    tracing::error!(%error, "cannot roll back a failed commit");
                 }
-            },
+                Some(StoreError::from(error))
+            }
         };
-        let restored = self.conn.busy_timeout(BUSY_TIMEOUT).and_then(|()| {
-            self.conn
-                .pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
-        });
-        if let Err(error) = restored {
-            tracing::error!(%error, "cannot restore the writer's busy timeout and autocheckpoint");
+        self.note_wal();
+        Ok((finish, error))
+    }
+
+    /// Takes note of the WAL's length after this thread's last commit through this connection.
+    fn note_wal(&mut self) {
+        let frames = WAL_FRAMES.replace(0);
+        if frames > 0 {
+            self.wal_frames = frames;
         }
-        if let Ok((_, Some(error))) = &outcome {
-            tracing::error!(%error, "commit failed");
+    }
+
+    /// Checkpoints the WAL if it is due: on the writer thread, after the commit's waiters were
+    /// answered. Passive: readers and their snapshots are not waited for, so it may copy only
+    /// part of the WAL; the next commit then finds it still long and the next one tries again, as
+    /// SQLite's autocheckpoint does. The WAL starts over at the next commit after a complete one.
+    fn checkpoint_if_due(&mut self) {
+        self.note_wal();
+        if self.wal_frames < self.checkpoint_pages {
+            return;
         }
-        outcome
+        let started = std::time::Instant::now();
+        let outcome = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            });
+        match outcome {
+            Ok((log, copied)) => tracing::debug!(
+                log,
+                copied,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "WAL checkpoint"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "WAL checkpoint failed; it is tried again after the next commit")
+            }
+        }
+        self.wal_frames = 0;
     }
 
     fn run(
@@ -2647,6 +2694,7 @@ impl Writer {
             }
             let mut finishers = Vec::with_capacity(controls.len());
             let committed = this.commit(&appends, controls, &mut finishers);
+            this.note_wal();
             if committed.is_err() {
                 // The cached watermarks may be ahead of what was rolled back, and the chunks
                 // waiting for compaction may not exist.
@@ -2681,6 +2729,7 @@ impl Writer {
             {
                 this.fold();
             }
+            this.checkpoint_if_due();
         }
         lock().fold();
         tracing::debug!("store writer stopped");
@@ -3304,28 +3353,60 @@ mod tests {
         assert_eq!(mapped, (READER_MMAP_BYTES, 0));
     }
 
+    /// A provisioned device in a new store, and the store.
+    async fn store_with_device(path: &Path) -> (SqliteStore, DeviceId) {
+        let store = SqliteStore::open(path, SqliteOptions::default()).unwrap();
+        let device = DeviceId::new("crane-1").unwrap();
+        store
+            .provision_device(crate::NewDevice {
+                id: device.clone(),
+                token_hash: fleetlink_core::credentials::Token::from_random_bytes([7; 32]).hash(),
+                tags: BTreeMap::new(),
+                attributes: serde_json::Map::new(),
+                created_us: 1,
+            })
+            .await
+            .unwrap();
+        (store, device)
+    }
+
+    /// An urgent write that inserts a row, answered with the name of the thread that committed
+    /// it and the WAL's length then.
+    async fn urgent_insert(store: &SqliteStore, n: usize) -> (Option<String>, i32) {
+        let (tx, rx) = oneshot::channel();
+        let inner = store.inner.clone();
+        store.urgent_control_then(
+            move |c| {
+                c.execute("INSERT INTO scratch (n) VALUES (?1)", [n as i64])?;
+                Ok(())
+            },
+            move |done: Result<(), StoreError>| {
+                done.unwrap();
+                let name = std::thread::current().name().map(str::to_owned);
+                let _ = tx.send(name);
+            },
+        );
+        let thread = rx.await.unwrap();
+        let frames = lock_writer(&inner).wal_frames;
+        (thread, frames)
+    }
+
+    fn lock_writer(inner: &Inner) -> std::sync::MutexGuard<'_, Writer> {
+        inner
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// A command's insert on an idle store is committed on the calling thread: its future is
-    /// ready as soon as it is returned. Of the urgent writes, every `CHECKPOINT_EVERY`th goes to
-    /// the writer thread instead (its commits checkpoint the WAL). The writer connection's busy
-    /// timeout and autocheckpoint, which a commit on the calling thread turns off for itself, are
-    /// as they were afterwards.
+    /// ready as soon as it is returned, and so are the urgent writes after it. The writer
+    /// connection's busy timeout, which a commit on the calling thread turns off for itself, is
+    /// as it was afterwards.
     #[test]
     fn urgent_writes_on_an_idle_store_commit_on_the_calling_thread() {
         let (_dir, path, rt) = scratch();
         rt.block_on(async {
-            let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
-            let device = DeviceId::new("crane-1").unwrap();
-            store
-                .provision_device(crate::NewDevice {
-                    id: device.clone(),
-                    token_hash: fleetlink_core::credentials::Token::from_random_bytes([7; 32])
-                        .hash(),
-                    tags: BTreeMap::new(),
-                    attributes: serde_json::Map::new(),
-                    created_us: 1,
-                })
-                .await
-                .unwrap();
+            let (store, device) = store_with_device(&path).await;
             let mut insert = store.insert_command(crate::NewCommand {
                 device: device.clone(),
                 name: "lift".into(),
@@ -3340,46 +3421,69 @@ mod tests {
                 std::task::Poll::Ready(inserted) => assert!(inserted.unwrap().1),
                 std::task::Poll::Pending => panic!("the insert was not committed at once"),
             }
-            // The insert was the first urgent write; the rest up to CHECKPOINT_EVERY here.
-            let threads = Arc::new(Mutex::new(Vec::new()));
-            let mut last = None;
-            for _ in 1..CHECKPOINT_EVERY {
-                let (threads, (tx, rx)) = (threads.clone(), oneshot::channel());
-                store.urgent_control_then(
-                    |_| Ok(()),
-                    move |done: Result<(), StoreError>| {
-                        done.unwrap();
-                        let name = std::thread::current().name().map(str::to_owned);
-                        threads.lock().unwrap().push(name);
-                        let _ = tx.send(());
-                    },
-                );
-                last = Some(rx);
+            store
+                .control(|c| Ok(c.execute_batch("CREATE TABLE scratch (n INTEGER)")?))
+                .await
+                .unwrap();
+            let here = std::thread::current().name().map(str::to_owned);
+            for n in 0..100 {
+                assert_eq!(urgent_insert(&store, n).await.0, here, "write {n}");
             }
-            last.unwrap().await.unwrap();
-            let threads = threads.lock().unwrap().clone();
+            let busy = store
+                .control(|c| Ok(c.query_row("PRAGMA busy_timeout", [], |r| r.get::<_, i64>(0))?))
+                .await
+                .unwrap();
+            assert_eq!(busy, 10_000);
+        });
+    }
+
+    /// Commits on the calling thread never checkpoint: once the WAL is long enough, the next
+    /// urgent write goes to the writer thread, which commits it and then checkpoints; the WAL
+    /// starts over at the next commit, and urgent writes are committed on the calling thread
+    /// again.
+    #[test]
+    fn the_writer_thread_checkpoints_a_long_wal() {
+        let (_dir, path, rt) = scratch();
+        rt.block_on(async {
+            let (store, _) = store_with_device(&path).await;
+            store
+                .control(|c| Ok(c.execute_batch("CREATE TABLE scratch (n INTEGER)")?))
+                .await
+                .unwrap();
+            lock_writer(&store.inner).checkpoint_pages = 8;
             let here = std::thread::current().name().map(str::to_owned);
             let writer = Some("fleetlink-store-writer".to_owned());
-            let expected: Vec<_> = (2..=CHECKPOINT_EVERY)
-                .map(|k| {
-                    if k == CHECKPOINT_EVERY {
-                        writer.clone()
-                    } else {
-                        here.clone()
-                    }
-                })
-                .collect();
-            assert_eq!(threads, expected);
-            let pragma = |name: &'static str| {
-                store.control(move |c| {
-                    c.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
-                        .map_err(StoreError::from)
-                })
-            };
-            assert_eq!(pragma("busy_timeout").await.unwrap(), 10_000);
-            assert_eq!(
-                pragma("wal_autocheckpoint").await.unwrap(),
-                WAL_AUTOCHECKPOINT_PAGES
+            let mut writes = Vec::new();
+            for n in 0..40 {
+                writes.push(urgent_insert(&store, n).await);
+            }
+            // (the tables made at open may have left the WAL due already: the first write may
+            // be the writer thread's)
+            let first = writes.iter().position(|w| w.0 == here).unwrap();
+            let writes = &writes[first..];
+            // until the WAL is due, on this thread, the WAL growing commit after commit
+            let due = writes
+                .iter()
+                .position(|w| w.1 >= 8)
+                .expect("the WAL never grew to 8 pages");
+            assert!(writes[..=due].iter().all(|w| w.0 == here), "{writes:?}");
+            assert!(
+                writes[..=due].windows(2).all(|w| w[1].1 > w[0].1),
+                "{writes:?}"
+            );
+            // then on the writer thread (the next ones too while it checkpoints: it holds the
+            // writer then), and back on this thread once it is done, in a WAL that started over
+            let back = (due + 1..writes.len())
+                .find(|&k| writes[k].0 == here)
+                .expect("urgent writes never came back to this thread");
+            assert!(back > due + 1, "{writes:?}");
+            assert!(
+                writes[due + 1..back].iter().all(|w| w.0 == writer),
+                "{writes:?}"
+            );
+            assert!(
+                writes[back].1 < writes[due].1,
+                "the WAL did not start over: {writes:?}"
             );
         });
     }
