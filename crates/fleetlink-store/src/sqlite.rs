@@ -470,11 +470,11 @@ impl SqliteStore {
         )));
         let queued = Arc::new(AtomicUsize::new(0));
         let thread = {
-            let (writer, queued) = (writer.clone(), queued.clone());
+            let (writer, queued, path) = (writer.clone(), queued.clone(), path.clone());
             std::thread::Builder::new()
                 .name("fleetlink-store-writer".into())
                 .spawn(move || {
-                    Writer::run(writer, &queued, rx, max_points, delay);
+                    Writer::run(writer, &path, &queued, rx, max_points, delay);
                     drop(lock); // after the last fold, with the connection closed
                 })
                 .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?
@@ -2503,6 +2503,20 @@ struct Writer {
     /// The writer thread checkpoints once the WAL holds this many pages
     /// ([`WAL_CHECKPOINT_PAGES`]; tests lower it).
     checkpoint_pages: i32,
+    /// True while the writer thread copies the WAL into the database without holding the
+    /// writer: commits on calling threads go on meanwhile (see [`Writer::checkpoint_if_due`]).
+    checkpointing: bool,
+    /// Called by the writer thread as a checkpoint starts its copy without the writer's lock
+    /// and once it is done: tests hold a checkpoint there.
+    #[cfg(test)]
+    checkpoint_hook: Option<Arc<dyn Fn(CheckpointStep) + Send + Sync>>,
+}
+
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CheckpointStep {
+    Copy,
+    Done,
 }
 
 /// The writer thread checkpoints the WAL once it holds this many pages (64 MiB; SQLite's default
@@ -2510,6 +2524,13 @@ struct Writer {
 /// index pages commit after commit, and a checkpoint copies each page once however often it was
 /// rewritten since the last one (10% less server CPU per message in the slow-devices benchmark).
 const WAL_CHECKPOINT_PAGES: i32 = 16_384;
+
+/// Runs a passive checkpoint on `conn`: (pages in the WAL, pages of it in the database).
+fn passive_checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get(1)?, r.get(2)?))
+    })
+}
 
 /// How long SQLite waits for another connection's write lock (registry writes use their own).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -2563,6 +2584,9 @@ impl Writer {
             waiting_points: 0,
             wal_frames: 0,
             checkpoint_pages: WAL_CHECKPOINT_PAGES,
+            checkpointing: false,
+            #[cfg(test)]
+            checkpoint_hook: None,
         }
     }
 
@@ -2576,7 +2600,7 @@ impl Writer {
         &mut self,
         job: ControlJob,
     ) -> Result<(Finisher, Option<StoreError>), ControlJob> {
-        if self.sync == Synchronous::Full || self.wal_frames >= self.checkpoint_pages {
+        if self.sync == Synchronous::Full || self.checkpoint_due() {
             return Err(job);
         }
         let conn = &self.conn;
@@ -2617,37 +2641,85 @@ impl Writer {
         }
     }
 
-    /// Checkpoints the WAL if it is due: on the writer thread, after the commit's waiters were
-    /// answered. Passive: readers and their snapshots are not waited for, so it may copy only
-    /// part of the WAL; the next commit then finds it still long and the next one tries again, as
-    /// SQLite's autocheckpoint does. The WAL starts over at the next commit after a complete one.
-    fn checkpoint_if_due(&mut self) {
-        self.note_wal();
-        if self.wal_frames < self.checkpoint_pages {
+    /// Whether the WAL is long enough for a checkpoint that has not started yet.
+    fn checkpoint_due(&self) -> bool {
+        self.wal_frames >= self.checkpoint_pages && !self.checkpointing
+    }
+
+    /// Checkpoints the WAL if it is due, on the writer thread after the commit's waiters were
+    /// answered, in two passes:
+    ///
+    /// 1. The first copies the WAL into the database on a connection of its own (`spare`),
+    ///    without the writer's lock: commits on calling threads go on meanwhile, appending to
+    ///    the WAL (SQLite's checkpointer and writer locks are separate). This pass pays the
+    ///    fsyncs: of the WAL, which commits under `synchronous=NORMAL` leave to the page cache
+    ///    (up to 64 MiB, synced with the writer's lock held before), and of the database.
+    /// 2. Under the writer's lock, another pass copies what was committed during the first, a
+    ///    few pages. With every frame copied, the WAL starts over at the next commit; a
+    ///    checkpoint that never caught up, as one alongside continuous commits never does, would
+    ///    leave it growing.
+    ///
+    /// Both passes are passive: readers and their snapshots are not waited for, so they may copy
+    /// only part of the WAL; the next commit then finds it still long and the next checkpoint
+    /// tries again, as SQLite's autocheckpoint does.
+    fn checkpoint_if_due(writer: &Mutex<Self>, spare: &mut Option<Connection>, path: &Path) {
+        let lock = || {
+            writer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let mut this = lock();
+        this.note_wal();
+        if !this.checkpoint_due() {
             return;
         }
         let started = std::time::Instant::now();
-        let outcome = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-            });
-        match outcome {
-            Ok((log, copied)) => tracing::debug!(
-                log,
-                copied,
-                ms = started.elapsed().as_secs_f64() * 1e3,
-                "WAL checkpoint"
-            ),
-            Err(error) => {
-                tracing::warn!(%error, "WAL checkpoint failed; it is tried again after the next commit")
+        this.checkpointing = true;
+        let sync = this.sync;
+        #[cfg(test)]
+        let hook = this.checkpoint_hook.clone();
+        drop(this);
+        #[cfg(test)]
+        if let Some(hook) = &hook {
+            hook(CheckpointStep::Copy);
+        }
+        if spare.is_none() {
+            match open_connection(path, sync) {
+                Ok(conn) => *spare = Some(conn),
+                // the pass under the lock copies it all then
+                Err(error) => tracing::warn!(%error, "cannot open the checkpoint's connection"),
             }
         }
-        self.wal_frames = 0;
+        let unlocked_done = spare.as_ref().map(passive_checkpoint);
+        let unlocked = started.elapsed();
+        let mut this = lock();
+        let locked = std::time::Instant::now();
+        let last = passive_checkpoint(&this.conn);
+        this.wal_frames = 0;
+        this.checkpointing = false;
+        drop(this);
+        match (unlocked_done, last) {
+            (Some(Err(error)), _) | (_, Err(error)) => {
+                tracing::warn!(%error, "WAL checkpoint failed; it is tried again after the next commit")
+            }
+            (unlocked_done, Ok((log, done))) => tracing::debug!(
+                log,
+                unlocked_done = unlocked_done.and_then(Result::ok).map_or(0, |(_, c)| c),
+                done,
+                unlocked_ms = unlocked.as_secs_f64() * 1e3,
+                locked_ms = locked.elapsed().as_secs_f64() * 1e3,
+                "WAL checkpoint"
+            ),
+        }
+        #[cfg(test)]
+        if let Some(hook) = &hook {
+            hook(CheckpointStep::Done);
+        }
     }
 
     fn run(
         writer: Arc<Mutex<Self>>,
+        path: &Path,
         queued: &AtomicUsize,
         mut rx: mpsc::UnboundedReceiver<WriterJob>,
         max_points: usize,
@@ -2663,6 +2735,8 @@ impl Writer {
         // waiting `delay` for them pays. A lone writer (one command at a time, a single device)
         // is committed at once instead of waiting for company that is not coming.
         let mut previous = 0usize;
+        // the checkpoint's own connection, opened at the first checkpoint
+        let mut spare: Option<Connection> = None;
         while let Some(first) = rx.blocking_recv() {
             let mut points = job_points(&first);
             jobs.push(first);
@@ -2729,7 +2803,8 @@ impl Writer {
             {
                 this.fold();
             }
-            this.checkpoint_if_due();
+            drop(this);
+            Self::checkpoint_if_due(&writer, &mut spare, path);
         }
         lock().fold();
         tracing::debug!("store writer stopped");
@@ -3438,11 +3513,11 @@ mod tests {
     }
 
     /// Commits on the calling thread never checkpoint: once the WAL is long enough, the next
-    /// urgent write goes to the writer thread, which commits it and then checkpoints; the WAL
-    /// starts over at the next commit, and urgent writes are committed on the calling thread
-    /// again.
+    /// urgent write goes to the writer thread, which commits it and then checkpoints. While the
+    /// checkpoint copies the WAL (held there by the test), urgent writes are still committed on
+    /// the calling thread: it does not hold the writer. Once it is done the WAL starts over.
     #[test]
-    fn the_writer_thread_checkpoints_a_long_wal() {
+    fn the_writer_thread_checkpoints_a_long_wal_without_holding_the_writer() {
         let (_dir, path, rt) = scratch();
         rt.block_on(async {
             let (store, _) = store_with_device(&path).await;
@@ -3450,41 +3525,53 @@ mod tests {
                 .control(|c| Ok(c.execute_batch("CREATE TABLE scratch (n INTEGER)")?))
                 .await
                 .unwrap();
-            lock_writer(&store.inner).checkpoint_pages = 8;
+            let (steps_tx, steps) = std::sync::mpsc::channel::<CheckpointStep>();
+            let (go, go_rx) = std::sync::mpsc::channel::<()>();
+            let go_rx = Mutex::new(go_rx);
+            {
+                let mut writer = lock_writer(&store.inner);
+                writer.checkpoint_pages = 8;
+                writer.checkpoint_hook = Some(Arc::new(move |step| {
+                    let _ = steps_tx.send(step);
+                    if step == CheckpointStep::Copy {
+                        // held until the test lets it go (or gives up: the sender is dropped)
+                        let _ = go_rx.lock().unwrap().recv();
+                    }
+                }));
+            }
+            let next_step = || steps.recv_timeout(Duration::from_secs(10)).unwrap();
             let here = std::thread::current().name().map(str::to_owned);
             let writer = Some("fleetlink-store-writer".to_owned());
+            // on this thread, the WAL growing commit after commit, until it is due: that write
+            // goes to the writer thread (the tables made at open may have left it due already)
             let mut writes = Vec::new();
-            for n in 0..40 {
-                writes.push(urgent_insert(&store, n).await);
+            let due = loop {
+                let write = urgent_insert(&store, writes.len()).await;
+                if write.0 == writer {
+                    break write.1;
+                }
+                assert_eq!(write.0, here, "{writes:?}");
+                writes.push(write);
+                assert!(writes.len() < 100, "the WAL never came due: {writes:?}");
+            };
+            assert!(due >= 8, "{due} {writes:?}");
+            assert!(writes.windows(2).all(|w| w[1].1 > w[0].1), "{writes:?}");
+            assert_eq!(next_step(), CheckpointStep::Copy);
+            // the checkpoint is copying: urgent writes go on here, the WAL still growing
+            let mut during = Vec::new();
+            for n in 0..10 {
+                let write = urgent_insert(&store, 1000 + n);
+                let write = tokio::time::timeout(Duration::from_secs(10), write).await;
+                during.push(write.expect("an urgent write waited for the checkpoint"));
             }
-            // (the tables made at open may have left the WAL due already: the first write may
-            // be the writer thread's)
-            let first = writes.iter().position(|w| w.0 == here).unwrap();
-            let writes = &writes[first..];
-            // until the WAL is due, on this thread, the WAL growing commit after commit
-            let due = writes
-                .iter()
-                .position(|w| w.1 >= 8)
-                .expect("the WAL never grew to 8 pages");
-            assert!(writes[..=due].iter().all(|w| w.0 == here), "{writes:?}");
-            assert!(
-                writes[..=due].windows(2).all(|w| w[1].1 > w[0].1),
-                "{writes:?}"
-            );
-            // then on the writer thread (the next ones too while it checkpoints: it holds the
-            // writer then), and back on this thread once it is done, in a WAL that started over
-            let back = (due + 1..writes.len())
-                .find(|&k| writes[k].0 == here)
-                .expect("urgent writes never came back to this thread");
-            assert!(back > due + 1, "{writes:?}");
-            assert!(
-                writes[due + 1..back].iter().all(|w| w.0 == writer),
-                "{writes:?}"
-            );
-            assert!(
-                writes[back].1 < writes[due].1,
-                "the WAL did not start over: {writes:?}"
-            );
+            assert!(during.iter().all(|w| w.0 == here), "{during:?}");
+            assert!(during[9].1 > due, "{due} {during:?}");
+            go.send(()).unwrap();
+            assert_eq!(next_step(), CheckpointStep::Done);
+            // every frame was copied: the WAL starts over, and the writes stay here
+            let after = urgent_insert(&store, 2000).await;
+            assert_eq!(after.0, here);
+            assert!(after.1 < 8, "the WAL did not start over: {after:?}");
         });
     }
 
