@@ -104,7 +104,10 @@ pub async fn connect(server: &ServerAddress, n: usize) -> Result<LightFleet> {
 /// session ends.
 async fn heartbeat(mut send: quinn::SendStream, mut reader: FrameReader, every: Duration) {
     let beat = ClientControl {
-        msg: Some(client_control::Msg::Heartbeat(v1::Heartbeat { time_us: 0 })),
+        msg: Some(client_control::Msg::Heartbeat(v1::Heartbeat {
+            time_us: 0,
+            no_answer: true, // as the SDK's
+        })),
     };
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {

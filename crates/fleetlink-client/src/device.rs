@@ -1208,14 +1208,18 @@ impl Engine {
         });
         // A heartbeat goes out only after an interval without a telemetry ack: an acked batch was
         // seen by the server (protocol §6), so a device streaming at least once per interval
-        // sends no heartbeats at all (three packets each, with the server's answer and its ACK).
+        // sends no heartbeats at all. It asks for no answer: the server's QUIC ACK of it is all
+        // that comes back (two packets; an answer would need an ACK of its own, three).
         let hb_every = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
         let mut heartbeat = tokio::time::interval_at(Instant::now() + hb_every, hb_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A server that vanished (killed, network gone) sends no close: declare it dead after the
-        // heartbeat timeout without any frame from it.
+        // heartbeat timeout without anything from it, a frame or a packet (the QUIC ACKs of the
+        // heartbeats, which the server does not answer otherwise; counted at each heartbeat and
+        // once more when the time is up).
         let silence = Duration::from_millis(u64::from(welcome.heartbeat_timeout_ms.max(200)));
         let mut last_heard = Instant::now();
+        let mut packets_heard = conn.stats().udp_rx.datagrams;
         let mut sent = 0usize; // frames of `unacked` written on this connection
         // Reports and subscriptions of earlier connections go again (both are idempotent).
         for frame in self.requests_after_reconnect() {
@@ -1308,16 +1312,32 @@ impl Engine {
                     None => break SessionEnd::Lost(ClientError::Connection("control stream reader stopped".into())),
                 },
                 _ = heartbeat.tick() => {
-                    let hb = ClientControl { msg: Some(client_control::Msg::Heartbeat(v1::Heartbeat { time_us: crate::now_us() })) };
+                    let packets = conn.stats().udp_rx.datagrams;
+                    if packets != packets_heard {
+                        packets_heard = packets;
+                        last_heard = Instant::now();
+                    }
+                    let hb = ClientControl {
+                        msg: Some(client_control::Msg::Heartbeat(v1::Heartbeat {
+                            time_us: crate::now_us(),
+                            no_answer: true,
+                        })),
+                    };
                     if let Err(e) = write_frame(&mut send, &hb).await {
                         break SessionEnd::Lost(e.into());
                     }
                 }
                 _ = sleep_until_opt(linger_at) => self.seal(),
                 _ = tokio::time::sleep_until(last_heard + silence) => {
-                    let e = ClientError::Connection(format!("no frame from the server for {} ms", silence.as_millis()));
-                    conn.close(0u32.into(), b"server silent");
-                    break SessionEnd::Lost(e);
+                    let packets = conn.stats().udp_rx.datagrams;
+                    if packets != packets_heard {
+                        packets_heard = packets;
+                        last_heard = Instant::now();
+                    } else {
+                        let e = ClientError::Connection(format!("nothing from the server for {} ms", silence.as_millis()));
+                        conn.close(0u32.into(), b"server silent");
+                        break SessionEnd::Lost(e);
+                    }
                 }
                 closed = conn.closed() => break SessionEnd::Lost(closed.into()),
             }

@@ -333,7 +333,7 @@ async fn deliver(
     if matches!(answer, Ok(Some(_))) {
         // The SDK's FIN comes with its result: reading on to it spares the STOP_SENDING that
         // dropping the stream unread would send, a packet of its own (and the device's ACK of it).
-        reader.close();
+        crate::let_go(reader);
     }
     let delivery = match answer {
         Ok(Some(result)) if result.command_id == id => Delivery::Answered(result),

@@ -63,6 +63,25 @@ pub(crate) fn close_code(code: fleetlink_proto::v1::ErrorCode) -> quinn::VarInt 
     quinn::VarInt::from_u32(code as u32)
 }
 
+/// How long the server waits for the FIN of a stream whose one frame it has read (a request, a
+/// command's result) before it stops the stream.
+const FIN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Lets go of the reading side of a stream whose one frame was read. The peer's FIN usually came
+/// with that frame, and the stream then ends quietly; dropping it unread would send a
+/// STOP_SENDING, a packet of its own (and the peer's ACK of it). A FIN may also trail its frame
+/// in a packet of its own (a client that wrote the frame and finished the stream in two calls):
+/// a task then waits for it, up to [`FIN_WAIT`], and stops the stream only if it does not come
+/// (or more data does).
+pub(crate) fn let_go(mut reader: fleetlink_transport::FrameReader) {
+    if reader.finished() {
+        return;
+    }
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(FIN_WAIT, reader.stream_mut().read_chunk(1, true)).await;
+    });
+}
+
 /// Microseconds since the Unix epoch, from the system clock.
 pub fn now_us() -> TimeUs {
     std::time::SystemTime::now()

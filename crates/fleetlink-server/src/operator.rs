@@ -8,8 +8,8 @@ use fleetlink_core::presence::{PresenceState, SessionId};
 use fleetlink_core::{DeviceId, MetricName};
 use fleetlink_proto::MAX_PROVISION_BATCH;
 use fleetlink_proto::v1::{
-    self, ClientControl, ErrorCode, OperatorRequest, OperatorResponse, ServerControl,
-    client_control, operator_request, operator_response, server_control,
+    self, ClientControl, ErrorCode, OperatorRequest, OperatorResponse, client_control,
+    operator_request, operator_response,
 };
 use fleetlink_store::{DeviceRecord, NewDevice, StoreError, TelemetryQuery};
 use fleetlink_transport::{FrameReader, write_frame};
@@ -56,14 +56,11 @@ pub(crate) async fn operator_session(
         loop {
             match reader.read::<ClientControl>().await {
                 Ok(Some(ClientControl {
-                    msg: Some(client_control::Msg::Heartbeat(_)),
+                    msg: Some(client_control::Msg::Heartbeat(h)),
                 })) => {
-                    let hb = ServerControl {
-                        msg: Some(server_control::Msg::Heartbeat(v1::Heartbeat {
-                            time_us: now_us(),
-                        })),
-                    };
-                    if write_frame(&mut send, &hb).await.is_err() {
+                    if let Some(answer) = crate::session::answer_heartbeat(&h)
+                        && write_frame(&mut send, &answer).await.is_err()
+                    {
                         return None;
                     }
                 }
@@ -135,7 +132,7 @@ async fn serve_request(shared: Arc<Shared>, mut send: quinn::SendStream, recv: q
     if read.is_ok() {
         // A request comes with its FIN (the SDK's does): end the stream's reading side without
         // the STOP_SENDING that dropping it unread would add to the answer.
-        reader.close();
+        crate::let_go(reader);
     }
     let responses = match read {
         Ok(Some(OperatorRequest {

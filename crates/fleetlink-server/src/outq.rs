@@ -234,7 +234,10 @@ mod tests {
 
     fn frame(n: i64) -> Frame {
         Box::new(ServerControl {
-            msg: Some(server_control::Msg::Heartbeat(Heartbeat { time_us: n })),
+            msg: Some(server_control::Msg::Heartbeat(Heartbeat {
+                time_us: n,
+                no_answer: false,
+            })),
         })
     }
 

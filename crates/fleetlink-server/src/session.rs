@@ -515,9 +515,11 @@ async fn run_device(running: Box<Running>) {
                 Err(e) => return End::from_transport(e),
             };
             // Heartbeats, the one request every device keeps sending, are answered inline.
-            let answered = if matches!(msg, client_control::Msg::Heartbeat(_)) {
-                drop(msg);
-                queue(&out_tx, Box::new(heartbeat(&heard))).await
+            let answered = if let client_control::Msg::Heartbeat(h) = &msg {
+                match heartbeat(&heard, h) {
+                    Some(answer) => queue(&out_tx, Box::new(answer)).await,
+                    None => Ok(()),
+                }
             } else {
                 let ctx = (&shared, &id, &actor, session, &*heard);
                 Box::pin(request(ctx, &out_tx, msg)).await
@@ -618,15 +620,22 @@ async fn queue(out: &BridgeSender, frame: Box<ServerControl>) -> Result<(), End>
     }
 }
 
-/// Notes that the device was heard from, and makes the heartbeat's answer. No message to the
-/// actor: it reads `heard` when it checks the timeout. (A replaced session is kicked by the actor.)
-fn heartbeat(heard: &AtomicI64) -> ServerControl {
+/// Notes that the device was heard from, and makes the heartbeat's answer unless the device asked
+/// for none. No message to the actor: it reads `heard` when it checks the timeout. (A replaced
+/// session is kicked by the actor.)
+fn heartbeat(heard: &AtomicI64, h: &v1::Heartbeat) -> Option<ServerControl> {
     heard.fetch_max(now_us(), Ordering::Relaxed);
-    ServerControl {
+    answer_heartbeat(h)
+}
+
+/// The server's answer to a client heartbeat: none if the client set `no_answer`.
+pub(crate) fn answer_heartbeat(h: &v1::Heartbeat) -> Option<ServerControl> {
+    (!h.no_answer).then(|| ServerControl {
         msg: Some(server_control::Msg::Heartbeat(v1::Heartbeat {
             time_us: now_us(),
+            no_answer: false,
         })),
-    }
+    })
 }
 
 /// A running session's own parts, as a request needs them: the shared state, the device, its
@@ -648,7 +657,10 @@ async fn request(
 ) -> Result<(), End> {
     use client_control::Msg;
     let answer = match msg {
-        Msg::Heartbeat(_) => heartbeat(heard),
+        Msg::Heartbeat(h) => match heartbeat(heard, &h) {
+            Some(answer) => answer,
+            None => return Ok(()),
+        },
         Msg::TwinReport(report) => {
             let ack = match report_twin(actor, session, &report).await {
                 Ok(version) => v1::TwinReportAck {

@@ -172,3 +172,65 @@ async fn a_device_that_missed_the_close_is_reset_by_the_restarted_server() {
     dev.close().await;
     restarted.shutdown();
 }
+
+/// An idle device's heartbeat asks for no answer (protocol §6): the server's QUIC ACK is all that
+/// comes back, one datagram each way per heartbeat (an answer would need an ACK of its own, a
+/// second datagram from the device). The device stays connected on those ACKs alone over several
+/// heartbeat timeouts, and the server counts the heartbeats as seen; once nothing comes back from
+/// the server at all, the device gives up on the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_device_heartbeats_in_two_datagrams_and_notices_a_silent_server() {
+    // QUIC's default ACK delay (25 ms) both ways, shorter than the heartbeat interval: each
+    // heartbeat and each answer would be acknowledged in a datagram of its own
+    let ts = start(|c| {
+        c.ack_delay_ms = 0;
+        c.heartbeat_interval_ms = 100;
+        c.heartbeat_timeout_ms = 500;
+    });
+    let op = ts.operator().await;
+    let token = provision(&op, "beacon-1").await;
+    op.close();
+    let relay = UdpRelay::start(ts.address.addr).await;
+    let mut config = ts.device_config("beacon-1", &token);
+    config.server.addr = relay.addr;
+    config.ack_delay = Duration::ZERO;
+    let dev = DeviceClient::connect(config).await.unwrap();
+    // the handshake's packets and path-MTU probes are over once a first message is acked
+    dev.send(vec![Point {
+        metric: MetricName::new("rssi").unwrap(),
+        time_us: 1,
+        value: Value::Double(-70.0),
+    }])
+    .await
+    .unwrap();
+    dev.flush(WAIT).await.unwrap();
+    let (up, down) = (relay.to_server(), relay.to_client());
+    // three heartbeat timeouts of heartbeats, and nothing else
+    eventually(WAIT, "30 datagrams from the idle device", || async {
+        relay.to_server() - up >= 30
+    })
+    .await;
+    let (up, down) = (relay.to_server() - up, relay.to_client() - down);
+    assert!(
+        down as f64 >= 0.8 * up as f64,
+        "{down} datagrams from the server for {up} from the device"
+    );
+    let stats = dev.stats();
+    assert!(stats.connected && stats.connects == 1, "{stats:?}");
+    // (a fresh operator: the first one's connection idled out, the server's QUIC idle timeout
+    // being twice the heartbeat timeout, 1 s, and the SDK operator's keep-alive every 5 s)
+    let info = ts.operator().await;
+    let info = info
+        .device(&DeviceId::new("beacon-1").unwrap())
+        .await
+        .unwrap();
+    assert!(info.presence.online, "{:?}", info.presence);
+
+    relay.drop_next_to_client(u64::MAX, 0);
+    eventually(WAIT, "the device giving up on a silent server", || async {
+        !dev.stats().connected
+    })
+    .await;
+    let error = dev.stats().last_error.unwrap_or_default();
+    assert!(error.contains("nothing from the server"), "{error}");
+}

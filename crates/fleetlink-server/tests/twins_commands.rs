@@ -542,6 +542,44 @@ async fn serial_commands_run_in_order_concurrent_ones_beside_them() {
     dev.close().await;
 }
 
+/// A client may finish its request stream in a packet of its own, after the request (here only
+/// once it has the answer): the server waits for the FIN and lets the stream end quietly instead
+/// of stopping it (a STOP_SENDING); it used to stop any stream whose FIN was not in yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_stream_finished_after_its_answer_is_not_stopped() {
+    let ts = start(|_| {});
+    let operator = raw_connect(
+        &ts,
+        fleetlink_proto::v1::Hello {
+            role: fleetlink_proto::v1::Role::Operator.into(),
+            device_id: String::new(),
+            ..device_hello("", &ts.admin_token)
+        },
+    )
+    .await;
+    let (mut send, recv) = operator.conn.open_bi().await.unwrap();
+    let request = OperatorRequest {
+        request: Some(operator_request::Request::ListDevices(
+            fleetlink_proto::v1::ListDevices::default(),
+        )),
+    };
+    fleetlink_transport::write_frame(&mut send, &request)
+        .await
+        .unwrap();
+    let mut reader = fleetlink_transport::FrameReader::new(recv, 1 << 20);
+    let answer = reader.read::<OperatorResponse>().await.unwrap().unwrap();
+    assert!(answer.response.is_some(), "{answer:?}");
+    assert!(reader.read::<OperatorResponse>().await.unwrap().is_none());
+    send.finish().unwrap();
+    // the server acknowledges the FIN, and never asked us to stop sending
+    let stopped = tokio::time::timeout(WAIT, send.stopped())
+        .await
+        .expect("the server never acknowledged the FIN")
+        .unwrap();
+    assert_eq!(stopped, None);
+    assert_eq!(operator.conn.stats().frame_rx.stop_sending, 0);
+}
+
 /// The device can be running a command before its `delivered` state is committed; reading the
 /// command then gives the owner's live state, not the store's older one.
 /// `SendCommand` with `wait_ms` on a raw operator stream: one request, one answer.

@@ -75,8 +75,13 @@ impl FrameReader {
     /// came with its last frame this way spares a packet: dropping it unread sends a STOP_SENDING,
     /// which is ack-eliciting and goes out on its own right after the frame was read.
     pub fn close(mut self) -> bool {
+        self.finished()
+    }
+
+    /// Whether the peer has finished the stream with nothing left to read: one poll, never a
+    /// wait (a FIN that has not arrived yet counts as not finished).
+    pub fn finished(&mut self) -> bool {
         use std::future::Future as _;
-        // One poll, never a wait: a FIN that has not arrived yet counts as not finished.
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         let ended = std::pin::pin!(self.stream.read_chunk(1, true)).poll(&mut cx);
         matches!(ended, std::task::Poll::Ready(Ok(None))) && self.decoder.finish().is_ok()

@@ -559,12 +559,19 @@ pub struct Reject {
     #[prost(uint32, repeated, tag = "4")]
     pub supported_versions: ::prost::alloc::vec::Vec<u32>,
 }
-/// Liveness signal, both directions. The server answers each client Heartbeat with one.
+/// Liveness signal, both directions. The server answers each client Heartbeat with one, unless
+/// the client set `no_answer`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Heartbeat {
     /// Sender's clock, microseconds since the Unix epoch.
     #[prost(int64, tag = "1")]
     pub time_us: i64,
+    /// Client only: the server sends no answer. The QUIC ACK of the packet is then all that comes
+    /// back: two packets per heartbeat instead of three (an answer needs an ACK of its own). A
+    /// client that sets it learns that the server is there from the packets it receives (§6).
+    /// Ignored by servers older than this field, which answer anyway.
+    #[prost(bool, tag = "2")]
+    pub no_answer: bool,
 }
 /// Every telemetry batch with a sequence number up to and including `seq` is durably stored.
 /// Cumulative: a later ack covers every earlier batch.
