@@ -243,7 +243,7 @@ impl Endpoint {
                 }
                 RouteDatagramTo::Connection(ch) => Some(DatagramEvent::ConnectionEvent(
                     ch,
-                    ConnectionEvent(ConnectionEventInner::Datagram(event)),
+                    ConnectionEvent(Box::new(ConnectionEventInner::Datagram(event))),
                 )),
             }
         } else if event.first_decode.initial_header().is_some() {
@@ -413,7 +413,7 @@ impl Endpoint {
                 reset_token: ResetToken::new(&*self.config.reset_key, id),
             });
         }
-        ConnectionEvent(ConnectionEventInner::NewIdentifiers(ids, now))
+        ConnectionEvent(Box::new(ConnectionEventInner::NewIdentifiers(ids, now)))
     }
 
     /// Generate a connection ID for `ch`
@@ -678,7 +678,7 @@ impl Endpoint {
                 trace!(id = ch.0, icid = %dst_cid, "new connection");
 
                 for event in incoming_buffer.datagrams {
-                    conn.handle_event(ConnectionEvent(ConnectionEventInner::Datagram(event)))
+                    conn.handle_event(ConnectionEvent(Box::new(ConnectionEventInner::Datagram(event))))
                 }
 
                 Ok((ch, conn))

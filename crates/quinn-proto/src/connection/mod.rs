@@ -723,15 +723,14 @@ impl Connection {
                 };
                 buf_capacity += next_datagram_size_limit;
                 if buf.capacity() < buf_capacity {
-                    // We reserve the maximum space for sending `max_datagrams` upfront
-                    // to avoid any reallocations if more datagrams have to be appended later on.
-                    // Benchmarks have shown shown a 5-10% throughput improvement
-                    // compared to continuously resizing the datagram buffer.
-                    // While this will lead to over-allocation for small transmits
-                    // (e.g. purely containing ACKs), modern memory allocators
-                    // (e.g. mimalloc and jemalloc) will pool certain allocation sizes
-                    // and therefore this is still rather efficient.
-                    buf.reserve(max_datagrams * segment_size);
+                    // fleetlink patch: grow the buffer as `Vec` does (to at least twice its
+                    // capacity), not to `max_datagrams` datagrams at once. quinn's connection
+                    // driver keeps the buffer for the connection's life, so the few
+                    // reallocations happen once per connection; reserving ten datagrams upfront
+                    // (~12-14 KB) left every connection that ever sent two datagrams at once (a
+                    // handshake flight with a certificate chain, a large stream write) holding
+                    // that much while idle.
+                    buf.reserve(buf_capacity.saturating_sub(buf.len()));
                 }
                 num_datagrams += 1;
                 coalesce = true;
@@ -955,7 +954,10 @@ impl Connection {
                 .poll_transmit(now, self.packet_number_filter.peek(&self.spaces[space_id]))?;
 
             let buf_capacity = probe_size as usize;
-            buf.reserve(buf_capacity);
+            // fleetlink patch: exactly the probe's size. `reserve` grows an empty buffer sized to
+            // the current MTU (1,200 bytes, see quinn's connection driver, which keeps the buffer
+            // for the connection's life) to twice that, 2,400 bytes, for a 1,452-byte probe.
+            buf.reserve_exact(buf_capacity);
 
             let mut builder = PacketBuilder::new(
                 now,
@@ -1117,7 +1119,7 @@ impl Connection {
     /// extracted through the relevant methods.
     pub fn handle_event(&mut self, event: ConnectionEvent) {
         use ConnectionEventInner::*;
-        match event.0 {
+        match *event.0 {
             Datagram(DatagramConnectionEvent {
                 now,
                 remote,
@@ -3613,7 +3615,7 @@ impl Connection {
     /// Decodes a packet, returning its decrypted payload, so it can be inspected in tests
     #[cfg(test)]
     pub(crate) fn decode_packet(&self, event: &ConnectionEvent) -> Option<Vec<u8>> {
-        let (first_decode, remaining) = match &event.0 {
+        let (first_decode, remaining) = match &*event.0 {
             ConnectionEventInner::Datagram(DatagramConnectionEvent {
                 first_decode,
                 remaining,

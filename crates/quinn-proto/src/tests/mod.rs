@@ -3011,6 +3011,69 @@ fn connect_runs_mtud_again_after_600_seconds() {
     assert_eq!(pair.server_conn_mut(server_ch).path_mtu(), 1452);
 }
 
+/// fleetlink patch: quinn keeps a connection's send buffer for the connection's life, sized to
+/// the current MTU; an MTU probe must grow it to the probe's size, not to twice the buffer's
+#[test]
+fn an_mtu_probe_grows_the_buffer_to_its_size_only() {
+    let _guard = subscribe();
+    let mut server_config = server_config();
+    let mut client_config = client_config();
+    Arc::get_mut(&mut server_config.transport)
+        .unwrap()
+        .max_idle_timeout(None);
+    Arc::get_mut(&mut client_config.transport)
+        .unwrap()
+        .max_idle_timeout(None);
+    let mut pair = Pair::new(Default::default(), server_config);
+    // every probe is lost: the path stays at 1,200 bytes until MTUD runs again
+    pair.mtu = 1200;
+    let (_, server_ch) = pair.connect_with(client_config);
+    pair.drive();
+    assert_eq!(pair.server_conn_mut(server_ch).path_mtu(), 1200);
+
+    pair.time += Duration::from_secs(600);
+    let now = pair.time;
+    let conn = pair.server_conn_mut(server_ch);
+    let mut buf = Vec::with_capacity(1200);
+    let probe = loop {
+        buf.clear();
+        let t = conn
+            .poll_transmit(now, 1, &mut buf)
+            .expect("MTUD probes again after 600 s");
+        if t.size > 1200 {
+            break t.size;
+        }
+    };
+    assert!(probe <= 1452);
+    assert_eq!(buf.capacity(), probe);
+}
+
+/// fleetlink patch: a transmit of a few datagrams grows the send buffer (which quinn keeps for
+/// the connection's life) to about their size, not to `max_datagrams` of them
+#[test]
+fn a_transmit_of_three_datagrams_does_not_reserve_ten() {
+    let _guard = subscribe();
+    let mut pair = Pair::default();
+    let (_, server_ch) = pair.connect();
+    pair.drive();
+    let mtu = usize::from(pair.server_conn_mut(server_ch).path_mtu());
+
+    let now = pair.time;
+    let conn = pair.server_conn_mut(server_ch);
+    let s = conn.streams().open(Dir::Uni).unwrap();
+    conn.send_stream(s).write(&[0xab; 3000]).unwrap();
+    let mut buf = Vec::with_capacity(mtu);
+    let t = conn.poll_transmit(now, 10, &mut buf).unwrap();
+    assert_eq!(t.segment_size, Some(mtu));
+    assert!(t.size > 2 * mtu, "three datagrams in one transmit: {}", t.size);
+    assert!(
+        buf.capacity() <= 2 * t.size,
+        "{} bytes reserved for {}",
+        buf.capacity(),
+        t.size
+    );
+}
+
 #[test]
 fn blackhole_after_mtu_change_repairs_itself() {
     let _guard = subscribe();
