@@ -67,6 +67,9 @@ struct RunArgs {
     /// Device count of the flood, slow, commands and reconnect scenarios (default: the issue's).
     #[arg(long)]
     devices: Option<usize>,
+    /// Round trips per run of the commands scenario (default 10000, 50 with --quick).
+    #[arg(long)]
+    commands: Option<usize>,
     /// Measured window of the flood and slow scenarios, seconds (default 20).
     #[arg(long)]
     window: Option<f64>,
@@ -138,6 +141,7 @@ fn run(args: RunArgs) -> Result<()> {
     let mut ctx = scenarios::Ctx::new(args.quick, runs, server_core)?;
     ctx.devices = args.devices;
     ctx.window = args.window.map(Duration::from_secs_f64);
+    ctx.commands = args.commands;
     ctx.systems = args.systems.clone();
     let started = std::time::Instant::now();
     let ceilings = ceilings::measure(

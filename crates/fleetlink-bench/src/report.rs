@@ -357,7 +357,7 @@ impl Report {
         self.throughput_table(
             &mut md,
             "commands",
-            "4. Command round trip (many devices connected; one request at a time: 10000 per run, 50 with --quick)",
+            "4. Command round trip (many devices connected; one request at a time: 10000 per run, 50 with --quick, `--commands` to change)",
         );
         self.reconnect_table(&mut md);
         if !self.python.is_empty() {
@@ -428,9 +428,17 @@ impl Report {
             .and_then(|r| r.extra.get("devices"))
             .copied();
         let _ = writeln!(md, "## {title}\n");
+        // a commands run sends its round trips one at a time: say how many if not the default
+        let sent = rows[0].runs.first().map(|r| r.sent);
+        let round_trips = match sent {
+            Some(n) if scenario == "commands" && n != 10_000 && n != 50 => {
+                format!(", {n} round trips per run")
+            }
+            _ => String::new(),
+        };
         let _ = writeln!(
             md,
-            "Median (min–max) of {runs} run(s){}.\n",
+            "Median (min–max) of {runs} run(s){}{round_trips}.\n",
             devices
                 .map(|d| format!(", {d:.0} devices"))
                 .unwrap_or_default()

@@ -59,6 +59,8 @@ pub struct Ctx {
     pub devices: Option<usize>,
     /// Overrides the measured window of the flood and slow scenarios.
     pub window: Option<Duration>,
+    /// Overrides the round trips per run of the commands scenario.
+    pub commands: Option<usize>,
     /// Only these systems (by name); empty = all.
     pub systems: Vec<String>,
     next_dir: usize,
@@ -79,6 +81,7 @@ impl Ctx {
             failures: Vec::new(),
             devices: None,
             window: None,
+            commands: None,
             systems: Vec::new(),
             next_dir: 0,
         })
@@ -592,6 +595,7 @@ pub async fn commands(ctx: &mut Ctx) -> Result<()> {
         (10_000, 10_000)
     };
     let devices = ctx.devices.unwrap_or(devices);
+    let count = ctx.commands.unwrap_or(count);
     let systems = ctx.wanted(&[System::Fleetlink, System::QuinnSink]);
     let names: Vec<&str> = systems.iter().map(|s| s.name()).collect();
     let runs = alternating(ctx, &names, "commands", async |ctx, k, i| {
