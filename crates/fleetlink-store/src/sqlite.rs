@@ -384,6 +384,9 @@ impl<T, D: FnOnce(Result<T, StoreError>)> Drop for CalledOnce<T, D> {
 enum WriterJob {
     Append(AppendBatch, OwnedSemaphorePermit),
     Control(ControlJob),
+    /// From the checkpoint thread, its copy done: the writer thread finishes the checkpoint
+    /// ([`Writer::checkpoint_if_due`]). Nothing to commit.
+    Wake,
 }
 
 impl std::fmt::Debug for WriterJob {
@@ -391,6 +394,7 @@ impl std::fmt::Debug for WriterJob {
         match self {
             WriterJob::Append(b, _) => f.debug_tuple("Append").field(&b.batch.seq).finish(),
             WriterJob::Control(_) => f.write_str("Control"),
+            WriterJob::Wake => f.write_str("Wake"),
         }
     }
 }
@@ -471,10 +475,14 @@ impl SqliteStore {
         let queued = Arc::new(AtomicUsize::new(0));
         let thread = {
             let (writer, queued, path) = (writer.clone(), queued.clone(), path.clone());
+            let wake = CheckpointWake {
+                writes: tx.downgrade(),
+                queued: queued.clone(),
+            };
             std::thread::Builder::new()
                 .name("fleetlink-store-writer".into())
                 .spawn(move || {
-                    Writer::run(writer, &path, &queued, rx, max_points, delay);
+                    Writer::run(writer, &path, &queued, (rx, wake), max_points, delay);
                     drop(lock); // after the last fold, with the connection closed
                 })
                 .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?
@@ -1336,6 +1344,7 @@ fn job_points(job: &WriterJob) -> usize {
     match job {
         WriterJob::Append(b, _) => b.batch.points.len(),
         WriterJob::Control(_) => 1,
+        WriterJob::Wake => 0,
     }
 }
 
@@ -2503,11 +2512,13 @@ struct Writer {
     /// The writer thread checkpoints once the WAL holds this many pages
     /// ([`WAL_CHECKPOINT_PAGES`]; tests lower it).
     checkpoint_pages: i32,
-    /// True while the writer thread copies the WAL into the database without holding the
-    /// writer: commits on calling threads go on meanwhile (see [`Writer::checkpoint_if_due`]).
+    /// True from the start of a checkpoint until the writer thread has finished it (see
+    /// [`Writer::checkpoint_if_due`]): commits go on meanwhile, on every thread.
     checkpointing: bool,
-    /// Called by the writer thread as a checkpoint starts its copy without the writer's lock
-    /// and once it is done: tests hold a checkpoint there.
+    /// The checkpoint thread's copy, once done, for the writer thread to finish the checkpoint.
+    copied: Option<CheckpointCopy>,
+    /// Called by the checkpoint thread as it starts a checkpoint's copy, and by the writer
+    /// thread once the checkpoint is done: tests hold a checkpoint there.
     #[cfg(test)]
     checkpoint_hook: Option<Arc<dyn Fn(CheckpointStep) + Send + Sync>>,
 }
@@ -2561,6 +2572,119 @@ impl std::fmt::Debug for Writer {
 /// A fold comes early once this many points wait in the overlay (each costs ~100 bytes there).
 const FOLD_POINTS: usize = 1 << 20;
 
+fn lock_writer_mutex(writer: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
+    writer
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The first pass of a checkpoint, done by the checkpoint thread.
+struct CheckpointCopy {
+    /// Its outcome: (pages in the WAL, pages of it in the database); `None` without a
+    /// connection of its own (the second pass then copies everything).
+    done: Option<rusqlite::Result<(i64, i64)>>,
+    took: Duration,
+}
+
+/// How the checkpoint thread wakes the writer thread once its copy is done: a [`WriterJob::Wake`]
+/// through the writer's queue, counted in `queued` as every job is. A weak sender, so that the
+/// writer thread still ends once every clone of the store is dropped.
+#[derive(Clone)]
+struct CheckpointWake {
+    writes: mpsc::WeakUnboundedSender<WriterJob>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl CheckpointWake {
+    fn wake(&self) {
+        let Some(writes) = self.writes.upgrade() else {
+            return; // the store is closing: the writer thread ends without the second pass
+        };
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        if writes.send(WriterJob::Wake).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Nice value of the checkpoint thread: CFS gives it ~10% of a core that other threads want
+/// (weight 110 against 1024) and all of an idle one.
+const CHECKPOINT_NICE: i32 = 10;
+
+/// The checkpoint thread: copies the WAL into the database when asked (the first pass of
+/// [`Writer::checkpoint_if_due`]), on a connection of its own. Dropping this ends the thread
+/// after the copy in progress, if any.
+struct Checkpointer {
+    requests: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(
+        writer: Arc<Mutex<Writer>>,
+        path: PathBuf,
+        sync: Synchronous,
+        wake: CheckpointWake,
+    ) -> std::io::Result<Self> {
+        let (requests, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("fleetlink-store-checkpoint".into())
+            .spawn(move || {
+                // Linux: the calling thread's nice value, not the whole process's
+                if let Err(error) = rustix::process::setpriority_process(None, CHECKPOINT_NICE) {
+                    tracing::debug!(%error, "cannot lower the checkpoint thread's priority");
+                }
+                let mut spare: Option<Connection> = None;
+                while rx.recv().is_ok() {
+                    #[cfg(test)]
+                    {
+                        let hook = lock_writer_mutex(&writer).checkpoint_hook.clone();
+                        if let Some(hook) = hook {
+                            hook(CheckpointStep::Copy);
+                        }
+                    }
+                    let started = std::time::Instant::now();
+                    if spare.is_none() {
+                        match open_connection(&path, sync) {
+                            Ok(conn) => spare = Some(conn),
+                            // the pass under the lock copies it all then
+                            Err(error) => {
+                                tracing::warn!(%error, "cannot open the checkpoint's connection")
+                            }
+                        }
+                    }
+                    let done = spare.as_ref().map(passive_checkpoint);
+                    lock_writer_mutex(&writer).copied = Some(CheckpointCopy {
+                        done,
+                        took: started.elapsed(),
+                    });
+                    wake.wake();
+                }
+            })?;
+        Ok(Self {
+            requests: Some(requests),
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for a copy; an error if the thread is gone.
+    fn copy(&self) -> std::io::Result<()> {
+        self.requests
+            .as_ref()
+            .and_then(|r| r.send(()).ok())
+            .ok_or_else(|| std::io::Error::other("the checkpoint thread has stopped"))
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.requests = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 impl Writer {
     fn new(
         conn: Connection,
@@ -2585,6 +2709,7 @@ impl Writer {
             wal_frames: 0,
             checkpoint_pages: WAL_CHECKPOINT_PAGES,
             checkpointing: false,
+            copied: None,
             #[cfg(test)]
             checkpoint_hook: None,
         }
@@ -2646,82 +2771,93 @@ impl Writer {
         self.wal_frames >= self.checkpoint_pages && !self.checkpointing
     }
 
-    /// Checkpoints the WAL if it is due, on the writer thread after the commit's waiters were
-    /// answered, in two passes:
+    /// Checkpoints the WAL once it is due, in two passes; the writer thread calls this after each
+    /// commit, once the commit's waiters were answered:
     ///
-    /// 1. The first copies the WAL into the database on a connection of its own (`spare`),
-    ///    without the writer's lock: commits on calling threads go on meanwhile, appending to
-    ///    the WAL (SQLite's checkpointer and writer locks are separate). This pass pays the
-    ///    fsyncs: of the WAL, which commits under `synchronous=NORMAL` leave to the page cache
-    ///    (up to 64 MiB, synced with the writer's lock held before), and of the database.
-    /// 2. Under the writer's lock, another pass copies what was committed during the first, a
-    ///    few pages. With every frame copied, the WAL starts over at the next commit; a
-    ///    checkpoint that never caught up, as one alongside continuous commits never does, would
-    ///    leave it growing.
+    /// 1. The first copies the WAL into the database on the checkpoint thread
+    ///    ([`Checkpointer`]), on a connection of its own and without the writer's lock: commits
+    ///    go on meanwhile on every thread, the writer thread's included, appending to the WAL
+    ///    (SQLite's checkpointer and writer locks are separate). This pass pays the fsyncs: of
+    ///    the WAL, which commits under `synchronous=NORMAL` leave to the page cache (up to 64
+    ///    MiB, synced with the writer's lock held before), and of the database. The checkpoint
+    ///    thread runs at a lower priority (nice 10), so on a busy core the copy takes the time
+    ///    that the server's other threads leave, rather than a share of theirs.
+    /// 2. Once the copy is done, the checkpoint thread wakes the writer thread, which copies what
+    ///    was committed during the first pass under the writer's lock, a few pages. With every
+    ///    frame copied, the WAL starts over at the next commit; a checkpoint that never caught
+    ///    up, as one alongside continuous commits never does, would leave it growing.
     ///
     /// Both passes are passive: readers and their snapshots are not waited for, so they may copy
     /// only part of the WAL; the next commit then finds it still long and the next checkpoint
     /// tries again, as SQLite's autocheckpoint does.
-    fn checkpoint_if_due(writer: &Mutex<Self>, spare: &mut Option<Connection>, path: &Path) {
-        let lock = || {
-            writer
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
-        let mut this = lock();
+    fn checkpoint_if_due(
+        writer: &Arc<Mutex<Self>>,
+        checkpointer: &mut Option<Checkpointer>,
+        wake: &CheckpointWake,
+        path: &Path,
+    ) {
+        let mut this = lock_writer_mutex(writer);
         this.note_wal();
+        if let Some(copy) = this.copied.take() {
+            let locked = std::time::Instant::now();
+            let last = passive_checkpoint(&this.conn);
+            this.wal_frames = 0;
+            this.checkpointing = false;
+            #[cfg(test)]
+            let hook = this.checkpoint_hook.clone();
+            drop(this);
+            match (copy.done, last) {
+                (Some(Err(error)), _) | (_, Err(error)) => {
+                    tracing::warn!(%error, "WAL checkpoint failed; it is tried again after the next commit")
+                }
+                (unlocked_done, Ok((log, done))) => tracing::debug!(
+                    log,
+                    unlocked_done = unlocked_done.and_then(Result::ok).map_or(0, |(_, c)| c),
+                    done,
+                    unlocked_ms = copy.took.as_secs_f64() * 1e3,
+                    locked_ms = locked.elapsed().as_secs_f64() * 1e3,
+                    "WAL checkpoint"
+                ),
+            }
+            #[cfg(test)]
+            if let Some(hook) = &hook {
+                hook(CheckpointStep::Done);
+            }
+            return;
+        }
         if !this.checkpoint_due() {
             return;
         }
-        let started = std::time::Instant::now();
         this.checkpointing = true;
         let sync = this.sync;
-        #[cfg(test)]
-        let hook = this.checkpoint_hook.clone();
         drop(this);
-        #[cfg(test)]
-        if let Some(hook) = &hook {
-            hook(CheckpointStep::Copy);
-        }
-        if spare.is_none() {
-            match open_connection(path, sync) {
-                Ok(conn) => *spare = Some(conn),
-                // the pass under the lock copies it all then
-                Err(error) => tracing::warn!(%error, "cannot open the checkpoint's connection"),
-            }
-        }
-        let unlocked_done = spare.as_ref().map(passive_checkpoint);
-        let unlocked = started.elapsed();
-        let mut this = lock();
-        let locked = std::time::Instant::now();
-        let last = passive_checkpoint(&this.conn);
-        this.wal_frames = 0;
-        this.checkpointing = false;
-        drop(this);
-        match (unlocked_done, last) {
-            (Some(Err(error)), _) | (_, Err(error)) => {
-                tracing::warn!(%error, "WAL checkpoint failed; it is tried again after the next commit")
-            }
-            (unlocked_done, Ok((log, done))) => tracing::debug!(
-                log,
-                unlocked_done = unlocked_done.and_then(Result::ok).map_or(0, |(_, c)| c),
-                done,
-                unlocked_ms = unlocked.as_secs_f64() * 1e3,
-                locked_ms = locked.elapsed().as_secs_f64() * 1e3,
-                "WAL checkpoint"
-            ),
-        }
-        #[cfg(test)]
-        if let Some(hook) = &hook {
-            hook(CheckpointStep::Done);
+        let started = match checkpointer {
+            Some(c) => c.copy(),
+            None => Checkpointer::start(writer.clone(), path.to_owned(), sync, wake.clone())
+                .and_then(|c| {
+                    let started = c.copy();
+                    *checkpointer = Some(c);
+                    started
+                }),
+        };
+        if let Err(error) = started {
+            // the pass under the lock copies it all then
+            tracing::warn!(%error, "cannot start the checkpoint thread; the writer thread copies the WAL");
+            let mut this = lock_writer_mutex(writer);
+            this.copied = Some(CheckpointCopy {
+                done: None,
+                took: Duration::ZERO,
+            });
+            drop(this);
+            Self::checkpoint_if_due(writer, checkpointer, wake, path);
         }
     }
 
     fn run(
         writer: Arc<Mutex<Self>>,
         path: &Path,
-        queued: &AtomicUsize,
-        mut rx: mpsc::UnboundedReceiver<WriterJob>,
+        queued: &Arc<AtomicUsize>,
+        (mut rx, wake): (mpsc::UnboundedReceiver<WriterJob>, CheckpointWake),
         max_points: usize,
         delay: std::time::Duration,
     ) {
@@ -2735,8 +2871,8 @@ impl Writer {
         // waiting `delay` for them pays. A lone writer (one command at a time, a single device)
         // is committed at once instead of waiting for company that is not coming.
         let mut previous = 0usize;
-        // the checkpoint's own connection, opened at the first checkpoint
-        let mut spare: Option<Connection> = None;
+        // the checkpoint thread, started at the first checkpoint
+        let mut checkpointer: Option<Checkpointer> = None;
         while let Some(first) = rx.blocking_recv() {
             let mut points = job_points(&first);
             jobs.push(first);
@@ -2764,10 +2900,15 @@ impl Writer {
                 match job {
                     WriterJob::Append(b, _permit) => appends.push(b), // the permit frees queue room
                     WriterJob::Control(c) => controls.push(c),
+                    WriterJob::Wake => {}
                 }
             }
             let mut finishers = Vec::with_capacity(controls.len());
-            let committed = this.commit(&appends, controls, &mut finishers);
+            let committed = if appends.is_empty() && controls.is_empty() {
+                Ok(Vec::new()) // only a wake-up
+            } else {
+                this.commit(&appends, controls, &mut finishers)
+            };
             this.note_wal();
             if committed.is_err() {
                 // The cached watermarks may be ahead of what was rolled back, and the chunks
@@ -2804,8 +2945,10 @@ impl Writer {
                 this.fold();
             }
             drop(this);
-            Self::checkpoint_if_due(&writer, &mut spare, path);
+            Self::checkpoint_if_due(&writer, &mut checkpointer, &wake, path);
         }
+        // a copy still running ends before the store is let go
+        drop(checkpointer);
         lock().fold();
         tracing::debug!("store writer stopped");
     }
@@ -3513,9 +3656,10 @@ mod tests {
     }
 
     /// Commits on the calling thread never checkpoint: once the WAL is long enough, the next
-    /// urgent write goes to the writer thread, which commits it and then checkpoints. While the
-    /// checkpoint copies the WAL (held there by the test), urgent writes are still committed on
-    /// the calling thread: it does not hold the writer. Once it is done the WAL starts over.
+    /// urgent write goes to the writer thread, which commits it and has the checkpoint thread
+    /// copy the WAL, at a lower priority. While it copies (held there by the test), urgent writes
+    /// are still committed on the calling thread, and writes queued for the writer thread on
+    /// that thread: neither waits for the copy. Once it is done the WAL starts over.
     #[test]
     fn the_writer_thread_checkpoints_a_long_wal_without_holding_the_writer() {
         let (_dir, path, rt) = scratch();
@@ -3528,10 +3672,18 @@ mod tests {
             let (steps_tx, steps) = std::sync::mpsc::channel::<CheckpointStep>();
             let (go, go_rx) = std::sync::mpsc::channel::<()>();
             let go_rx = Mutex::new(go_rx);
+            // the thread that copies, and its nice value
+            let copier = Arc::new(Mutex::new(None));
             {
+                let copier = copier.clone();
                 let mut writer = lock_writer(&store.inner);
                 writer.checkpoint_pages = 8;
                 writer.checkpoint_hook = Some(Arc::new(move |step| {
+                    if step == CheckpointStep::Copy {
+                        let thread = std::thread::current().name().map(str::to_owned);
+                        let nice = rustix::process::getpriority_process(None).unwrap();
+                        *copier.lock().unwrap() = Some((thread, nice));
+                    }
                     let _ = steps_tx.send(step);
                     if step == CheckpointStep::Copy {
                         // held until the test lets it go (or gives up: the sender is dropped)
@@ -3566,6 +3718,23 @@ mod tests {
             }
             assert!(during.iter().all(|w| w.0 == here), "{during:?}");
             assert!(during[9].1 > due, "{due} {during:?}");
+            // and so does the writer thread with what is queued for it
+            let queued = store.control(|c| {
+                c.execute("INSERT INTO scratch (n) VALUES (3000)", [])?;
+                Ok(std::thread::current().name().map(str::to_owned))
+            });
+            let queued = tokio::time::timeout(Duration::from_secs(10), queued)
+                .await
+                .expect("a write queued for the writer thread waited for the checkpoint's copy")
+                .unwrap();
+            assert_eq!(queued, writer);
+            assert_eq!(
+                *copier.lock().unwrap(),
+                Some((
+                    Some("fleetlink-store-checkpoint".to_owned()),
+                    CHECKPOINT_NICE
+                ))
+            );
             go.send(()).unwrap();
             assert_eq!(next_step(), CheckpointStep::Done);
             // every frame was copied: the WAL starts over, and the writes stay here
