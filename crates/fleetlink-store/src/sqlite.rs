@@ -2572,6 +2572,7 @@ impl std::fmt::Debug for Writer {
 /// A fold comes early once this many points wait in the overlay (each costs ~100 bytes there).
 const FOLD_POINTS: usize = 1 << 20;
 
+/// Locks the writer, poisoned or not, as every use of it does.
 fn lock_writer_mutex(writer: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
     writer
         .lock()
@@ -2856,16 +2857,12 @@ impl Writer {
     fn run(
         writer: Arc<Mutex<Self>>,
         path: &Path,
-        queued: &Arc<AtomicUsize>,
+        queued: &AtomicUsize,
         (mut rx, wake): (mpsc::UnboundedReceiver<WriterJob>, CheckpointWake),
         max_points: usize,
         delay: std::time::Duration,
     ) {
-        let lock = || {
-            writer
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
+        let lock = || lock_writer_mutex(&writer);
         let mut jobs: Vec<WriterJob> = Vec::new();
         // Jobs in the previous commit: more than one means several writers are active, and
         // waiting `delay` for them pays. A lone writer (one command at a time, a single device)
@@ -3610,10 +3607,7 @@ mod tests {
     }
 
     fn lock_writer(inner: &Inner) -> std::sync::MutexGuard<'_, Writer> {
-        inner
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock_writer_mutex(&inner.writer)
     }
 
     /// A command's insert on an idle store is committed on the calling thread: its future is
