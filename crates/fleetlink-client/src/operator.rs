@@ -627,29 +627,60 @@ pub struct OperatorClient {
     conn: quinn::Connection,
     /// The server's frame size limit, from its Welcome.
     max_frame_bytes: u32,
-    _control: quinn::SendStream,
+    /// The task that keeps the connection from going idle, and owns the control stream: stopped
+    /// when this is dropped, which finishes the control stream and so ends the session.
+    heartbeats: tokio::task::AbortHandle,
     _endpoint: Endpoint,
+}
+
+impl Drop for OperatorClient {
+    fn drop(&mut self) {
+        self.heartbeats.abort();
+    }
+}
+
+/// Sends a heartbeat on the operator's control stream every `every`, asking for no answer (the
+/// server's QUIC ACK of it is all that comes back), until the stream fails.
+///
+/// Operators are not subject to the heartbeat timeout, but the server's QUIC idle timeout is
+/// twice its `heartbeat_timeout_ms` (protocol §6): a connection with nothing to say for that long
+/// is closed. A QUIC keep-alive would have to be chosen before the Welcome tells the timeout; the
+/// Welcome's `heartbeat_interval_ms`, below the timeout, fits whatever the server is configured
+/// with.
+async fn keep_alive(mut control: quinn::SendStream, every: Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let heartbeat = v1::ClientControl {
+            msg: Some(v1::client_control::Msg::Heartbeat(v1::Heartbeat {
+                time_us: crate::now_us(),
+                no_answer: true,
+            })),
+        };
+        if write_frame(&mut control, &heartbeat).await.is_err() {
+            return; // the connection is gone: requests on it fail with its error
+        }
+    }
 }
 
 impl OperatorClient {
     /// Connects and authenticates with an admin token.
     pub async fn connect(config: OperatorConfig) -> Result<Self, ClientError> {
         let endpoint = Endpoint::for_server(config.server.addr)?;
-        let transport = ClientTransport {
-            keep_alive: Some(Duration::from_secs(5)),
-            ..Default::default()
-        };
         let session = open_session(
             &endpoint,
             &config.server,
-            &quic_config(&config.server, &transport)?,
+            &quic_config(&config.server, &ClientTransport::default())?,
             hello(v1::Role::Operator, "", &config.token),
         )
         .await?;
+        let every = Duration::from_millis(u64::from(session.welcome.heartbeat_interval_ms.max(10)));
+        let heartbeats = tokio::spawn(keep_alive(session.send, every)).abort_handle();
         Ok(Self {
             conn: session.conn,
             max_frame_bytes: session.welcome.max_frame_bytes,
-            _control: session.send,
+            heartbeats,
             _endpoint: endpoint,
         })
     }
@@ -1401,6 +1432,11 @@ impl OperatorClient {
                 "the server ended the subscription at once".into(),
             )),
         }
+    }
+
+    /// Waits until the session ends, and says why: closed by either side, timed out, lost.
+    pub async fn closed(&self) -> ClientError {
+        self.conn.closed().await.into()
     }
 
     /// Closes the session.

@@ -145,6 +145,24 @@ async fn presence_goes_offline_on_disconnect_and_on_heartbeat_timeout() {
     assert!(!op.device(&id_s).await.unwrap().presence.online);
 }
 
+/// An idle operator session outlives the server's QUIC idle timeout (twice its heartbeat timeout)
+/// whatever that is: the SDK sends heartbeats at the Welcome's interval. It used to send QUIC
+/// keep-alives every 5 s, and a server with a heartbeat timeout under 2.5 s closed the idle
+/// session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_operator_session_stays_open_past_the_idle_timeout() {
+    let ts = start(|c| {
+        c.heartbeat_interval_ms = 100;
+        c.heartbeat_timeout_ms = 250; // the server's QUIC idle timeout is twice this: 500 ms
+    });
+    let op = ts.operator().await;
+    let idle = Duration::from_millis(2 * 250);
+    if let Ok(error) = tokio::time::timeout(4 * idle, op.closed()).await {
+        panic!("the idle operator session ended: {error}");
+    }
+    assert!(op.list_devices(None, None).await.unwrap().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_token_unknown_device_and_wrong_version_are_rejected_each_with_its_reason() {
     let ts = start(|_| {});
