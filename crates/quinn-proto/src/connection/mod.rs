@@ -72,7 +72,9 @@ mod spaces;
 pub use spaces::Retransmits;
 #[cfg(not(fuzzing))]
 use spaces::Retransmits;
-use spaces::{PacketNumberFilter, PacketSpace, SendableFrames, SentPacket, ThinRetransmits};
+use spaces::{
+    PacketNumberFilter, PacketSpace, PacketSpaces, SendableFrames, SentPacket, ThinRetransmits,
+};
 
 mod stats;
 pub use stats::{ConnectionStats, FrameStats, PathStats, UdpStats};
@@ -149,7 +151,7 @@ pub struct Connection {
     path_counter: u64,
     /// Whether MTU detection is supported in this environment
     allow_mtud: bool,
-    prev_path: Option<(ConnectionId, PathData)>,
+    prev_path: Option<Box<(ConnectionId, PathData)>>,
     state: State,
     side: ConnectionSide,
     /// Whether or not 0-RTT was enabled during the handshake. Does not imply acceptance.
@@ -175,7 +177,7 @@ pub struct Connection {
     /// Outgoing spin bit state
     spin: bool,
     /// Packet number spaces: initial, handshake, 1-RTT
-    spaces: [PacketSpace; 3],
+    spaces: PacketSpaces,
     /// Highest usable packet number space
     highest_space: SpaceId,
     /// 1-RTT keys used prior to a key update
@@ -314,7 +316,7 @@ impl Connection {
             endpoint_events: VecDeque::new(),
             spin_enabled: config.allow_spin && rng.random_ratio(7, 8),
             spin: false,
-            spaces: [initial_space, PacketSpace::new(now), PacketSpace::new(now)],
+            spaces: PacketSpaces::new(initial_space, now),
             highest_space: SpaceId::Initial,
             prev_crypto: None,
             next_crypto: None,
@@ -482,10 +484,12 @@ impl Connection {
         }
 
         // If we need to send a probe, make sure we have something to send.
-        for space in SpaceId::iter() {
+        for space_id in SpaceId::iter() {
             let request_immediate_ack =
-                space == SpaceId::Data && self.peer_supports_ack_frequency();
-            self.spaces[space].maybe_queue_probe(request_immediate_ack, &self.streams);
+                space_id == SpaceId::Data && self.peer_supports_ack_frequency();
+            if let Some(space) = self.spaces.get_mut(space_id) {
+                space.maybe_queue_probe(request_immediate_ack, &self.streams);
+            }
         }
 
         // Check whether we need to send a close message
@@ -1020,7 +1024,7 @@ impl Connection {
 
     /// Send PATH_CHALLENGE for a previous path if necessary
     fn send_path_challenge(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
-        let (prev_cid, prev_path) = self.prev_path.as_mut()?;
+        let (prev_cid, prev_path) = self.prev_path.as_deref_mut()?;
         if !prev_path.challenge_pending {
             return None;
         }
@@ -1224,8 +1228,8 @@ impl Connection {
                 }
                 Timer::PathValidation => {
                     debug!("path validation failed");
-                    if let Some((_, prev)) = self.prev_path.take() {
-                        self.path = prev;
+                    if let Some(prev) = self.prev_path.take() {
+                        self.path = prev.1;
                     }
                     self.path.challenge = None;
                     self.path.challenge_pending = false;
@@ -1303,6 +1307,12 @@ impl Connection {
     /// Causes an ACK-eliciting packet to be transmitted.
     pub fn ping(&mut self) {
         self.spaces[self.highest_space].ping_pending = true;
+    }
+
+    /// Whether the Initial and Handshake packet spaces are freed (fleetlink patch 5)
+    #[cfg(test)]
+    pub(crate) fn early_spaces_freed(&self) -> bool {
+        self.spaces.is_discarded(SpaceId::Initial) && self.spaces.is_discarded(SpaceId::Handshake)
     }
 
     /// Update traffic keys spontaneously
@@ -2218,13 +2228,12 @@ impl Connection {
                 *token = Bytes::new();
             }
         }
-        let space = &mut self.spaces[space_id];
-        space.crypto = None;
-        space.time_of_last_ack_eliciting_packet = None;
-        space.loss_time = None;
-        let sent_packets = mem::take(&mut space.sent_packets);
-        for packet in sent_packets.into_values() {
-            self.remove_in_flight(&packet);
+        // The space is freed (fleetlink patch 5): it reads as an empty one from now on, with no
+        // keys, no loss time and no packet sent.
+        if let Some(space) = self.spaces.discard(space_id) {
+            for packet in space.sent_packets.into_values() {
+                self.remove_in_flight(&packet);
+            }
         }
         self.set_loss_detection_timer(now)
     }
@@ -2837,7 +2846,7 @@ impl Connection {
                         self.timers.stop(Timer::PathValidation);
                         self.path.challenge = None;
                         self.path.validated = true;
-                        if let Some((_, ref mut prev_path)) = self.prev_path {
+                        if let Some((_, prev_path)) = self.prev_path.as_deref_mut() {
                             prev_path.challenge = None;
                             prev_path.challenge_pending = false;
                         }
@@ -3095,7 +3104,7 @@ impl Connection {
             prev.challenge_pending = true;
             // We haven't updated the remote CID yet, this captures the remote CID we were using on
             // the previous path.
-            self.prev_path = Some((self.rem_cids.active(), prev));
+            self.prev_path = Some(Box::new((self.rem_cids.active(), prev)));
         }
 
         self.timers.set(
@@ -3722,7 +3731,7 @@ impl Connection {
             || self.path.challenge_pending
             || self
                 .prev_path
-                .as_ref()
+                .as_deref()
                 .is_some_and(|(_, x)| x.challenge_pending)
             || !self.path_responses.is_empty()
             || self.datagrams.outgoing.can_send_1rtt(max_size)
@@ -3733,7 +3742,7 @@ impl Connection {
         // Visit known paths from newest to oldest to find the one `packet` was sent on
         for path in [&mut self.path]
             .into_iter()
-            .chain(self.prev_path.as_mut().map(|(_, data)| data))
+            .chain(self.prev_path.as_deref_mut().map(|(_, data)| data))
         {
             if path.remove_in_flight(packet) {
                 return;
@@ -3794,7 +3803,7 @@ impl Connection {
         let ConnectionSide::Server { server_config } = &self.side else {
             return;
         };
-        let new_tokens = &mut self.spaces[SpaceId::Data as usize].pending.new_tokens;
+        let new_tokens = &mut self.spaces[SpaceId::Data].pending.new_tokens;
         new_tokens.clear();
         for _ in 0..server_config.validation_token.sent {
             new_tokens.push(self.path.remote);

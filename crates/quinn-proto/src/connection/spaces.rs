@@ -265,16 +265,84 @@ impl PacketSpace {
     }
 }
 
-impl Index<SpaceId> for [PacketSpace; 3] {
-    type Output = PacketSpace;
-    fn index(&self, space: SpaceId) -> &PacketSpace {
-        &self.as_ref()[space as usize]
+/// The three packet number spaces of a connection (fleetlink patch 5).
+///
+/// The Initial and Handshake spaces live only until the handshake discards their keys, but
+/// upstream keeps all three inline in the `Connection` (768 bytes each) for the connection's
+/// life. Here the two early ones are boxed, and freed when discarded: the `Connection` is
+/// ~1.5 KB smaller for as long as it lives.
+///
+/// A discarded space reads as a new, empty one (no keys, nothing in flight or pending), which is
+/// what a discarded space holds that anything reads (keys and loss state are cleared by the
+/// discard; what else it held is unreachable without keys). Code that would change a discarded
+/// space gets a new empty one, allocated again: [`PacketSpaces::get_mut`] lets the connection's
+/// per-transmit paths skip discarded spaces instead.
+pub(super) struct PacketSpaces {
+    /// Initial and Handshake, `None` once discarded.
+    early: [Option<Box<PacketSpace>>; 2],
+    data: PacketSpace,
+}
+
+impl PacketSpaces {
+    pub(super) fn new(initial: PacketSpace, now: Instant) -> Self {
+        Self {
+            early: [
+                Some(Box::new(initial)),
+                Some(Box::new(PacketSpace::new(now))),
+            ],
+            data: PacketSpace::new(now),
+        }
+    }
+
+    /// Frees a discarded space (Initial or Handshake); returns what it held, for the caller to
+    /// account for its packets in flight.
+    pub(super) fn discard(&mut self, space: SpaceId) -> Option<Box<PacketSpace>> {
+        debug_assert!(space != SpaceId::Data);
+        self.early[space as usize].take()
+    }
+
+    /// Whether `space` was discarded (the Data space never is).
+    #[cfg(test)]
+    pub(super) fn is_discarded(&self, space: SpaceId) -> bool {
+        space != SpaceId::Data && self.early[space as usize].is_none()
+    }
+
+    /// The space, unless discarded.
+    pub(super) fn get_mut(&mut self, space: SpaceId) -> Option<&mut PacketSpace> {
+        match space {
+            SpaceId::Data => Some(&mut self.data),
+            early => self.early[early as usize].as_deref_mut(),
+        }
     }
 }
 
-impl IndexMut<SpaceId> for [PacketSpace; 3] {
+/// What a discarded space reads as.
+fn discarded_space() -> &'static PacketSpace {
+    static DISCARDED: std::sync::OnceLock<PacketSpace> = std::sync::OnceLock::new();
+    DISCARDED.get_or_init(|| PacketSpace::new(Instant::now()))
+}
+
+impl Index<SpaceId> for PacketSpaces {
+    type Output = PacketSpace;
+    fn index(&self, space: SpaceId) -> &PacketSpace {
+        match space {
+            SpaceId::Data => &self.data,
+            early => self.early[early as usize]
+                .as_deref()
+                .unwrap_or_else(|| discarded_space()),
+        }
+    }
+}
+
+impl IndexMut<SpaceId> for PacketSpaces {
     fn index_mut(&mut self, space: SpaceId) -> &mut PacketSpace {
-        &mut self.as_mut()[space as usize]
+        match space {
+            SpaceId::Data => &mut self.data,
+            early => self.early[early as usize].get_or_insert_with(|| {
+                trace!(?early, "a discarded packet space is written to");
+                Box::new(PacketSpace::new(Instant::now()))
+            }),
+        }
     }
 }
 
@@ -926,6 +994,27 @@ const MAX_ACK_BLOCKS: usize = 64;
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// fleetlink patch 5: only the Data space is inline; a discarded space reads as an empty one
+    /// and is freed
+    #[test]
+    fn the_early_spaces_are_boxed_and_freed() {
+        assert!(size_of::<PacketSpaces>() < 2 * size_of::<PacketSpace>());
+        let now = Instant::now();
+        let mut spaces = PacketSpaces::new(PacketSpace::new(now), now);
+        spaces[SpaceId::Handshake].loss_time = Some(now);
+        assert!(spaces.discard(SpaceId::Handshake).is_some());
+        assert!(spaces.is_discarded(SpaceId::Handshake));
+        assert!(spaces.get_mut(SpaceId::Handshake).is_none());
+        assert_eq!(spaces[SpaceId::Handshake].loss_time, None);
+        assert!(spaces[SpaceId::Handshake].crypto.is_none());
+        assert!(
+            spaces.discard(SpaceId::Handshake).is_none(),
+            "discarded once"
+        );
+        assert!(!spaces.is_discarded(SpaceId::Initial));
+        assert!(!spaces.is_discarded(SpaceId::Data));
+    }
 
     #[test]
     fn sanity() {

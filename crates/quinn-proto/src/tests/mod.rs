@@ -3011,6 +3011,67 @@ fn connect_runs_mtud_again_after_600_seconds() {
     assert_eq!(pair.server_conn_mut(server_ch).path_mtu(), 1452);
 }
 
+/// fleetlink patch 5: the Initial and Handshake packet spaces are boxed and freed once the
+/// handshake discards them, and nothing a connection does afterwards brings them back (a write
+/// to a discarded space would allocate an empty one again): data both ways, a lost flight and
+/// its loss probes, a key update, the close
+#[test]
+fn the_early_packet_spaces_are_freed_once_discarded() {
+    let _guard = subscribe();
+    let mut pair = Pair::default();
+    let client_ch = pair.begin_connect(client_config());
+    pair.drive_client();
+    pair.server.drive_incoming(pair.time, pair.client.addr);
+    let server_ch = pair.server.assert_accept();
+    assert!(!pair.server_conn_mut(server_ch).early_spaces_freed());
+    assert!(!pair.client_conn_mut(client_ch).early_spaces_freed());
+    pair.drive();
+    let freed = |pair: &mut Pair| {
+        pair.client_conn_mut(client_ch).early_spaces_freed()
+            && pair.server_conn_mut(server_ch).early_spaces_freed()
+    };
+    assert!(freed(&mut pair), "freed once the handshake is confirmed");
+
+    let s = pair.client_streams(client_ch).open(Dir::Bi).unwrap();
+    pair.client_send(client_ch, s).write(b"hello").unwrap();
+    pair.drive();
+    assert!(freed(&mut pair));
+
+    // the next flight is lost: loss probes, then the retransmission
+    pair.client_send(client_ch, s).write(b"again").unwrap();
+    pair.client.drive(pair.time, pair.server.addr);
+    assert!(!pair.client.outbound.is_empty());
+    pair.client.outbound.clear();
+    let lost_before = pair.client_conn_mut(client_ch).stats().path.lost_packets;
+    pair.drive();
+    assert!(
+        pair.client_conn_mut(client_ch).stats().frame_tx.ping > 0
+            || pair.client_conn_mut(client_ch).stats().path.lost_packets > lost_before,
+        "the loss was detected"
+    );
+    assert!(freed(&mut pair));
+
+    pair.client_conn_mut(client_ch).force_key_update();
+    pair.client_send(client_ch, s).write(b"rekeyed").unwrap();
+    pair.drive();
+    assert!(freed(&mut pair));
+    let mut recv = pair.server_recv(server_ch, s);
+    let mut chunks = recv.read(true).unwrap();
+    let mut got = Vec::new();
+    while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
+        got.extend_from_slice(&chunk.bytes);
+    }
+    let _ = chunks.finalize();
+    assert_eq!(got, b"helloagainrekeyed");
+
+    let now = pair.time;
+    pair.server_conn_mut(server_ch)
+        .close(now, VarInt(7), Bytes::new());
+    pair.drive();
+    assert!(pair.client_conn_mut(client_ch).is_closed());
+    assert!(freed(&mut pair));
+}
+
 /// fleetlink patch: quinn keeps a connection's send buffer for the connection's life, sized to
 /// the current MTU; an MTU probe must grow it to the probe's size, not to twice the buffer's
 #[test]
@@ -3065,7 +3126,11 @@ fn a_transmit_of_three_datagrams_does_not_reserve_ten() {
     let mut buf = Vec::with_capacity(mtu);
     let t = conn.poll_transmit(now, 10, &mut buf).unwrap();
     assert_eq!(t.segment_size, Some(mtu));
-    assert!(t.size > 2 * mtu, "three datagrams in one transmit: {}", t.size);
+    assert!(
+        t.size > 2 * mtu,
+        "three datagrams in one transmit: {}",
+        t.size
+    );
     assert!(
         buf.capacity() <= 2 * t.size,
         "{} bytes reserved for {}",
