@@ -147,7 +147,11 @@ pub(crate) fn quinn_server_config(
     // One ticket per connection: a device reconnects with it and gets the next one. (rustls'
     // default of two doubles the store for a spare that only a failed attempt would use.)
     tls.send_tls13_tickets = 1;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_err)?;
+    let mut crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_err)?;
+    // A connection drops its TLS state once the handshake is done (our quinn-proto's change 8):
+    // a few KB per idle device. The server exports no keying material and asks for no client
+    // certificate, the two things that would need it.
+    crypto.release_tls_after_handshake(true);
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport

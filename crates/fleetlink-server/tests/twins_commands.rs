@@ -548,24 +548,11 @@ async fn serial_commands_run_in_order_concurrent_ones_beside_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_stream_finished_after_its_answer_is_not_stopped() {
     let ts = start(|_| {});
-    let operator = raw_connect(
+    let (operator, mut send, recv) = raw_operator_request(
         &ts,
-        fleetlink_proto::v1::Hello {
-            role: fleetlink_proto::v1::Role::Operator.into(),
-            device_id: String::new(),
-            ..device_hello("", &ts.admin_token)
-        },
+        operator_request::Request::ListDevices(fleetlink_proto::v1::ListDevices::default()),
     )
     .await;
-    let (mut send, recv) = operator.conn.open_bi().await.unwrap();
-    let request = OperatorRequest {
-        request: Some(operator_request::Request::ListDevices(
-            fleetlink_proto::v1::ListDevices::default(),
-        )),
-    };
-    fleetlink_transport::write_frame(&mut send, &request)
-        .await
-        .unwrap();
     let mut reader = fleetlink_transport::FrameReader::new(recv, 1 << 20);
     let answer = reader.read::<OperatorResponse>().await.unwrap().unwrap();
     assert!(answer.response.is_some(), "{answer:?}");
@@ -580,13 +567,12 @@ async fn a_request_stream_finished_after_its_answer_is_not_stopped() {
     assert_eq!(operator.conn.stats().frame_rx.stop_sending, 0);
 }
 
-/// The device can be running a command before its `delivered` state is committed; reading the
-/// command then gives the owner's live state, not the store's older one.
-/// `SendCommand` with `wait_ms` on a raw operator stream: one request, one answer.
-async fn raw_send_command(
+/// An operator session of raw frames (no SDK), and one request written on a new stream of it,
+/// not finished: the session, the request stream and its answers.
+async fn raw_operator_request(
     ts: &TestServer,
-    r: fleetlink_proto::v1::SendCommand,
-) -> OperatorResponse {
+    request: operator_request::Request,
+) -> (RawClient, quinn::SendStream, quinn::RecvStream) {
     let operator = raw_connect(
         ts,
         fleetlink_proto::v1::Hello {
@@ -598,11 +584,21 @@ async fn raw_send_command(
     .await;
     let (mut send, recv) = operator.conn.open_bi().await.unwrap();
     let request = OperatorRequest {
-        request: Some(operator_request::Request::SendCommand(r)),
+        request: Some(request),
     };
     fleetlink_transport::write_frame(&mut send, &request)
         .await
         .unwrap();
+    (operator, send, recv)
+}
+
+/// `SendCommand` with `wait_ms` on a raw operator stream: one request, one answer.
+async fn raw_send_command(
+    ts: &TestServer,
+    r: fleetlink_proto::v1::SendCommand,
+) -> OperatorResponse {
+    let (operator, mut send, recv) =
+        raw_operator_request(ts, operator_request::Request::SendCommand(r)).await;
     send.finish().unwrap();
     let mut reader = fleetlink_transport::FrameReader::new(recv, 1 << 20);
     let answer = reader.read::<OperatorResponse>().await.unwrap().unwrap();
@@ -843,6 +839,8 @@ fn queued_again(device: &DeviceId) -> CommandRequest {
     req
 }
 
+/// The device can be running a command before its `delivered` state is committed; reading the
+/// command then gives the owner's live state, not the store's older one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_command_reads_as_delivered_before_the_store_commits_it() {
     let ts = start(|_| {});

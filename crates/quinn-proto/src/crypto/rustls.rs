@@ -39,16 +39,65 @@ pub struct TlsSession {
     version: Version,
     got_handshake_data: bool,
     next_secrets: Option<Secrets>,
-    inner: Connection,
+    /// `None` once released (fleetlink patch 8, [`QuicServerConfig::release_tls_after_handshake`])
+    inner: Option<Connection>,
     suite: Suite,
+    /// Release the TLS connection once the handshake is done (servers that ask for it)
+    release: bool,
+    /// What a released server session still answers with
+    released: Option<Box<Released>>,
+}
+
+/// What a server session keeps of its TLS connection once released: the handshake data and the
+/// client's certificates, which the application may ask for at any time
+struct Released {
+    protocol: Option<Vec<u8>>,
+    server_name: Option<String>,
+    peer_certificates: Option<Vec<CertificateDer<'static>>>,
+    #[cfg(feature = "__rustls-post-quantum-test")]
+    negotiated_key_exchange_group: NamedGroup,
 }
 
 impl TlsSession {
+    fn new(version: Version, inner: Connection, suite: Suite, release: bool) -> Self {
+        Self {
+            version,
+            got_handshake_data: false,
+            next_secrets: None,
+            inner: Some(inner),
+            suite,
+            release,
+            released: None,
+        }
+    }
+
     fn side(&self) -> Side {
         match self.inner {
-            Connection::Client(_) => Side::Client,
-            Connection::Server(_) => Side::Server,
+            Some(Connection::Client(_)) => Side::Client,
+            // only a server session is ever released
+            Some(Connection::Server(_)) | None => Side::Server,
         }
+    }
+
+    /// Drops the TLS connection of a server session whose handshake is done and whose every
+    /// handshake message (session tickets included) is written: a QUIC client sends no TLS
+    /// message after the handshake, and 1-RTT key updates come from `next_secrets`, which is kept
+    fn release_tls(&mut self) {
+        let Some(Connection::Server(conn)) = self.inner.take() else {
+            unreachable!("only a server session is released");
+        };
+        self.released = Some(Box::new(Released {
+            protocol: conn.alpn_protocol().map(|x| x.into()),
+            server_name: conn.server_name().map(|x| x.into()),
+            peer_certificates: conn
+                .peer_certificates()
+                .map(|v| v.iter().map(|c| c.clone().into_owned()).collect()),
+            #[cfg(feature = "__rustls-post-quantum-test")]
+            negotiated_key_exchange_group: conn
+                .negotiated_key_exchange_group()
+                .expect("key exchange group is negotiated")
+                .name(),
+        }));
     }
 }
 
@@ -61,15 +110,23 @@ impl crypto::Session for TlsSession {
         if !self.got_handshake_data {
             return None;
         }
+        let Some(inner) = &self.inner else {
+            let released = self.released.as_ref()?;
+            return Some(Box::new(HandshakeData {
+                protocol: released.protocol.clone(),
+                server_name: released.server_name.clone(),
+                #[cfg(feature = "__rustls-post-quantum-test")]
+                negotiated_key_exchange_group: released.negotiated_key_exchange_group,
+            }));
+        };
         Some(Box::new(HandshakeData {
-            protocol: self.inner.alpn_protocol().map(|x| x.into()),
-            server_name: match self.inner {
+            protocol: inner.alpn_protocol().map(|x| x.into()),
+            server_name: match inner {
                 Connection::Client(_) => None,
-                Connection::Server(ref session) => session.server_name().map(|x| x.into()),
+                Connection::Server(session) => session.server_name().map(|x| x.into()),
             },
             #[cfg(feature = "__rustls-post-quantum-test")]
-            negotiated_key_exchange_group: self
-                .inner
+            negotiated_key_exchange_group: inner
                 .negotiated_key_exchange_group()
                 .expect("key exchange group is negotiated")
                 .name(),
@@ -78,7 +135,11 @@ impl crypto::Session for TlsSession {
 
     /// For the rustls `TlsSession`, the `Any` type is `Vec<rustls::pki_types::CertificateDer>`
     fn peer_identity(&self) -> Option<Box<dyn Any>> {
-        self.inner.peer_certificates().map(|v| -> Box<dyn Any> {
+        let Some(inner) = &self.inner else {
+            let certificates = self.released.as_ref()?.peer_certificates.clone()?;
+            return Some(Box::new(certificates));
+        };
+        inner.peer_certificates().map(|v| -> Box<dyn Any> {
             Box::new(
                 v.iter()
                     .map(|v| v.clone().into_owned())
@@ -88,24 +149,32 @@ impl crypto::Session for TlsSession {
     }
 
     fn early_crypto(&self) -> Option<(Box<dyn HeaderKey>, Box<dyn crypto::PacketKey>)> {
-        let keys = self.inner.zero_rtt_keys()?;
+        let keys = self.inner.as_ref()?.zero_rtt_keys()?;
         Some((Box::new(keys.header), Box::new(keys.packet)))
     }
 
     fn early_data_accepted(&self) -> Option<bool> {
         match self.inner {
-            Connection::Client(ref session) => Some(session.is_early_data_accepted()),
+            Some(Connection::Client(ref session)) => Some(session.is_early_data_accepted()),
             _ => None,
         }
     }
 
     fn is_handshaking(&self) -> bool {
-        self.inner.is_handshaking()
+        self.inner
+            .as_ref()
+            .is_some_and(|inner| inner.is_handshaking())
     }
 
     fn read_handshake(&mut self, buf: &[u8]) -> Result<bool, TransportError> {
-        self.inner.read_hs(buf).map_err(|e| {
-            if let Some(alert) = self.inner.alert() {
+        let Some(inner) = self.inner.as_mut() else {
+            // what rustls answers a client's TLS message after the handshake too
+            return Err(TransportError::PROTOCOL_VIOLATION(
+                "TLS error: a handshake message after the handshake",
+            ));
+        };
+        inner.read_hs(buf).map_err(|e| {
+            if let Some(alert) = inner.alert() {
                 TransportError {
                     code: TransportErrorCode::crypto(alert.into()),
                     frame: None,
@@ -119,11 +188,11 @@ impl crypto::Session for TlsSession {
             // Hack around the lack of an explicit signal from rustls to reflect ClientHello being
             // ready on incoming connections, or ALPN negotiation completing on outgoing
             // connections.
-            let have_server_name = match self.inner {
+            let have_server_name = match inner {
                 Connection::Client(_) => false,
-                Connection::Server(ref session) => session.server_name().is_some(),
+                Connection::Server(session) => session.server_name().is_some(),
             };
-            if self.inner.alpn_protocol().is_some() || have_server_name || !self.is_handshaking() {
+            if inner.alpn_protocol().is_some() || have_server_name || !inner.is_handshaking() {
                 self.got_handshake_data = true;
                 return Ok(true);
             }
@@ -132,7 +201,11 @@ impl crypto::Session for TlsSession {
     }
 
     fn transport_parameters(&self) -> Result<Option<TransportParameters>, TransportError> {
-        match self.inner.quic_transport_parameters() {
+        // asked for during the handshake only, before a session can be released
+        let Some(inner) = &self.inner else {
+            return Ok(None);
+        };
+        match inner.quic_transport_parameters() {
             None => Ok(None),
             Some(buf) => match TransportParameters::read(self.side(), &mut io::Cursor::new(buf)) {
                 Ok(params) => Ok(Some(params)),
@@ -142,7 +215,21 @@ impl crypto::Session for TlsSession {
     }
 
     fn write_handshake(&mut self, buf: &mut Vec<u8>) -> Option<Keys> {
-        let keys = match self.inner.write_hs(buf)? {
+        let inner = self.inner.as_mut()?;
+        let written = buf.len();
+        let Some(change) = inner.write_hs(buf) else {
+            // Nothing more to write and the handshake done: the TLS connection would write
+            // nothing more (a server sends its session tickets as the handshake ends)
+            if self.release
+                && buf.len() == written
+                && !inner.is_handshaking()
+                && self.next_secrets.is_some()
+            {
+                self.release_tls();
+            }
+            return None;
+        };
+        let keys = match change {
             KeyChange::Handshake { keys } => keys,
             KeyChange::OneRtt { keys, next } => {
                 self.next_secrets = Some(next);
@@ -204,7 +291,10 @@ impl crypto::Session for TlsSession {
         label: &[u8],
         context: &[u8],
     ) -> Result<(), ExportKeyingMaterialError> {
+        // a released session has no exporter secret left
         self.inner
+            .as_ref()
+            .ok_or(ExportKeyingMaterialError)?
             .export_keying_material(output, label, Some(context))
             .map_err(|_| ExportKeyingMaterialError)?;
         Ok(())
@@ -361,11 +451,9 @@ impl crypto::ClientConfig for QuicClientConfig {
         params: &TransportParameters,
     ) -> Result<Box<dyn crypto::Session>, ConnectError> {
         let version = interpret_version(version)?;
-        Ok(Box::new(TlsSession {
+        Ok(Box::new(TlsSession::new(
             version,
-            got_handshake_data: false,
-            next_secrets: None,
-            inner: rustls::quic::Connection::Client(
+            rustls::quic::Connection::Client(
                 rustls::quic::ClientConnection::new(
                     self.inner.clone(),
                     version,
@@ -376,8 +464,9 @@ impl crypto::ClientConfig for QuicClientConfig {
                 )
                 .unwrap(),
             ),
-            suite: self.initial,
-        }))
+            self.initial,
+            false,
+        )))
     }
 }
 
@@ -440,6 +529,7 @@ impl std::error::Error for NoInitialCipherSuite {}
 pub struct QuicServerConfig {
     inner: Arc<rustls::ServerConfig>,
     initial: Suite,
+    release_after_handshake: bool,
 }
 
 impl QuicServerConfig {
@@ -453,7 +543,21 @@ impl QuicServerConfig {
             initial: initial_suite_from_provider(inner.crypto_provider())
                 .expect("no initial cipher suite found"),
             inner: Arc::new(inner),
+            release_after_handshake: false,
         })
+    }
+
+    /// Releases each connection's TLS state once its handshake is done (fleetlink patch 8;
+    /// default `false`)
+    ///
+    /// A server connection keeps its rustls connection (the handshake's state and buffers, a
+    /// few KB) for its whole life, although after the handshake only two things still use it:
+    /// [`crate::crypto::Session::export_keying_material`], which fails on a released session, and
+    /// the handshake data and peer certificates, which a released session keeps. 1-RTT key
+    /// updates do not need it. Worth it for servers holding many idle connections.
+    pub fn release_tls_after_handshake(&mut self, release: bool) -> &mut Self {
+        self.release_after_handshake = release;
+        self
     }
 
     /// Initialize a QUIC-compatible TLS client configuration with a separate initial cipher suite
@@ -464,7 +568,11 @@ impl QuicServerConfig {
         initial: Suite,
     ) -> Result<Self, NoInitialCipherSuite> {
         match initial.suite.common.suite {
-            CipherSuite::TLS13_AES_128_GCM_SHA256 => Ok(Self { inner, initial }),
+            CipherSuite::TLS13_AES_128_GCM_SHA256 => Ok(Self {
+                inner,
+                initial,
+                release_after_handshake: false,
+            }),
             _ => Err(NoInitialCipherSuite { specific: true }),
         }
     }
@@ -505,6 +613,7 @@ impl TryFrom<Arc<rustls::ServerConfig>> for QuicServerConfig {
             initial: initial_suite_from_provider(inner.crypto_provider())
                 .ok_or(NoInitialCipherSuite { specific: false })?,
             inner,
+            release_after_handshake: false,
         })
     }
 }
@@ -517,16 +626,15 @@ impl crypto::ServerConfig for QuicServerConfig {
     ) -> Box<dyn crypto::Session> {
         // Safe: `start_session()` is never called if `initial_keys()` rejected `version`
         let version = interpret_version(version).unwrap();
-        Box::new(TlsSession {
+        Box::new(TlsSession::new(
             version,
-            got_handshake_data: false,
-            next_secrets: None,
-            inner: rustls::quic::Connection::Server(
+            rustls::quic::Connection::Server(
                 rustls::quic::ServerConnection::new(self.inner.clone(), version, to_vec(params))
                     .unwrap(),
             ),
-            suite: self.initial,
-        })
+            self.initial,
+            self.release_after_handshake,
+        ))
     }
 
     fn initial_keys(

@@ -3011,6 +3011,100 @@ fn connect_runs_mtud_again_after_600_seconds() {
     assert_eq!(pair.server_conn_mut(server_ch).path_mtu(), 1452);
 }
 
+/// fleetlink patch 8: a server that asks for it releases each connection's TLS state once the
+/// handshake is done. The released session still gives its handshake data, 1-RTT key updates
+/// work both ways, and the session ticket sent before the release resumes a connection with
+/// 0-RTT; only keying material can no longer be exported (a server that keeps its TLS state
+/// exports it, and the client of either still does)
+#[test]
+fn a_server_releases_its_tls_state_after_the_handshake() {
+    let _guard = subscribe();
+    const LABEL: &[u8] = b"label";
+    let export = |conn: &mut Connection| {
+        let mut out = [0u8; 32];
+        conn.crypto_session()
+            .export_keying_material(&mut out, LABEL, b"")
+            .is_ok()
+    };
+    for release in [false, true] {
+        let mut crypto = server_crypto_with_alpn(vec![b"fleet".to_vec()]);
+        crypto.release_tls_after_handshake(release);
+        let mut pair = Pair::new(
+            Default::default(),
+            ServerConfig::with_crypto(Arc::new(crypto)),
+        );
+        pair.server.handle_incoming = Box::new(validate_incoming);
+        let client_config =
+            ClientConfig::new(Arc::new(client_crypto_with_alpn(vec![b"fleet".to_vec()])));
+        let client_ch = pair.begin_connect(client_config.clone());
+        pair.drive();
+        let server_ch = pair.server.assert_accept();
+        assert_eq!(export(pair.server_conn_mut(server_ch)), !release);
+        assert!(export(pair.client_conn_mut(client_ch)));
+
+        let hd = pair
+            .server_conn_mut(server_ch)
+            .crypto_session()
+            .handshake_data()
+            .unwrap()
+            .downcast::<crate::crypto::rustls::HandshakeData>()
+            .unwrap();
+        assert_eq!(hd.protocol.as_deref(), Some(&b"fleet"[..]));
+        assert_eq!(hd.server_name.as_deref(), Some("localhost"));
+        assert!(
+            pair.server_conn_mut(server_ch)
+                .crypto_session()
+                .peer_identity()
+                .is_none()
+        );
+
+        // key updates from either side, with data both ways after each
+        let s = pair.client_streams(client_ch).open(Dir::Bi).unwrap();
+        pair.client_send(client_ch, s).write(b"one").unwrap();
+        pair.drive();
+        pair.server_conn_mut(server_ch).force_key_update();
+        pair.client_send(client_ch, s).write(b"two").unwrap();
+        pair.drive();
+        pair.client_conn_mut(client_ch).force_key_update();
+        pair.client_send(client_ch, s).write(b"three").unwrap();
+        pair.drive();
+        let _ = pair.server_streams(server_ch).accept(Dir::Bi);
+        let mut recv = pair.server_recv(server_ch, s);
+        let mut chunks = recv.read(true).unwrap();
+        let mut got = Vec::new();
+        while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
+            got.extend_from_slice(&chunk.bytes);
+        }
+        let _ = chunks.finalize();
+        assert_eq!(got, b"onetwothree");
+        pair.server_send(server_ch, s).write(b"back").unwrap();
+        pair.drive();
+        let mut recv = pair.client_recv(client_ch, s);
+        let mut chunks = recv.read(true).unwrap();
+        assert_matches!(chunks.next(usize::MAX), Ok(Some(chunk)) if chunk.bytes == b"back"[..]);
+        let _ = chunks.finalize();
+        assert!(!pair.server_conn_mut(server_ch).is_closed());
+        assert_eq!(pair.client_conn_mut(client_ch).stats().path.lost_packets, 0);
+
+        let now = pair.time;
+        pair.client_conn_mut(client_ch)
+            .close(now, VarInt(0), [][..].into());
+        pair.drive();
+
+        // the ticket the first connection got resumes a second, with 0-RTT
+        pair.client.addr = SocketAddr::new(
+            Ipv6Addr::LOCALHOST.into(),
+            CLIENT_PORTS.lock().unwrap().next().unwrap(),
+        );
+        let client_ch = pair.begin_connect(client_config);
+        assert!(pair.client_conn_mut(client_ch).has_0rtt());
+        pair.drive();
+        assert!(pair.client_conn_mut(client_ch).accepted_0rtt());
+        let server_ch = pair.server.assert_accept();
+        assert_eq!(export(pair.server_conn_mut(server_ch)), !release);
+    }
+}
+
 /// fleetlink patch 5: the Initial and Handshake packet spaces are boxed and freed once the
 /// handshake discards them, and nothing a connection does afterwards brings them back (a write
 /// to a discarded space would allocate an empty one again): data both ways, a lost flight and
