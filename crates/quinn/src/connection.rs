@@ -501,6 +501,16 @@ impl Connection {
             .max_size()
     }
 
+    /// The capacity of the driver's send buffer (fleetlink patch 2's test)
+    #[cfg(test)]
+    pub(crate) fn send_buffer_capacity(&self) -> usize {
+        self.0
+            .state
+            .lock("send_buffer_capacity")
+            .send_buffer
+            .capacity()
+    }
+
     /// Bytes available in the outgoing datagram buffer
     ///
     /// When greater than zero, calling [`send_datagram()`](Self::send_datagram) with a datagram of
@@ -1027,8 +1037,11 @@ impl State {
             let t = match self.buffered_transmit.take() {
                 Some(t) => t,
                 None => {
+                    // fleetlink patch 2: no buffer reserved up front (quinn-proto reserves a
+                    // datagram's worth as it starts one), and none kept once there is nothing
+                    // more to send (below): an idle connection held an MTU-sized buffer, ~1.5 KB,
+                    // for its life, and a drive with nothing to send allocates nothing.
                     self.send_buffer.clear();
-                    self.send_buffer.reserve(self.inner.current_mtu() as usize);
                     match self
                         .inner
                         .poll_transmit(now, max_datagrams, &mut self.send_buffer)
@@ -1040,7 +1053,10 @@ impl State {
                             };
                             t
                         }
-                        None => break,
+                        None => {
+                            self.send_buffer = Vec::new();
+                            break;
+                        }
                     }
                 }
             };

@@ -1119,3 +1119,43 @@ fn a_connection_event_is_one_pointer_and_a_tag() {
         2 * std::mem::size_of::<usize>()
     );
 }
+
+/// fleetlink patch 2: a connection keeps no send buffer once it has nothing more to send (it
+/// kept an MTU-sized one for its life)
+#[tokio::test]
+async fn an_idle_connection_keeps_no_send_buffer() {
+    let _guard = subscribe();
+    let factory = EndpointFactory::new();
+    let server = factory.endpoint();
+    let server_addr = server.local_addr().unwrap();
+    let client = factory.endpoint();
+    let (client_conn, server_conn) = tokio::join!(
+        async {
+            client
+                .connect(server_addr, "localhost")
+                .unwrap()
+                .await
+                .unwrap()
+        },
+        async { server.accept().await.unwrap().await.unwrap() },
+    );
+    // a request and its answer: both drivers transmit, several datagrams at once
+    let (mut send, mut recv) = client_conn.open_bi().await.unwrap();
+    send.write_all(&[7; 5000]).await.unwrap();
+    send.finish().unwrap();
+    let (mut server_send, mut server_recv) = server_conn.accept_bi().await.unwrap();
+    assert_eq!(server_recv.read_to_end(10_000).await.unwrap().len(), 5000);
+    server_send.write_all(b"done").await.unwrap();
+    server_send.finish().unwrap();
+    assert_eq!(recv.read_to_end(10).await.unwrap(), b"done");
+    // once each driver has sent what it had (the last ACKs), it holds no buffer
+    for conn in [&client_conn, &server_conn] {
+        timeout(Duration::from_secs(5), async {
+            while conn.send_buffer_capacity() != 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the idle connection still holds a send buffer");
+    }
+}
