@@ -3011,6 +3011,18 @@ fn connect_runs_mtud_again_after_600_seconds() {
     assert_eq!(pair.server_conn_mut(server_ch).path_mtu(), 1452);
 }
 
+/// What a stream has received so far, read to the end or to what is missing (the fleetlink
+/// patches' tests)
+fn read_all(mut recv: crate::RecvStream<'_>) -> Vec<u8> {
+    let mut chunks = recv.read(true).unwrap();
+    let mut got = Vec::new();
+    while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
+        got.extend_from_slice(&chunk.bytes);
+    }
+    let _ = chunks.finalize();
+    got
+}
+
 /// fleetlink patch 8: a server that asks for it releases each connection's TLS state once the
 /// handshake is done. The released session still gives its handshake data, 1-RTT key updates
 /// work both ways, and the session ticket sent before the release resumes a connection with
@@ -3069,20 +3081,10 @@ fn a_server_releases_its_tls_state_after_the_handshake() {
         pair.client_send(client_ch, s).write(b"three").unwrap();
         pair.drive();
         let _ = pair.server_streams(server_ch).accept(Dir::Bi);
-        let mut recv = pair.server_recv(server_ch, s);
-        let mut chunks = recv.read(true).unwrap();
-        let mut got = Vec::new();
-        while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
-            got.extend_from_slice(&chunk.bytes);
-        }
-        let _ = chunks.finalize();
-        assert_eq!(got, b"onetwothree");
+        assert_eq!(read_all(pair.server_recv(server_ch, s)), b"onetwothree");
         pair.server_send(server_ch, s).write(b"back").unwrap();
         pair.drive();
-        let mut recv = pair.client_recv(client_ch, s);
-        let mut chunks = recv.read(true).unwrap();
-        assert_matches!(chunks.next(usize::MAX), Ok(Some(chunk)) if chunk.bytes == b"back"[..]);
-        let _ = chunks.finalize();
+        assert_eq!(read_all(pair.client_recv(client_ch, s)), b"back");
         assert!(!pair.server_conn_mut(server_ch).is_closed());
         assert_eq!(pair.client_conn_mut(client_ch).stats().path.lost_packets, 0);
 
@@ -3149,14 +3151,10 @@ fn the_early_packet_spaces_are_freed_once_discarded() {
     pair.client_send(client_ch, s).write(b"rekeyed").unwrap();
     pair.drive();
     assert!(freed(&mut pair));
-    let mut recv = pair.server_recv(server_ch, s);
-    let mut chunks = recv.read(true).unwrap();
-    let mut got = Vec::new();
-    while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
-        got.extend_from_slice(&chunk.bytes);
-    }
-    let _ = chunks.finalize();
-    assert_eq!(got, b"helloagainrekeyed");
+    assert_eq!(
+        read_all(pair.server_recv(server_ch, s)),
+        b"helloagainrekeyed"
+    );
 
     let now = pair.time;
     pair.server_conn_mut(server_ch)
