@@ -144,6 +144,17 @@ async fn welcome(
     }
 }
 
+/// A heartbeat for the control stream that asks for no answer: the server's QUIC ACK of it is
+/// all that comes back (protocol §6). Devices and operators send the same.
+pub(crate) fn quiet_heartbeat() -> v1::ClientControl {
+    v1::ClientControl {
+        msg: Some(v1::client_control::Msg::Heartbeat(v1::Heartbeat {
+            time_us: crate::now_us(),
+            no_answer: true,
+        })),
+    }
+}
+
 pub(crate) fn hello(role: v1::Role, device_id: &str, token: &str) -> Hello {
     Hello {
         protocol_version: PROTOCOL_VERSION,

@@ -1317,13 +1317,7 @@ impl Engine {
                         packets_heard = packets;
                         last_heard = Instant::now();
                     }
-                    let hb = ClientControl {
-                        msg: Some(client_control::Msg::Heartbeat(v1::Heartbeat {
-                            time_us: crate::now_us(),
-                            no_answer: true,
-                        })),
-                    };
-                    if let Err(e) = write_frame(&mut send, &hb).await {
+                    if let Err(e) = write_frame(&mut send, &crate::connect::quiet_heartbeat()).await {
                         break SessionEnd::Lost(e.into());
                     }
                 }

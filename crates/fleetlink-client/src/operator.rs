@@ -652,13 +652,10 @@ async fn keep_alive(mut control: quinn::SendStream, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let heartbeat = v1::ClientControl {
-            msg: Some(v1::client_control::Msg::Heartbeat(v1::Heartbeat {
-                time_us: crate::now_us(),
-                no_answer: true,
-            })),
-        };
-        if write_frame(&mut control, &heartbeat).await.is_err() {
+        if write_frame(&mut control, &crate::connect::quiet_heartbeat())
+            .await
+            .is_err()
+        {
             return; // the connection is gone: requests on it fail with its error
         }
     }
