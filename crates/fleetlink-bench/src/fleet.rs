@@ -221,6 +221,13 @@ pub async fn connect_resuming(
         {
             config.ack_delay = Duration::from_millis(ms);
         }
+        // and of ack coalescing (1 = every batch acked at once)
+        if let Some(n) = std::env::var("FLEETLINK_BENCH_TELEMETRY_ACK_BATCHES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            config.telemetry_ack_batches = n;
+        }
         if let Some(c) = &commands {
             config.commands = c.clone();
         }

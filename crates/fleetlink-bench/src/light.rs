@@ -73,6 +73,7 @@ pub async fn connect(server: &ServerAddress, n: usize) -> Result<LightFleet> {
                 token: token(i).as_str().to_owned(),
                 client_name: "fleetlink-bench light device".into(),
                 early_command_fin: false, // it runs no commands
+                ..Default::default()      // and sends no telemetry
             };
             let hello = ClientControl {
                 msg: Some(client_control::Msg::Hello(hello)),
@@ -107,6 +108,7 @@ async fn heartbeat(mut send: quinn::SendStream, mut reader: FrameReader, every: 
         msg: Some(client_control::Msg::Heartbeat(v1::Heartbeat {
             time_us: 0,
             no_answer: true, // as the SDK's
+            ack_through: 0,
         })),
     };
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);

@@ -151,6 +151,19 @@ pub(crate) fn quiet_heartbeat() -> v1::ClientControl {
         msg: Some(v1::client_control::Msg::Heartbeat(v1::Heartbeat {
             time_us: crate::now_us(),
             no_answer: true,
+            ack_through: 0,
+        })),
+    }
+}
+
+/// A device's heartbeat asking the server to ack every batch up to `seq` as soon as it is
+/// stored, without holding the ack (ack coalescing, protocol §5); the server answers it.
+pub(crate) fn ack_request(seq: u64) -> v1::ClientControl {
+    v1::ClientControl {
+        msg: Some(v1::client_control::Msg::Heartbeat(v1::Heartbeat {
+            time_us: crate::now_us(),
+            no_answer: false,
+            ack_through: seq,
         })),
     }
 }
@@ -164,5 +177,6 @@ pub(crate) fn hello(role: v1::Role, device_id: &str, token: &str) -> Hello {
         client_name: concat!("fleetlink-rust/", env!("CARGO_PKG_VERSION")).to_owned(),
         // the command runner reads past the server's FIN and watches for STOP_SENDING
         early_command_fin: role == v1::Role::Device,
+        ..Default::default()
     }
 }

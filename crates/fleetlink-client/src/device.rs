@@ -76,9 +76,38 @@ pub struct DeviceConfig {
     /// device's radio to receive. The price: a lost packet that no later packet reveals is resent
     /// up to this much later.
     pub ack_delay: Duration,
+    /// Ack coalescing (protocol §5): the server may hold its acknowledgement that a batch is
+    /// stored up to this long, so that one acknowledgement covers the batches stored meanwhile
+    /// and one packet carries it ([`DEVICE_TELEMETRY_ACK_DELAY`], 2.5 s, by default; zero = every
+    /// batch is acked as soon as it is stored; the server caps it at half its heartbeat interval).
+    /// A device sending a message a second then receives a packet every third message instead
+    /// of every message. What it costs: batches stay in the send buffer until acked, that much
+    /// longer. The client asks for its acks at once when it needs them: [`DeviceClient::flush`],
+    /// and a batch sealed while the buffer is half full.
+    pub telemetry_ack_delay: Duration,
+    /// With `telemetry_ack_delay`: the server acks at once when this many stored batches are
+    /// unacked (3 by default; 1 = every batch at once, no coalescing). The client's QUIC ACK
+    /// request (`ack_delay`) is stretched to match, so the server's QUIC ACK of the batches
+    /// rides with their acknowledgement: the server may receive this many packets before it
+    /// acknowledges them, and hold its ACK up to `ack_delay` + `telemetry_ack_delay`.
+    pub telemetry_ack_batches: u32,
     /// What the device does when it receives a command, by name. Register handlers before
     /// connecting: commands queued while the device was offline arrive right after the Welcome.
     pub commands: CommandHandlers,
+}
+
+/// [`DeviceConfig::telemetry_ack_delay`]'s default: a device sending a message a second gets one
+/// acknowledgement for three messages (with [`DEVICE_TELEMETRY_ACK_BATCHES`]).
+pub const DEVICE_TELEMETRY_ACK_DELAY: Duration = Duration::from_millis(2_500);
+
+/// [`DeviceConfig::telemetry_ack_batches`]'s default.
+pub const DEVICE_TELEMETRY_ACK_BATCHES: u32 = 3;
+
+impl DeviceConfig {
+    /// Whether the server may hold acks (ack coalescing is asked for).
+    fn coalesces_acks(&self) -> bool {
+        !self.telemetry_ack_delay.is_zero() && self.telemetry_ack_batches != 1
+    }
 }
 
 /// [`DeviceConfig::connect_timeout`]'s default: longer than the server's default handshake
@@ -100,6 +129,8 @@ impl DeviceConfig {
             endpoint: None,
             resumption: Resumption::default(),
             ack_delay: DEVICE_ACK_DELAY,
+            telemetry_ack_delay: DEVICE_TELEMETRY_ACK_DELAY,
+            telemetry_ack_batches: DEVICE_TELEMETRY_ACK_BATCHES,
             commands: CommandHandlers::default(),
         }
     }
@@ -355,16 +386,33 @@ impl DeviceClient {
                 "connect_timeout must be above 0".into(),
             ));
         }
-        if config.ack_delay > MAX_ACK_DELAY {
+        if config.ack_delay > MAX_ACK_DELAY || config.telemetry_ack_delay > MAX_ACK_DELAY {
             return Err(ClientError::InvalidArgument(format!(
-                "ack_delay must be at most {} s",
+                "ack_delay and telemetry_ack_delay must be at most {} s each",
                 MAX_ACK_DELAY.as_secs()
             )));
         }
-        let transport = ClientTransport {
-            resumption: config.resumption,
-            ack_delay: Some(config.ack_delay),
-            ..Default::default()
+        if config.telemetry_ack_batches == 0 {
+            return Err(ClientError::InvalidArgument(
+                "telemetry_ack_batches must be at least 1 (1 = no ack coalescing)".into(),
+            ));
+        }
+        let transport = if config.coalesces_acks() {
+            // The server's QUIC ACK of the batches waits for their acknowledgement and rides in
+            // its packet: it may receive as many packets as batches before it must ACK, and
+            // hold the ACK as long as the acknowledgement, plus the usual allowance.
+            ClientTransport {
+                resumption: config.resumption,
+                ack_delay: Some(config.ack_delay + config.telemetry_ack_delay),
+                ack_threshold: config.telemetry_ack_batches,
+                ..Default::default()
+            }
+        } else {
+            ClientTransport {
+                resumption: config.resumption,
+                ack_delay: Some(config.ack_delay),
+                ..Default::default()
+            }
         };
         let quic = quic_config(&config.server, &transport)?;
         let session = connect_once(&endpoint, &config, &quic).await?;
@@ -409,6 +457,7 @@ impl DeviceClient {
             pending_since: None,
             unacked: VecDeque::new(),
             next_seq: last_stored + 1,
+            ack_wanted: 0,
             max_batch_bytes: MAX_BATCH_BYTES,
             drop_refused_batch: false,
             types: types.clone(),
@@ -715,7 +764,12 @@ async fn connect_once(
     config: &DeviceConfig,
     quic: &quinn::ClientConfig,
 ) -> Result<Session, ClientError> {
-    let hello = hello(v1::Role::Device, config.device_id.as_str(), &config.token);
+    let mut hello = hello(v1::Role::Device, config.device_id.as_str(), &config.token);
+    if config.coalesces_acks() {
+        hello.telemetry_ack_delay_ms =
+            u32::try_from(config.telemetry_ack_delay.as_millis()).unwrap_or(u32::MAX);
+        hello.telemetry_ack_batches = config.telemetry_ack_batches;
+    }
     let attempt = open_session(endpoint, &config.server, quic, hello);
     match tokio::time::timeout(config.connect_timeout, attempt).await {
         Ok(r) => r,
@@ -760,6 +814,8 @@ struct Engine {
     pending_since: Option<Instant>,
     unacked: VecDeque<Frame>,
     next_seq: u64,
+    /// Batches up to this seq are wanted acked at once (a flush; protocol §5's `ack_through`).
+    ack_wanted: u64,
     max_batch_bytes: usize,
     /// The server refused the first batch it had not stored; drop it after the next Welcome.
     drop_refused_batch: bool,
@@ -858,7 +914,8 @@ impl Engine {
                     _ = tokio::time::sleep_until(wake) => break,
                     cmd = self.cmds.recv() => match cmd {
                         Some(Cmd::Points(p)) => self.add_points(p),
-                        Some(Cmd::Flush(tx)) => { self.seal(); let _ = tx.send(self.next_seq - 1); }
+                        // (a heartbeat asking for acks, if any, goes once connected)
+                        Some(Cmd::Flush(tx)) => { let _ = tx.send(self.flush().0); }
                         Some(Cmd::Request(kind, tx, result)) => { self.queue_request(kind, Some(tx), result); }
                         Some(Cmd::Reconnect) => {}
                         Some(Cmd::Close(tx)) => return Err(Some(tx)),
@@ -1042,18 +1099,25 @@ impl Engine {
             if self.pending.len() >= self.config.max_batch_points
                 || self.pending_bytes >= self.max_batch_bytes
             {
-                self.seal();
+                self.seal(false);
             }
         }
     }
 
-    /// Turns the pending points into one numbered, encoded batch.
-    fn seal(&mut self) {
+    /// Turns the pending points into one numbered, encoded batch; false if none were pending.
+    /// With ack coalescing, the batch asks to be acked at once (`ack_now`, protocol §5) if
+    /// `ack_now` or if the send buffer is half full with it.
+    fn seal(&mut self, ack_now: bool) -> bool {
         if self.pending.is_empty() {
-            return;
+            return false;
         }
         let points = std::mem::take(&mut self.pending);
+        let ack_now = self.config.coalesces_acks() && {
+            let buffered = self.unacked.iter().map(|f| f.points).sum::<usize>() + points.len();
+            ack_now || buffered.saturating_mul(2) >= self.config.max_buffered_points
+        };
         let batch = v1::TelemetryBatch {
+            ack_now,
             seq: self.next_seq,
             points: points.iter().map(Point::to_proto).collect(),
         };
@@ -1065,6 +1129,21 @@ impl Engine {
         self.next_seq += 1;
         self.pending_bytes = 0;
         self.pending_since = None;
+        true
+    }
+
+    /// A flush: seals the pending points into a batch that asks to be acked at once; with none
+    /// pending, the server is asked (`Heartbeat.ack_through`) to ack every batch sent so far at
+    /// once, if it may hold acks and some are missing. Returns the last batch's seq, and the
+    /// heartbeat to write, if any.
+    fn flush(&mut self) -> (u64, Option<v1::ClientControl>) {
+        let sealed = self.seal(true);
+        let last = self.next_seq - 1;
+        if sealed || !self.config.coalesces_acks() || *self.acked.borrow() >= last {
+            return (last, None);
+        }
+        self.ack_wanted = self.ack_wanted.max(last);
+        (last, Some(crate::connect::ack_request(last)))
     }
 
     fn on_ack(&mut self, seq: u64) {
@@ -1227,6 +1306,13 @@ impl Engine {
                 return SessionEnd::Lost(e.into());
             }
         }
+        // A flush waiting since the last connection wants its acks at once.
+        if self.ack_wanted > *self.acked.borrow() {
+            let frame = crate::connect::ack_request(self.ack_wanted);
+            if let Err(e) = write_frame(&mut send, &frame).await {
+                return SessionEnd::Lost(e.into());
+            }
+        }
         let device = self.config.device_id.to_string();
         let end = loop {
             // Write every sealed batch not yet written on this connection.
@@ -1247,7 +1333,15 @@ impl Engine {
             tokio::select! {
                 cmd = self.cmds.recv() => match cmd {
                     Some(Cmd::Points(p)) => self.add_points(p),
-                    Some(Cmd::Flush(tx)) => { self.seal(); let _ = tx.send(self.next_seq - 1); }
+                    Some(Cmd::Flush(tx)) => {
+                        let (last, ask) = self.flush();
+                        let _ = tx.send(last);
+                        if let Some(frame) = ask
+                            && let Err(e) = write_frame(&mut send, &frame).await
+                        {
+                            break SessionEnd::Lost(e.into());
+                        }
+                    }
                     Some(Cmd::Request(kind, tx, result)) => {
                         let frame_kind = kind.clone();
                         let request_id = self.queue_request(kind, Some(tx), result);
@@ -1321,7 +1415,7 @@ impl Engine {
                         break SessionEnd::Lost(e.into());
                     }
                 }
-                _ = sleep_until_opt(linger_at) => self.seal(),
+                _ = sleep_until_opt(linger_at) => { self.seal(false); }
                 _ = tokio::time::sleep_until(last_heard + silence) => {
                     let packets = conn.stats().udp_rx.datagrams;
                     if packets != packets_heard {

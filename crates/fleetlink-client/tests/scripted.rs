@@ -179,6 +179,8 @@ async fn server_datagrams_per_message(ack_delay: Duration) -> f64 {
     let server = tokio::spawn(serve_one(endpoint, SLOW_STORE, conn_tx, hb_tx));
     let mut config = DeviceConfig::new(address, DeviceId::new("truck-1").unwrap(), "token");
     config.ack_delay = ack_delay;
+    // the QUIC ACK delay alone: ack coalescing would stretch it (see the next test)
+    config.telemetry_ack_batches = 1;
     let device = DeviceClient::connect(config).await.unwrap();
     let conn = conn_rx.recv().await.unwrap();
     let send = |k: i64| {

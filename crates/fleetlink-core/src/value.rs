@@ -361,6 +361,7 @@ impl Batch {
     /// The wire form.
     pub fn to_proto(&self) -> v1::TelemetryBatch {
         v1::TelemetryBatch {
+            ack_now: false,
             seq: self.seq,
             points: self.points.iter().map(Point::to_proto).collect(),
         }
@@ -438,6 +439,7 @@ mod tests {
         use v1::value::Kind;
         let b1 = Batch::from_proto(
             v1::TelemetryBatch {
+                ack_now: false,
                 seq: 1,
                 points: vec![wire("fuel", Kind::DoubleValue(0.5))],
             },
@@ -446,6 +448,7 @@ mod tests {
         .unwrap();
         let b2 = Batch::from_proto(
             v1::TelemetryBatch {
+                ack_now: false,
                 seq: 2,
                 points: vec![wire("fuel", Kind::StringValue("full".into()))],
             },
@@ -466,6 +469,7 @@ mod tests {
         use v1::value::Kind;
         let b = Batch::from_proto(
             v1::TelemetryBatch {
+                ack_now: false,
                 seq: 1,
                 points: vec![
                     wire("a", Kind::IntValue(1)),

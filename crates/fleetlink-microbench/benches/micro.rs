@@ -11,6 +11,7 @@ use prost::Message as _;
 
 fn batch(points: usize) -> v1::TelemetryBatch {
     v1::TelemetryBatch {
+        ack_now: false,
         seq: 1,
         points: (0..points)
             .map(|i| v1::TelemetryPoint {

@@ -142,6 +142,7 @@ mod tests {
 
     fn batch(seq: u64, n: usize) -> TelemetryBatch {
         TelemetryBatch {
+            ack_now: false,
             seq,
             points: (0..n)
                 .map(|i| TelemetryPoint {

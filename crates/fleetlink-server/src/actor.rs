@@ -188,6 +188,10 @@ impl std::fmt::Debug for DeviceActor {
 #[derive(Debug)]
 pub(crate) struct DurableSeq {
     seq: AtomicU64,
+    /// With ack coalescing, the session acks at once once `seq` reaches this (a batch's
+    /// `ack_now`, a heartbeat's `ack_through`; protocol §5). Written by the session's readers,
+    /// read by its writer.
+    ack_through: AtomicU64,
     grew: tokio::sync::Notify,
     actor: std::sync::OnceLock<Recipient<StorageFailed>>,
     /// Wakes `grew`'s waiters on the runtime; without it, the store's thread wakes them.
@@ -199,6 +203,7 @@ impl DurableSeq {
     fn new(seq: u64, wakeups: Option<Arc<DurableWakeups>>) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             seq: AtomicU64::new(seq),
+            ack_through: AtomicU64::new(0),
             grew: tokio::sync::Notify::new(),
             actor: std::sync::OnceLock::new(),
             wakeups,
@@ -208,6 +213,17 @@ impl DurableSeq {
 
     pub(crate) fn get(&self) -> u64 {
         self.seq.load(Ordering::Acquire)
+    }
+
+    /// The device wants every batch up to `seq` acked as soon as it is stored. Called before
+    /// the batch is handed to the actor, so the writer sees it when the watermark reaches `seq`.
+    pub(crate) fn ack_now(&self, seq: u64) {
+        self.ack_through.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// The highest sequence number the device wants acked without delay.
+    pub(crate) fn ack_through(&self) -> u64 {
+        self.ack_through.load(Ordering::Acquire)
     }
 }
 
@@ -222,6 +238,16 @@ impl DurableWatch {
     pub(crate) fn new(durable: Arc<DurableSeq>) -> Self {
         let seen = durable.get();
         Self { durable, seen }
+    }
+
+    /// The device's watermark itself (for the session's readers).
+    pub(crate) fn seq(&self) -> &Arc<DurableSeq> {
+        &self.durable
+    }
+
+    /// The last watermark returned.
+    pub(crate) fn seen(&self) -> u64 {
+        self.seen
     }
 
     /// The watermark now, marked as seen.

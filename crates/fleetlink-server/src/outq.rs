@@ -236,7 +236,7 @@ mod tests {
         Box::new(ServerControl {
             msg: Some(server_control::Msg::Heartbeat(Heartbeat {
                 time_us: n,
-                no_answer: false,
+                ..Default::default()
             })),
         })
     }

@@ -142,7 +142,8 @@ pub(crate) fn serve_connection(
                     // the device stays connected.
                     let span = tracing::info_span!("device", device = %id);
                     let early_fin = hello.early_command_fin;
-                    let start = start_device(conn, control, shared, session, id, early_fin);
+                    let acks = AckPolicy::from_hello(&hello, &shared.config);
+                    let start = start_device(conn, control, shared, session, id, early_fin, acks);
                     if let Some(running) = Box::pin(start.instrument(span.clone())).await {
                         tokio::spawn(run_device(running).instrument(span));
                     }
@@ -165,6 +166,42 @@ pub(crate) fn serve_connection(
         }
     }
     .instrument(span)
+}
+
+/// How a device's session acks its telemetry: ack coalescing (protocol §5), from its Hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AckPolicy {
+    /// How long an ack may be held after the first batch it covers is stored; 0 = none.
+    delay_ms: u32,
+    /// Stored batches unacked at which an ack goes at once; 0 = no bound but the delay.
+    batches: u32,
+}
+
+impl AckPolicy {
+    /// The device's request, its delay capped at half the heartbeat interval (a held ack must not
+    /// make the device think the server is gone).
+    pub(crate) fn from_hello(hello: &Hello, config: &ServerConfig) -> Self {
+        Self {
+            delay_ms: hello
+                .telemetry_ack_delay_ms
+                .min(config.heartbeat_interval_ms / 2),
+            batches: hello.telemetry_ack_batches,
+        }
+    }
+
+    fn delay(self) -> Duration {
+        Duration::from_millis(u64::from(self.delay_ms))
+    }
+
+    /// Whether the ack of watermark `seq` goes now, with `acked` already acked and the device
+    /// wanting `ack_through` acked without delay.
+    pub(crate) fn due(self, seq: u64, acked: u64, ack_through: u64) -> bool {
+        let unacked = seq.saturating_sub(acked);
+        self.delay_ms == 0
+            || self.batches == 1
+            || (self.batches > 1 && unacked >= u64::from(self.batches))
+            || (ack_through > acked && seq >= ack_through)
+    }
 }
 
 /// The control stream of a connection.
@@ -326,6 +363,7 @@ struct Running {
     out_tx: BridgeSender,
     out_rx: crate::outq::Receiver,
     kick_rx: oneshot::Receiver<Kick>,
+    acks: AckPolicy,
 }
 
 /// Attaches an authenticated device to its actor and welcomes it; `None` if the connection was
@@ -337,6 +375,7 @@ async fn start_device(
     session: SessionId,
     id: DeviceId,
     early_command_fin: bool,
+    acks: AckPolicy,
 ) -> Option<Box<Running>> {
     let Control {
         mut send,
@@ -437,6 +476,7 @@ async fn start_device(
         out_tx,
         out_rx,
         kick_rx,
+        acks,
     }))
 }
 
@@ -459,22 +499,48 @@ async fn run_device(running: Box<Running>) {
         out_tx,
         mut out_rx,
         kick_rx,
+        acks,
     } = *running;
+    let watermark = durable.seq().clone();
     // A session is three tasks, so that a wake-up polls only the part it is for: a slow device's
     // message wakes the telemetry reader once (the batch, posted to the actor without waiting for
     // an answer) and the writer once (the durable ack), and none of them polls the control stream or the others' channels
     // (one task with all of them in a `select!` polled every part on every wake-up).
     //
     // The writer: everything this session sends on the control stream goes through it, acks
-    // coalesced, and of twin deltas only the latest. It hands back the send stream, to close
-    // with an error.
+    // coalesced (and held, if the device asked: protocol §5), and of twin deltas only the
+    // latest. A held ack goes out at its deadline, when enough batches are unacked, when the
+    // device wants it, or in front of any other frame (the same packet). It hands back the send
+    // stream, to close with an error.
     let mut writer = Part::spawn(async move {
+        let ack = |seq| ServerControl {
+            msg: Some(server_control::Msg::Ack(v1::TelemetryAck { seq })),
+        };
+        let mut acked = durable.seen(); // the Welcome's last_stored_seq
+        // The held ack's deadline: made at the first hold, then reset.
+        let mut deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        let mut holding = false;
         loop {
             let frame = tokio::select! {
                 // Ends once the session and the bridge (unlinked below) dropped their senders.
                 m = out_rx.recv() => match m { Some(m) => *m, None => return send },
                 seq = durable.changed() => {
-                    ServerControl { msg: Some(server_control::Msg::Ack(v1::TelemetryAck { seq })) }
+                    if acks.due(seq, acked, durable.seq().ack_through()) {
+                        ack(seq)
+                    } else {
+                        if !holding {
+                            holding = true;
+                            let at = tokio::time::Instant::now() + acks.delay();
+                            match deadline.as_mut() {
+                                Some(d) => d.as_mut().reset(at),
+                                None => deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+                            }
+                        }
+                        continue;
+                    }
+                }
+                () = async { if let Some(d) = deadline.as_mut() { d.as_mut().await } }, if holding => {
+                    ack(durable.current())
                 }
                 // (The actor drops its end when the session is replaced or ends: then this
                 // branch just never completes.)
@@ -482,20 +548,37 @@ async fn run_device(running: Box<Running>) {
                     ServerControl { msg: Some(server_control::Msg::TwinDelta(delta)) }
                 }
             };
+            let seq = match &frame.msg {
+                Some(server_control::Msg::Ack(a)) => a.seq,
+                _ => {
+                    // what is stored and not yet acked rides along, in front
+                    let stored = durable.current();
+                    if stored > acked && write_frame(&mut send, &ack(stored)).await.is_err() {
+                        return send;
+                    }
+                    stored.max(acked)
+                }
+            };
             if write_frame(&mut send, &frame).await.is_err() {
                 return send;
+            }
+            if seq > acked {
+                acked = seq;
+                holding = false;
             }
         }
     });
     let mut telemetry = {
         let (conn, shared, actor) = (conn.clone(), shared.clone(), actor.clone());
+        let watermark = watermark.clone();
         Part::spawn(async move {
             loop {
                 let stream = match conn.accept_uni().await {
                     Ok(s) => s,
                     Err(e) => return End::Closed(e.to_string()),
                 };
-                if let Err(end) = Box::pin(telemetry(&shared, &actor, session, stream)).await {
+                let read = telemetry(&shared, &actor, &watermark, session, stream);
+                if let Err(end) = Box::pin(read).await {
                     return end;
                 }
             }
@@ -516,7 +599,7 @@ async fn run_device(running: Box<Running>) {
             };
             // Heartbeats, the one request every device keeps sending, are answered inline.
             let answered = if let client_control::Msg::Heartbeat(h) = &msg {
-                match heartbeat(&heard, h) {
+                match device_heartbeat(&heard, &watermark, h) {
                     Some(answer) => queue(&out_tx, Box::new(answer)).await,
                     None => Ok(()),
                 }
@@ -628,12 +711,33 @@ fn heartbeat(heard: &AtomicI64, h: &v1::Heartbeat) -> Option<ServerControl> {
     answer_heartbeat(h)
 }
 
+/// A device's heartbeat: [`heartbeat`], and one that sets `ack_through` (a device waiting for
+/// its acks, protocol §5) is answered whatever `no_answer` says, so that the writer sends the
+/// held ack in front of the answer.
+fn device_heartbeat(
+    heard: &AtomicI64,
+    watermark: &crate::actor::DurableSeq,
+    h: &v1::Heartbeat,
+) -> Option<ServerControl> {
+    if h.ack_through == 0 {
+        return heartbeat(heard, h);
+    }
+    watermark.ack_now(h.ack_through);
+    heartbeat(
+        heard,
+        &v1::Heartbeat {
+            no_answer: false,
+            ..*h
+        },
+    )
+}
+
 /// The server's answer to a client heartbeat: none if the client set `no_answer`.
 pub(crate) fn answer_heartbeat(h: &v1::Heartbeat) -> Option<ServerControl> {
     (!h.no_answer).then(|| ServerControl {
         msg: Some(server_control::Msg::Heartbeat(v1::Heartbeat {
             time_us: now_us(),
-            no_answer: false,
+            ..Default::default()
         })),
     })
 }
@@ -742,6 +846,7 @@ const POSTED_BATCH_POINTS: usize = 64;
 async fn telemetry(
     shared: &Shared,
     actor: &actix::Addr<DeviceActor>,
+    watermark: &crate::actor::DurableSeq,
     session: SessionId,
     stream: quinn::RecvStream,
 ) -> Result<(), End> {
@@ -764,6 +869,9 @@ async fn telemetry(
             Ok(None) => return Ok(()),
             Err(e) => return Err(End::from_transport(e)),
         };
+        if batch.ack_now {
+            watermark.ack_now(batch.seq);
+        }
         let batch = match Batch::from_proto(batch, max_points) {
             Ok(b) => b,
             Err(e) => return Err(End::Error(ErrorCode::InvalidValue, e.to_string())),
@@ -845,5 +953,61 @@ pub(crate) fn twin_error_code(e: &TwinRequestError) -> ErrorCode {
         TwinRequestError::Twin(_) => ErrorCode::InvalidArgument,
         TwinRequestError::Store(_) => ErrorCode::Unavailable,
         TwinRequestError::NotCurrent => ErrorCode::Replaced,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(delay_ms: u32, batches: u32, heartbeat_interval_ms: u32) -> AckPolicy {
+        let hello = Hello {
+            telemetry_ack_delay_ms: delay_ms,
+            telemetry_ack_batches: batches,
+            ..Default::default()
+        };
+        let config = ServerConfig {
+            heartbeat_interval_ms,
+            ..Default::default()
+        };
+        AckPolicy::from_hello(&hello, &config)
+    }
+
+    #[test]
+    fn without_a_delay_or_with_a_bound_of_one_every_batch_is_acked_at_once() {
+        assert!(policy(0, 3, 10_000).due(1, 0, 0));
+        assert!(policy(2_500, 1, 10_000).due(1, 0, 0));
+    }
+
+    #[test]
+    fn an_ack_is_held_until_enough_batches_are_unacked() {
+        let p = policy(2_500, 3, 10_000);
+        assert!(!p.due(11, 10, 0));
+        assert!(!p.due(12, 10, 0));
+        assert!(p.due(13, 10, 0));
+        assert!(
+            p.due(20, 10, 0),
+            "a jump of the watermark counts every batch"
+        );
+        // 0 = no bound but the delay
+        assert!(!policy(2_500, 0, 10_000).due(1_000, 0, 0));
+    }
+
+    #[test]
+    fn an_ack_the_device_wants_goes_once_the_batch_it_names_is_stored() {
+        let p = policy(2_500, 100, 10_000);
+        assert!(!p.due(11, 10, 12), "batch 12 is not stored yet");
+        assert!(p.due(12, 10, 12));
+        assert!(p.due(13, 10, 12));
+        assert!(!p.due(13, 12, 12), "already acked through 12");
+    }
+
+    #[test]
+    fn the_delay_is_capped_at_half_the_heartbeat_interval() {
+        assert_eq!(policy(60_000, 3, 10_000).delay(), Duration::from_secs(5));
+        assert_eq!(
+            policy(2_500, 3, 10_000).delay(),
+            Duration::from_millis(2_500)
+        );
     }
 }

@@ -163,7 +163,7 @@ pub(crate) fn quinn_server_config(
         .max_concurrent_uni_streams(DEVICE_UNI_STREAMS.into());
     if !ack_delay.is_zero() {
         // Ask the client to hold its ACKs this long (see `ServerConfig::ack_delay_ms`).
-        transport.ack_frequency_config(Some(fleetlink_transport::ack_frequency(ack_delay)));
+        transport.ack_frequency_config(Some(fleetlink_transport::ack_frequency(ack_delay, 1)));
     }
     config.transport_config(Arc::new(transport));
     Ok(config)

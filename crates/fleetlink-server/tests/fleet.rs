@@ -224,6 +224,7 @@ async fn raw_telemetry(raw: &common::RawClient, bytes: &[u8]) -> quinn::SendStre
 
 fn batch_frame(seq: u64, points: Vec<Point>) -> Vec<u8> {
     let b = v1::TelemetryBatch {
+        ack_now: false,
         seq,
         points: points.iter().map(Point::to_proto).collect(),
     };

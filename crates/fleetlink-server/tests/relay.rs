@@ -194,6 +194,8 @@ async fn an_idle_device_heartbeats_in_two_datagrams_and_notices_a_silent_server(
     let mut config = ts.device_config("beacon-1", &token);
     config.server.addr = relay.addr;
     config.ack_delay = Duration::ZERO;
+    // (ack coalescing would stretch the QUIC ACK delay the device asks for)
+    config.telemetry_ack_batches = 1;
     let dev = DeviceClient::connect(config).await.unwrap();
     // the handshake's packets and path-MTU probes are over once a first message is acked
     dev.send(vec![Point {
@@ -233,4 +235,157 @@ async fn an_idle_device_heartbeats_in_two_datagrams_and_notices_a_silent_server(
     .await;
     let error = dev.stats().last_error.unwrap_or_default();
     assert!(error.contains("nothing from the server"), "{error}");
+}
+
+fn meter_point(i: u64) -> Point {
+    Point {
+        metric: MetricName::new("flow").unwrap(),
+        time_us: 1_000 + i as i64,
+        value: Value::Double(i as f64),
+    }
+}
+
+/// Datagrams the server sends per message to a device sending a message every [`INTERVAL`]
+/// without waiting for it, with ack coalescing `batches` (1 = none) and a long delay; and the
+/// points the server stored once the device flushed.
+async fn server_datagrams_per_message(batches: u32) -> (f64, usize) {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "meter-1").await;
+    let relay = UdpRelay::start(ts.address.addr).await;
+    let mut config = ts.device_config("meter-1", &token);
+    config.server.addr = relay.addr;
+    config.telemetry_ack_delay = Duration::from_secs(4);
+    config.telemetry_ack_batches = batches;
+    let dev = DeviceClient::connect(config).await.unwrap();
+    // the handshake's packets and path-MTU probes are over once a first message is acked
+    dev.send(vec![meter_point(0)]).await.unwrap();
+    dev.flush(WAIT).await.unwrap();
+    let mut ticker = tokio::time::interval(INTERVAL);
+    ticker.tick().await;
+    let before = relay.to_client();
+    for i in 1..=MESSAGES {
+        ticker.tick().await;
+        dev.send(vec![meter_point(i)]).await.unwrap();
+    }
+    // one interval for the last message to be sealed, sent and stored
+    ticker.tick().await;
+    let sent = relay.to_client() - before;
+    dev.flush(WAIT).await.unwrap();
+    let stored = stored_points(&op, &DeviceId::new("meter-1").unwrap()).await;
+    dev.close().await;
+    (sent as f64 / MESSAGES as f64, stored.len())
+}
+
+/// Ack coalescing: a device that lets the server hold its acks up to 3 batches gets one packet
+/// for three messages (the ack, carrying the QUIC ACK of the three); acking every batch, one
+/// packet per message. Every point is stored either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_gets_one_ack_for_three_messages() {
+    let (coalesced, stored) = server_datagrams_per_message(3).await;
+    assert_eq!(stored, MESSAGES as usize + 1);
+    let (every, stored) = server_datagrams_per_message(1).await;
+    assert_eq!(stored, MESSAGES as usize + 1);
+    assert!(
+        coalesced <= 0.5,
+        "{coalesced} server datagrams per message with acks coalesced by 3"
+    );
+    assert!(
+        every >= 0.9,
+        "{every} server datagrams per message with every batch acked"
+    );
+}
+
+/// Ack coalescing with a long delay and no batch bound: the ack of a stored batch is held, and
+/// goes at once when the device flushes (a batch sealed by the flush asks for it; with nothing
+/// left to seal, a heartbeat does), when the server sends the device anything else, or at the
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_ack_goes_at_a_flush_with_another_frame_or_at_its_deadline() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let id = DeviceId::new("meter-2").unwrap();
+    let token = provision(&op, "meter-2").await;
+    let mut config = ts.device_config("meter-2", &token);
+    // the server caps it at half its heartbeat interval (5 s)
+    config.telemetry_ack_delay = Duration::from_secs(10);
+    config.telemetry_ack_batches = 1_000;
+    let dev = DeviceClient::connect(config).await.unwrap();
+    let acked = |n: u64| {
+        let mut settled = dev.settled_points();
+        async move {
+            tokio::time::timeout(Duration::from_secs(2), settled.wait_for(|s| *s >= n))
+                .await
+                .is_ok()
+        }
+    };
+    let stored = |n: usize| {
+        let (op, id) = (&op, &id);
+        move || async move { stored_points(op, id).await.len() >= n }
+    };
+
+    // A flush seals the point into a batch that asks to be acked at once.
+    dev.send(vec![meter_point(1)]).await.unwrap();
+    dev.flush(Duration::from_secs(2)).await.unwrap();
+
+    // Sealed by the linger, sent, stored: its ack is held...
+    dev.send(vec![meter_point(2)]).await.unwrap();
+    eventually(WAIT, "the second point stored", stored(2)).await;
+    assert_eq!(dev.stats().points_acked, 1, "the second ack is held");
+    // ...until a flush with nothing left to seal asks for it.
+    dev.flush(Duration::from_secs(2)).await.unwrap();
+    assert_eq!(dev.stats().points_acked, 2);
+
+    // A held ack rides in front of any other frame: here the answer to a twin report.
+    dev.send(vec![meter_point(3)]).await.unwrap();
+    eventually(WAIT, "the third point stored", stored(3)).await;
+    assert_eq!(dev.stats().points_acked, 2, "the third ack is held");
+    dev.report(json!({"firmware": "1.2"})).await.unwrap();
+    assert!(
+        acked(3).await,
+        "the third point was not acked with the report's answer"
+    );
+
+    // Otherwise it goes at its deadline, the server's cap of 5 s after the batch was stored.
+    let sent = tokio::time::Instant::now();
+    dev.send(vec![meter_point(4)]).await.unwrap();
+    eventually(WAIT, "the fourth point stored", stored(4)).await;
+    let mut settled = dev.settled_points();
+    tokio::time::timeout(WAIT, settled.wait_for(|s| *s >= 4))
+        .await
+        .expect("the held ack never came")
+        .unwrap();
+    let waited = sent.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5),
+        "acked {waited:?} after the send, before the held ack's deadline"
+    );
+    dev.close().await;
+}
+
+/// Ack coalescing never makes a sender wait for a held ack: a batch sealed while the send buffer
+/// is half full asks to be acked at once. With a 4-point buffer, a 10 s delay and no batch bound,
+/// 40 points sent one at a time go through in well under one delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_with_a_half_full_buffer_gets_its_acks_at_once() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let token = provision(&op, "meter-3").await;
+    let mut config = ts.device_config("meter-3", &token);
+    config.max_buffered_points = 4;
+    config.telemetry_ack_delay = Duration::from_secs(10);
+    config.telemetry_ack_batches = 1_000;
+    let dev = DeviceClient::connect(config).await.unwrap();
+    let sends = async {
+        for i in 1..=40 {
+            dev.send(vec![meter_point(i)]).await.unwrap();
+        }
+        dev.flush(WAIT).await.unwrap();
+    };
+    tokio::time::timeout(Duration::from_secs(4), sends)
+        .await
+        .expect("the sender waited for held acks");
+    let stored = stored_points(&op, &DeviceId::new("meter-3").unwrap()).await;
+    assert_eq!(stored.len(), 40);
+    dev.close().await;
 }

@@ -115,6 +115,9 @@ pub struct ClientTransport {
     /// Ask the server to hold its acknowledgements of our packets up to this long (see
     /// [`ack_frequency`]); `None` = QUIC's default (25 ms).
     pub ack_delay: Option<Duration>,
+    /// With `ack_delay`: how many ack-eliciting packets the server may receive before it must
+    /// acknowledge them at once (QUIC's default, 1, acknowledges every second packet).
+    pub ack_threshold: u32,
 }
 
 impl Default for ClientTransport {
@@ -124,6 +127,7 @@ impl Default for ClientTransport {
             idle_timeout: Duration::from_secs(60),
             resumption: Resumption::default(),
             ack_delay: None,
+            ack_threshold: 1,
         }
     }
 }
@@ -140,15 +144,17 @@ pub const DEVICE_ACK_DELAY: Duration = Duration::from_millis(250);
 
 /// The QUIC ACK frequency extension's request (an `ACK_FREQUENCY` frame, sent right after the
 /// handshake if the peer advertises `min_ack_delay`, as quinn does): the peer may hold its ACKs up
-/// to `delay`. It still acknowledges every second ack-eliciting packet at once (the default
-/// threshold), so bulk transfers keep their pace, and any packet out of order (reordering
-/// threshold 1), so a loss followed by another packet is repaired without waiting.
+/// to `delay`. It still acknowledges at once once more than `threshold` ack-eliciting packets
+/// are unacknowledged (QUIC's default threshold, 1: every second packet), so bulk transfers keep
+/// their pace, and any packet out of order (reordering threshold 1), so a loss followed by
+/// another packet is repaired without waiting.
 /// `max_ack_delay_above_rtt` is our quinn-proto patch: upstream caps the delay at the round trip
 /// or 25 ms (crates/quinn-proto/FLEETLINK-PATCH.md). Our own probe timeout then includes `delay`:
 /// a lost packet that no later packet reveals is resent up to that much later.
-pub fn ack_frequency(delay: Duration) -> quinn::AckFrequencyConfig {
+pub fn ack_frequency(delay: Duration, threshold: u32) -> quinn::AckFrequencyConfig {
     let mut config = quinn::AckFrequencyConfig::default();
     config
+        .ack_eliciting_threshold(threshold.into())
         .max_ack_delay(Some(delay))
         .max_ack_delay_above_rtt(true)
         .reordering_threshold(1u32.into());
@@ -237,7 +243,8 @@ pub fn client_config(
             .map_err(|_| TransportError::Tls("idle timeout too large".into()))?,
     ));
     if let Some(delay) = transport.ack_delay.filter(|d| !d.is_zero()) {
-        t.ack_frequency_config(Some(ack_frequency(delay.min(MAX_ACK_DELAY))));
+        let frequency = ack_frequency(delay.min(MAX_ACK_DELAY), transport.ack_threshold);
+        t.ack_frequency_config(Some(frequency));
     }
     config.transport_config(Arc::new(t));
     Ok(config)

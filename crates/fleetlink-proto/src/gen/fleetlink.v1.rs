@@ -514,6 +514,16 @@ pub struct Hello {
     /// connection a packet per command. false: the server finishes its side after the result.
     #[prost(bool, tag = "6")]
     pub early_command_fin: bool,
+    /// (ROLE_DEVICE) Ack coalescing (protocol.md §5): the server may hold a TelemetryAck up to this
+    /// long after the first batch it would ack is stored, so that one ack covers the batches stored
+    /// meanwhile and rides in one packet. 0 = ack every batch as soon as it is stored. The
+    /// server caps it (at half its heartbeat interval).
+    #[prost(uint32, tag = "7")]
+    pub telemetry_ack_delay_ms: u32,
+    /// (ROLE_DEVICE) With telemetry_ack_delay_ms: the server acks at once when this many stored
+    /// batches are unacked. 0 = no bound but the delay; 1 = every batch at once (no coalescing).
+    #[prost(uint32, tag = "8")]
+    pub telemetry_ack_batches: u32,
 }
 /// The server accepted the Hello.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -572,6 +582,12 @@ pub struct Heartbeat {
     /// Ignored by servers older than this field, which answer anyway.
     #[prost(bool, tag = "2")]
     pub no_answer: bool,
+    /// Client only, with ack coalescing (Hello.telemetry_ack_delay_ms): the server stops holding
+    /// acks and acks every batch up to this sequence number as soon as it is stored. A heartbeat that
+    /// sets it is always answered, after the ack of what is stored by then (protocol.md §5).
+    /// 0 = not set.
+    #[prost(uint64, tag = "3")]
+    pub ack_through: u64,
 }
 /// Every telemetry batch with a sequence number up to and including `seq` is durably stored.
 /// Cumulative: a later ack covers every earlier batch.
@@ -886,6 +902,11 @@ pub struct TelemetryBatch {
     pub seq: u64,
     #[prost(message, repeated, tag = "2")]
     pub points: ::prost::alloc::vec::Vec<TelemetryPoint>,
+    /// With ack coalescing (Hello.telemetry_ack_delay_ms): ack this batch, and every batch before
+    /// it, as soon as it is stored, without holding the ack (protocol.md §5). A device sets it when
+    /// it needs its buffer back or waits for the ack.
+    #[prost(bool, tag = "3")]
+    pub ack_now: bool,
 }
 /// What a client-opened unidirectional stream carries. The first frame on every such stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]

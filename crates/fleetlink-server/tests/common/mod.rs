@@ -165,7 +165,7 @@ pub fn device_hello(id: &str, token: &str) -> v1::Hello {
         device_id: id.into(),
         token: token.into(),
         client_name: "raw-test".into(),
-        early_command_fin: false,
+        ..Default::default()
     }
 }
 
