@@ -83,7 +83,7 @@ impl Device {
     /// Connects and authenticates; commands are dispatched to the handlers registered with
     /// `on_command` (also those registered after connecting).
     #[staticmethod]
-    #[pyo3(signature = (url, device_id, token, ca_pem, server_name="localhost", commands=None, timeout_s=10.0))]
+    #[pyo3(signature = (url, device_id, token, ca_pem, server_name="localhost", commands=None, timeout_s=10.0, ack_coalescing=true))]
     #[allow(clippy::too_many_arguments)] // mirrors the keyword arguments of Device.connect
     fn connect(
         py: Python<'_>,
@@ -94,6 +94,7 @@ impl Device {
         server_name: &str,
         commands: Option<HashMap<String, Py<PyAny>>>,
         timeout_s: f64,
+        ack_coalescing: bool,
     ) -> PyResult<Device> {
         let timeout = crate::client::secs(py, timeout_s, "timeout")?;
         let server = server_address(py, url, ca_pem, server_name)?;
@@ -102,6 +103,9 @@ impl Device {
         // while the device was offline come right after the Welcome).
         let handlers: Handlers = Arc::new(Mutex::new(commands.unwrap_or_default()));
         let mut config = DeviceConfig::new(server, id, token);
+        if !ack_coalescing {
+            config.telemetry_ack_batches = 1; // every batch acked as soon as it is stored
+        }
         let table = handlers.clone();
         config
             .commands

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 import fleetlink
-from conftest import BASE_US
+from conftest import BASE_US, eventually
 
 SECOND = 1_000_000
 
@@ -300,3 +300,18 @@ def test_long_histories_come_in_column_pages_with_the_right_device_and_metric(cl
     polars = pytest.importorskip("polars")
     frame = polars.from_arrow(table)
     assert frame.filter(polars.col("device") == "t2").height == 36_000
+
+
+def test_ack_coalescing_holds_an_ack_until_a_flush_and_can_be_turned_off(client: fleetlink.Client) -> None:
+    with (
+        fleetlink.Device.connect(**client.provision("meter-1")) as held,
+        fleetlink.Device.connect(**client.provision("meter-2"), ack_coalescing=False) as prompt,
+    ):
+        for device in (held, prompt):
+            device.send({"flow": 1.5}, ts=BASE_US)
+        # both points stored: the prompt device hears so at once, the other's ack is held (2.5 s)
+        eventually(lambda: client.telemetry("meter-1").num_rows == 1 and client.telemetry("meter-2").num_rows == 1)
+        eventually(lambda: prompt.stats()["points_acked"] == 1)
+        assert held.stats()["points_acked"] == 0
+        held.flush(timeout=2.0)  # asks for the held ack
+        assert held.stats()["points_acked"] == 1

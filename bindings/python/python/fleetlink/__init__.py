@@ -573,13 +573,24 @@ class Device:
         server_name: str = "localhost",
         commands: Mapping[str, Callable[[Any], Any]] | None = None,
         timeout: float = 10.0,
+        ack_coalescing: bool = True,
     ) -> "Device":
         """Connects and authenticates (``AuthError`` for a wrong token, ``NotFound`` for an
         unknown device). ``Device.connect(**client.provision(...))`` works. ``commands`` maps
         command names to handlers that are in place before the first command arrives (commands
-        queued while the device was offline come right after connecting)."""
+        queued while the device was offline come right after connecting). ``ack_coalescing``
+        lets the server hold its acknowledgement of stored points up to 2.5 s or three batches,
+        one packet for several messages (``flush`` still gets its acknowledgement at once);
+        ``False`` has every batch acknowledged as soon as it is stored."""
         native = _fleetlink.Device.connect(
-            url, device_id, token, _ca_pem(ca), server_name, dict(commands or {}), _timeout(timeout)
+            url,
+            device_id,
+            token,
+            _ca_pem(ca),
+            server_name,
+            dict(commands or {}),
+            _timeout(timeout),
+            ack_coalescing,
         )
         return cls(native)
 

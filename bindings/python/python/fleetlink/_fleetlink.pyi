@@ -113,6 +113,7 @@ class Device:
         server_name: str = "localhost",
         commands: dict[str, Callable[[Any], Any]] | None = None,
         timeout_s: float = 10.0,
+        ack_coalescing: bool = True,
     ) -> Device:
         """Connects and authenticates a device."""
     @property

@@ -214,13 +214,21 @@ class Device:
         server_name: str = "localhost",
         commands: Mapping[str, Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]] | None = None,
         timeout: float = 10.0,
+        ack_coalescing: bool = True,
     ) -> "Device":
         """See ``fleetlink.Device.connect``; handlers may be coroutine functions."""
         loop = asyncio.get_running_loop()
         handlers = {name: _on_loop(loop, h) for name, h in (commands or {}).items()}
         inner = await asyncio.to_thread(
             lambda: _sync.Device.connect(
-                url, device_id, token, ca, server_name=server_name, commands=handlers, timeout=timeout
+                url,
+                device_id,
+                token,
+                ca,
+                server_name=server_name,
+                commands=handlers,
+                timeout=timeout,
+                ack_coalescing=ack_coalescing,
             )
         )
         return cls(inner, loop)
