@@ -308,10 +308,12 @@ def test_ack_coalescing_holds_an_ack_until_a_flush_and_can_be_turned_off(client:
         fleetlink.Device.connect(**client.provision("meter-2"), ack_coalescing=False) as prompt,
     ):
         for device in (held, prompt):
-            device.send({"flow": 1.5}, ts=BASE_US)
+            device.send({"flow": 1.0}, ts=BASE_US)
+            device.flush()  # (a connection's first ack is never held)
+            device.send({"flow": 1.5}, ts=BASE_US + 1)
         # both points stored: the prompt device hears so at once, the other's ack is held (2.5 s)
-        eventually(lambda: client.telemetry("meter-1").num_rows == 1 and client.telemetry("meter-2").num_rows == 1)
-        eventually(lambda: prompt.stats()["points_acked"] == 1)
-        assert held.stats()["points_acked"] == 0
-        held.flush(timeout=2.0)  # asks for the held ack
+        eventually(lambda: client.telemetry("meter-1").num_rows == 2 and client.telemetry("meter-2").num_rows == 2)
+        eventually(lambda: prompt.stats()["points_acked"] == 2)
         assert held.stats()["points_acked"] == 1
+        held.flush(timeout=2.0)  # asks for the held ack
+        assert held.stats()["points_acked"] == 2

@@ -510,22 +510,35 @@ async fn run_device(running: Box<Running>) {
     // The writer: everything this session sends on the control stream goes through it, acks
     // coalesced (and held, if the device asked: protocol §5), and of twin deltas only the
     // latest. A held ack goes out at its deadline, when enough batches are unacked, when the
-    // device wants it, or in front of any other frame (the same packet). It hands back the send
+    // device wants it, or in front of any other frame (the same packet; the error frame that
+    // ends a session included); the first ack of a session is never held. It hands back the send
     // stream, to close with an error.
     let mut writer = Part::spawn(async move {
         let ack = |seq| ServerControl {
             msg: Some(server_control::Msg::Ack(v1::TelemetryAck { seq })),
         };
-        let mut acked = durable.seen(); // the Welcome's last_stored_seq
+        let welcomed = durable.seen(); // the Welcome's last_stored_seq
+        let mut acked = welcomed;
         // The held ack's deadline: made at the first hold, then reset.
         let mut deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         let mut holding = false;
         loop {
             let frame = tokio::select! {
                 // Ends once the session and the bridge (unlinked below) dropped their senders.
-                m = out_rx.recv() => match m { Some(m) => *m, None => return send },
+                m = out_rx.recv() => match m {
+                    Some(m) => *m,
+                    None => {
+                        let stored = durable.current();
+                        if stored > acked {
+                            let _ = write_frame(&mut send, &ack(stored)).await;
+                        }
+                        return send;
+                    }
+                },
                 seq = durable.changed() => {
-                    if acks.due(seq, acked, durable.seq().ack_through()) {
+                    // (the first ack tells a device that its new connection carries its
+                    // telemetry, and frees the batches it resent)
+                    if acked == welcomed || acks.due(seq, acked, durable.seq().ack_through()) {
                         ack(seq)
                     } else {
                         if !holding {

@@ -296,10 +296,10 @@ async fn a_device_gets_one_ack_for_three_messages() {
     );
 }
 
-/// Ack coalescing with a long delay and no batch bound: the ack of a stored batch is held, and
-/// goes at once when the device flushes (a batch sealed by the flush asks for it; with nothing
-/// left to seal, a heartbeat does), when the server sends the device anything else, or at the
-/// deadline.
+/// Ack coalescing with a long delay and no batch bound: the first ack of a session is not held;
+/// later ones are, and go at once when the device flushes (a batch sealed by the flush asks for
+/// it; with nothing left to seal, a heartbeat does), when the server sends the device anything
+/// else, or at the deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_ack_goes_at_a_flush_with_another_frame_or_at_its_deadline() {
     let ts = start(|_| {});
@@ -324,34 +324,38 @@ async fn a_held_ack_goes_at_a_flush_with_another_frame_or_at_its_deadline() {
         move || async move { stored_points(op, id).await.len() >= n }
     };
 
-    // A flush seals the point into a batch that asks to be acked at once.
+    // The session's first ack goes at once.
     dev.send(vec![meter_point(1)]).await.unwrap();
+    assert!(acked(1).await, "the session's first ack was held");
+
+    // A flush seals the point into a batch that asks to be acked at once.
+    dev.send(vec![meter_point(2)]).await.unwrap();
     dev.flush(Duration::from_secs(2)).await.unwrap();
 
     // Sealed by the linger, sent, stored: its ack is held...
-    dev.send(vec![meter_point(2)]).await.unwrap();
-    eventually(WAIT, "the second point stored", stored(2)).await;
-    assert_eq!(dev.stats().points_acked, 1, "the second ack is held");
-    // ...until a flush with nothing left to seal asks for it.
-    dev.flush(Duration::from_secs(2)).await.unwrap();
-    assert_eq!(dev.stats().points_acked, 2);
-
-    // A held ack rides in front of any other frame: here the answer to a twin report.
     dev.send(vec![meter_point(3)]).await.unwrap();
     eventually(WAIT, "the third point stored", stored(3)).await;
     assert_eq!(dev.stats().points_acked, 2, "the third ack is held");
+    // ...until a flush with nothing left to seal asks for it.
+    dev.flush(Duration::from_secs(2)).await.unwrap();
+    assert_eq!(dev.stats().points_acked, 3);
+
+    // A held ack rides in front of any other frame: here the answer to a twin report.
+    dev.send(vec![meter_point(4)]).await.unwrap();
+    eventually(WAIT, "the fourth point stored", stored(4)).await;
+    assert_eq!(dev.stats().points_acked, 3, "the fourth ack is held");
     dev.report(json!({"firmware": "1.2"})).await.unwrap();
     assert!(
-        acked(3).await,
-        "the third point was not acked with the report's answer"
+        acked(4).await,
+        "the fourth point was not acked with the report's answer"
     );
 
     // Otherwise it goes at its deadline, the server's cap of 5 s after the batch was stored.
     let sent = tokio::time::Instant::now();
-    dev.send(vec![meter_point(4)]).await.unwrap();
-    eventually(WAIT, "the fourth point stored", stored(4)).await;
+    dev.send(vec![meter_point(5)]).await.unwrap();
+    eventually(WAIT, "the fifth point stored", stored(5)).await;
     let mut settled = dev.settled_points();
-    tokio::time::timeout(WAIT, settled.wait_for(|s| *s >= 4))
+    tokio::time::timeout(WAIT, settled.wait_for(|s| *s >= 5))
         .await
         .expect("the held ack never came")
         .unwrap();
@@ -360,6 +364,7 @@ async fn a_held_ack_goes_at_a_flush_with_another_frame_or_at_its_deadline() {
         waited >= Duration::from_secs(5),
         "acked {waited:?} after the send, before the held ack's deadline"
     );
+
     dev.close().await;
 }
 
