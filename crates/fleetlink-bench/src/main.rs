@@ -70,7 +70,7 @@ struct RunArgs {
     /// Round trips per run of the commands scenario (default 10000, 50 with --quick).
     #[arg(long)]
     commands: Option<usize>,
-    /// Measured window of the flood and slow scenarios, seconds (default 20).
+    /// Measured window of the flood and slow scenarios, seconds (default 20 and 21).
     #[arg(long)]
     window: Option<f64>,
     /// Systems to run (default: every one the scenario compares).
