@@ -22,16 +22,40 @@ pub fn clock_ticks() -> f64 {
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // The command name is in parentheses and may hold spaces: fields start after the last ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
+    Ok(parse_stat(&stat)?.1)
+}
+
+/// CPU seconds of a process's threads so far, summed by thread name, from
+/// /proc/<pid>/task/*/stat. A thread that ended is missing (its time with it); one that ends
+/// while this reads is skipped.
+pub fn thread_cpu_seconds(pid: u32) -> Result<std::collections::BTreeMap<String, f64>> {
+    let mut by_name = std::collections::BTreeMap::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("listing /proc/{pid}/task"))?;
+    for task in tasks {
+        let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else {
+            continue; // the thread ended
+        };
+        let (name, seconds) = parse_stat(&stat)?;
+        *by_name.entry(name.to_owned()).or_insert(0.0) += seconds;
+    }
+    Ok(by_name)
+}
+
+/// The command name and user plus system CPU seconds of a /proc `stat` line.
+fn parse_stat(stat: &str) -> Result<(&str, f64)> {
+    // The command name is in parentheses and may hold spaces and parentheses: fields start
+    // after the last ')'.
+    let (head, rest) = stat.rsplit_once(')').context("malformed /proc stat")?;
+    let name = head
+        .split_once('(')
+        .map(|(_, n)| n)
         .context("malformed /proc stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // After the name: state is field 3 of the full line, so utime (14) is index 11 here.
     let utime: f64 = fields.get(11).context("no utime")?.parse()?;
     let stime: f64 = fields.get(12).context("no stime")?.parse()?;
-    Ok((utime + stime) / clock_ticks_cached())
+    Ok((name, (utime + stime) / clock_ticks_cached()))
 }
 
 /// The machine's CPU time so far from the `cpu` line of /proc/stat, in clock ticks summed over
@@ -304,6 +328,10 @@ impl Proc {
         cpu_seconds(self.pid())
     }
 
+    pub fn thread_cpu_seconds(&self) -> Result<std::collections::BTreeMap<String, f64>> {
+        thread_cpu_seconds(self.pid())
+    }
+
     pub fn rss_bytes(&self) -> Result<u64> {
         rss_bytes(self.pid())
     }
@@ -338,6 +366,46 @@ impl Drop for Proc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stat_line_gives_its_thread_name_and_cpu_time() {
+        let ticks = clock_ticks_cached();
+        let line = "4242 (fleetlink (x) 1) S 1 4242 4242 0 -1 4194560 1 0 0 0 250 50 0 0 20 0 3 0";
+        let (name, seconds) = parse_stat(line).unwrap();
+        assert_eq!(name, "fleetlink (x) 1");
+        assert!((seconds - 300.0 / ticks).abs() < 1e-9, "{seconds}");
+        assert!(parse_stat("4242 fleetlink S 1").is_err());
+    }
+
+    #[test]
+    fn a_process_cpu_time_is_split_by_thread_name() {
+        let pid = std::process::id();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let (spun_tx, spun_rx) = std::sync::mpsc::channel::<()>();
+        let burner = std::thread::Builder::new()
+            .name("cpu-burner".into())
+            .spawn(move || {
+                let start = Instant::now();
+                let mut x = 0u64;
+                while start.elapsed() < Duration::from_millis(300) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+                spun_tx.send(()).unwrap();
+                // alive while the test reads its time
+                let _ = done_rx.recv();
+            })
+            .unwrap();
+        spun_rx.recv().unwrap();
+        let threads = thread_cpu_seconds(pid).unwrap();
+        let total = cpu_seconds(pid).unwrap();
+        done_tx.send(()).unwrap();
+        burner.join().unwrap();
+        let burned = threads.get("cpu-burner").copied().unwrap_or_default();
+        // 300 ms of spinning: at least a tenth of it on the CPU however busy the machine is
+        assert!(burned >= 0.03, "{threads:?}");
+        let summed: f64 = threads.values().sum();
+        assert!(summed <= total + 0.05, "{summed} by thread, {total} in all");
+    }
 
     #[test]
     fn packets_sent_are_read_by_field_name() {

@@ -265,6 +265,10 @@ async fn start_load(
     })
 }
 
+/// The prefix of a run's extra figures that split fleetlink's server CPU per message by thread
+/// name (threads of one name summed).
+pub const THREAD_US_PER_MSG: &str = "thread_us_per_msg:";
+
 /// One run: connect, warm up, measure `window`, stop, drain, count losses.
 async fn throughput_run(
     ctx: &mut Ctx,
@@ -288,8 +292,20 @@ async fn throughput_run(
         CpuTicks::now()?,
         Instant::now(),
     );
+    // fleetlink's server CPU by thread: IO, sessions and actors against the store's threads
+    let fleetlink = matches!(system, System::Fleetlink | System::FleetlinkUnique);
+    let threads0 = if fleetlink {
+        proc.thread_cpu_seconds()?
+    } else {
+        Default::default()
+    };
     meter.reset_latency();
     tokio::time::sleep(window).await;
+    let threads1 = if fleetlink {
+        proc.thread_cpu_seconds()?
+    } else {
+        Default::default()
+    };
     let (d1, s1, c1, n1, st1, t1) = (
         meter.delivered_total(),
         proc.cpu_seconds()?,
@@ -328,6 +344,13 @@ async fn throughput_run(
     );
     extra.insert("udp_dropped".into(), packets.udp_dropped as f64);
     extra.insert("steal_pct".into(), st1.steal_pct_since(st0));
+    for (name, after) in threads1 {
+        let spent = after - threads0.get(&name).copied().unwrap_or_default();
+        extra.insert(
+            format!("{THREAD_US_PER_MSG}{name}"),
+            spent * 1e6 / delivered.max(1) as f64,
+        );
+    }
     Ok(Run {
         seconds: (t1 - t0).as_secs_f64(),
         sent,

@@ -519,10 +519,11 @@ async fn run_device(running: Box<Running>) {
         };
         let welcomed = durable.seen(); // the Welcome's last_stored_seq
         let mut acked = welcomed;
-        // The held ack's deadline: made at the first hold, then reset.
+        // The held ack's deadline: made at the first hold, then reset. An ack is held while
+        // the watermark seen is past the one acked (every frame written acks what was seen).
         let mut deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-        let mut holding = false;
         loop {
+            let holding = durable.seen() > acked;
             let frame = tokio::select! {
                 // Ends once the session and the bridge (unlinked below) dropped their senders.
                 m = out_rx.recv() => match m {
@@ -542,7 +543,6 @@ async fn run_device(running: Box<Running>) {
                         ack(seq)
                     } else {
                         if !holding {
-                            holding = true;
                             let at = tokio::time::Instant::now() + acks.delay();
                             match deadline.as_mut() {
                                 Some(d) => d.as_mut().reset(at),
@@ -575,10 +575,7 @@ async fn run_device(running: Box<Running>) {
             if write_frame(&mut send, &frame).await.is_err() {
                 return send;
             }
-            if seq > acked {
-                acked = seq;
-                holding = false;
-            }
+            acked = acked.max(seq);
         }
     });
     let mut telemetry = {

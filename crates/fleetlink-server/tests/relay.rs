@@ -35,12 +35,7 @@ async fn device_datagrams_per_message(ack_delay_ms: u32) -> f64 {
     let send = |i: u64| {
         let dev = &dev;
         async move {
-            let p = Point {
-                metric: MetricName::new("flow").unwrap(),
-                time_us: 1_000 + i as i64,
-                value: Value::Double(i as f64),
-            };
-            dev.send(vec![p]).await.unwrap();
+            dev.send(vec![meter_point(i)]).await.unwrap();
             dev.flush(WAIT).await.unwrap();
         }
     };
