@@ -912,18 +912,25 @@ impl Engine {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(wake) => break,
-                    cmd = self.cmds.recv() => match cmd {
-                        Some(Cmd::Points(p)) => self.add_points(p),
-                        // (a heartbeat asking for acks, if any, goes once connected)
-                        Some(Cmd::Flush(tx)) => { let _ = tx.send(self.flush().0); }
-                        Some(Cmd::Request(kind, tx, result)) => { self.queue_request(kind, Some(tx), result); }
-                        Some(Cmd::Reconnect) => {}
-                        Some(Cmd::Close(tx)) => return Err(Some(tx)),
-                        None => return Err(None),
-                    },
+                    cmd = self.cmds.recv() => self.command_offline(cmd)?,
                 }
             }
-            match connect_once(&self.endpoint, &self.config, &self.quic).await {
+            // The attempt (up to `connect_timeout`) does not hold up the caller's commands: a
+            // close ends it at once.
+            let (endpoint, config, quic) = (
+                self.endpoint.clone(),
+                self.config.clone(),
+                self.quic.clone(),
+            );
+            let attempt = connect_once(&endpoint, &config, &quic);
+            tokio::pin!(attempt);
+            let attempted = loop {
+                tokio::select! {
+                    r = &mut attempt => break r,
+                    cmd = self.cmds.recv() => self.command_offline(cmd)?,
+                }
+            };
+            match attempted {
                 Ok(s) => return Ok(s),
                 Err(ClientError::Rejected {
                     reason,
@@ -952,6 +959,25 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// A command while no session runs: points are buffered, requests queued for the next
+    /// session, a flush answered (a heartbeat asking for acks goes once connected). `Err` = stop,
+    /// as [`Self::reconnect`] returns it.
+    fn command_offline(&mut self, cmd: Option<Cmd>) -> Result<(), Option<oneshot::Sender<()>>> {
+        match cmd {
+            Some(Cmd::Points(p)) => self.add_points(p),
+            Some(Cmd::Flush(tx)) => {
+                let _ = tx.send(self.flush().0);
+            }
+            Some(Cmd::Request(kind, tx, result)) => {
+                self.queue_request(kind, Some(tx), result);
+            }
+            Some(Cmd::Reconnect) => {}
+            Some(Cmd::Close(tx)) => return Err(Some(tx)),
+            None => return Err(None),
+        }
+        Ok(())
     }
 
     fn queue_request(
@@ -1430,6 +1456,21 @@ impl Engine {
                 closed = conn.closed() => break SessionEnd::Lost(closed.into()),
             }
         };
+        if !matches!(end, SessionEnd::Closed(_)) {
+            // The connection is gone, but what the server sent before it went may not have been
+            // handled yet (the loop can see the close first): acks free their batches now, not at
+            // the next Welcome. A graceful shutdown sends a held ack right before its close.
+            let drain = async {
+                while let Some(ev) = ev_rx.recv().await {
+                    match ev {
+                        Event::Ack(seq) => self.on_ack(seq),
+                        Event::Lost(_) => break,
+                        _ => {}
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_AFTER_LOSS, drain).await;
+        }
         reader_task.abort();
         if let SessionEnd::Closed(_) = &end {
             let _ = tele.finish();
@@ -1447,6 +1488,10 @@ impl Engine {
         }
     }
 }
+
+/// How long a session that lost its connection goes on handling what its control stream reader
+/// had received (it ends at once on a closed connection; the bound is for a stream that stays).
+const DRAIN_AFTER_LOSS: Duration = Duration::from_millis(250);
 
 /// Errors with which the server refuses a batch's content; resending it would fail again.
 fn refuses_batch(code: v1::ErrorCode) -> bool {

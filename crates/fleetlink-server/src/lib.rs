@@ -423,6 +423,7 @@ async fn setup(
         tls_sessions,
         all_started,
         all_started_tx,
+        sessions: session::LiveSessions::default(),
     });
     if single {
         tracing::info!(%local_addr, "fleetlink server listening (IO and actors on one thread)");
@@ -499,9 +500,15 @@ async fn serve(
     for actor in shared.registry.all() {
         let _ = actor.send(actor::Shutdown).await;
     }
+    // The kicked sessions send what they hold (a held telemetry ack) and their error frame, and
+    // end once their device has read it or closed; the endpoint then closes what is left.
+    let drained = tokio::time::timeout(SHUTDOWN_SESSIONS_WAIT, shared.sessions.all_ended())
+        .await
+        .is_ok();
     tracing::debug!(
         ms = t.elapsed().as_millis() as u64,
-        "device actors stopped; closing the endpoint"
+        drained,
+        "device actors stopped and their sessions ended; closing the endpoint"
     );
     endpoint.close(
         close_code(fleetlink_proto::v1::ErrorCode::ShuttingDown),
@@ -524,6 +531,10 @@ async fn serve(
         }
     }
 }
+
+/// How long a graceful shutdown waits for the device sessions it kicked to end (each waits up to
+/// 500 ms for its device to have its error frame).
+const SHUTDOWN_SESSIONS_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a graceful shutdown waits for its connections to close.
 const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_millis(500);

@@ -39,6 +39,49 @@ pub(crate) struct Shared {
     /// Becomes true once every provisioned device has its actor (after start-up).
     pub all_started: watch::Receiver<bool>,
     pub all_started_tx: watch::Sender<bool>,
+    /// The device sessions running, for a graceful shutdown to let them end.
+    pub sessions: LiveSessions,
+}
+
+/// The device sessions running ([`run_device`]): a graceful shutdown kicks them and waits (a
+/// bounded time) until they ended, so that each sends what it holds (a held `TelemetryAck`) and
+/// its error frame before the endpoint closes every connection.
+#[derive(Debug, Default)]
+pub(crate) struct LiveSessions {
+    count: std::sync::atomic::AtomicUsize,
+    ended: tokio::sync::Notify,
+}
+
+impl LiveSessions {
+    fn enter(&self) -> LiveSession<'_> {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        LiveSession(self)
+    }
+
+    /// Waits until no session runs.
+    pub(crate) async fn all_ended(&self) {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            // registered before the check: an end after it wakes us
+            ended.as_mut().enable();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+/// A running session, counted in [`LiveSessions`] until dropped.
+struct LiveSession<'a>(&'a LiveSessions);
+
+impl Drop for LiveSession<'_> {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.ended.notify_waiters();
+        }
+    }
 }
 
 impl Shared {
@@ -501,6 +544,8 @@ async fn run_device(running: Box<Running>) {
         kick_rx,
         acks,
     } = *running;
+    // counted until the session ended (its connection closed and the actor told)
+    let _live = shared.sessions.enter();
     let watermark = durable.seq().clone();
     // A session is three tasks, so that a wake-up polls only the part it is for: a slow device's
     // message wakes the telemetry reader once (the batch, posted to the actor without waiting for

@@ -363,6 +363,61 @@ async fn a_held_ack_goes_at_a_flush_with_another_frame_or_at_its_deadline() {
     dev.close().await;
 }
 
+/// A graceful shutdown delivers a held ack: the device learns that its last batch is stored
+/// before the server goes, not at the next server's Welcome (the server used to close every
+/// connection before the kicked sessions' writers ran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_sends_the_held_ack() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    let id = DeviceId::new("meter-4").unwrap();
+    let token = provision(&op, "meter-4").await;
+    let mut config = ts.device_config("meter-4", &token);
+    config.telemetry_ack_delay = Duration::from_secs(10);
+    config.telemetry_ack_batches = 1_000;
+    let dev = DeviceClient::connect(config).await.unwrap();
+    // the session's first ack is not held
+    dev.send(vec![meter_point(1)]).await.unwrap();
+    dev.flush(WAIT).await.unwrap();
+    dev.send(vec![meter_point(2)]).await.unwrap();
+    eventually(WAIT, "the second point stored", || {
+        let (op, id) = (&op, &id);
+        async move { stored_points(op, id).await.len() >= 2 }
+    })
+    .await;
+    assert_eq!(dev.stats().points_acked, 1, "the second ack is held");
+    drop(op);
+
+    let TestServer {
+        server, dir: _dir, ..
+    } = ts;
+    let started = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || server.shutdown())
+        .await
+        .unwrap();
+    // The server is gone: the ack can only be one it sent before it went.
+    let mut settled = dev.settled_points();
+    let acked = tokio::time::timeout(Duration::from_secs(2), settled.wait_for(|s| *s >= 2)).await;
+    assert!(
+        acked.is_ok(),
+        "the held ack was not sent before the server stopped: {:?}",
+        dev.stats()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    // The device is trying to reconnect to a server that does not answer: a close ends the
+    // attempt rather than waiting out its 15 s connect timeout.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), dev.close())
+            .await
+            .is_ok(),
+        "close waited for the reconnect attempt"
+    );
+}
+
 /// Ack coalescing never makes a sender wait for a held ack: a batch sealed while the send buffer
 /// is half full asks to be acked at once. With a 4-point buffer, a 10 s delay and no batch bound,
 /// 40 points sent one at a time go through in well under one delay.
