@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
-use fleetlink_client::{CommandRequest, DeviceClient, DeviceId, MetricName, Point, Value};
+use fleetlink_client::{
+    CommandRequest, DeviceClient, DeviceId, MetricName, OperatorClient, Point, Value,
+};
 use fleetlink_server::{Server, ServerConfig};
 use serde_json::json;
 
@@ -291,6 +293,21 @@ async fn a_device_gets_one_ack_for_three_messages() {
     );
 }
 
+/// A provisioned device, connected, that lets the server hold its acks as long as it may (the
+/// server caps a 10 s delay at half its heartbeat interval, 5 s) with no batch bound.
+async fn holding_device(
+    ts: &TestServer,
+    op: &OperatorClient,
+    name: &str,
+) -> (DeviceId, DeviceClient) {
+    let token = provision(op, name).await;
+    let mut config = ts.device_config(name, &token);
+    config.telemetry_ack_delay = Duration::from_secs(10);
+    config.telemetry_ack_batches = 1_000;
+    let dev = DeviceClient::connect(config).await.unwrap();
+    (DeviceId::new(name).unwrap(), dev)
+}
+
 /// Ack coalescing with a long delay and no batch bound: the first ack of a session is not held;
 /// later ones are, and go at once when the device flushes (a batch sealed by the flush asks for
 /// it; with nothing left to seal, a heartbeat does), when the server sends the device anything
@@ -299,13 +316,7 @@ async fn a_device_gets_one_ack_for_three_messages() {
 async fn a_held_ack_goes_at_a_flush_with_another_frame_or_at_its_deadline() {
     let ts = start(|_| {});
     let op = ts.operator().await;
-    let id = DeviceId::new("meter-2").unwrap();
-    let token = provision(&op, "meter-2").await;
-    let mut config = ts.device_config("meter-2", &token);
-    // the server caps it at half its heartbeat interval (5 s)
-    config.telemetry_ack_delay = Duration::from_secs(10);
-    config.telemetry_ack_batches = 1_000;
-    let dev = DeviceClient::connect(config).await.unwrap();
+    let (id, dev) = holding_device(&ts, &op, "meter-2").await;
     let acked = |n: u64| {
         let mut settled = dev.settled_points();
         async move {
@@ -370,12 +381,7 @@ async fn a_held_ack_goes_at_a_flush_with_another_frame_or_at_its_deadline() {
 async fn a_graceful_shutdown_sends_the_held_ack() {
     let ts = start(|_| {});
     let op = ts.operator().await;
-    let id = DeviceId::new("meter-4").unwrap();
-    let token = provision(&op, "meter-4").await;
-    let mut config = ts.device_config("meter-4", &token);
-    config.telemetry_ack_delay = Duration::from_secs(10);
-    config.telemetry_ack_batches = 1_000;
-    let dev = DeviceClient::connect(config).await.unwrap();
+    let (id, dev) = holding_device(&ts, &op, "meter-4").await;
     // the session's first ack is not held
     dev.send(vec![meter_point(1)]).await.unwrap();
     dev.flush(WAIT).await.unwrap();
