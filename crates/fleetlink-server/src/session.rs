@@ -47,29 +47,17 @@ pub(crate) struct Shared {
 /// bounded time) until they ended, so that each sends what it holds (a held `TelemetryAck`) and
 /// its error frame before the endpoint closes every connection.
 #[derive(Debug, Default)]
-pub(crate) struct LiveSessions {
-    count: std::sync::atomic::AtomicUsize,
-    ended: tokio::sync::Notify,
-}
+pub(crate) struct LiveSessions(watch::Sender<usize>);
 
 impl LiveSessions {
     fn enter(&self) -> LiveSession<'_> {
-        self.count.fetch_add(1, Ordering::AcqRel);
+        self.0.send_modify(|n| *n += 1);
         LiveSession(self)
     }
 
     /// Waits until no session runs.
     pub(crate) async fn all_ended(&self) {
-        loop {
-            let ended = self.ended.notified();
-            tokio::pin!(ended);
-            // registered before the check: an end after it wakes us
-            ended.as_mut().enable();
-            if self.count.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            ended.await;
-        }
+        let _ = self.0.subscribe().wait_for(|n| *n == 0).await;
     }
 }
 
@@ -78,9 +66,7 @@ struct LiveSession<'a>(&'a LiveSessions);
 
 impl Drop for LiveSession<'_> {
     fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.ended.notify_waiters();
-        }
+        self.0.0.send_modify(|n| *n -= 1);
     }
 }
 
