@@ -47,6 +47,9 @@ enum Cmd {
     ServeQuinnSink {
         #[arg(long, default_value_t = 100)]
         message_bytes: usize,
+        /// Ack every N messages with fleetlink's ACK timing (0 = after every chunk read).
+        #[arg(long, default_value_t = 0)]
+        coalesce: u32,
     },
 }
 
@@ -120,7 +123,10 @@ fn main() -> Result<()> {
             devices,
             listen,
         } => fleet::serve(&data, devices, listen),
-        Cmd::ServeQuinnSink { message_bytes } => sink::serve(message_bytes),
+        Cmd::ServeQuinnSink {
+            message_bytes,
+            coalesce,
+        } => sink::serve(message_bytes, sink::Coalesce(coalesce)),
     }
 }
 

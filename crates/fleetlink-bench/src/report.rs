@@ -182,6 +182,32 @@ impl Report {
         self.find(scenario, system).map(|s| s.spread(f).median)
     }
 
+    /// What the QUIC floor (the coalescing sink: fleetlink's packets, no work of its own) says of
+    /// fleetlink's and Mosquitto QoS 0's cost per message in `scenario`, if all three ran.
+    fn quic_floor(&self, scenario: &str) -> Option<String> {
+        let us = |sys| self.median(scenario, sys, |r| r.server_us_per_msg());
+        let packets = |sys: &str| {
+            self.find(scenario, sys)
+                .map(|s| s.extra("packets_per_msg").median)
+        };
+        let (floor, f, m) = (
+            us("quinn-sink-coalesced")?,
+            us("fleetlink")?,
+            us("mosquitto-qos0")?,
+        );
+        Some(format!(
+            "QUIC's floor: quinn-sink-coalesced sends fleetlink's packets ({:.2} per message against \
+             fleetlink's {:.2}) and does nothing else, at {floor:.1} µs per message, {:.2}× \
+             Mosquitto QoS 0's {m:.1} µs. fleetlink's {f:.1} µs is {:.2}× that floor: its \
+             sessions, protobuf, actors and durable store add {:.1} µs per message.",
+            packets("quinn-sink-coalesced")?,
+            packets("fleetlink")?,
+            floor / m,
+            f / floor,
+            f - floor,
+        ))
+    }
+
     /// (target, measured, met) rows.
     pub fn targets(&self) -> Vec<(String, String, bool)> {
         let mut t = Vec::new();
@@ -468,6 +494,9 @@ impl Report {
             );
         }
         let _ = writeln!(md);
+        if let Some(floor) = self.quic_floor(scenario) {
+            let _ = writeln!(md, "{floor}\n");
+        }
         for s in self.series.iter().filter(|s| s.scenario == scenario) {
             if let Some(split) = thread_split(s) {
                 let _ = writeln!(
@@ -589,7 +618,11 @@ impl Report {
             // The durable systems lose nothing, whatever the load.
             let durable = matches!(
                 s.system.as_str(),
-                "fleetlink" | "fleetlink-unique-strings" | "nats-jetstream" | "quinn-sink"
+                "fleetlink"
+                    | "fleetlink-unique-strings"
+                    | "nats-jetstream"
+                    | "quinn-sink"
+                    | "quinn-sink-coalesced"
             ) || s.scenario == "reconnect";
             let lost: u64 = s.runs.iter().map(|r| r.lost).sum();
             if durable && lost > 0 {
@@ -669,7 +702,7 @@ const METHOD: &str = "- One load generator (`crates/fleetlink-bench`, one tokio 
 - **fleetlink**: the real device SDK over QUIC; a message is one telemetry point (an 84-character string value, the same in every message); delivered = acked as durably stored, latency from `send` to that ack. The devices run with the SDK's defaults, ack coalescing included (docs/protocol.md §5: the server may hold an ack up to 2.5 s or 3 batches, so one packet acks three messages of a slow device): a slow device's latency is mostly that hold, not the server's work. The store dictionary-codes chunks of strings (`crates/fleetlink-store/src/chunk.rs`), so this repeated value is written once per chunk of up to 2048 points, not once per point: the flood's figure is that of repeating string telemetry (states, modes, fault codes). **fleetlink-unique-strings** (flood only) is the same load with a string that differs in every message (device and count in hex at its start, same length), which the store writes point by point: the cost of string telemetry that does not repeat.
 - **mosquitto-qos0 / qos1**: rumqttc clients, persistence off; delivered = received by a subscriber of `bench/#`, latency from publish to that delivery.
 - **nats-core**: async-nats, delivered = received by a subscriber of `bench.>`. **nats-jetstream**: file-stored stream, acked publishes (64 in flight per client), delivered = acked.
-- **quinn-sink**: the same QUIC/TLS stack with no actors, protobuf or storage; it acks the count of 100-byte messages read after each chunk. For commands it relays a request to the device's connection and the answer back, the topology of a fleetlink command; its connected devices send a QUIC keep-alive every 10 s, as often as fleetlink's devices send their heartbeat.
+- **quinn-sink**: the same QUIC/TLS stack with no actors, protobuf or storage; it acks the count of 100-byte messages read after each chunk. For commands it relays a request to the device's connection and the answer back, the topology of a fleetlink command; its connected devices send a QUIC keep-alive every 10 s, as often as fleetlink's devices send their heartbeat. **quinn-sink-coalesced** (slow devices only): the same sink sending the packets fleetlink sends for a slow device: it acks every third message (fleetlink's ack coalescing, `DEVICE_TELEMETRY_ACK_BATCHES`), and both sides ask the other to hold its QUIC ACKs as fleetlink's do (the device 2.75 s or 3 packets, the server 1.5 s), so the ACKs ride in the acks and the next messages. What it costs per message is what QUIC and UDP alone cost at fleetlink's packets per message: the floor under fleetlink's figure.
 - Server CPU = utime+stime of the server process from /proc over the measured window (after a warm-up); client CPU the same for the load generator. Losses are counted after a drain: sent − delivered.
 - Packets/msg (flood, slow devices, commands) = packets sent on loopback by clients and server together over the window, from /proc/net/snmp (UDP datagrams for QUIC, TCP segments with their ACKs for MQTT and NATS), per delivered message (per round trip for commands, the idle devices' heartbeats and keep-alives included). UDP drops = datagrams the kernel dropped for a full socket receive buffer over the window (`RcvbufErrors`, all sockets): a sign that a receiver was saturated.
 - Steal % (flood, slow devices, commands, reconnect storm) = CPU time the hypervisor gave to other guests over the window, from /proc/stat, as a share of all the machine's CPU time over it: this machine is a shared virtual machine, and a run with steal in it is slower for reasons outside the systems under test. In those scenarios runs alternate between the systems (run 1 of each, then run 2 of each...), so a noisy stretch falls on several systems rather than on all of one system's runs.";
@@ -789,6 +822,50 @@ mod tests {
         let cells = |l: &str| l.matches('|').count();
         let header = md.lines().find(|l| l.starts_with("| System")).unwrap();
         assert!(rows.iter().all(|r| cells(r) == cells(header)), "{md}");
+    }
+
+    #[test]
+    fn the_quic_floor_is_told_against_fleetlink_and_mosquitto() {
+        let series = |system: &str, cpu_s: f64, packets: f64| {
+            let mut run = Run {
+                seconds: 1.0,
+                delivered: 1_000_000,
+                server_cpu_s: cpu_s,
+                ..Default::default()
+            };
+            run.extra.insert("packets_per_msg".into(), packets);
+            Series {
+                scenario: "slow".into(),
+                system: system.into(),
+                runs: vec![run],
+            }
+        };
+        let floor = |r: &Report| {
+            let mut md = String::new();
+            r.throughput_table(&mut md, "slow", "slow");
+            md.lines()
+                .find(|l| l.starts_with("QUIC's floor"))
+                .map(str::to_owned)
+        };
+        let all = report(vec![
+            series("fleetlink", 22.0, 1.35),
+            series("quinn-sink-coalesced", 12.0, 1.33),
+            series("mosquitto-qos0", 10.0, 3.2),
+        ]);
+        assert_eq!(
+            floor(&all).as_deref(),
+            Some(
+                "QUIC's floor: quinn-sink-coalesced sends fleetlink's packets (1.33 per message \
+                 against fleetlink's 1.35) and does nothing else, at 12.0 µs per message, 1.20× \
+                 Mosquitto QoS 0's 10.0 µs. fleetlink's 22.0 µs is 1.83× that floor: its \
+                 sessions, protobuf, actors and durable store add 10.0 µs per message."
+            )
+        );
+        let without = report(vec![
+            series("fleetlink", 22.0, 1.35),
+            series("mosquitto-qos0", 10.0, 3.2),
+        ]);
+        assert_eq!(floor(&without), None);
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub enum System {
     NatsCore,
     JetStream,
     QuinnSink,
+    /// The quinn sink sending fleetlink's packets for a slow device (slow devices only): an ack
+    /// per three messages, with fleetlink's ACK timing on both sides (`sink::Coalesce`).
+    QuinnSinkCoalesced,
 }
 
 impl System {
@@ -38,6 +41,16 @@ impl System {
             System::NatsCore => "nats-core",
             System::JetStream => "nats-jetstream",
             System::QuinnSink => "quinn-sink",
+            System::QuinnSinkCoalesced => "quinn-sink-coalesced",
+        }
+    }
+
+    /// How a quinn sink acks.
+    fn coalesce(self) -> sink::Coalesce {
+        if self == System::QuinnSinkCoalesced {
+            sink::Coalesce::FLEETLINK
+        } else {
+            sink::Coalesce::default()
         }
     }
 }
@@ -168,12 +181,13 @@ fn start(ctx: &mut Ctx, system: System, devices: usize) -> Result<(Proc, Target)
             let (p, ready, _) = start_fleetlink(ctx, devices, None, "127.0.0.1:0")?;
             Ok((p, Target::Fleet(ready)))
         }
-        System::QuinnSink => {
+        System::QuinnSink | System::QuinnSinkCoalesced => {
+            let coalesce = system.coalesce().0.to_string();
             let mut p = Proc::spawn(
-                "quinn-sink",
+                system.name(),
                 ctx.server_core,
                 &ctx.exe,
-                &["serve-quinn-sink".into()],
+                &["serve-quinn-sink".into(), "--coalesce".into(), coalesce],
             )?;
             let line = p.ready_line("READY ", Duration::from_secs(30))?;
             Ok((p, Target::Sink(serde_json::from_str(&line)?)))
@@ -218,8 +232,8 @@ async fn start_load(
                 }
             })
         }
-        (System::QuinnSink, Target::Sink(ready)) => {
-            let conns = sink::connect(ready, load.devices, None).await?;
+        (System::QuinnSink | System::QuinnSinkCoalesced, Target::Sink(ready)) => {
+            let conns = sink::connect(ready, load.devices, None, system.coalesce()).await?;
             tokio::spawn(async move {
                 let _ = sink::drive(&conns, &load, &meter, stop).await;
                 for c in conns {
@@ -334,7 +348,10 @@ async fn throughput_run(
     let delivered = d1 - d0;
     // QUIC is UDP; MQTT and NATS are TCP (segments, ACKs included).
     let own = match system {
-        System::Fleetlink | System::FleetlinkUnique | System::QuinnSink => packets.udp,
+        System::Fleetlink
+        | System::FleetlinkUnique
+        | System::QuinnSink
+        | System::QuinnSinkCoalesced => packets.udp,
         _ => packets.tcp,
     };
     let mut extra = std::collections::BTreeMap::new();
@@ -496,6 +513,7 @@ pub async fn slow(ctx: &mut Ctx) -> Result<()> {
     let systems = [
         System::Fleetlink,
         System::QuinnSink,
+        System::QuinnSinkCoalesced,
         System::MqttQos0,
         System::MqttQos1,
     ];
@@ -581,7 +599,7 @@ async fn idle_run(
         }
         // A client keep-alive as often as fleetlink's heartbeat (10 s), or idle clients would time out.
         Target::Sink(ready) => Box::new(sink::Closing(
-            sink::connect(ready, n, Some(Duration::from_secs(10))).await?,
+            sink::connect(ready, n, Some(Duration::from_secs(10)), system.coalesce()).await?,
         )),
         Target::Tcp(_) => anyhow::bail!("no idle adapter for {}", system.name()),
     };
@@ -660,7 +678,13 @@ async fn command_run(ctx: &mut Ctx, system: System, devices: usize, count: usize
             // A QUIC keep-alive as often as fleetlink's devices send their heartbeat (10 s), as
             // in the idle scenario: both servers carry the connected fleet's idle traffic while
             // the commands run, and the packets per round trip count it on both sides.
-            let conns = sink::connect(ready, devices + 1, Some(Duration::from_secs(10))).await?;
+            let conns = sink::connect(
+                ready,
+                devices + 1,
+                Some(Duration::from_secs(10)),
+                system.coalesce(),
+            )
+            .await?;
             sink::register(&conns[..devices]).await?;
             (s0, c0, t0) = (proc.cpu_seconds()?, cpu_seconds(me)?, Instant::now());
             (n0, st0) = (PacketsSent::now()?, CpuTicks::now()?);

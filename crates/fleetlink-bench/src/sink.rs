@@ -1,6 +1,11 @@
 //! The raw quinn sink: the same QUIC and TLS as fleetlink, with no actors, no protobuf and no
 //! storage, to show what our own layers cost. Default transport configuration.
 //!
+//! Coalescing ([`Coalesce`], `serve-quinn-sink --coalesce N`) makes it send the packets fleetlink
+//! sends for a slow device: an ack per `N` messages, the QUIC ACKs held to ride in it on both
+//! sides (fleetlink's transport settings), so that its cost per message is what QUIC alone costs
+//! at fleetlink's packets per message: the floor under fleetlink's figure.
+//!
 //! A client opens bidirectional streams whose first byte says what they are:
 //! - [`TELEMETRY`]: fixed-size messages; after each chunk read the sink writes back the count of
 //!   whole messages received so far on that stream (8 bytes, little endian): the "ack".
@@ -10,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -25,8 +31,56 @@ pub struct Ready {
     pub ca_pem: String,
 }
 
+/// Acks coalesced as fleetlink coalesces them for a slow device (0 = ack after every chunk read,
+/// with QUIC's default ACK timing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Coalesce(pub u32);
+
+impl Coalesce {
+    /// As fleetlink's device SDK by default ([`fleetlink_client::DEVICE_TELEMETRY_ACK_BATCHES`]).
+    pub const FLEETLINK: Coalesce = Coalesce(fleetlink_client::DEVICE_TELEMETRY_ACK_BATCHES);
+
+    fn on(self) -> bool {
+        self.0 > 0
+    }
+
+    /// The server's side: it asks clients to hold their ACKs as fleetlink's server does
+    /// (`ServerConfig::ack_delay_ms`).
+    fn server_transport(self) -> quinn::TransportConfig {
+        let mut t = quinn::TransportConfig::default();
+        if self.on() {
+            let delay = Duration::from_millis(
+                fleetlink_server::ServerConfig::default()
+                    .ack_delay_ms
+                    .into(),
+            );
+            t.ack_frequency_config(Some(fleetlink_transport::ack_frequency(delay, 1)));
+        }
+        t
+    }
+
+    /// A device's side: it asks the sink to hold its ACKs as fleetlink's SDK does when it
+    /// coalesces acks (`DeviceConfig::ack_delay` + `telemetry_ack_delay`, threshold = batches).
+    fn client_transport(self, t: &mut quinn::TransportConfig) {
+        if self.on() {
+            let delay =
+                fleetlink_client::DEVICE_ACK_DELAY + fleetlink_client::DEVICE_TELEMETRY_ACK_DELAY;
+            t.ack_frequency_config(Some(fleetlink_transport::ack_frequency(delay, self.0)));
+        }
+    }
+
+    /// Whether the count of `read` messages is due, `acked` having been sent.
+    fn due(self, read: u64, acked: u64) -> bool {
+        if self.on() {
+            read / u64::from(self.0) > acked / u64::from(self.0)
+        } else {
+            true
+        }
+    }
+}
+
 /// Runs the sink until its stdin closes.
-pub fn serve(message_bytes: usize) -> Result<()> {
+pub fn serve(message_bytes: usize, coalesce: Coalesce) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -36,8 +90,9 @@ pub fn serve(message_bytes: usize) -> Result<()> {
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
             rustls::pki_types::PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()),
         );
-        let config = quinn::ServerConfig::with_single_cert(vec![cert_der], key)?;
-        // default transport config; fleetlink's socket buffers (see `connect`)
+        let mut config = quinn::ServerConfig::with_single_cert(vec![cert_der], key)?;
+        config.transport_config(Arc::new(coalesce.server_transport()));
+        // default transport config unless coalescing; fleetlink's socket buffers (see `connect`)
         let endpoint = fleetlink_transport::server_endpoint(config, "127.0.0.1:0".parse()?)?;
         let ready = Ready {
             addr: endpoint.local_addr()?,
@@ -53,7 +108,7 @@ pub fn serve(message_bytes: usize) -> Result<()> {
             let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
         });
         tokio::select! {
-            _ = accept_loop(endpoint, devices, message_bytes) => {}
+            _ = accept_loop(endpoint, devices, message_bytes, coalesce) => {}
             _ = stdin_closed => {}
         }
         Ok(())
@@ -62,7 +117,12 @@ pub fn serve(message_bytes: usize) -> Result<()> {
 
 type Devices = Arc<Mutex<HashMap<u32, quinn::Connection>>>;
 
-async fn accept_loop(endpoint: quinn::Endpoint, devices: Devices, message_bytes: usize) {
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    devices: Devices,
+    message_bytes: usize,
+    coalesce: Coalesce,
+) {
     while let Some(incoming) = endpoint.accept().await {
         let devices = devices.clone();
         tokio::spawn(async move {
@@ -74,6 +134,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, devices: Devices, message_bytes:
                     recv,
                     devices.clone(),
                     message_bytes,
+                    coalesce,
                 ));
             }
         });
@@ -86,16 +147,24 @@ async fn stream(
     mut recv: quinn::RecvStream,
     devices: Devices,
     message_bytes: usize,
+    coalesce: Coalesce,
 ) -> Result<()> {
     let mut kind = [0u8; 1];
     recv.read_exact(&mut kind).await?;
     match kind[0] {
         TELEMETRY => {
-            let mut bytes = 0u64;
+            let (mut bytes, mut acked) = (0u64, 0u64);
             while let Some(chunk) = recv.read_chunk(64 * 1024, true).await? {
                 bytes += chunk.bytes.len() as u64;
                 let count = bytes / message_bytes as u64;
-                send.write_all(&count.to_le_bytes()).await?;
+                if coalesce.due(count, acked) {
+                    send.write_all(&count.to_le_bytes()).await?;
+                    acked = count;
+                }
+            }
+            let count = bytes / message_bytes as u64;
+            if count > acked {
+                send.write_all(&count.to_le_bytes()).await?; // the rest, at the end
             }
             send.finish()?;
         }
@@ -132,12 +201,14 @@ async fn stream(
 /// A client configuration trusting the sink's certificate; `keep_alive` keeps idle clients open.
 pub fn client_config(
     ca_pem: &str,
-    keep_alive: Option<std::time::Duration>,
+    keep_alive: Option<Duration>,
+    coalesce: Coalesce,
 ) -> Result<quinn::ClientConfig> {
     let roots = fleetlink_transport::roots_from_pem(ca_pem.as_bytes())?;
     let mut config = quinn::ClientConfig::with_root_certificates(Arc::new(roots))?;
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(keep_alive);
+    coalesce.client_transport(&mut t);
     config.transport_config(Arc::new(t));
     Ok(config)
 }
@@ -158,9 +229,10 @@ pub async fn answer_requests(conn: quinn::Connection) {
 pub async fn connect(
     ready: &Ready,
     n: usize,
-    keep_alive: Option<std::time::Duration>,
+    keep_alive: Option<Duration>,
+    coalesce: Coalesce,
 ) -> Result<Vec<quinn::Connection>> {
-    let config = client_config(&ready.ca_pem, keep_alive)?;
+    let config = client_config(&ready.ca_pem, keep_alive, coalesce)?;
     // The same socket buffers as fleetlink's (fleetlink_transport::udp_socket): a comparison of
     // QUIC stacks, not of kernel defaults.
     let endpoints: Vec<quinn::Endpoint> = crate::load::endpoints_for(n)

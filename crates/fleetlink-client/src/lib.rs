@@ -16,8 +16,8 @@ use std::net::SocketAddr;
 pub use command::{CommandCall, CommandFailure, CommandHandlers, CommandOutput};
 pub use connect::Endpoint;
 pub use device::{
-    DEFAULT_CONNECT_TIMEOUT, DesiredState, DeviceClient, DeviceCommandOutcome, DeviceConfig,
-    DeviceStats, Incoming,
+    DEFAULT_CONNECT_TIMEOUT, DEVICE_TELEMETRY_ACK_BATCHES, DEVICE_TELEMETRY_ACK_DELAY,
+    DesiredState, DeviceClient, DeviceCommandOutcome, DeviceConfig, DeviceStats, Incoming,
 };
 pub use fleetlink_core::command::CommandState;
 pub use fleetlink_core::{DeviceId, GeoPosition, MetricName, Point, Value};
