@@ -12,9 +12,7 @@ use anyhow::{Result, bail};
 use fleetlink_client::ServerAddress;
 use fleetlink_proto::v1::{self, ClientControl, ServerControl, client_control, server_control};
 use fleetlink_proto::{HANDSHAKE_MAX_FRAME_BYTES, PROTOCOL_VERSION};
-use fleetlink_transport::{
-    ClientTransport, FrameReader, client_config, roots_from_pem, write_frame,
-};
+use fleetlink_transport::{FrameReader, client_config, roots_from_pem, write_frame};
 
 use crate::fleet::{device_id, token};
 use crate::load::{connect_ramp, endpoints_for};
@@ -43,11 +41,13 @@ impl Drop for LightFleet {
 /// Connects bench devices `0..n` (provisioned by `serve-fleetlink`) over several endpoints, at
 /// most [`crate::load::CONNECT_CONCURRENCY`] handshakes at a time.
 pub async fn connect(server: &ServerAddress, n: usize) -> Result<LightFleet> {
-    // the SDK's device transport
-    let transport = ClientTransport {
-        ack_delay: Some(fleetlink_transport::DEVICE_ACK_DELAY),
-        ..Default::default()
-    };
+    // the SDK's device transport, for a device sending no telemetry
+    let transport = fleetlink_client::device_transport(
+        fleetlink_client::Resumption::default(),
+        fleetlink_client::DEVICE_ACK_DELAY,
+        Duration::ZERO,
+        1,
+    );
     let config = client_config(roots_from_pem(&server.ca_pem)?, &transport)?;
     let endpoints: Vec<quinn::Endpoint> = endpoints_for(n)
         .map(|_| {

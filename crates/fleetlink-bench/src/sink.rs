@@ -60,12 +60,16 @@ impl Coalesce {
     }
 
     /// A device's side: it asks the sink to hold its ACKs as fleetlink's SDK does when it
-    /// coalesces acks (`DeviceConfig::ack_delay` + `telemetry_ack_delay`, threshold = batches).
+    /// coalesces acks this way, with its default delays ([`fleetlink_client::device_transport`]).
     fn client_transport(self, t: &mut quinn::TransportConfig) {
         if self.on() {
-            let delay =
-                fleetlink_client::DEVICE_ACK_DELAY + fleetlink_client::DEVICE_TELEMETRY_ACK_DELAY;
-            t.ack_frequency_config(Some(fleetlink_transport::ack_frequency(delay, self.0)));
+            let device = fleetlink_client::device_transport(
+                fleetlink_client::Resumption::default(),
+                fleetlink_client::DEVICE_ACK_DELAY,
+                fleetlink_client::DEVICE_TELEMETRY_ACK_DELAY,
+                self.0,
+            );
+            t.ack_frequency_config(device.ack_frequency());
         }
     }
 

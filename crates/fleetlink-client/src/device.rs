@@ -106,7 +106,46 @@ pub const DEVICE_TELEMETRY_ACK_BATCHES: u32 = 3;
 impl DeviceConfig {
     /// Whether the server may hold acks (ack coalescing is asked for).
     fn coalesces_acks(&self) -> bool {
-        !self.telemetry_ack_delay.is_zero() && self.telemetry_ack_batches != 1
+        coalesces_acks(self.telemetry_ack_delay, self.telemetry_ack_batches)
+    }
+
+    /// The device's QUIC transport: its resumption and the ACK timing it asks the server for
+    /// ([`device_transport`]).
+    pub fn transport(&self) -> ClientTransport {
+        device_transport(
+            self.resumption,
+            self.ack_delay,
+            self.telemetry_ack_delay,
+            self.telemetry_ack_batches,
+        )
+    }
+}
+
+fn coalesces_acks(telemetry_ack_delay: Duration, telemetry_ack_batches: u32) -> bool {
+    !telemetry_ack_delay.is_zero() && telemetry_ack_batches > 1
+}
+
+/// The QUIC transport of a device configured with these [`DeviceConfig`] fields: it asks the
+/// server to hold its ACKs `ack_delay`. With ack coalescing (`telemetry_ack_delay` above zero
+/// and `telemetry_ack_batches` above 1), the server's QUIC ACK of the batches waits for their
+/// acknowledgement and rides in its packet: it may receive as many packets as batches before
+/// it must ACK, and hold the ACK as long as the acknowledgement, plus the usual allowance.
+pub fn device_transport(
+    resumption: Resumption,
+    ack_delay: Duration,
+    telemetry_ack_delay: Duration,
+    telemetry_ack_batches: u32,
+) -> ClientTransport {
+    let coalesces = coalesces_acks(telemetry_ack_delay, telemetry_ack_batches);
+    ClientTransport {
+        resumption,
+        ack_delay: Some(if coalesces {
+            ack_delay + telemetry_ack_delay
+        } else {
+            ack_delay
+        }),
+        ack_threshold: if coalesces { telemetry_ack_batches } else { 1 },
+        ..Default::default()
     }
 }
 
@@ -397,23 +436,7 @@ impl DeviceClient {
                 "telemetry_ack_batches must be at least 1 (1 = no ack coalescing)".into(),
             ));
         }
-        let transport = if config.coalesces_acks() {
-            // The server's QUIC ACK of the batches waits for their acknowledgement and rides in
-            // its packet: it may receive as many packets as batches before it must ACK, and
-            // hold the ACK as long as the acknowledgement, plus the usual allowance.
-            ClientTransport {
-                resumption: config.resumption,
-                ack_delay: Some(config.ack_delay + config.telemetry_ack_delay),
-                ack_threshold: config.telemetry_ack_batches,
-                ..Default::default()
-            }
-        } else {
-            ClientTransport {
-                resumption: config.resumption,
-                ack_delay: Some(config.ack_delay),
-                ..Default::default()
-            }
-        };
+        let transport = config.transport();
         let quic = quic_config(&config.server, &transport)?;
         let session = connect_once(&endpoint, &config, &quic).await?;
         let last_stored = session.welcome.last_stored_seq;
@@ -1516,5 +1539,36 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_coalescing_device_lets_the_server_hold_its_acks_for_the_batches() {
+        let t = device_transport(
+            Resumption::ZeroRtt,
+            Duration::from_millis(250),
+            Duration::from_millis(2_500),
+            3,
+        );
+        assert_eq!(t.ack_delay, Some(Duration::from_millis(2_750)));
+        assert_eq!(t.ack_threshold, 3);
+        assert_eq!(t.resumption, Resumption::ZeroRtt);
+    }
+
+    #[test]
+    fn without_coalescing_the_device_asks_only_for_its_ack_delay() {
+        for (delay, batches) in [(Duration::ZERO, 3), (Duration::from_millis(2_500), 1)] {
+            let t = device_transport(Resumption::Off, Duration::from_millis(250), delay, batches);
+            assert_eq!(
+                t.ack_delay,
+                Some(Duration::from_millis(250)),
+                "{delay:?} {batches}"
+            );
+            assert_eq!(t.ack_threshold, 1, "{delay:?} {batches}");
+        }
     }
 }

@@ -18,6 +18,7 @@ pub use connect::Endpoint;
 pub use device::{
     DEFAULT_CONNECT_TIMEOUT, DEVICE_TELEMETRY_ACK_BATCHES, DEVICE_TELEMETRY_ACK_DELAY,
     DesiredState, DeviceClient, DeviceCommandOutcome, DeviceConfig, DeviceStats, Incoming,
+    device_transport,
 };
 pub use fleetlink_core::command::CommandState;
 pub use fleetlink_core::{DeviceId, GeoPosition, MetricName, Point, Value};

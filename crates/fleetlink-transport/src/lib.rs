@@ -132,6 +132,15 @@ impl Default for ClientTransport {
     }
 }
 
+impl ClientTransport {
+    /// The ACK frequency request of `ack_delay` (capped at [`MAX_ACK_DELAY`]) and
+    /// `ack_threshold`; `None` without one.
+    pub fn ack_frequency(&self) -> Option<quinn::AckFrequencyConfig> {
+        let delay = self.ack_delay.filter(|d| !d.is_zero())?;
+        Some(ack_frequency(delay.min(MAX_ACK_DELAY), self.ack_threshold))
+    }
+}
+
 /// The longest either side of a fleetlink connection may ask its peer to hold an ACK.
 pub const MAX_ACK_DELAY: Duration = Duration::from_secs(10);
 
@@ -242,10 +251,7 @@ pub fn client_config(
             .try_into()
             .map_err(|_| TransportError::Tls("idle timeout too large".into()))?,
     ));
-    if let Some(delay) = transport.ack_delay.filter(|d| !d.is_zero()) {
-        let frequency = ack_frequency(delay.min(MAX_ACK_DELAY), transport.ack_threshold);
-        t.ack_frequency_config(Some(frequency));
-    }
+    t.ack_frequency_config(transport.ack_frequency());
     config.transport_config(Arc::new(t));
     Ok(config)
 }
