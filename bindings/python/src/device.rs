@@ -83,7 +83,7 @@ impl Device {
     /// Connects and authenticates; commands are dispatched to the handlers registered with
     /// `on_command` (also those registered after connecting).
     #[staticmethod]
-    #[pyo3(signature = (url, device_id, token, ca_pem, server_name="localhost", commands=None, timeout_s=10.0, ack_coalescing=true))]
+    #[pyo3(signature = (url, device_id, token, ca_pem, server_name="localhost", commands=None, timeout_s=10.0, ack_coalescing=true, telemetry_ack_delay_s=None, telemetry_ack_batches=None))]
     #[allow(clippy::too_many_arguments)] // mirrors the keyword arguments of Device.connect
     fn connect(
         py: Python<'_>,
@@ -95,6 +95,8 @@ impl Device {
         commands: Option<HashMap<String, Py<PyAny>>>,
         timeout_s: f64,
         ack_coalescing: bool,
+        telemetry_ack_delay_s: Option<f64>,
+        telemetry_ack_batches: Option<i64>,
     ) -> PyResult<Device> {
         let timeout = crate::client::secs(py, timeout_s, "timeout")?;
         let server = server_address(py, url, ca_pem, server_name)?;
@@ -104,7 +106,31 @@ impl Device {
         let handlers: Handlers = Arc::new(Mutex::new(commands.unwrap_or_default()));
         let mut config = DeviceConfig::new(server, id, token);
         if !ack_coalescing {
+            if telemetry_ack_delay_s.is_some() || telemetry_ack_batches.is_some() {
+                return Err(invalid(
+                    py,
+                    "ack_coalescing=False turns ack coalescing off: give it no \
+                     telemetry_ack_delay or telemetry_ack_batches",
+                ));
+            }
             config.telemetry_ack_batches = 1; // every batch acked as soon as it is stored
+        }
+        if let Some(delay) = telemetry_ack_delay_s {
+            config.telemetry_ack_delay = crate::client::secs(py, delay, "telemetry_ack_delay")?;
+        }
+        if let Some(batches) = telemetry_ack_batches {
+            config.telemetry_ack_batches = u32::try_from(batches)
+                .ok()
+                .filter(|&b| b >= 1)
+                .ok_or_else(|| {
+                    invalid(
+                        py,
+                        format!(
+                            "telemetry_ack_batches must be at least 1 (1 = no ack coalescing), \
+                             got {batches}"
+                        ),
+                    )
+                })?;
         }
         let table = handlers.clone();
         config

@@ -317,3 +317,38 @@ def test_ack_coalescing_holds_an_ack_until_a_flush_and_can_be_turned_off(client:
         assert held.stats()["points_acked"] == 1
         held.flush(timeout=2.0)  # asks for the held ack
         assert held.stats()["points_acked"] == 2
+
+
+def test_ack_coalescing_acks_at_once_after_the_batches_asked_for(client: fleetlink.Client) -> None:
+    with fleetlink.Device.connect(
+        **client.provision("meter-3"), telemetry_ack_delay=10.0, telemetry_ack_batches=2
+    ) as device:
+        device.send({"flow": 1.0}, ts=BASE_US)
+        device.flush()  # (a connection's first ack is never held)
+        device.send({"flow": 1.5}, ts=BASE_US + 1)
+        eventually(lambda: client.telemetry("meter-3").num_rows == 2)
+        # one stored batch unacked: the server holds its ack (up to 10 s, or its heartbeat cap)
+        assert device.stats()["points_acked"] == 1
+        device.send({"flow": 2.0}, ts=BASE_US + 2)
+        # the second unacked batch: acked at once, both batches in one ack, long before the hold ends
+        eventually(lambda: device.stats()["points_acked"] == 3)
+
+
+def test_ack_coalescing_settings_are_checked(client: fleetlink.Client) -> None:
+    credentials = client.provision("meter-4")
+    with pytest.raises(fleetlink.InvalidArgument, match="telemetry_ack_batches must be at least 1"):
+        fleetlink.Device.connect(**credentials, telemetry_ack_batches=0)
+    with pytest.raises(fleetlink.InvalidArgument, match="telemetry_ack_delay must be a number of seconds"):
+        fleetlink.Device.connect(**credentials, telemetry_ack_delay=-1.0)
+    with pytest.raises(fleetlink.InvalidArgument, match="at most 10 s"):
+        fleetlink.Device.connect(**credentials, telemetry_ack_delay=11.0)
+    with pytest.raises(fleetlink.InvalidArgument, match="ack_coalescing=False"):
+        fleetlink.Device.connect(**credentials, ack_coalescing=False, telemetry_ack_batches=3)
+    with pytest.raises(TypeError):
+        fleetlink.Device.connect(**credentials, telemetry_ack_batches="3")  # type: ignore[arg-type]
+    with fleetlink.Device.connect(**credentials, telemetry_ack_delay=0.0) as prompt:
+        prompt.send({"flow": 1.0}, ts=BASE_US)
+        prompt.flush()
+        prompt.send({"flow": 1.5}, ts=BASE_US + 1)
+        # no hold: the ack follows the store
+        eventually(lambda: prompt.stats()["points_acked"] == 2)

@@ -574,14 +574,18 @@ class Device:
         commands: Mapping[str, Callable[[Any], Any]] | None = None,
         timeout: float = 10.0,
         ack_coalescing: bool = True,
+        telemetry_ack_delay: float | None = None,
+        telemetry_ack_batches: int | None = None,
     ) -> "Device":
         """Connects and authenticates (``AuthError`` for a wrong token, ``NotFound`` for an
         unknown device). ``Device.connect(**client.provision(...))`` works. ``commands`` maps
         command names to handlers that are in place before the first command arrives (commands
         queued while the device was offline come right after connecting). ``ack_coalescing``
-        lets the server hold its acknowledgement of stored points up to 2.5 s or three batches,
-        one packet for several messages (``flush`` still gets its acknowledgement at once);
-        ``False`` has every batch acknowledged as soon as it is stored."""
+        lets the server hold its acknowledgement of stored points up to ``telemetry_ack_delay``
+        seconds (2.5 by default, at most 10; the server caps it at half its heartbeat interval)
+        or until ``telemetry_ack_batches`` stored batches are unacknowledged (3 by default; 1 = no
+        coalescing), one packet for several messages (``flush`` still gets its acknowledgement at
+        once); ``False`` has every batch acknowledged as soon as it is stored."""
         native = _fleetlink.Device.connect(
             url,
             device_id,
@@ -591,6 +595,8 @@ class Device:
             dict(commands or {}),
             _timeout(timeout),
             ack_coalescing,
+            telemetry_ack_delay,
+            telemetry_ack_batches,
         )
         return cls(native)
 

@@ -114,6 +114,8 @@ class Device:
         commands: dict[str, Callable[[Any], Any]] | None = None,
         timeout_s: float = 10.0,
         ack_coalescing: bool = True,
+        telemetry_ack_delay_s: float | None = None,
+        telemetry_ack_batches: int | None = None,
     ) -> Device:
         """Connects and authenticates a device."""
     @property

@@ -215,6 +215,8 @@ class Device:
         commands: Mapping[str, Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]] | None = None,
         timeout: float = 10.0,
         ack_coalescing: bool = True,
+        telemetry_ack_delay: float | None = None,
+        telemetry_ack_batches: int | None = None,
     ) -> "Device":
         """See ``fleetlink.Device.connect``; handlers may be coroutine functions."""
         loop = asyncio.get_running_loop()
@@ -229,6 +231,8 @@ class Device:
                 commands=handlers,
                 timeout=timeout,
                 ack_coalescing=ack_coalescing,
+                telemetry_ack_delay=telemetry_ack_delay,
+                telemetry_ack_batches=telemetry_ack_batches,
             )
         )
         return cls(inner, loop)
