@@ -79,7 +79,8 @@ pub struct DeviceConfig {
     /// Ack coalescing (protocol §5): the server may hold its acknowledgement that a batch is
     /// stored up to this long, so that one acknowledgement covers the batches stored meanwhile
     /// and one packet carries it ([`DEVICE_TELEMETRY_ACK_DELAY`], 2.5 s, by default; zero = every
-    /// batch is acked as soon as it is stored; the server caps it at half its heartbeat interval).
+    /// batch is acked as soon as it is stored, as is anything under 1 ms, since the protocol
+    /// counts whole milliseconds; the server caps it at half its heartbeat interval).
     /// A device sending a message a second then receives a packet every third message instead
     /// of every message. What it costs: batches stay in the send buffer until acked, that much
     /// longer. The client asks for its acks at once when it needs them: [`DeviceClient::flush`],
@@ -121,8 +122,11 @@ impl DeviceConfig {
     }
 }
 
+/// Whether these settings ask for ack coalescing. The Hello carries the delay in whole
+/// milliseconds, so one under 1 ms is none: the server would not hold the acks, and the QUIC ACK
+/// request must not be stretched for them.
 fn coalesces_acks(telemetry_ack_delay: Duration, telemetry_ack_batches: u32) -> bool {
-    !telemetry_ack_delay.is_zero() && telemetry_ack_batches > 1
+    telemetry_ack_delay.as_millis() > 0 && telemetry_ack_batches > 1
 }
 
 /// The QUIC transport of a device configured with these [`DeviceConfig`] fields: it asks the
@@ -861,17 +865,12 @@ impl Engine {
         let mut counted_first = true;
         let mut session = Some(first);
         let mut attempt = 0u32;
-        loop {
+        let done = loop {
             let s = match session.take() {
                 Some(s) => s,
                 None => match self.reconnect(&mut attempt).await {
                     Ok(s) => s,
-                    Err(done) => {
-                        if let Some(done) = done {
-                            let _ = done.send(());
-                        }
-                        break;
-                    }
+                    Err(done) => break done,
                 },
             };
             let started = Instant::now();
@@ -891,12 +890,7 @@ impl Engine {
                 attempt = 0;
             }
             match end {
-                SessionEnd::Closed(done) => {
-                    if let Some(done) = done {
-                        let _ = done.send(());
-                    }
-                    break;
-                }
+                SessionEnd::Closed(done) => break done,
                 SessionEnd::Lost(e) => {
                     if let ClientError::Server { code, .. } = &e
                         && refuses_batch(*code)
@@ -910,9 +904,14 @@ impl Engine {
                     });
                 }
             }
-        }
+        };
         self.update_stats(|st| st.connected = false);
         self.room.close();
+        // Only now does `disconnect` return: a `send` after it finds the buffer closed (answered
+        // first, a send could slip into the command channel before the engine dropped it).
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
     }
 
     fn update_stats(&self, f: impl FnOnce(&mut DeviceStats)) {
@@ -1561,7 +1560,11 @@ mod tests {
 
     #[test]
     fn without_coalescing_the_device_asks_only_for_its_ack_delay() {
-        for (delay, batches) in [(Duration::ZERO, 3), (Duration::from_millis(2_500), 1)] {
+        for (delay, batches) in [
+            (Duration::ZERO, 3),
+            (Duration::from_micros(400), 3), // the Hello would ask for 0 ms: no coalescing
+            (Duration::from_millis(2_500), 1),
+        ] {
             let t = device_transport(Resumption::Off, Duration::from_millis(250), delay, batches);
             assert_eq!(
                 t.ack_delay,

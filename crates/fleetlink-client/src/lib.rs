@@ -24,7 +24,7 @@ pub use fleetlink_core::command::CommandState;
 pub use fleetlink_core::{DeviceId, GeoPosition, MetricName, Point, Value};
 pub use fleetlink_proto::MAX_PROVISION_BATCH;
 pub use fleetlink_proto::v1::{ErrorCode, RejectReason};
-pub use fleetlink_transport::{DEVICE_ACK_DELAY, Resumption};
+pub use fleetlink_transport::{DEVICE_ACK_DELAY, MAX_ACK_DELAY, Resumption};
 pub use operator::{
     ColumnValues, CommandInfo, CommandRequest, DeviceInfo, EventStream, FleetEvent, Group,
     JobAction, JobInfo, JobSpec, NewDeviceSpec, OperatorClient, OperatorConfig, PresenceEvent,

@@ -149,6 +149,35 @@ async fn presence_goes_offline_on_disconnect_and_on_heartbeat_timeout() {
 /// whatever that is: the SDK sends heartbeats at the Welcome's interval. It used to send QUIC
 /// keep-alives every 5 s, and a server with a heartbeat timeout under 2.5 s closed the idle
 /// session.
+/// `disconnect` returns only once the client is closed: a send right after it fails with
+/// `Closed` rather than slipping into the closing engine's queue (it sometimes did: the engine
+/// answered the disconnect before it closed its send buffer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_right_after_disconnect_is_refused_as_closed() {
+    let ts = start(|_| {});
+    let op = ts.operator().await;
+    for i in 0..30 {
+        let device = connect_device(&ts, &op, &format!("truck-{i}")).await;
+        device
+            .send(vec![point("fuel", 1, Value::Double(0.5))])
+            .await
+            .unwrap();
+        device.disconnect().await;
+        let sent = device
+            .send(vec![point("fuel", 2, Value::Double(0.25))])
+            .await;
+        assert!(
+            matches!(sent, Err(fleetlink_client::ClientError::Closed(_))),
+            "send after disconnect (device {i}): {sent:?}"
+        );
+        let tried = device.try_send(vec![point("fuel", 3, Value::Double(0.125))]);
+        assert!(
+            matches!(tried, Err(fleetlink_client::ClientError::Closed(_))),
+            "try_send after disconnect (device {i}): {tried:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_operator_session_stays_open_past_the_idle_timeout() {
     let ts = start(|c| {
