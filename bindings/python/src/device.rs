@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleetlink_client::{
-    CommandCall, CommandFailure, DeviceClient, DeviceConfig, Incoming, MetricName, Point,
+    CommandCall, CommandFailure, DeviceClient, DeviceConfig, Incoming, MAX_ACK_DELAY, MetricName,
+    Point,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -116,7 +117,18 @@ impl Device {
             config.telemetry_ack_batches = 1; // every batch acked as soon as it is stored
         }
         if let Some(delay) = telemetry_ack_delay_s {
-            config.telemetry_ack_delay = crate::client::secs(py, delay, "telemetry_ack_delay")?;
+            let delay = crate::client::secs(py, delay, "telemetry_ack_delay")?;
+            if delay > MAX_ACK_DELAY {
+                return Err(invalid(
+                    py,
+                    format!(
+                        "telemetry_ack_delay must be at most {} s, got {}",
+                        MAX_ACK_DELAY.as_secs(),
+                        delay.as_secs_f64()
+                    ),
+                ));
+            }
+            config.telemetry_ack_delay = delay;
         }
         if let Some(batches) = telemetry_ack_batches {
             config.telemetry_ack_batches = u32::try_from(batches)

@@ -330,8 +330,9 @@ def test_ack_coalescing_acks_at_once_after_the_batches_asked_for(client: fleetli
         # one stored batch unacked: the server holds its ack (up to 10 s, or its heartbeat cap)
         assert device.stats()["points_acked"] == 1
         device.send({"flow": 2.0}, ts=BASE_US + 2)
-        # the second unacked batch: acked at once, both batches in one ack, long before the hold ends
-        eventually(lambda: device.stats()["points_acked"] == 3)
+        # the second unacked batch: acked at once, both batches in one ack, long before the hold
+        # ends (5 s here; 2.5 s with the default delay, so this also fails if the delay is ignored)
+        eventually(lambda: device.stats()["points_acked"] == 3, timeout=1.0)
 
 
 def test_ack_coalescing_settings_are_checked(client: fleetlink.Client) -> None:
@@ -340,7 +341,7 @@ def test_ack_coalescing_settings_are_checked(client: fleetlink.Client) -> None:
         fleetlink.Device.connect(**credentials, telemetry_ack_batches=0)
     with pytest.raises(fleetlink.InvalidArgument, match="telemetry_ack_delay must be a number of seconds"):
         fleetlink.Device.connect(**credentials, telemetry_ack_delay=-1.0)
-    with pytest.raises(fleetlink.InvalidArgument, match="at most 10 s"):
+    with pytest.raises(fleetlink.InvalidArgument, match="telemetry_ack_delay must be at most 10 s"):
         fleetlink.Device.connect(**credentials, telemetry_ack_delay=11.0)
     with pytest.raises(fleetlink.InvalidArgument, match="ack_coalescing=False"):
         fleetlink.Device.connect(**credentials, ack_coalescing=False, telemetry_ack_batches=3)
@@ -350,5 +351,5 @@ def test_ack_coalescing_settings_are_checked(client: fleetlink.Client) -> None:
         prompt.send({"flow": 1.0}, ts=BASE_US)
         prompt.flush()
         prompt.send({"flow": 1.5}, ts=BASE_US + 1)
-        # no hold: the ack follows the store
-        eventually(lambda: prompt.stats()["points_acked"] == 2)
+        # no hold: the ack follows the store (the default hold is 2.5 s)
+        eventually(lambda: prompt.stats()["points_acked"] == 2, timeout=1.0)
