@@ -145,10 +145,6 @@ async fn presence_goes_offline_on_disconnect_and_on_heartbeat_timeout() {
     assert!(!op.device(&id_s).await.unwrap().presence.online);
 }
 
-/// An idle operator session outlives the server's QUIC idle timeout (twice its heartbeat timeout)
-/// whatever that is: the SDK sends heartbeats at the Welcome's interval. It used to send QUIC
-/// keep-alives every 5 s, and a server with a heartbeat timeout under 2.5 s closed the idle
-/// session.
 /// `disconnect` returns only once the client is closed: a send right after it fails with
 /// `Closed` rather than slipping into the closing engine's queue (it sometimes did: the engine
 /// answered the disconnect before it closed its send buffer).
@@ -178,6 +174,10 @@ async fn a_send_right_after_disconnect_is_refused_as_closed() {
     }
 }
 
+/// An idle operator session outlives the server's QUIC idle timeout (twice its heartbeat timeout)
+/// whatever that is: the SDK sends heartbeats at the Welcome's interval. It used to send QUIC
+/// keep-alives every 5 s, and a server with a heartbeat timeout under 2.5 s closed the idle
+/// session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_operator_session_stays_open_past_the_idle_timeout() {
     let ts = start(|c| {
