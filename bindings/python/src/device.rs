@@ -7,8 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleetlink_client::{
-    CommandCall, CommandFailure, DeviceClient, DeviceConfig, Incoming, MAX_ACK_DELAY, MetricName,
-    Point,
+    CommandCall, CommandFailure, DeviceClient, DeviceConfig, Incoming, MetricName, Point,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -117,18 +116,8 @@ impl Device {
             config.telemetry_ack_batches = 1; // every batch acked as soon as it is stored
         }
         if let Some(delay) = telemetry_ack_delay_s {
-            let delay = crate::client::secs(py, delay, "telemetry_ack_delay")?;
-            if delay > MAX_ACK_DELAY {
-                return Err(invalid(
-                    py,
-                    format!(
-                        "telemetry_ack_delay must be at most {} s, got {}",
-                        MAX_ACK_DELAY.as_secs(),
-                        delay.as_secs_f64()
-                    ),
-                ));
-            }
-            config.telemetry_ack_delay = delay;
+            // (over 10 s: the SDK's connect says so)
+            config.telemetry_ack_delay = crate::client::secs(py, delay, "telemetry_ack_delay")?;
         }
         if let Some(batches) = telemetry_ack_batches {
             config.telemetry_ack_batches = u32::try_from(batches)

@@ -429,11 +429,17 @@ impl DeviceClient {
                 "connect_timeout must be above 0".into(),
             ));
         }
-        if config.ack_delay > MAX_ACK_DELAY || config.telemetry_ack_delay > MAX_ACK_DELAY {
-            return Err(ClientError::InvalidArgument(format!(
-                "ack_delay and telemetry_ack_delay must be at most {} s each",
-                MAX_ACK_DELAY.as_secs()
-            )));
+        for (name, delay) in [
+            ("ack_delay", config.ack_delay),
+            ("telemetry_ack_delay", config.telemetry_ack_delay),
+        ] {
+            if delay > MAX_ACK_DELAY {
+                return Err(ClientError::InvalidArgument(format!(
+                    "{name} must be at most {} s, got {} s",
+                    MAX_ACK_DELAY.as_secs(),
+                    delay.as_secs_f64()
+                )));
+            }
         }
         if config.telemetry_ack_batches == 0 {
             return Err(ClientError::InvalidArgument(
